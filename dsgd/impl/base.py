@@ -1,0 +1,57 @@
+"""The one small interface every implementation of the step shares.
+
+An implementation runs :mod:`dsgd.rules` for one :class:`~dsgd.plan.Group` of variables.
+It lives in one of two *domains*:
+
+* ``"dtensor"`` — it dispatches DTensor ops on the global tensors (works eagerly and
+  inside ``tf.function``, including ``model.fit``; DTensor inserts the collectives);
+* ``"local"`` — it works on each device's local shards (``dtensor.unpack`` of the
+  handles and gradients), outside DTensor's per-op overhead; eager only.
+
+All groups of one step share a domain, so the global-norm reduction is done once.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Optional, Sequence
+
+import tensorflow as tf
+
+from dsgd.plan import Entry, Group, StepArgs
+
+Items = Sequence[tuple[Entry, object]]  # (entry, gradient) pairs; gradient dense or IndexedSlices
+
+
+class Implementation:
+    name: ClassVar[str] = "base"
+    domain: ClassVar[str] = "dtensor"
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        """None when usable in this process, else why not (e.g. a kernel failed to build)."""
+        return None
+
+    @classmethod
+    def supports(cls, group: Group, options) -> Optional[str]:
+        """None when this implementation can run ``group`` with ``options``, else why not."""
+        return None
+
+    def __init__(self, group: Group, options) -> None:
+        self.group = group
+        self.options = options
+
+    # -- clipping support -------------------------------------------------------------
+    def partial_sumsq(self, items: Items) -> list[tf.Tensor]:
+        """Sum of squares of each item's gradient, counted once per element.
+
+        ``dtensor`` domain: one replicated DTensor vector ``[len(items)]``.
+        ``local`` domain: one vector per local device, each already divided by the
+        variable's replication factor, so that summing the vectors over devices gives the
+        true per-variable sums.
+        """
+        raise NotImplementedError
+
+    # -- the step -----------------------------------------------------------------------
+    def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
+        """Clip (by ``scales``: one coefficient per item, or None), decay, update, EMA."""
+        raise NotImplementedError

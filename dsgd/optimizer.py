@@ -1,0 +1,558 @@
+"""``dsgd.SGD``: a drop-in, mesh-aware, tuned replacement for tf_keras' DTensor SGD.
+
+The API is ``tf.keras.dtensor.experimental.optimizers.SGD``'s (every argument, the older
+``gradients_clip_option``/``ema_option`` form included, every method).  What differs:
+
+* the step runs through a *plan* built once (:mod:`dsgd.plan`) and an implementation
+  chosen per variable group (:mod:`dsgd.impl`), eagerly on each device's local shards
+  where possible, and through fused DTensor ops inside ``tf.function``/``model.fit``;
+* slots and EMA averages are DVariables with their variable's own layout;
+* the reference's defects on a mesh are fixed: EMA is updated and overwritten as
+  documented, ``finalize_variable_values`` keeps training, sparse gradients work on
+  replicated and row-sharded tables, ``get_config`` round-trips ``mesh`` and
+  ``jit_compile``; with ``momentum=0`` no momentum slot is made or moved;
+* every bad input is rejected before any op is dispatched, so nothing is half-applied.
+"""
+from __future__ import annotations
+
+import logging
+import numbers
+from typing import Any, Callable, Iterable, Optional
+
+import tensorflow as tf
+import tf_keras
+from tensorflow.experimental import dtensor
+from tf_keras.src.optimizers import optimizer as keras_optimizer
+from tf_keras.src.optimizers.schedules import learning_rate_schedule
+
+from dsgd import impl as impl_registry
+from dsgd import meshspec, options as opt_checks, rules
+from dsgd.options import EMAOption, GradientsClipOption
+from dsgd.plan import Entry, Group, StepArgs, group_entries, variable_layout
+from dsgd.state import new_slot, to_layout, to_numpy
+
+log = logging.getLogger("dsgd")
+
+_Schedule = learning_rate_schedule.LearningRateSchedule
+_ACCEPTED_KWARGS = ("lr", "is_legacy_optimizer")
+
+
+@tf_keras.saving.register_keras_serializable(package="dsgd")
+class SGD(keras_optimizer.Optimizer):
+    r"""Gradient descent (with momentum) for DTensor meshes.
+
+    Update rule for parameter ``w`` with gradient ``g`` (see :mod:`dsgd.rules`)::
+
+        momentum == 0:  w = w - learning_rate * g
+        momentum > 0:   velocity = momentum * velocity - learning_rate * g
+                        w = w + velocity
+        nesterov:       velocity = momentum * velocity - learning_rate * g
+                        w = w + momentum * velocity - learning_rate * g
+
+    Args:
+      learning_rate: float, scalar tensor, zero-argument callable (called every step), or
+        a ``LearningRateSchedule``. Defaults to 0.01.
+      momentum: float in [0, 1]. Defaults to 0 (plain SGD; no momentum slot is kept).
+      nesterov: use Nesterov momentum.
+      amsgrad: accepted for signature compatibility with the reference; has no effect on SGD.
+      gradients_clip_option: a :class:`dsgd.GradientsClipOption` (older form of the
+        ``clipnorm``/``clipvalue``/``global_clipnorm`` keywords).
+      ema_option: a :class:`dsgd.EMAOption` (older form of the ``use_ema`` keywords).
+      jit_compile: run the step through XLA (the ``xla`` implementation, whose HLO can be
+        captured); unlike the reference it is honoured on CPU and kept in ``get_config``.
+      name: name prefix of the slot variables.
+      mesh: a ``tf.experimental.dtensor.Mesh``; variables must be DVariables on it.
+      weight_decay: decoupled decay ``w -= w * weight_decay * lr`` before each update.
+      clipnorm, clipvalue, global_clipnorm: gradient clipping (at most one of
+        ``clipnorm``/``global_clipnorm``; ``clipvalue`` applies when neither is set).
+      use_ema, ema_momentum, ema_overwrite_frequency: exponential moving average of the
+        weights, as documented for tf_keras (and, unlike it, also on a mesh).
+      implementation: ``"auto"`` (default) or a name from ``dsgd.impl.REGISTRY``.
+        ``auto``: eagerly, ``grouped`` (one multi-tensor kernel per device and group) when
+        its kernel is available, else ``per_shard``; inside ``tf.function``, ``fused``;
+        with ``jit_compile=True``, ``xla``.
+      momentum_dtype: dtype of the momentum slots (e.g. ``"float32"`` for bfloat16
+        variables); default: the variable's dtype. Needs an implementation that mixes
+        dtypes (``reference``, ``grouped``).
+    """
+
+    def __init__(
+        self,
+        learning_rate: Any = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        amsgrad: bool = False,
+        gradients_clip_option: Optional[GradientsClipOption] = None,
+        ema_option: Optional[EMAOption] = None,
+        jit_compile: bool = False,
+        name: str = "SGD",
+        mesh: Optional[dtensor.Mesh] = None,
+        weight_decay: Optional[float] = None,
+        clipnorm: Optional[float] = None,
+        clipvalue: Optional[float] = None,
+        global_clipnorm: Optional[float] = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: Optional[int] = None,
+        implementation: str = "auto",
+        momentum_dtype: Optional[str] = None,
+        **kwargs,
+    ):
+        # --- validate everything before any TensorFlow state exists ---------------------
+        unknown = [k for k in kwargs if k not in _ACCEPTED_KWARGS]
+        if unknown:
+            raise TypeError(
+                f"SGD got unexpected keyword argument(s) {unknown}; allowed arguments are "
+                "learning_rate, momentum, nesterov, amsgrad, gradients_clip_option, ema_option, "
+                "jit_compile, name, mesh, weight_decay, clipnorm, clipvalue, global_clipnorm, "
+                "use_ema, ema_momentum, ema_overwrite_frequency, implementation, momentum_dtype"
+            )
+        if kwargs.get("lr") is not None:
+            learning_rate = kwargs["lr"]
+        if mesh is not None and not isinstance(mesh, dtensor.Mesh):
+            raise TypeError(f"`mesh` must be a tf.experimental.dtensor.Mesh or None, got {type(mesh).__name__}")
+        _check_learning_rate(learning_rate)
+        if isinstance(momentum, tf.Tensor):
+            momentum = float(momentum.numpy())
+        opt_checks.check_unit_interval("momentum", momentum)
+        opt_checks.check_nonneg_finite("weight_decay", weight_decay)
+        clipnorm, clipvalue, global_clipnorm = opt_checks.merge_clip_options(
+            clipnorm, clipvalue, global_clipnorm, gradients_clip_option)
+        use_ema, ema_momentum, ema_overwrite_frequency = opt_checks.merge_ema_options(
+            use_ema, ema_momentum, ema_overwrite_frequency, ema_option)
+        if implementation not in impl_registry.CHOICES:
+            raise ValueError(f"`implementation` must be one of {list(impl_registry.CHOICES)}, got {implementation!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"`name` must be a non-empty string, got {name!r}")
+        if momentum_dtype is not None:
+            momentum_dtype = tf.as_dtype(momentum_dtype).name
+        # --- state -----------------------------------------------------------------------
+        super().__init__(
+            name=name, weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm, use_ema=use_ema, ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency, jit_compile=False, mesh=mesh,
+        )
+        self._requested_jit_compile = bool(jit_compile)
+        self.jit_compile = bool(jit_compile)
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.amsgrad = bool(amsgrad)
+        self.implementation = implementation
+        self.momentum_dtype = momentum_dtype
+        self._lr_callable: Optional[Callable[[], Any]] = None
+        self._learning_rate = self._build_learning_rate(learning_rate)
+        self._plan_groups: list[Group] = []
+        self._entries: dict[Any, Entry] = {}
+        self._warned_graph_fallback = False
+
+    # ------------------------------------------------------------------ learning rate
+    def _build_learning_rate(self, learning_rate):
+        if callable(learning_rate) and not isinstance(learning_rate, (_Schedule, tf.Variable)):
+            self._lr_callable = learning_rate
+            learning_rate = float(learning_rate())
+            _check_learning_rate(learning_rate)
+        if isinstance(learning_rate, tf.Variable) and self._mesh is not None and variable_layout(learning_rate) is None:
+            learning_rate = learning_rate.numpy()
+        return super()._build_learning_rate(learning_rate)
+
+    @property
+    def learning_rate(self):
+        return super().learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        if callable(learning_rate) and not isinstance(learning_rate, (_Schedule, tf.Variable)):
+            value = learning_rate()
+            _check_learning_rate(value)
+            self._lr_callable = learning_rate
+            learning_rate = value
+        elif not isinstance(learning_rate, _Schedule):
+            _check_learning_rate(learning_rate)
+            self._lr_callable = None
+        if isinstance(learning_rate, _Schedule):
+            self._learning_rate = learning_rate
+            return
+        if isinstance(self._learning_rate, _Schedule):
+            raise TypeError(
+                "This optimizer was created with a `LearningRateSchedule` as its `learning_rate`, "
+                "hence its learning rate is not settable.")
+        self._learning_rate.assign(to_layout(tf.cast(learning_rate, self._learning_rate.dtype),
+                                             variable_layout(self._learning_rate)))
+
+    @property
+    def lr(self):
+        return self.learning_rate
+
+    @lr.setter
+    def lr(self, learning_rate):
+        self.learning_rate = learning_rate
+
+    def _compute_current_learning_rate(self):
+        if self._lr_callable is not None:
+            value = self._lr_callable()
+            if tf.executing_eagerly():
+                _check_learning_rate(value)
+            self._learning_rate.assign(to_layout(tf.cast(value, self._learning_rate.dtype),
+                                                 variable_layout(self._learning_rate)))
+            return
+        super()._compute_current_learning_rate()
+
+    # ------------------------------------------------------------------ variables
+    def add_variable(self, shape, dtype=None, initializer="zeros", name=None):
+        """An optimizer variable; a replicated DVariable on the optimizer's mesh."""
+        if self._mesh is None:
+            return super().add_variable(shape, dtype, initializer, name)
+        init = tf_keras.initializers.get(initializer) if isinstance(initializer, str) else initializer
+        dtype = tf.as_dtype(dtype or tf_keras.backend.floatx())
+        shape = [] if shape is None else list(shape)
+        layout = dtensor.Layout.replicated(self._mesh, len(shape))
+        value = dtensor.call_with_layout(tf.function(lambda: init(shape, dtype)), layout)
+        v = dtensor.DVariable(value, name=name, trainable=False)
+        self._variables.append(v)
+        return v
+
+    def add_variable_from_reference(self, model_variable, variable_name, shape=None, initial_value=None):
+        """A slot with ``model_variable``'s shape, dtype and (on a mesh) exact layout."""
+        if shape is not None and list(shape) != list(model_variable.shape):
+            if self._mesh is None:
+                return super().add_variable_from_reference(model_variable, variable_name, shape, initial_value)
+            layout = dtensor.Layout.replicated(self._mesh, len(shape))
+            init = to_layout(initial_value if initial_value is not None else tf.zeros(shape, model_variable.dtype), layout)
+            v = dtensor.DVariable(init, name=f"{variable_name}/{model_variable._shared_name}", trainable=False)
+        else:
+            v = new_slot(model_variable, variable_name, initial_value=initial_value)
+        self._variables.append(v)
+        return v
+
+    def build(self, var_list):
+        """Create the momentum (and EMA) slots and the step plan for ``var_list``."""
+        if getattr(self, "_built", False):
+            return
+        var_list = list(var_list)
+        for v in var_list:
+            self._check_variable(v)
+        self._build_index_dict(var_list)
+        self.momentums = []
+        self._model_variables_moving_average = []
+        entries = []
+        for i, var in enumerate(var_list):
+            layout = variable_layout(var)
+            m = None
+            if self.momentum != 0:
+                m = new_slot(var, "m", dtype=self.momentum_dtype)
+                self._variables.append(m)
+                self.momentums.append(m)
+            avg = None
+            if self.use_ema:
+                avg = self.add_variable_from_reference(var, "average", initial_value=var)
+                self._model_variables_moving_average.append(avg)
+            entries.append(Entry(
+                index=i, var=var, key=self._var_key(var), momentum=m, average=avg,
+                decay=self._use_weight_decay(var), layout=layout,
+                replication=meshspec.replication_factor(layout) if layout is not None else 1,
+            ))
+        self._entries = {e.key: e for e in entries}
+        self._plan_groups = group_entries(entries)
+        self._built = True
+
+    def _check_variable(self, v) -> None:
+        layout = variable_layout(v)
+        name = getattr(v, "name", repr(v))
+        if self._mesh is None:
+            if layout is not None:
+                raise ValueError(
+                    f"variable {name} is a DVariable on mesh {layout.mesh.dim_names}; create the optimizer "
+                    "with mesh=<that mesh> to train DVariables")
+            return
+        if layout is None:
+            raise ValueError(
+                f"variable {name} is a plain tf.Variable, but this optimizer has mesh={self._mesh.dim_names}; "
+                "give it DVariables on that mesh (or create the optimizer without mesh)")
+        if layout.mesh != self._mesh:
+            raise ValueError(
+                f"variable {name} is on mesh {layout.mesh}, not on the optimizer's mesh {self._mesh}")
+
+    # ------------------------------------------------------------------ the step
+    def apply_gradients(self, grads_and_vars: Iterable, name: Optional[str] = None,
+                        skip_gradients_aggregation: bool = False, **kwargs):
+        """Apply ``(gradient, variable)`` pairs; returns the iterations variable.
+
+        Every pair is checked (shape, dtype, mesh and, eagerly, layout) before any op is
+        dispatched; one bad pair leaves every variable untouched.  ``None`` gradients are
+        skipped with a warning; an empty list is a no-op.
+        """
+        pairs = list(grads_and_vars)
+        if not pairs:
+            return self._iterations
+        for p in pairs:
+            if not isinstance(p, (tuple, list)) or len(p) != 2:
+                raise TypeError(f"`grads_and_vars` must hold (gradient, variable) pairs, got {p!r}")
+        all_vars = [v for _, v in pairs]
+        kept = [(g, v) for g, v in pairs if g is not None]
+        if len(kept) < len(pairs):
+            missing = [v.name for g, v in pairs if g is None]
+            log.warning("Gradients do not exist for variables %s when minimizing the loss.", missing)
+        if not kept:
+            return self._iterations
+        with tf.init_scope():
+            self.build(all_vars)
+        eager = tf.executing_eagerly()
+        items = [(self._check_pair(g, v, eager), g) for g, v in kept]
+        with tf.name_scope(name or self.name or "optimizer"):
+            self._compute_current_learning_rate()
+            args = self._step_args(eager)
+            self._run_groups(items, args, eager)
+            for _, v in kept:
+                if getattr(v, "constraint", None) is not None:
+                    v.assign(v.constraint(v))
+            return self._iterations.assign_add(1)
+
+    def _check_pair(self, g, v, eager: bool) -> Entry:
+        entry = self._entries.get(self._var_key(v))
+        if entry is None:
+            raise ValueError(
+                f"variable {v.name} is not among the variables this optimizer was built with; call "
+                "build() with the full list of trainable variables first")
+        if isinstance(g, tf.IndexedSlices):
+            gshape = g.values.shape[1:]
+            if gshape.rank is not None and list(gshape) != list(v.shape[1:]):
+                raise ValueError(
+                    f"sparse gradient for variable {v.name} has row shape {list(gshape)}, expected {list(v.shape[1:])}")
+            gdtype = g.values.dtype
+        else:
+            if not tf.is_tensor(g):
+                g = tf.convert_to_tensor(g)
+            if g.shape.rank is not None and g.shape.is_fully_defined() and g.shape != v.shape:
+                raise ValueError(f"gradient for variable {v.name} has shape {g.shape}, expected {v.shape}")
+            gdtype = g.dtype
+        if gdtype != v.dtype:
+            raise ValueError(f"gradient for variable {v.name} has dtype {gdtype.name}, expected {v.dtype.name}")
+        if eager and self._mesh is not None and not isinstance(g, tf.IndexedSlices):
+            glayout = variable_layout(g)
+            if glayout is None:
+                raise ValueError(
+                    f"gradient for variable {v.name} is not a DTensor; on mesh {self._mesh.dim_names} gradients "
+                    f"must be DTensors with the variable's layout {entry.layout.sharding_specs}")
+            if glayout.mesh != self._mesh:
+                raise ValueError(f"gradient for variable {v.name} is on mesh {glayout.mesh}, expected {self._mesh}")
+            if glayout != entry.layout:
+                raise ValueError(
+                    f"gradient for variable {v.name} has layout {glayout.sharding_specs}, expected the "
+                    f"variable's layout {entry.layout.sharding_specs}")
+        if eager and self._mesh is None and tf.is_tensor(g) and variable_layout(g) is not None:
+            raise ValueError(f"gradient for variable {v.name} is a DTensor, but this optimizer has no mesh")
+        return entry
+
+    def _step_args(self, eager: bool) -> StepArgs:
+        lr = self.learning_rate
+        lr = tf.cast(lr.read_value() if isinstance(lr, tf.Variable) else lr, tf.float32)
+        overwrite: Any = False
+        if self.use_ema and self.ema_overwrite_frequency:
+            if eager:
+                overwrite = rules.ema_overwrite_due(int(to_numpy(self._iterations)), self.ema_overwrite_frequency)
+            else:
+                overwrite = tf.equal((self._iterations + 1) % self.ema_overwrite_frequency, 0)
+        clipvalue = self.clipvalue if not (self.clipnorm or self.global_clipnorm) else None
+        return StepArgs(
+            lr=lr, momentum=self.momentum, nesterov=self.nesterov,
+            weight_decay=self.weight_decay or None, clipnorm=self.clipnorm or None, clipvalue=clipvalue or None,
+            global_clipnorm=self.global_clipnorm or None,
+            ema_momentum=self.ema_momentum if self.use_ema else None, ema_overwrite=overwrite,
+        )
+
+    def _implementation_for(self, group: Group, eager: bool):
+        """The implementation instance that runs ``group`` now (created once, cached)."""
+        name = self.implementation
+        if name == "auto":
+            name = impl_registry.choose(group, self, eager)
+        cls = impl_registry.get(name)
+        if cls.domain == "local" and not eager:
+            if not self._warned_graph_fallback:
+                log.warning("implementation %r runs eagerly only; using 'fused' inside tf.function", name)
+                self._warned_graph_fallback = True
+            cls = impl_registry.get("fused")
+        reason = cls.unavailable_reason() or cls.supports(group, self)
+        if reason:
+            raise ValueError(f"implementation {cls.name!r} cannot run variables {[e.var.name for e in group.entries][:3]}...: {reason}")
+        cache = group.__dict__.setdefault("_impls", {})
+        if cls.name not in cache:
+            with tf.init_scope():
+                cache[cls.name] = cls(group, self)
+        return cache[cls.name]
+
+    def _run_groups(self, items, args: StepArgs, eager: bool) -> str:
+        by_group: dict[int, list] = {}
+        order: list[Group] = []
+        group_of = {id(e): g for g in self._plan_groups for e in g.entries}
+        for e, g in items:
+            grp = group_of[id(e)]
+            if id(grp) not in by_group:
+                by_group[id(grp)] = []
+                order.append(grp)
+            by_group[id(grp)].append((e, g))
+        impls = [self._implementation_for(grp, eager) for grp in order]
+        domains = {i.domain for i in impls}
+        if len(domains) > 1:  # keep one domain per step so the norm reduction is done once
+            impls = [self._implementation_for_domain(grp, "dtensor") for grp in order]
+        domain = impls[0].domain
+        if domain == "local" and self._mesh is not None:
+            # the local domain needs plain host scalars
+            args.lr = dtensor.unpack(args.lr)[0]
+        scales_per_group: list = [None] * len(order)
+        if args.clipnorm or args.global_clipnorm:
+            partials = [imp.partial_sumsq(by_group[id(grp)]) for imp, grp in zip(impls, order)]
+            sizes = [len(by_group[id(grp)]) for grp in order]
+            sumsq = _reduce_partials(partials, domain)  # one reduction for every variable
+            if args.clipnorm:
+                norms = tf.sqrt(sumsq)
+                coeff = args.clipnorm / tf.maximum(norms, args.clipnorm)
+                parts = tf.split(coeff, sizes) if len(sizes) > 1 else [coeff]
+                scales_per_group = [tf.unstack(p) for p in parts]
+            else:
+                scale = rules.global_clip_scale(tf.reduce_sum(sumsq), args.global_clipnorm)
+                scales_per_group = [[scale] * n for n in sizes]
+        for imp, grp, sc in zip(impls, order, scales_per_group):
+            imp.apply(by_group[id(grp)], args, sc)
+        return domain
+
+    def _implementation_for_domain(self, group: Group, domain: str):
+        cache = group.__dict__.setdefault("_impls", {})
+        name = "fused"
+        if name not in cache:
+            with tf.init_scope():
+                cache[name] = impl_registry.get(name)(group, self)
+        return cache[name]
+
+    def update_step(self, gradient, variable):
+        """Update one variable from one gradient (momentum rule only; no clipping, decay or EMA)."""
+        entry = self._entries.get(self._var_key(variable))
+        if entry is None:
+            raise KeyError(f"The optimizer cannot recognize variable {variable.name}; call build() first")
+        args = StepArgs(lr=tf.cast(self.learning_rate, tf.float32), momentum=self.momentum, nesterov=self.nesterov,
+                        weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None, ema_momentum=None)
+        impl_registry.get("reference")(Group("single", variable.dtype, None, [entry]), self).apply(
+            [(entry, gradient)], args, None)
+
+    # ------------------------------------------------------------------ EMA
+    def _overwrite_model_variables_with_average_value(self, var_list):
+        for var in var_list:
+            entry = self._entries.get(self._var_key(var))
+            if entry is not None and entry.average is not None:
+                var.assign(entry.average)
+
+    def finalize_variable_values(self, var_list):
+        """With EMA, overwrite the variables with their moving averages (also on a mesh)."""
+        if self.use_ema:
+            self._overwrite_model_variables_with_average_value(var_list)
+
+    # ------------------------------------------------------------------ config & weights
+    def get_config(self) -> dict:
+        lr = self._lr_callable if self._lr_callable is not None else self._learning_rate
+        return {
+            "name": self.name,
+            "learning_rate": self._serialize_hyperparameter(lr),
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "amsgrad": self.amsgrad,
+            "weight_decay": self.weight_decay,
+            "clipnorm": self.clipnorm,
+            "global_clipnorm": self.global_clipnorm,
+            "clipvalue": self.clipvalue,
+            "use_ema": self.use_ema,
+            "ema_momentum": self.ema_momentum,
+            "ema_overwrite_frequency": self.ema_overwrite_frequency,
+            "jit_compile": self._requested_jit_compile,
+            "is_legacy_optimizer": False,
+            "mesh": self._mesh.to_string() if self._mesh is not None else None,
+            "implementation": self.implementation,
+            "momentum_dtype": self.momentum_dtype,
+        }
+
+    def _serialize_hyperparameter(self, hyperparameter):
+        value = super()._serialize_hyperparameter(hyperparameter)
+        if hasattr(value, "dtype") and getattr(value, "shape", None) == ():
+            value = float(to_numpy(hyperparameter) if isinstance(hyperparameter, tf.Variable) else value)
+        return value
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if isinstance(config.get("mesh"), str):
+            config["mesh"] = dtensor.Mesh.from_string(config["mesh"])
+        if isinstance(config.get("learning_rate"), dict):
+            config["learning_rate"] = learning_rate_schedule.deserialize(
+                config["learning_rate"], custom_objects=custom_objects)
+        return cls(**config)
+
+    def set_weights(self, weights):
+        """Set all optimizer variables (in ``variables`` order); shapes are all checked first."""
+        if not getattr(self, "_built", False):
+            raise ValueError("You are calling `set_weights()` on an optimizer that has not yet been built. "
+                             "Call `optimizer.build(trainable_variables)` first.")
+        weights = list(weights)
+        if len(weights) != len(self._variables):
+            raise ValueError(f"`weights` has {len(weights)} entries, the optimizer has {len(self._variables)} variables")
+        for variable, weight in zip(self._variables, weights):
+            if tuple(variable.shape) != tuple(getattr(weight, "shape", ())):
+                raise ValueError(f"Optimizer variable {variable.name} has shape {variable.shape} not compatible "
+                                 f"with provided weight shape {getattr(weight, 'shape', None)}.")
+        for variable, weight in zip(self._variables, weights):
+            variable.assign(to_layout(to_numpy(weight) if tf.is_tensor(weight) or isinstance(weight, tf.Variable)
+                                      else weight, variable_layout(variable), variable.dtype))
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self.variables):
+            store[str(i)] = to_numpy(variable)
+
+    def load_own_variables(self, store):
+        if len(store.keys()) != len(self.variables):
+            log.warning("Skipping variable loading for optimizer '%s': it has %d variables, the saved one %d.",
+                        self.name, len(self.variables), len(store.keys()))
+            return
+        for i, variable in enumerate(self.variables):
+            variable.assign(to_layout(store[str(i)], variable_layout(variable), variable.dtype))
+
+    @property
+    def plan(self) -> list[Group]:
+        """The variable groups of the built plan (for benchmarks and the advisor)."""
+        return list(self._plan_groups)
+
+
+def _check_learning_rate(learning_rate) -> None:
+    if isinstance(learning_rate, _Schedule) or (callable(learning_rate) and not isinstance(learning_rate, tf.Variable)):
+        return
+    if isinstance(learning_rate, tf.Variable):
+        learning_rate = to_numpy(learning_rate)
+    if tf.is_tensor(learning_rate):
+        if not tf.executing_eagerly():
+            return
+        if learning_rate.shape.rank not in (0, None):
+            raise ValueError(f"`learning_rate` must be a scalar, got shape {learning_rate.shape}")
+        learning_rate = to_numpy(learning_rate)
+    if isinstance(learning_rate, numbers.Real) or hasattr(learning_rate, "dtype"):
+        opt_checks.check_learning_rate_value(learning_rate)
+        return
+    raise ValueError("`learning_rate` must be a float, a scalar tensor, a zero-argument callable or a "
+                     f"LearningRateSchedule, got {learning_rate!r}")
+
+
+def _reduce_partials(partials: list[list[tf.Tensor]], domain: str) -> tf.Tensor:
+    """Per-variable sums of squares for all groups, with one cross-device reduction.
+
+    ``partials[g]`` is group ``g``'s list of per-device vectors (local domain) or its one
+    DTensor vector (dtensor domain).  Local: concatenate each device's vectors over the
+    groups, then add the devices' vectors once.
+    """
+    if domain == "dtensor":
+        return tf.concat([p[0] for p in partials], 0) if len(partials) > 1 else partials[0][0]
+    n_dev = max(len(p) for p in partials)
+    per_device = []
+    for k in range(n_dev):
+        vecs = [p[k] for p in partials]
+        with tf.device(vecs[0].device):
+            per_device.append(tf.concat(vecs, 0) if len(vecs) > 1 else vecs[0])
+    with tf.device(per_device[0].device):
+        return tf.add_n(per_device) if len(per_device) > 1 else per_device[0]
+
+
+__all__ = ["SGD", "GradientsClipOption", "EMAOption"]

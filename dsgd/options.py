@@ -1,0 +1,124 @@
+"""Hyperparameter containers and their validation.
+
+``GradientsClipOption`` and ``EMAOption`` are the older (TF 2.9/2.10 DTensor optimizer)
+way of passing clipping and EMA settings; :class:`dsgd.SGD` accepts them and the newer
+flat keywords alike.  Every check here runs before any TensorFlow state is created.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class GradientsClipOption:
+    """Gradient clipping settings (older API form).
+
+    Args:
+      clipnorm: clip each gradient to this L2 norm.
+      clipvalue: clip each gradient element to ``[-clipvalue, clipvalue]``.
+      global_clipnorm: clip all gradients together to this global L2 norm.
+    """
+
+    clipnorm: Optional[float] = None
+    clipvalue: Optional[float] = None
+    global_clipnorm: Optional[float] = None
+
+    def get_config(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EMAOption:
+    """Exponential-moving-average settings (older API form).
+
+    Args:
+      use_ema: keep an EMA of the model weights.
+      ema_momentum: ``new_avg = ema_momentum * avg + (1 - ema_momentum) * var``.
+      ema_overwrite_frequency: every this many iterations overwrite the variables with
+        their averages (``None``: only at :meth:`SGD.finalize_variable_values`).
+    """
+
+    use_ema: bool = False
+    ema_momentum: float = 0.99
+    ema_overwrite_frequency: Optional[int] = None
+
+    def get_config(self) -> dict:
+        return asdict(self)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_nonneg_finite(name: str, value: Any, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_number(value) or not math.isfinite(float(value)) or float(value) < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0 (or None), got {value!r}")
+
+
+def check_unit_interval(name: str, value: Any) -> None:
+    if _is_number(value) and 0.0 <= float(value) <= 1.0:
+        return
+    raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
+
+
+def check_learning_rate_value(value: Any) -> None:
+    """Checks a concrete (float or eager tensor) learning rate."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            "`learning_rate` must be a float, a scalar tensor, a zero-argument callable or a "
+            f"LearningRateSchedule, got {value!r}"
+        ) from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"`learning_rate` must be finite and >= 0, got {v!r}")
+
+
+def merge_clip_options(clipnorm, clipvalue, global_clipnorm, option: Optional[GradientsClipOption]):
+    if option is not None:
+        if not isinstance(option, GradientsClipOption):
+            raise TypeError(
+                f"`gradients_clip_option` must be a dsgd.GradientsClipOption, got {type(option).__name__}"
+            )
+        if any(v is not None for v in (clipnorm, clipvalue, global_clipnorm)):
+            raise ValueError(
+                "give clipping either as `gradients_clip_option` or as `clipnorm`/`clipvalue`/"
+                "`global_clipnorm`, not both"
+            )
+        clipnorm, clipvalue, global_clipnorm = option.clipnorm, option.clipvalue, option.global_clipnorm
+    for n, v in (("clipnorm", clipnorm), ("clipvalue", clipvalue), ("global_clipnorm", global_clipnorm)):
+        check_nonneg_finite(n, v)
+    if clipnorm is not None and global_clipnorm is not None:
+        raise ValueError(
+            "At most one of `clipnorm` and `global_clipnorm` can be set. "
+            f"Received: clipnorm={clipnorm}, global_clipnorm={global_clipnorm}."
+        )
+    return clipnorm, clipvalue, global_clipnorm
+
+
+def merge_ema_options(use_ema, ema_momentum, ema_overwrite_frequency, option: Optional[EMAOption]):
+    if option is not None:
+        if not isinstance(option, EMAOption):
+            raise TypeError(f"`ema_option` must be a dsgd.EMAOption, got {type(option).__name__}")
+        if use_ema or ema_momentum != 0.99 or ema_overwrite_frequency is not None:
+            raise ValueError(
+                "give EMA settings either as `ema_option` or as `use_ema`/`ema_momentum`/"
+                "`ema_overwrite_frequency`, not both"
+            )
+        use_ema, ema_momentum, ema_overwrite_frequency = (
+            option.use_ema, option.ema_momentum, option.ema_overwrite_frequency)
+    check_unit_interval("ema_momentum", ema_momentum)
+    if ema_overwrite_frequency is not None and (
+        not isinstance(ema_overwrite_frequency, numbers.Integral)
+        or isinstance(ema_overwrite_frequency, bool)
+        or ema_overwrite_frequency < 1
+    ):
+        raise ValueError(
+            f"`ema_overwrite_frequency` must be an integer >= 1 or None, got {ema_overwrite_frequency!r}"
+        )
+    return bool(use_ema), float(ema_momentum), ema_overwrite_frequency

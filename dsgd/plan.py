@@ -1,0 +1,78 @@
+"""The plan: built once per variable set, it groups variables and holds their slots.
+
+Everything that can be decided before the first step is decided here (grouping by
+mesh, layout and dtype; which variables decay; each variable's replication factor;
+which implementation runs each group), so the step does no Python-side searching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+
+from dsgd import meshspec
+
+
+@dataclass
+class Entry:
+    """One model variable and what the optimizer keeps for it."""
+
+    index: int
+    var: tf.Variable
+    key: Any
+    momentum: Optional[tf.Variable] = None
+    average: Optional[tf.Variable] = None
+    decay: bool = True
+    layout: Optional[dtensor.Layout] = None
+    replication: int = 1
+
+
+@dataclass
+class Group:
+    """Variables sharing mesh, layout and dtype: one implementation runs them together."""
+
+    layout_spec: str
+    dtype: tf.DType
+    mesh: Optional[dtensor.Mesh]
+    entries: list[Entry] = field(default_factory=list)
+    impl: Any = None  # an Implementation instance, set by the optimizer
+
+    @property
+    def key(self) -> tuple:
+        return (str(self.mesh) if self.mesh is not None else None, self.layout_spec, self.dtype.name)
+
+
+@dataclass
+class StepArgs:
+    """The values of one step that every implementation needs."""
+
+    lr: tf.Tensor  # float32 scalar; a replicated DTensor when the optimizer has a mesh
+    momentum: float
+    nesterov: bool
+    weight_decay: Optional[float]
+    clipnorm: Optional[float]
+    clipvalue: Optional[float]
+    global_clipnorm: Optional[float]
+    ema_momentum: Optional[float]  # None: no EMA
+    ema_overwrite: Any = False  # bool or a bool tensor (graph mode)
+
+
+def variable_layout(var) -> Optional[dtensor.Layout]:
+    """The DTensor layout of a variable, or None for a plain variable."""
+    try:
+        return dtensor.fetch_layout(var)
+    except Exception:  # plain variables and tensors have no layout
+        return None
+
+
+def group_entries(entries: list[Entry]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for e in entries:
+        layout = e.layout
+        spec = meshspec.layout_to_spec(layout) if layout is not None else "local"
+        mesh = layout.mesh if layout is not None else None
+        g = Group(spec, e.var.dtype, mesh)
+        groups.setdefault(g.key, g).entries.append(e)
+    return list(groups.values())
