@@ -73,7 +73,7 @@ class SGD(keras_optimizer.Optimizer):
         with ``jit_compile=True``, ``xla``.
       momentum_dtype: dtype of the momentum slots (e.g. ``"float32"`` for bfloat16
         variables); default: the variable's dtype. Needs an implementation that mixes
-        dtypes (``reference``, ``grouped``).
+        dtypes (``ops``, ``grouped``).
     """
 
     def __init__(
@@ -430,7 +430,7 @@ class SGD(keras_optimizer.Optimizer):
             raise KeyError(f"The optimizer cannot recognize variable {variable.name}; call build() first")
         args = StepArgs(lr=tf.cast(self.learning_rate, tf.float32), momentum=self.momentum, nesterov=self.nesterov,
                         weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None, ema_momentum=None)
-        impl_registry.get("reference")(Group("single", variable.dtype, None, [entry]), self).apply(
+        impl_registry.get("ops")(Group("single", variable.dtype, None, [entry]), self).apply(
             [(entry, gradient)], args, None)
 
     # ------------------------------------------------------------------ EMA

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from dsgd.impl.base import Implementation
-from dsgd.impl.dtensor_ops import FusedDTensor, ReferenceDTensor
+from dsgd.impl.dtensor_ops import FusedDTensor, OpsDTensor
 from dsgd.impl.per_shard import PerShard
 
 REGISTRY: dict[str, type[Implementation]] = {
-    ReferenceDTensor.name: ReferenceDTensor,
+    OpsDTensor.name: OpsDTensor,
     FusedDTensor.name: FusedDTensor,
     PerShard.name: PerShard,
 }
@@ -36,14 +36,14 @@ def choose(group, options, eager: bool) -> str:
     2. ``jit_compile=True``: ``xla``;
     3. ``grouped`` when its multi-tensor kernel is built and handles the group;
     4. ``per_shard`` when it handles the group (same dtype for variable and momentum);
-    5. else ``reference``.
+    5. else ``ops``.
     """
     candidates = ["fused"] if not eager else (["xla"] if options.jit_compile else []) + ["grouped", "per_shard"]
     for name in candidates:
         cls = REGISTRY.get(name)
         if cls is not None and cls.unavailable_reason() is None and cls.supports(group, options) is None:
             return name
-    return "reference"
+    return "ops"
 
 
 def get(name: str) -> type[Implementation]:

@@ -1,6 +1,6 @@
 """Implementations in the DTensor domain: ops on the global DVariables.
 
-``reference`` is :mod:`dsgd.rules` executed op by op, the tf_keras way (the readable
+``ops`` is :mod:`dsgd.rules` executed op by op, the tf_keras way (the readable
 baseline, and what runs where nothing faster is known to be correct).  ``fused`` does the
 update of each variable with one fused training op (``ResourceApplyKerasMomentum``),
 so DTensor expands one op per variable instead of five or six.  Both work eagerly and
@@ -70,10 +70,10 @@ def _ema(items: Items, args: StepArgs) -> None:
         tf.cond(args.ema_overwrite, overwrite, lambda: tf.constant(False))
 
 
-class ReferenceDTensor(Implementation):
+class OpsDTensor(Implementation):
     """The rules op by op on DVariables, in tf_keras' order (separate passes)."""
 
-    name = "reference"
+    name = "ops"
     domain = "dtensor"
     description = "dsgd.rules op by op on the DVariables (the readable baseline)"
 
@@ -97,7 +97,7 @@ class ReferenceDTensor(Implementation):
         _ema(items, args)
 
 
-class FusedDTensor(ReferenceDTensor):
+class FusedDTensor(OpsDTensor):
     """One fused training op per variable (plus one for decay), dispatched through DTensor."""
 
     name = "fused"

@@ -1,0 +1,5 @@
+import sys
+
+from dsgd.cli import main
+
+sys.exit(main())

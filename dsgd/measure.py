@@ -1,0 +1,266 @@
+"""The one measurement core: build a case, time a step, measure bandwidth, count bytes,
+check against float64.  ``dsgd bench``, the asv suite, ``dsgd profile`` and ``dsgd layouts``
+all call these; none grows its own timing loop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from dsgd import meshspec
+from dsgd.workloads import VarSpec, layout_entries
+
+REFERENCE = "reference"  # the tf_keras DTensor SGD, the baseline every speed-up is measured against
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+# Optimizer option presets: what the benchmarks sweep.
+OPTION_PRESETS: dict[str, dict[str, Any]] = {
+    "momentum": {"learning_rate": 0.01, "momentum": 0.9},
+    "sgd": {"learning_rate": 0.01},
+    "full": {"learning_rate": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "global_clipnorm": 1.0, "use_ema": True},
+}
+
+
+def elements_moved(opts: dict) -> int:
+    """Ideal memory traffic of one step, in element accesses per parameter per device copy.
+
+    momentum: read w, g, m; write w, m (5).  Plain SGD: read w, g; write w (3).  EMA: read and
+    write the average (+2).  Clipping by norm: one more read of g (+1).  Weight decay is
+    folded into the same pass (+0).
+    """
+    n = 5 if opts.get("momentum") else 3
+    if opts.get("use_ema"):
+        n += 2
+    if opts.get("clipnorm") or opts.get("global_clipnorm"):
+        n += 1
+    return n
+
+
+@dataclass
+class Case:
+    """One benchmark configuration."""
+
+    workload: str
+    mesh: str = "1"
+    layout: str = "sharded"
+    dtype: str = "float32"
+    implementation: str = "auto"  # a dsgd implementation, or "reference" for tf_keras' DTensor SGD
+    xla: bool = False
+    options: str = "momentum"
+    device: str = "CPU"
+    graph: bool = False  # call dsgd's apply_gradients inside a tf.function (as model.fit does)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.workload}|{self.mesh}|{self.layout}|{self.dtype}|{self.implementation}|"
+                f"xla={'on' if self.xla else 'off'}|{self.options}" + ("|graph" if self.graph else ""))
+
+
+@dataclass
+class Built:
+    """Variables, gradients and the step function of one case, ready to time."""
+
+    case: Case
+    specs: list[VarSpec]
+    mesh: Any
+    layouts: list
+    variables: list
+    grads: list
+    optimizer: Any
+    step: Callable[[], Any]
+    first_step_s: float = 0.0
+
+
+def random_dtensor(shape, dtype: str, layout, seed: int):
+    """A fresh random DTensor (made inside a tf.function, as DTensor requires)."""
+    import tensorflow as tf
+    from tensorflow.experimental import dtensor
+
+    fn = tf.function(lambda: tf.cast(tf.random.stateless_normal(shape, seed=[seed, 7]), dtype))
+    if layout is None:
+        return fn()
+    return dtensor.call_with_layout(fn, layout)
+
+
+def case_layouts(specs: Sequence[VarSpec], mesh, policy: str) -> list:
+    dims = [(n, mesh.dim_size(n)) for n in mesh.dim_names]
+    return [meshspec.parse_layout_spec(layout_entries(s, dims, policy), mesh, len(s.shape), s.shape) for s in specs]
+
+
+def make_optimizer(case: Case, mesh, opts: Optional[dict] = None):
+    """dsgd.SGD for a dsgd implementation; tf_keras' DTensor SGD for ``reference``."""
+    opts = dict(OPTION_PRESETS[case.options] if opts is None else opts)
+    if case.implementation == REFERENCE:
+        import tf_keras
+
+        opts.pop("momentum_dtype", None)
+        return tf_keras.dtensor.experimental.optimizers.SGD(mesh=mesh, jit_compile=case.xla, **opts)
+    import dsgd
+
+    return dsgd.SGD(mesh=mesh, implementation=case.implementation, jit_compile=case.xla, **opts)
+
+
+def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
+    """Create the mesh, variables (random), gradients (random) and the optimizer of a case."""
+    import tensorflow as tf
+    from tensorflow.experimental import dtensor
+
+    from dsgd.workloads import get_workload
+
+    specs = get_workload(case.workload, case.dtype)
+    mesh = meshspec.make_mesh(case.mesh, case.device)
+    layouts = case_layouts(specs, mesh, case.layout)
+    variables = [dtensor.DVariable(random_dtensor(s.shape, s.dtype, lay, seed + i), name=s.name.replace("/", "_"))
+                 for i, (s, lay) in enumerate(zip(specs, layouts))]
+    grads = [random_dtensor(s.shape, s.dtype, lay, grad_seed + i) for i, (s, lay) in enumerate(zip(specs, layouts))]
+    opt = make_optimizer(case, mesh)
+    pairs = list(zip(grads, variables))
+    if case.implementation == REFERENCE or case.graph:
+        # The reference as users run it: its step inside one tf.function (eagerly it dispatches
+        # every DTensor op separately and is 20x slower still). jit_compile as asked.
+        fn = tf.function(lambda: opt.apply_gradients(pairs), jit_compile=bool(case.xla))
+
+        def step():
+            return fn()
+    else:
+        def step():
+            return opt.apply_gradients(pairs)
+    return Built(case, specs, mesh, layouts, variables, grads, opt, step)
+
+
+def sync() -> None:
+    """Wait for DTensor's asynchronous eager work (it returns before the work is done)."""
+    from tensorflow.python.eager import context
+
+    context.async_wait()
+
+
+def time_first_step(built: Built) -> float:
+    """Trace + compile + one step, in seconds (the optimizer is fresh)."""
+    t0 = time.perf_counter()
+    built.step()
+    sync()
+    built.first_step_s = time.perf_counter() - t0
+    return built.first_step_s
+
+
+def time_steps(step: Callable[[], Any], steps: int = 10, warmup: int = 2, min_time: float = 0.0) -> np.ndarray:
+    """Per-step wall times in seconds, each synchronized."""
+    for _ in range(warmup):
+        step()
+    sync()
+    out = []
+    t_start = time.perf_counter()
+    while len(out) < steps or (time.perf_counter() - t_start) < min_time:
+        t0 = time.perf_counter()
+        step()
+        sync()
+        out.append(time.perf_counter() - t0)
+        if len(out) >= 10 * steps:
+            break
+    return np.asarray(out)
+
+
+def copy_bandwidth_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Host memory bandwidth (GB/s, read + write bytes) of a large copy, best of ``repeats``.
+
+    Multi-threaded over the host's cores like TensorFlow's own kernels: each thread copies a
+    slice of the buffer.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = nbytes // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    threads = max(1, min(os.cpu_count() or 1, 16))
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+
+    def part(i):
+        np.copyto(dst[bounds[i]:bounds[i + 1]], src[bounds[i]:bounds[i + 1]])
+
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(part, range(threads)))
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best / 1e9
+
+
+@dataclass
+class Bytes:
+    """Per-device byte counts (the busiest device) and the step's total traffic."""
+
+    params_per_device: int
+    momentum_per_device: int
+    ema_per_device: int
+    step_traffic_total: int  # ideal bytes moved by one step, all devices together
+    params_total: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def optimizer_state_per_device(self) -> int:
+        return self.momentum_per_device + self.ema_per_device
+
+
+def count_bytes(specs: Sequence[VarSpec], layout_entries_list: Sequence[Sequence[str]],
+                mesh_dims: Sequence[tuple[str, int]], opts: dict,
+                state_shard_axis: Optional[str] = None) -> Bytes:
+    """Exact bytes per device of parameters and optimizer state for a layout plan.
+
+    ``layout_entries_list[i]`` is variable ``i``'s layout (one mesh axis or 'unsharded' per
+    dimension).  Every device of a mesh holds the same number of bytes for a given layout
+    (DTensor shards evenly), so per-device counts are exact.  ``state_shard_axis``: momentum
+    additionally sharded over that (replicated) axis (ZeRO-1), where a dimension divides.
+    """
+    sizes = dict(mesh_dims)
+    n_dev = meshspec.mesh_size(mesh_dims)
+    p = m = e = traffic = total = 0
+    for s, entries in zip(specs, layout_entries_list):
+        b = DTYPE_BYTES[s.dtype]
+        shards = 1
+        for d, a in zip(s.shape, entries):
+            if a != meshspec.UNSHARDED:
+                shards *= sizes[a]
+        local = s.size // shards
+        p += local * b
+        mom = local * b if opts.get("momentum") else 0
+        if mom and state_shard_axis and state_shard_axis in sizes and state_shard_axis not in entries:
+            k = sizes[state_shard_axis]
+            if any(dim % (k * (sizes[a] if a != meshspec.UNSHARDED else 1)) == 0 for dim, a in zip(s.shape, entries)):
+                mom //= k
+        m += mom
+        e += local * b if opts.get("use_ema") else 0
+        traffic += local * n_dev * b * elements_moved(opts)
+        total += s.size
+    return Bytes(p, m, e, traffic, total)
+
+
+def bytes_for_case(built: Built) -> Bytes:
+    entries = [list(l.sharding_specs) for l in built.layouts]
+    dims = [(n, built.mesh.dim_size(n)) for n in built.mesh.dim_names]
+    return count_bytes(built.specs, entries, dims, OPTION_PRESETS[built.case.options])
+
+
+def float64_error(case: Case, steps: int = 3) -> float:
+    """Max relative error of the case's implementation against float64 after ``steps`` steps.
+
+    Uses fresh random gradients each step (never zeros); NaN gives inf.
+    """
+    from dsgd import reference64 as r64
+    from dsgd.state import to_numpy
+
+    built = build_case(case, seed=11, grad_seed=5000)
+    opts = dict(OPTION_PRESETS[case.options])
+    o64 = r64.Options64(**{k: v for k, v in opts.items() if k in r64.Options64.__dataclass_fields__})
+    state = r64.init_state([to_numpy(v) for v in built.variables], o64)
+    for k in range(steps):
+        grads = [random_dtensor(s.shape, s.dtype, lay, 9000 + 100 * k + i)
+                 for i, (s, lay) in enumerate(zip(built.specs, built.layouts))]
+        built.optimizer.apply_gradients(zip(grads, built.variables))
+        r64.step(state, [to_numpy(g) for g in grads], o64)
+    return max(r64.max_rel_error(to_numpy(v), w) for v, w in zip(built.variables, state.weights))
