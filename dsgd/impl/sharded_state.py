@@ -1,0 +1,92 @@
+"""``sharded_state``: ZeRO-1 — optimizer state sharded over the mesh axes a variable is
+replicated on; each device updates only its slice, and the new weights are all-gathered.
+
+For a variable with layout ``L`` the momentum (and EMA average) get layout ``M``: ``L`` with
+one more mesh axis — the largest axis ``L`` does not use — on the first dimension that
+divides.  One step (DTensor domain, so it also runs inside ``tf.function``)::
+
+    g_s, w_s = relayout(g, M), relayout(w, M)       # local slicing, no communication
+    w_s, m = rules.momentum(rules.weight_decay(w_s), m, g_s, ...)   # 1/k of the work per device
+    w = relayout(w_s, L)                            # all-gather over the added axis
+
+Optimizer state bytes per device drop by the size of that axis (8x on ``batch=8``), at the
+price of one all-gather of the weights per step.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+
+from dsgd import meshspec, rules
+from dsgd.impl.dtensor_ops import OpsDTensor, _scaled, densify
+from dsgd.impl.base import Items
+from dsgd.plan import Group, StepArgs
+
+
+def state_layout(layout: Optional[dtensor.Layout], shape: Sequence[int]) -> Optional[dtensor.Layout]:
+    """The ZeRO-1 layout of a slot for a variable with ``layout``; ``layout`` itself if none fits."""
+    if layout is None:
+        return None
+    mesh = layout.mesh
+    specs = list(layout.sharding_specs)
+    used = {s for s in specs if s != meshspec.UNSHARDED}
+    free = sorted((a for a in mesh.dim_names if a not in used and mesh.dim_size(a) > 1),
+                  key=lambda a: -mesh.dim_size(a))
+    for axis in free:
+        k = mesh.dim_size(axis)
+        for d, s in enumerate(specs):
+            if s == meshspec.UNSHARDED and shape[d] % k == 0:
+                new = specs[:]
+                new[d] = axis
+                return dtensor.Layout(new, mesh)
+    return layout
+
+
+class ShardedState(OpsDTensor):
+    name = "sharded_state"
+    domain = "dtensor"
+    description = "ZeRO-1: momentum/EMA sharded over replicated mesh axes, weights all-gathered"
+
+    @classmethod
+    def slot_layout(cls, layout, shape):
+        return state_layout(layout, shape)
+
+    def apply(self, items: Items, args: StepArgs, scales) -> None:
+        for i, (e, g) in enumerate(items):
+            dtype = e.var.dtype
+            lr = tf.cast(args.lr, dtype)
+            g = densify(_scaled(g, None if scales is None else scales[i], args.clipvalue, dtype), e)
+            slot = e.momentum if e.momentum is not None else e.average
+            m_layout = dtensor.fetch_layout(slot) if slot is not None else e.layout
+            if m_layout == e.layout:
+                super().apply([(e, g)], _no_clip(args), None)
+                continue
+            w = dtensor.relayout(e.var.read_value(), m_layout)
+            g = dtensor.relayout(g, m_layout)
+            if args.weight_decay and e.decay:
+                w = rules.weight_decay(w, lr, args.weight_decay)
+            if e.momentum is not None:
+                w, m_new = rules.momentum(w, e.momentum, g, lr, tf.cast(args.momentum, dtype), args.nesterov)
+                e.momentum.assign(m_new)
+            else:
+                w = rules.sgd(w, g, lr)
+            if e.average is not None:
+                avg = rules.ema(e.average, w, tf.cast(args.ema_momentum, dtype))
+                e.average.assign(avg)
+                if isinstance(args.ema_overwrite, bool):
+                    w = avg if args.ema_overwrite else w
+                else:
+                    w = tf.where(args.ema_overwrite, avg, w)
+            e.var.assign(dtensor.relayout(w, e.layout))
+
+
+def _no_clip(args: StepArgs) -> StepArgs:
+    from dataclasses import replace
+
+    return replace(args, clipvalue=None)
+
+
+IMPLEMENTATION = ShardedState
+_ = Group
