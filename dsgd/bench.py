@@ -82,10 +82,19 @@ def make_cases(workloads: Sequence[str], meshes: Sequence[str], layouts: Sequenc
 
 def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bool = True,
         progress: bool = True, on_row=None):
-    """Run cases; returns a pandas DataFrame with one row per case (failed ones included)."""
+    """Run cases; returns a pandas DataFrame with one row per case (failed ones included).
+
+    As a DTensor client (:mod:`dsgd.multiclient`) the cases run in this process, whatever
+    ``isolate`` says: every client runs the same cases in the same order, each case's mesh
+    spanning all clients (the cluster cannot be re-formed in a worker process).
+    """
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from dsgd import multiclient
+
+    if multiclient.is_client():
+        isolate = False
     payloads = [dict(asdict(c), steps=steps) for c in cases]
     rows: list[Optional[dict]] = [None] * len(cases)
     bar = tqdm(total=len(cases), desc="dsgd bench", unit="case", disable=not progress, leave=False)
@@ -184,10 +193,22 @@ def parse_xla(value: str) -> list[bool]:
 
 
 def main(args) -> int:
-    cases = make_cases(args.workload or DEFAULT_WORKLOADS, args.mesh or DEFAULT_MESHES, args.layout or ["sharded"],
+    from dsgd import meshspec, multiclient
+
+    meshes = args.mesh or DEFAULT_MESHES
+    client = multiclient.config_from_env() if multiclient.is_client() else None
+    if client is not None and not args.mesh:  # multi-client: the default meshes that span all clients' devices
+        n = client.global_devices
+        meshes = [m for m in DEFAULT_MESHES if meshspec.mesh_size(meshspec.parse_mesh_spec(m)) == n] or [f"batch={n}"]
+    lead = client is None or client.client_id == 0  # only client 0 reports
+    cases = make_cases(args.workload or DEFAULT_WORKLOADS, meshes, args.layout or ["sharded"],
                        args.dtype or ["float32"], args.implementation or DEFAULT_IMPLEMENTATIONS, parse_xla(args.xla),
                        args.options or ["momentum"], device=args.device)
-    df = run(cases, steps=args.steps, devices=args.devices, isolate=not args.no_isolate, progress=not args.quiet)
+    df = run(cases, steps=args.steps, devices=args.devices, isolate=not args.no_isolate,
+             progress=not args.quiet and lead)
+    code = 0 if (df["status"] == "ok").all() else 3
+    if not lead:
+        return code
     out = render(df, args.format)
     if args.output:
         with open(args.output, "w") as f:
@@ -196,7 +217,7 @@ def main(args) -> int:
     if args.plot:
         plot(df, args.plot)
         print(f"\nplot written to {args.plot}")
-    return 0 if (df["status"] == "ok").all() else 3
+    return code
 
 
 def add_arguments(p) -> None:

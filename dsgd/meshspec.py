@@ -70,12 +70,18 @@ def make_mesh(spec: str | Sequence[tuple[str, int]], device_type: str = "CPU", *
     """Build a DTensor mesh from a spec, on the first ``size`` logical devices.
 
     Fewer devices than configured may be used (e.g. a 1-device mesh in an 8-device
-    process); more raises :class:`SpecError`.
+    process); more raises :class:`SpecError`.  In a DTensor multi-client run
+    (``DTENSOR_JOBS`` set, see :mod:`dsgd.multiclient`) the mesh spans every device of
+    every client (``dtensor.create_distributed_mesh``) and must use them all.
     """
     from tensorflow.experimental import dtensor
     import tensorflow as tf
 
+    from dsgd import multiclient
+
     dims = parse_mesh_spec(spec) if isinstance(spec, str) else list(spec)
+    if multiclient.is_client():
+        return multiclient.create_mesh(dims, device_type)
     need = mesh_size(dims)
     if available is None:
         available = len(tf.config.list_logical_devices(device_type.upper()))

@@ -541,18 +541,21 @@ def _reduce_partials(partials: list[list[tf.Tensor]], domain: str) -> tf.Tensor:
 
     ``partials[g]`` is group ``g``'s list of per-device vectors (local domain) or its one
     DTensor vector (dtensor domain).  Local: concatenate each device's vectors over the
-    groups, then add the devices' vectors once.
+    groups, then sum the devices' vectors once over every device of the run
+    (:func:`dsgd.collectives.sum_over_devices`: ``add_n`` in one process, a DTensor
+    all-reduce across clients in a multi-client run).
     """
     if domain == "dtensor":
         return tf.concat([p[0] for p in partials], 0) if len(partials) > 1 else partials[0][0]
+    from dsgd.collectives import sum_over_devices
+
     n_dev = max(len(p) for p in partials)
     per_device = []
     for k in range(n_dev):
         vecs = [p[k] for p in partials]
         with tf.device(vecs[0].device):
             per_device.append(tf.concat(vecs, 0) if len(vecs) > 1 else vecs[0])
-    with tf.device(per_device[0].device):
-        return tf.add_n(per_device) if len(per_device) > 1 else per_device[0]
+    return sum_over_devices(per_device)
 
 
 __all__ = ["SGD", "GradientsClipOption", "EMAOption"]

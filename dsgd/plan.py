@@ -59,11 +59,23 @@ class StepArgs:
     ema_overwrite: Any = False  # bool or a bool tensor (graph mode)
 
 
-def variable_layout(var) -> Optional[dtensor.Layout]:
-    """The DTensor layout of a variable, or None for a plain variable."""
+def variable_layout(x) -> Optional[dtensor.Layout]:
+    """The DTensor layout of a variable or tensor, or None for a plain one.
+
+    A DVariable records its layout at creation (``.layout``): reading it is free and works in
+    graph mode too, while ``dtensor.fetch_layout`` reads the variable (a DTensor op) and is
+    eager-only.  Symbolic tensors inside ``tf.function`` have no layout to fetch (None).
+    """
+    layout = getattr(x, "layout", None)
+    if isinstance(layout, dtensor.Layout):
+        return layout
+    if isinstance(x, tf.Variable) and not isinstance(x, dtensor.DVariable):
+        return None
+    if not tf.executing_eagerly() or not (tf.is_tensor(x) or isinstance(x, tf.Variable)):
+        return None
     try:
-        return dtensor.fetch_layout(var)
-    except Exception:  # plain variables and tensors have no layout
+        return dtensor.fetch_layout(x)
+    except Exception:  # plain tensors have no layout
         return None
 
 

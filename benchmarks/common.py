@@ -1,0 +1,188 @@
+"""Shared set-up of the dsgd asv suite: devices, the parameter grid, pruning and fixtures.
+
+asv imports every benchmark module in a fresh process (the forkserver, or one interpreter
+per parameter set with ``--launch-method spawn``).  Logical devices are fixed when
+TensorFlow starts, so this module configures them once, at import, before any TensorFlow
+context exists: 8 logical CPU devices (``DSGD_BENCH_DEVICES`` overrides).  Nothing here
+may run a TensorFlow op at import time — forked benchmark processes each start their own
+context.
+
+All numbers come from :mod:`dsgd.measure` (the one measurement core): cases are built with
+``measure.build_case``, bytes counted with ``measure.count_bytes``, the roofline comes from
+``measure.copy_bandwidth_gbps`` measured in the benchmark's own process and correctness from
+``measure.float64_error``.
+
+The grid.  Every benchmark class uses the same seven parameter names::
+
+    mesh x layout x dtype x device x xla x implementation x options
+
+but a class only sweeps the axes it is about (the others hold one value), and
+:func:`skip_reason` prunes what adds no information or cannot run (asv records those as
+skipped, via ``NotImplementedError`` in ``setup``):
+
+* a mesh that needs more devices than are configured (or GPUs than are visible);
+* ``device="GPU"`` where no GPU is visible;
+* a non-replicated layout on a 1-D mesh (the ``sharded`` policy shards on the model axis,
+  the last of two or more, so on ``1``/``batch=8`` it *is* ``replicated``; the mixed map
+  names a ``model`` axis);
+* ``replicated`` on a 2-D 8-device mesh (the same 8 full copies as ``batch=8``);
+* more than one of dtype / device / xla / options away from the baseline, or one away
+  from it on a mesh/layout other than the baseline's (a star around the baseline
+  ``batch=2,model=4`` / ``sharded`` / float32 / CPU / xla off / momentum: each axis is
+  measured against the baseline, mesh and layout are crossed with each other).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from dsgd.devices import configure_devices  # noqa: E402
+
+NUM_DEVICES = int(os.environ.get("DSGD_BENCH_DEVICES", "8"))
+configure_devices(NUM_DEVICES, "CPU")
+
+try:  # the measurement core appeared in dsgd's second commit; older commits skip cleanly
+    from dsgd import measure, meshspec  # noqa: E402
+    from dsgd.impl import REGISTRY  # noqa: E402
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as e:  # pragma: no cover - only on old commits
+    measure = meshspec = None  # type: ignore[assignment]
+    REGISTRY = {}
+    _IMPORT_ERROR = f"this commit of dsgd has no measurement core ({e})"
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+
+#: The workload every class runs: one transformer block's variables (12 variables, 4.4M
+#: parameters): big kernels for the bandwidth, biases and norms for the per-variable cost.
+WORKLOAD = str(DATA / "block.json")
+#: Layout policies by display name; ``mixed`` is a layout-map file shipped here.
+LAYOUTS = {"replicated": "replicated", "sharded": "sharded", "mixed": str(DATA / "mixed_layout.json")}
+
+REFERENCE = "reference"  # tf_keras' DTensor SGD; the baseline every dsgd path is measured against
+MESHES = ["1", "batch=8", "batch=2,model=4", "batch=4,model=2"]
+DTYPES = ["float32", "bfloat16", "float16"]
+DEVICES = ["CPU", "GPU"]
+XLA = ["off", "on"]
+#: The reference, then every dsgd implementation registered in this commit (read at import:
+#: a new implementation joins the suite by registering itself in dsgd.impl.REGISTRY).
+IMPLEMENTATIONS = [REFERENCE, *REGISTRY]
+OPTIONS = ["momentum", "full"]  # full: weight decay + global_clipnorm + EMA
+
+PARAM_NAMES = ["mesh", "layout", "dtype", "device", "xla", "implementation", "options"]
+BASE = {"mesh": "batch=2,model=4", "layout": "sharded", "dtype": "float32", "device": "CPU",
+        "xla": "off", "options": "momentum"}
+_ONE_OFF_AXES = ("dtype", "device", "xla", "options")
+
+
+def mesh_devices(mesh: str) -> int:
+    return meshspec.mesh_size(meshspec.parse_mesh_spec(mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_count() -> int:
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def skip_reason(mesh, layout, dtype, device, xla, implementation, options) -> Optional[str]:
+    """Why a parameter set is not run (asv shows it as skipped), or None to run it."""
+    if _IMPORT_ERROR:
+        return _IMPORT_ERROR
+    p = dict(mesh=mesh, layout=layout, dtype=dtype, device=device, xla=xla, options=options)
+    need = mesh_devices(mesh)
+    if device == "GPU":
+        have = gpu_count()
+        if not have:
+            return "no GPU visible"
+        if need > have:
+            return f"mesh {mesh!r} needs {need} GPUs, {have} visible"
+    elif need > NUM_DEVICES:
+        return f"mesh {mesh!r} needs {need} devices, {NUM_DEVICES} configured"
+    if implementation != REFERENCE and implementation not in REGISTRY:
+        return f"implementation {implementation!r} is not registered in this commit"
+    one_d = len(meshspec.parse_mesh_spec(mesh)) < 2
+    if one_d and layout != "replicated":
+        return f"layout {layout!r} on the 1-D mesh {mesh!r} is 'replicated'"
+    if not one_d and layout == "replicated" and need == NUM_DEVICES:
+        return "replicated on a 2-D 8-device mesh = replicated on batch=8"
+    off = [a for a in _ONE_OFF_AXES if p[a] != BASE[a]]
+    if len(off) > 1:
+        return f"pruned: {', '.join(off)} all differ from the baseline"
+    if off and off != ["device"] and (mesh, layout) != (BASE["mesh"], BASE["layout"]):
+        return f"pruned: {off[0]} is measured on the baseline mesh/layout only"
+    return None
+
+
+def check(*params) -> None:
+    """``setup``'s first line: raise NotImplementedError (asv: skipped) for pruned sets."""
+    reason = skip_reason(*params)
+    if reason:
+        raise NotImplementedError(reason)
+
+
+def case(mesh, layout, dtype, device, xla, implementation, options) -> "measure.Case":
+    return measure.Case(workload=WORKLOAD, mesh=mesh, layout=LAYOUTS[layout], dtype=dtype,
+                        implementation=implementation, xla=(xla == "on"), options=options, device=device)
+
+
+# One build per process and parameter set: asv's timer re-runs ``setup`` before every
+# sample, and a build (variables, gradients, first step's trace) costs seconds.
+_BUILT: dict = {}
+
+
+def built(*params, warm: bool = True):
+    """The case of ``params``, built once per process (and stepped once when ``warm``)."""
+    key = tuple(params)
+    b = _BUILT.get(key)
+    if b is None:
+        b = measure.build_case(case(*params))
+        _BUILT[key] = b
+    if warm and not b.first_step_s:
+        measure.time_first_step(b)
+    return b
+
+
+def state_bytes_per_device(optimizer) -> int:
+    """Bytes of optimizer state (slots, EMA averages) on the busiest device, read from the
+    optimizer's own variables and their layouts — not from what the plan intended."""
+    import tensorflow as tf
+
+    from dsgd.plan import variable_layout
+
+    total = 0
+    for v in getattr(optimizer, "variables", []):
+        v = v() if callable(v) and not isinstance(v, tf.Variable) else v
+        shape = list(v.shape)
+        if not shape:
+            continue  # iterations, learning rate: scalars
+        layout = variable_layout(v)
+        local = meshspec.local_shape(layout, shape) if layout is not None else shape
+        total += math.prod(local) * tf.as_dtype(v.dtype).size
+    return int(total)
+
+
+@functools.lru_cache(maxsize=1)
+def copy_gbps() -> float:
+    """This process's memory bandwidth (the roofline), measured once per process."""
+    return measure.copy_bandwidth_gbps()
+
+
+def step_metrics(*params, steps: int = 10) -> dict:
+    """Median step time, achieved bandwidth and roofline fraction, measured in this process."""
+    import numpy as np
+
+    b = built(*params)
+    t = measure.time_steps(b.step, steps=steps, warmup=1)
+    median = float(np.median(t))
+    traffic = measure.bytes_for_case(b).step_traffic_total
+    bw = copy_gbps()
+    roofline_s = traffic / (bw * 1e9)
+    return {"median_s": median, "achieved_gbps": traffic / median / 1e9, "copy_gbps": bw,
+            "roofline_fraction": roofline_s / median}

@@ -1,0 +1,298 @@
+"""``xla``: one XLA program per device that runs the whole step for all its shards.
+
+Why not ``tf.function(jit_compile=True)`` over DTensor ops?  Because on CPU that is not XLA:
+DTensor's SPMD expansion replaces the function by per-device ``StatefulPartitionedCall``s
+of ordinary TensorFlow kernels (``Mul``, ``AssignVariableOp``, ``CollectiveReduceV2``, …);
+TensorFlow's ``mark_for_compilation_pass`` then reports "No compilable candidates", the
+XLA service is never even initialised, ``XLA_FLAGS=--xla_dump_to`` writes nothing and
+``experimental_get_compiler_ir`` refuses the DTensor inputs ("Invalid Tensor call on a
+REMOTE handle").  (``use_xla_spmd`` is refused for CPU meshes.)
+
+So this implementation works in the local domain (:mod:`dsgd.impl.per_shard`): for every
+local device it builds one plain ``tf.function(jit_compile=True)`` whose inputs are that
+device's variable, momentum and average *resource handles* (``dtensor.unpack`` of the
+DVariables' handles — the DVariables' own buffers, updated in place) and its local
+gradients, and whose body is :mod:`dsgd.rules` for every variable of the group: clip
+scale, ``clipvalue``, decay, momentum/Nesterov, EMA, and the EMA overwrite as a boolean
+tensor input.  XLA fuses each variable's whole update into one loop over memory, and all
+variables of the group on that device are one executable.
+
+Handles are passed as *arguments* (not captured), so devices with the same shard shapes
+share one traced function; XLA still compiles per device (its compilation cache is
+per device), which :func:`capture_hlo` and ``XLA_FLAGS=--xla_dump_to`` show.
+
+:func:`capture_hlo` writes each device program's HLO before and after XLA's optimisation
+passes; it raises if a path that claims XLA yields no HLO.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+from dsgd import rules
+from dsgd.impl.base import Items
+from dsgd.impl.local import LocalEntry, densify_local
+from dsgd.impl.per_shard import LocalImplementation, local_sumsq
+from dsgd.plan import Group, StepArgs
+
+
+class NoHLOError(RuntimeError):
+    """A path that claims to be XLA produced no HLO module."""
+
+
+def _program(n: int, *, decay_mask: tuple, has_momentum: bool, has_ema: bool, momentum: float,
+             nesterov: bool, weight_decay: Optional[float], clipvalue: Optional[float],
+             ema_momentum: Optional[float], var_dtype: tf.DType, slot_dtype: tf.DType,
+             scaled: bool, name: str):
+    """The jit-compiled step of ``n`` variables on one device (handles and gradients as inputs).
+
+    Hyperparameters that are Python constants are baked in (they key the program cache);
+    the learning rate, the clip scales and the EMA overwrite flag are tensor inputs.
+    """
+
+    def step(var_h, mom_h, avg_h, grads, lr, scales, overwrite):
+        for i in range(n):
+            g = grads[i]
+            if scaled:
+                g = g * tf.cast(scales[i], var_dtype)
+            if clipvalue:
+                g = rules.clip_by_value(g, clipvalue)
+            w = tf.raw_ops.ReadVariableOp(resource=var_h[i], dtype=var_dtype)
+            # compute in the slot dtype (float32 momentum for bfloat16 weights), store in each own dtype
+            cd = slot_dtype if has_momentum else var_dtype
+            wc, gc = tf.cast(w, cd), tf.cast(g, cd)
+            lr_c = tf.cast(lr, cd)
+            if weight_decay and decay_mask[i]:
+                wc = rules.weight_decay(wc, lr_c, weight_decay)
+            if has_momentum:
+                m = tf.raw_ops.ReadVariableOp(resource=mom_h[i], dtype=slot_dtype)
+                wc, m_new = rules.momentum(wc, m, gc, lr_c, tf.constant(momentum, cd), nesterov)
+                tf.raw_ops.AssignVariableOp(resource=mom_h[i], value=m_new)
+            else:
+                wc = rules.sgd(wc, gc, lr_c)
+            w_new = tf.cast(wc, var_dtype)
+            if has_ema:
+                a = tf.raw_ops.ReadVariableOp(resource=avg_h[i], dtype=var_dtype)
+                a_new = rules.ema(a, w_new, tf.constant(ema_momentum, var_dtype))
+                tf.raw_ops.AssignVariableOp(resource=avg_h[i], value=a_new)
+                w_new = tf.where(overwrite, a_new, w_new)
+            tf.raw_ops.AssignVariableOp(resource=var_h[i], value=w_new)
+        return tf.constant(0, tf.int32)  # a (tiny) output keeps the call a single XlaLaunch
+
+    step.__name__ = name
+    return tf.function(step, jit_compile=True, reduce_retracing=False, autograph=False)
+
+
+def _sumsq_program(n: int, inv_rep: tuple, name: str):
+    """Per-variable sums of squares of one device's gradients (divided by replication), one program."""
+
+    def sumsq(grads):
+        out = []
+        for i in range(n):
+            v = tf.cast(grads[i], tf.float32)
+            out.append(tf.reduce_sum(v * v) * inv_rep[i])
+        return tf.stack(out)
+
+    sumsq.__name__ = name
+    return tf.function(sumsq, jit_compile=True, autograph=False)
+
+
+def _local_shape_sig(le: LocalEntry) -> tuple:
+    return tuple(le.local_shape)
+
+
+class XLA(LocalImplementation):
+    """One jit-compiled program per device and variable group, over the local shards."""
+
+    name = "xla"
+    description = "one XLA program per device over all its local shards (handles in place; HLO capturable)"
+
+    def __init__(self, group: Group, options) -> None:
+        super().__init__(group, options)
+        self._programs: dict[tuple, object] = {}
+        self._sumsq_programs: dict[tuple, object] = {}
+        self.last_inputs: dict[int, tuple] = {}  # device index -> (program, args) of the last call
+        self.last_sumsq_inputs: dict[int, tuple] = {}
+        self.calls = 0
+        self._concrete: dict = {}  # (program id, device index) -> concrete function
+
+    @classmethod
+    def supports(cls, group: Group, options) -> Optional[str]:
+        md = getattr(options, "momentum_dtype", None)
+        if md is not None and getattr(options, "momentum", 0) and tf.as_dtype(md) != group.dtype:
+            if not (tf.as_dtype(md).is_floating and group.dtype.is_floating):
+                return f"momentum_dtype={md} with variables of dtype {group.dtype.name}"
+        return None
+
+    # -------------------------------------------------------------------- programs
+    def _key(self, split, args: StepArgs, scaled: bool) -> tuple:
+        return (
+            tuple(_local_shape_sig(le) for le, _ in split),
+            tuple(bool(args.weight_decay and le.entry.decay) for le, _ in split),
+            split[0][0].momentum is not None, args.ema_momentum is not None,
+            float(args.momentum), bool(args.nesterov), args.weight_decay or None,
+            args.clipvalue or None, args.ema_momentum, scaled,
+        )
+
+    def _program_for(self, split, args: StepArgs, scaled: bool):
+        key = self._key(split, args, scaled)
+        prog = self._programs.get(key)
+        if prog is None:
+            e0 = split[0][0].entry
+            slot_dtype = e0.momentum.dtype if e0.momentum is not None else self.group.dtype
+            prog = _program(
+                len(split), decay_mask=key[1], has_momentum=key[2], has_ema=key[3], momentum=key[4],
+                nesterov=key[5], weight_decay=key[6], clipvalue=key[7], ema_momentum=key[8],
+                var_dtype=self.group.dtype, slot_dtype=tf.as_dtype(slot_dtype), scaled=scaled,
+                name=f"dsgd_xla_step_{_sanitize(self.group.layout_spec)}_{self.group.dtype.name}_{len(self._programs)}",
+            )
+            self._programs[key] = prog
+        return prog
+
+    # -------------------------------------------------------------------- clipping
+    def partial_sumsq(self, items: Items) -> list[tf.Tensor]:
+        split = self.split(items)
+        if any(isinstance(parts[0], tf.IndexedSlices) for _, parts in split):
+            return super().partial_sumsq(items)
+        key = (tuple(_local_shape_sig(le) for le, _ in split), tuple(le.inv_replication for le, _ in split))
+        prog = self._sumsq_programs.get(key)
+        if prog is None:
+            prog = _sumsq_program(len(split), key[1], f"dsgd_xla_sumsq_{len(self._sumsq_programs)}")
+            self._sumsq_programs[key] = prog
+        out = []
+        for k, dev in enumerate(self.devices):
+            grads = [parts[k] for _, parts in split]
+            with tf.device(dev):
+                out.append(_call(prog, (grads,), self._concrete, (id(prog), k)))
+            self.last_sumsq_inputs[k] = (prog, (grads,))
+        return out
+
+    # -------------------------------------------------------------------- the step
+    def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
+        split = self.split(items)
+        self._split_cache.clear()
+        if not split:
+            return
+        scaled = scales is not None
+        prog = self._program_for(split, args, scaled)
+        if scaled:
+            # one vector of coefficients (the global-norm case repeats the same scalar)
+            same = all(s is scales[0] for s in scales)
+            scale_vec = tf.fill([len(scales)], tf.cast(scales[0], tf.float32)) if same else \
+                tf.cast(tf.stack(scales), tf.float32)
+        else:
+            scale_vec = tf.zeros([0], tf.float32)
+        lr = tf.cast(args.lr, tf.float32)
+        overwrite = tf.constant(bool(args.ema_overwrite)) if isinstance(args.ema_overwrite, bool) \
+            else tf.cast(args.ema_overwrite, tf.bool)
+        has_m = split[0][0].momentum is not None
+        has_a = args.ema_momentum is not None
+        for k, dev in enumerate(self.devices):
+            var_h = [le.var[k] for le, _ in split]
+            mom_h = [le.momentum[k] for le, _ in split] if has_m else []
+            avg_h = [le.average[k] for le, _ in split] if has_a else []
+            grads = []
+            for le, parts in split:
+                g = parts[k]
+                if isinstance(g, tf.IndexedSlices):
+                    with tf.device(dev):
+                        g = densify_local(g, le.local_shape[0])
+                grads.append(g)
+            call_args = (var_h, mom_h, avg_h, grads, lr, scale_vec, overwrite)
+            with tf.device(dev):
+                _call(prog, call_args, self._concrete, (id(prog), k))
+            self.last_inputs[k] = (prog, call_args)
+        self.calls += 1
+
+    # -------------------------------------------------------------------- HLO
+    def compiler_ir(self, stage: str = "hlo") -> dict[str, str]:
+        """``{program label: HLO text}`` of the last step's program on each device.
+
+        ``stage``: ``"hlo"`` (before XLA's optimisation passes) or ``"optimized_hlo"``.
+        """
+        if not self.last_inputs:
+            raise NoHLOError(f"xla implementation for group {self.group.key} has not run a step yet")
+        out = {}
+        for k, (prog, call_args) in sorted(self.last_inputs.items()):
+            with tf.device(self.devices[k]):
+                text = prog.experimental_get_compiler_ir(*call_args)(stage=stage, device_name=self.devices[k])
+            out[f"step_dev{k}"] = text
+        for k, (prog, call_args) in sorted(self.last_sumsq_inputs.items()):
+            with tf.device(self.devices[k]):
+                out[f"sumsq_dev{k}"] = prog.experimental_get_compiler_ir(*call_args)(
+                    stage=stage, device_name=self.devices[k])
+        return out
+
+
+def _call(prog, call_args: tuple, cache: dict, key):
+    """Call ``prog`` on ``call_args`` through its concrete function's flat entry point.
+
+    ``tf.function.__call__`` re-derives the trace type of every argument on each call, which
+    costs ~30 µs per tensor (tens of ms for hundreds of variables); the concrete function is
+    looked up once per program and device, then called with the flat list of tensors.
+    """
+    cf = cache.get(key)
+    if cf is None:
+        cf = prog.get_concrete_function(*call_args)
+        cache[key] = cf
+    flat = tf.nest.flatten(call_args)
+    call_flat = getattr(cf, "_call_flat", None)
+    if call_flat is None:  # pragma: no cover - a TensorFlow without the private entry point
+        return prog(*call_args)
+    return call_flat(flat, cf.captured_inputs)
+
+
+def _sanitize(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_") or "x"
+
+
+def xla_impls(obj) -> list[XLA]:
+    """The :class:`XLA` instances behind an optimizer (its plan's groups), or ``[obj]`` for one."""
+    if isinstance(obj, XLA):
+        return [obj]
+    groups = getattr(obj, "plan", None)
+    if groups is None:
+        raise TypeError(f"expected a dsgd.SGD or an XLA implementation, got {type(obj).__name__}")
+    return [imp for g in groups for imp in g.__dict__.get("_impls", {}).values() if isinstance(imp, XLA)]
+
+
+FUSION_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*[^=]*?\bfusion\(", re.M)
+
+
+def count_fusions(hlo_text: str) -> int:
+    """Number of ``fusion`` instructions in an HLO module's text."""
+    return len(FUSION_RE.findall(hlo_text))
+
+
+def capture_hlo(obj, out_dir: str) -> list[str]:
+    """Write the HLO of every device program of ``obj`` (a ``dsgd.SGD`` or an ``XLA``) to ``out_dir``.
+
+    For each program two files: ``<group>.<program>.before_optimizations.hlo.txt`` and
+    ``... .after_optimizations.hlo.txt``.  Returns the paths.  Raises :class:`NoHLOError` if
+    ``obj`` claims XLA (``jit_compile=True`` or an ``xla`` implementation) but no HLO module
+    is found (nothing ran through XLA, or a program has empty HLO).
+    """
+    impls = xla_impls(obj)
+    if not impls:
+        raise NoHLOError(
+            "no group of this optimizer ran through the xla implementation (did a step run? "
+            f"implementation={getattr(obj, 'implementation', '?')!r}, jit_compile={getattr(obj, 'jit_compile', '?')})")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for gi, imp in enumerate(impls):
+        label = f"group{gi}_{_sanitize(imp.group.layout_spec)}_{imp.group.dtype.name}"
+        for stage, suffix in (("hlo", "before_optimizations"), ("optimized_hlo", "after_optimizations")):
+            for prog_label, text in imp.compiler_ir(stage).items():
+                if not text or "HloModule" not in text:
+                    raise NoHLOError(f"{label}.{prog_label}: XLA returned no HLO module for stage {stage!r}")
+                path = os.path.join(out_dir, f"{label}.{prog_label}.{suffix}.hlo.txt")
+                with open(path, "w") as f:
+                    f.write(text)
+                paths.append(path)
+    return paths
+
+
+IMPLEMENTATION = XLA

@@ -1,0 +1,432 @@
+// dsgd multi-tensor SGD kernels: one op call updates every variable of a group on one device.
+//
+// DsgdMultiSgd: for each variable i (in one pass over its memory, in place):
+//   g = grad * scale[i]                        (scale: per variable, one for all, or none)
+//   g = clip(g, -clipvalue, clipvalue)         (clipvalue > 0)
+//   w = w - w * (weight_decay * lr)            (weight_decay > 0 and decay[i])
+//   momentum: m = m * mu - g * lr;  w = w + m  (nesterov: w = w + (m * mu - g * lr))
+//   plain:    w = w - g * lr
+//   EMA:      a = e * a + (1 - e) * w;  if ema_overwrite: w = a
+// The order and the roundings follow dsgd/rules.py and the `per_shard` implementation
+// (float32 results are bit-identical to ResourceApplyKerasMomentum + friends); bfloat16 and
+// float16 are computed in float32 and rounded once, float64 in double.
+//
+// DsgdMultiSumSq: per-variable sums of squares of the gradients (float32 vector [N]),
+// accumulated in double over fixed blocks, so the result does not depend on threading.
+//
+// Variables are locked (all mutexes, in address order) for the whole update, and a buffer
+// that is shared with a pending read (or in copy-on-read mode) is copied first, as TF's own
+// training ops do (training_op_helpers.h: PrepareToUpdateVariable).
+#define EIGEN_USE_THREADS
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor.h"
+
+namespace tensorflow {
+namespace dsgd_kernels {
+
+using shape_inference::InferenceContext;
+
+REGISTER_OP("DsgdMultiSgd")
+    .Input("vars: N * resource")
+    .Input("accums: M * resource")
+    .Input("averages: K * resource")
+    .Input("grads: N * T")
+    .Input("lr: float")        // scalar
+    .Input("scales: float")    // [N], [1] (one for all) or [0] (no scaling)
+    .Input("decay: bool")      // [N] (weight decay mask) or [0] (all decay)
+    .Input("hyper: double")    // [4]: momentum, weight_decay, clipvalue (0: off), ema_momentum
+    .Attr("N: int >= 1")
+    .Attr("M: int >= 0")
+    .Attr("K: int >= 0")
+    .Attr("T: {float, double, bfloat16, half}")
+    .Attr("Tmomentum: {float, double, bfloat16, half}")
+    .Attr("nesterov: bool = false")
+    .Attr("ema_overwrite: bool = false")
+    .SetShapeFn(shape_inference::NoOutputs)
+    .Doc("Multi-tensor SGD step (momentum, Nesterov, weight decay, clipping, EMA), in place.");
+
+REGISTER_OP("DsgdMultiSumSq")
+    .Input("grads: N * T")
+    .Output("sumsq: float")
+    .Attr("N: int >= 1")
+    .Attr("T: {float, double, bfloat16, half}")
+    .Attr("scale: float = 1.0")
+    .SetShapeFn([](InferenceContext* c) {
+      int n;
+      TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
+      c->set_output(0, c->Vector(n));
+      return absl::OkStatus();
+    })
+    .Doc("Per-tensor sums of squares (float32 [N], accumulated in double), times `scale`.");
+
+// Arithmetic type: double for double, float for everything else.
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+
+template <typename C, typename T> inline C to_c(T x) { return static_cast<C>(x); }
+template <typename T, typename C> inline T from_c(C x) { return static_cast<T>(x); }
+
+constexpr int64_t kBlock = 1 << 14;  // elements per work unit of the sum of squares
+
+// Work is spread over the thread pool by element ranges of the concatenated variables.
+inline void ParallelRange(OpKernelContext* ctx, int64_t total, int64_t cost_per_unit,
+                          const std::function<void(int64_t, int64_t)>& fn) {
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  if (workers == nullptr || total * cost_per_unit < 200000) {  // not worth waking threads
+    fn(0, total);
+    return;
+  }
+  workers->ParallelFor(total, tsl::thread::ThreadPool::SchedulingParams::Adaptive(cost_per_unit), fn);
+}
+
+struct Slices {
+  std::vector<int64_t> offsets;  // size n + 1: start of each tensor in the concatenated range
+  template <typename F>
+  void ForEach(int64_t begin, int64_t end, F f) const {  // f(tensor, local_begin, local_end)
+    int i = static_cast<int>(std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin()) - 1;
+    for (; begin < end; ++i) {
+      const int64_t stop = std::min(end, offsets[i + 1]);
+      if (stop > begin) f(i, begin - offsets[i], stop - offsets[i]);
+      begin = stop;
+    }
+  }
+};
+
+enum class Mom { kNone, kHeavy, kNesterov };
+
+template <typename T, typename Tm, Mom kMom, bool kDecay, bool kEma>
+void UpdateRange(T* __restrict w, Tm* __restrict m, T* __restrict a, const T* __restrict g, int64_t b,
+                 int64_t e, typename Compute<T>::type scale, typename Compute<T>::type clip,
+                 typename Compute<T>::type lr, typename Compute<T>::type mu, typename Compute<T>::type wdlr,
+                 typename Compute<T>::type ema, typename Compute<T>::type one_minus_ema, bool overwrite) {
+  using C = typename Compute<T>::type;
+  for (int64_t j = b; j < e; ++j) {
+    C gj = to_c<C>(g[j]) * scale;
+    gj = gj > clip ? clip : gj;  // clip = +inf when off: identity, NaN stays NaN
+    gj = gj < -clip ? -clip : gj;
+    C wj = to_c<C>(w[j]);
+    if (kDecay) wj = wj - wj * wdlr;
+    if (kMom == Mom::kNone) {
+      wj = wj - gj * lr;
+    } else {
+      // momentum kept in its own dtype, computed in C
+      const C mj = to_c<C>(m[j]) * mu - gj * lr;
+      const Tm mj_t = from_c<Tm>(mj);
+      m[j] = mj_t;
+      const C mj_r = to_c<C>(mj_t);  // the stored value, as a separate update op would read it
+      wj = wj + (kMom == Mom::kNesterov ? mj_r * mu - gj * lr : mj_r);
+    }
+    T wt = from_c<T>(wj);
+    if (kEma) {
+      const T at = from_c<T>(ema * to_c<C>(a[j]) + one_minus_ema * to_c<C>(wt));
+      a[j] = at;
+      if (overwrite) wt = at;
+    }
+    w[j] = wt;
+  }
+}
+
+template <typename T, typename Tm>
+using UpdateFn = void (*)(T*, Tm*, T*, const T*, int64_t, int64_t, typename Compute<T>::type,
+                          typename Compute<T>::type, typename Compute<T>::type, typename Compute<T>::type,
+                          typename Compute<T>::type, typename Compute<T>::type, typename Compute<T>::type, bool);
+
+template <typename T, typename Tm, Mom kMom>
+UpdateFn<T, Tm> PickUpdate2(bool decay, bool ema) {
+  if (decay) return ema ? &UpdateRange<T, Tm, kMom, true, true> : &UpdateRange<T, Tm, kMom, true, false>;
+  return ema ? &UpdateRange<T, Tm, kMom, false, true> : &UpdateRange<T, Tm, kMom, false, false>;
+}
+
+template <typename T, typename Tm>
+UpdateFn<T, Tm> PickUpdate(Mom mom, bool decay, bool ema) {
+  switch (mom) {
+    case Mom::kNone: return PickUpdate2<T, Tm, Mom::kNone>(decay, ema);
+    case Mom::kHeavy: return PickUpdate2<T, Tm, Mom::kHeavy>(decay, ema);
+    default: return PickUpdate2<T, Tm, Mom::kNesterov>(decay, ema);
+  }
+}
+
+// Looks up, locks (address order, each mutex once) and prepares resource variables for an
+// in-place dense update.  Holds the locks and references until destroyed.
+class LockedVars {
+ public:
+  ~LockedVars() {
+    for (auto it = locked_.rbegin(); it != locked_.rend(); ++it) (*it)->unlock();
+    for (Var* v : vars_) v->Unref();
+  }
+
+  absl::Status Lookup(OpKernelContext* ctx, int start, int stop) {
+    for (int i = start; i < stop; ++i) {
+      Var* v = nullptr;
+      TF_RETURN_IF_ERROR(LookupResource<Var, false>(ctx, HandleFromInput(ctx, i), &v));
+      vars_.push_back(v);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status LockAll() {
+    std::vector<mutex*> mus;
+    mus.reserve(vars_.size());
+    for (Var* v : vars_) mus.push_back(v->mu());
+    std::sort(mus.begin(), mus.end());
+    if (std::adjacent_find(mus.begin(), mus.end()) != mus.end())
+      return absl::InvalidArgumentError("the same variable (or slot) is passed twice to one DsgdMultiSgd call");
+    locked_.reserve(mus.size());
+    for (mutex* mu : mus) {
+      mu->lock();
+      locked_.push_back(mu);
+    }
+    return absl::OkStatus();
+  }
+
+  Var* operator[](size_t i) const { return vars_[i]; }
+
+ private:
+  std::vector<Var*> vars_;
+  std::vector<mutex*> locked_;
+};
+
+// The variable's tensor, copied first if its buffer is shared (a read still holds it) or the
+// variable is in copy-on-read mode.  Requires the variable's mutex held.
+absl::Status Writable(OpKernelContext* ctx, Var* var, DataType dtype, const TensorShape& shape,
+                      const char* what, int index, Tensor** out) {
+  if (!var->is_initialized) {
+    return absl::FailedPreconditionError(absl::StrCat(what, " ", index, " is not initialized"));
+  }
+  Tensor* t = var->tensor();
+  if (t->dtype() != dtype) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", index, " has dtype ", DataTypeString(t->dtype()),
+                                                   ", expected ", DataTypeString(dtype)));
+  }
+  if (t->shape() != shape) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", index, " has shape ", t->shape().DebugString(),
+                                                   ", its gradient ", shape.DebugString()));
+  }
+  if (var->copy_on_read_mode.load() || !t->RefCountIsOne()) {
+    Tensor tmp;
+    AllocatorAttributes attr;
+    attr.set_gpu_compatible(true);
+    attr.set_nic_compatible(true);
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(t->dtype(), t->shape(), &tmp, attr));
+    if (t->TotalBytes() > 0) {
+      std::memcpy(const_cast<char*>(tmp.tensor_data().data()), t->tensor_data().data(), t->TotalBytes());
+    }
+    *t = tmp;
+  }
+  *out = t;
+  return absl::OkStatus();
+}
+
+template <typename T>
+T* Data(Tensor* t) {
+  return reinterpret_cast<T*>(const_cast<char*>(t->tensor_data().data()));
+}
+
+template <typename T, typename Tm>
+class MultiSgdOp : public OpKernel {
+ public:
+  explicit MultiSgdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("nesterov", &nesterov_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("ema_overwrite", &ema_overwrite_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    using C = typename Compute<T>::type;
+    int v0, v1, m0, m1, a0, a1, g0, g1;
+    OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange("vars", &v0, &v1));
+    OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange("accums", &m0, &m1));
+    OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange("averages", &a0, &a1));
+    OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange("grads", &g0, &g1));
+    const int n = v1 - v0;
+    const bool has_m = m1 > m0, has_a = a1 > a0;
+    OP_REQUIRES(ctx, !has_m || m1 - m0 == n,
+                absl::InvalidArgumentError(absl::StrCat("got ", m1 - m0, " momentum slots for ", n, " variables")));
+    OP_REQUIRES(ctx, !has_a || a1 - a0 == n,
+                absl::InvalidArgumentError(absl::StrCat("got ", a1 - a0, " EMA slots for ", n, " variables")));
+
+    const Tensor& lr_t = ctx->input(g1);
+    const Tensor& scales_t = ctx->input(g1 + 1);
+    const Tensor& decay_t = ctx->input(g1 + 2);
+    const Tensor& hyper_t = ctx->input(g1 + 3);
+    OP_REQUIRES(ctx, lr_t.NumElements() == 1, absl::InvalidArgumentError("lr must be a scalar"));
+    const int64_t ns = scales_t.NumElements();
+    OP_REQUIRES(ctx, ns == 0 || ns == 1 || ns == n,
+                absl::InvalidArgumentError(absl::StrCat("scales must have 0, 1 or ", n, " elements, got ", ns)));
+    const int64_t nd = decay_t.NumElements();
+    OP_REQUIRES(ctx, nd == 0 || nd == n,
+                absl::InvalidArgumentError(absl::StrCat("decay must have 0 or ", n, " elements, got ", nd)));
+    OP_REQUIRES(ctx, hyper_t.NumElements() == 4, absl::InvalidArgumentError("hyper must have 4 elements"));
+    const float* scales = scales_t.flat<float>().data();
+    const bool* decay = decay_t.flat<bool>().data();
+    const double* hyper = hyper_t.flat<double>().data();
+
+    const C lr = static_cast<C>(lr_t.flat<float>()(0));
+    const C mu = static_cast<C>(hyper[0]);
+    const C wd = static_cast<C>(hyper[1]);
+    const C wdlr = wd * lr;  // as per_shard: one coefficient, then w - w * coefficient
+    const C clip = hyper[2] > 0 ? static_cast<C>(hyper[2]) : std::numeric_limits<C>::infinity();
+    const C ema = static_cast<C>(hyper[3]);
+    const C one_minus_ema = C(1) - ema;
+    const Mom mom = !has_m ? Mom::kNone : (nesterov_ ? Mom::kNesterov : Mom::kHeavy);
+    const bool overwrite = has_a && ema_overwrite_;
+
+    LockedVars locked;
+    OP_REQUIRES_OK(ctx, locked.Lookup(ctx, v0, v1));
+    OP_REQUIRES_OK(ctx, locked.Lookup(ctx, m0, m1));
+    OP_REQUIRES_OK(ctx, locked.Lookup(ctx, a0, a1));
+    OP_REQUIRES_OK(ctx, locked.LockAll());
+
+    struct Item {
+      T* w;
+      Tm* m;
+      T* a;
+      const T* g;
+      C scale;
+      bool decay;
+    };
+    std::vector<Item> items(n);
+    Slices slices;
+    slices.offsets.resize(n + 1);
+    slices.offsets[0] = 0;
+    const DataType t_dtype = DataTypeToEnum<T>::value, m_dtype = DataTypeToEnum<Tm>::value;
+    for (int i = 0; i < n; ++i) {
+      const Tensor& g = ctx->input(g0 + i);
+      Tensor* w;
+      OP_REQUIRES_OK(ctx, Writable(ctx, locked[i], t_dtype, g.shape(), "variable", i, &w));
+      Item& it = items[i];
+      it.w = Data<T>(w);
+      it.g = g.flat<T>().data();
+      it.m = nullptr;
+      it.a = nullptr;
+      if (has_m) {
+        Tensor* m;
+        OP_REQUIRES_OK(ctx, Writable(ctx, locked[n + i], m_dtype, g.shape(), "momentum slot", i, &m));
+        it.m = Data<Tm>(m);
+      }
+      if (has_a) {
+        Tensor* a;
+        OP_REQUIRES_OK(ctx, Writable(ctx, locked[(has_m ? 2 : 1) * n + i], t_dtype, g.shape(), "EMA slot", i, &a));
+        it.a = Data<T>(a);
+      }
+      it.scale = ns == 0 ? C(1) : static_cast<C>(scales[ns == 1 ? 0 : i]);
+      it.decay = wd != C(0) && (nd == 0 || decay[i]);
+      slices.offsets[i + 1] = slices.offsets[i] + g.NumElements();
+    }
+    const UpdateFn<T, Tm> with_decay = PickUpdate<T, Tm>(mom, true, has_a);
+    const UpdateFn<T, Tm> without_decay = PickUpdate<T, Tm>(mom, false, has_a);
+    const int64_t bytes_per_elem = (has_m ? 2 * sizeof(Tm) : 0) + (has_a ? 2 : 0) * sizeof(T) + 3 * sizeof(T);
+    ParallelRange(ctx, slices.offsets[n], bytes_per_elem, [&](int64_t begin, int64_t end) {
+      slices.ForEach(begin, end, [&](int i, int64_t b, int64_t e) {
+        const Item& it = items[i];
+        (it.decay ? with_decay : without_decay)(it.w, it.m, it.a, it.g, b, e, it.scale, clip, lr, mu, wdlr, ema,
+                                               one_minus_ema, overwrite);
+      });
+    });
+  }
+
+ private:
+  bool nesterov_;
+  bool ema_overwrite_;
+};
+
+template <typename T>
+class MultiSumSqOp : public OpKernel {
+ public:
+  explicit MultiSumSqOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("scale", &scale_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const int n = num_inputs();
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n}), &out));
+    // Fixed blocks (never across tensors): block k of tensor i is unit first[i] + k.
+    std::vector<int64_t> first(n + 1, 0);
+    for (int i = 0; i < n; ++i) {
+      first[i + 1] = first[i] + (ctx->input(i).NumElements() + kBlock - 1) / kBlock;
+    }
+    const int64_t units = first[n];
+    std::vector<double> partial(units, 0.0);
+    auto run = [&](int64_t begin, int64_t end) {
+      int i = static_cast<int>(std::upper_bound(first.begin(), first.end(), begin) - first.begin()) - 1;
+      for (int64_t u = begin; u < end; ++u) {
+        while (u >= first[i + 1]) ++i;
+        const T* g = ctx->input(i).flat<T>().data();
+        const int64_t size = ctx->input(i).NumElements();
+        const int64_t b = (u - first[i]) * kBlock, e = std::min(size, b + kBlock);
+        // float accumulation in 8 lanes per 2048 elements (vectorizes), then double
+        double acc = 0.0;
+        for (int64_t c = b; c < e; c += 2048) {
+          const int64_t ce = std::min(e, c + 2048);
+          typename Compute<T>::type lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          int64_t j = c;
+          for (; j + 8 <= ce; j += 8) {
+            for (int l = 0; l < 8; ++l) {
+              const auto x = static_cast<typename Compute<T>::type>(g[j + l]);
+              lane[l] += x * x;
+            }
+          }
+          for (; j < ce; ++j) {
+            const auto x = static_cast<typename Compute<T>::type>(g[j]);
+            lane[0] += x * x;
+          }
+          for (int l = 0; l < 8; ++l) acc += static_cast<double>(lane[l]);
+        }
+        partial[u] = acc;
+      }
+    };
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    if (workers == nullptr || units < 4) {
+      run(0, units);
+    } else {
+      workers->ParallelFor(units, tsl::thread::ThreadPool::SchedulingParams::Adaptive(kBlock * 2 * sizeof(T)), run);
+    }
+    auto o = out->flat<float>();
+    for (int i = 0; i < n; ++i) {
+      double s = 0.0;
+      for (int64_t u = first[i]; u < first[i + 1]; ++u) s += partial[u];
+      o(i) = static_cast<float>(s * scale_);
+    }
+  }
+
+ private:
+  float scale_;
+};
+
+#define DSGD_REGISTER_SGD(T, TM)                                                                   \
+  REGISTER_KERNEL_BUILDER(                                                                         \
+      Name("DsgdMultiSgd").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<TM>("Tmomentum") \
+          .HostMemory("lr").HostMemory("scales").HostMemory("decay").HostMemory("hyper"),          \
+      MultiSgdOp<T, TM>);
+
+DSGD_REGISTER_SGD(float, float)
+DSGD_REGISTER_SGD(double, double)
+DSGD_REGISTER_SGD(Eigen::bfloat16, Eigen::bfloat16)
+DSGD_REGISTER_SGD(Eigen::bfloat16, float)
+DSGD_REGISTER_SGD(Eigen::half, Eigen::half)
+DSGD_REGISTER_SGD(Eigen::half, float)
+#undef DSGD_REGISTER_SGD
+
+#define DSGD_REGISTER_SUMSQ(T) \
+  REGISTER_KERNEL_BUILDER(Name("DsgdMultiSumSq").Device(DEVICE_CPU).TypeConstraint<T>("T"), MultiSumSqOp<T>);
+
+DSGD_REGISTER_SUMSQ(float)
+DSGD_REGISTER_SUMSQ(double)
+DSGD_REGISTER_SUMSQ(Eigen::bfloat16)
+DSGD_REGISTER_SUMSQ(Eigen::half)
+#undef DSGD_REGISTER_SUMSQ
+
+}  // namespace dsgd_kernels
+}  // namespace tensorflow

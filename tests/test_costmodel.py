@@ -1,0 +1,146 @@
+"""The cost model: exact bytes, explicit collectives, NNLS fitting that recovers known costs, validation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dsgd import costmodel, meshspec, plans
+from dsgd.measure import OPTION_PRESETS
+from dsgd.workloads import VarSpec, get_workload
+
+MESH = [("batch", 2), ("model", 4)]
+U = "unsharded"
+SPECS = [VarSpec("a", (512, 64)), VarSpec("b", (256,)), VarSpec("c", (64, 256), "bfloat16")]
+LAYOUTS = [("batch", "model"), (U,), (U, "model")]
+
+
+# ------------------------------------------------------------------------------- bytes (exact, by hand)
+def test_bytes_by_hand_full_options():
+    # a: (512,64) f32 over batch x model -> (256,16) local = 4096 el * 4 B = 16384
+    # b: (256,) f32 replicated -> 1024;  c: (64,256) bf16 over model on dim 1 -> (64,64) * 2 B = 8192
+    b = costmodel.plan_bytes(SPECS, LAYOUTS, MESH, OPTION_PRESETS["full"])
+    assert b.params_per_device == 16384 + 1024 + 8192 == 25600
+    assert b.momentum_per_device == 25600
+    assert b.ema_per_device == 25600
+    # traffic: every device moves its shards 8 times (5 momentum + 2 EMA + 1 norm): 25600 * 8 devices * 8
+    assert b.step_traffic_total == 25600 * 8 * 8
+    f = costmodel.features(SPECS, LAYOUTS, MESH, OPTION_PRESETS["full"])
+    assert f["bytes_per_device"] == 76800
+    assert f["host_bytes"] == 25600 * 8 * 8  # one host drives all 8 devices here
+    assert f["var_device_ops"] == 3 * 8 and f["local_devices"] == 8
+
+
+def test_bytes_reference_keeps_momentum_slot_without_momentum():
+    sgd = OPTION_PRESETS["sgd"]
+    mine = costmodel.plan_bytes(SPECS, LAYOUTS, MESH, sgd, "auto")
+    ref = costmodel.plan_bytes(SPECS, LAYOUTS, MESH, sgd, "reference")
+    assert mine.momentum_per_device == 0 and mine.params_per_device == 25600
+    assert ref.momentum_per_device == 25600  # tf_keras makes the slot even with momentum=0
+
+
+def test_bytes_sharded_state_zero1():
+    b = costmodel.plan_bytes(SPECS, LAYOUTS, MESH, OPTION_PRESETS["momentum"], "sharded_state")
+    # a is already on 'batch' (16384 stays); b: 256 % 2 == 0 -> 512; c: 64 % 2 == 0 -> 8192 / 2 = 4096
+    assert b.momentum_per_device == 16384 + 512 + 4096
+
+
+def test_bytes_replicated_vs_sharded_bert_mini():
+    specs = get_workload("bert-mini")
+    n = sum(s.size for s in specs)
+    repl = costmodel.plan_bytes(specs, [plans.replicated(s) for s in specs], MESH, OPTION_PRESETS["momentum"])
+    assert repl.params_per_device == 4 * n and repl.momentum_per_device == 4 * n
+
+
+# ------------------------------------------------------------------------------- collectives
+def test_collectives_none_for_plain_momentum():
+    assert costmodel.step_collectives(SPECS, LAYOUTS, MESH, OPTION_PRESETS["momentum"]) == []
+    assert costmodel.step_collectives(SPECS, LAYOUTS, MESH, OPTION_PRESETS["momentum"], "reference") == []
+
+
+def test_collectives_global_norm_dsgd_one_vs_reference_per_variable():
+    full = OPTION_PRESETS["full"]
+    mine = costmodel.step_collectives(SPECS, LAYOUTS, MESH, full, "auto")
+    assert len(mine) == 1 and mine[0].kind == "all-reduce" and mine[0].group == 8
+    assert mine[0].payload_bytes == 4 * 3 and mine[0].count == 1 and mine[0].steps == 3
+    ref = costmodel.step_collectives(SPECS, LAYOUTS, MESH, full, "reference")
+    assert sorted((c.axes, c.group, c.count) for c in ref) == [(("batch", "model"), 8, 1), (("model",), 4, 1)]
+    f = costmodel.features(SPECS, LAYOUTS, MESH, full, "reference")
+    assert f["collective_steps"] == 3 + 2 and f["n_collectives"] == 2
+    # replicated everything: the reference needs no reduction at all, dsgd still its one
+    repl = [plans.replicated(s) for s in SPECS]
+    assert costmodel.step_collectives(SPECS, repl, MESH, full, "reference") == []
+    assert len(costmodel.step_collectives(SPECS, repl, MESH, full, "auto")) == 1
+
+
+def test_collectives_sharded_state_all_gathers():
+    cs = costmodel.step_collectives(SPECS, LAYOUTS, MESH, OPTION_PRESETS["momentum"], "sharded_state")
+    assert len(cs) == 1 and cs[0].kind == "all-gather" and cs[0].count == 2 and cs[0].axes == ("batch",)
+
+
+def test_devices_per_host_caps_local_devices():
+    big = [("batch", 16), ("model", 64)]
+    specs = [VarSpec("w", (1024, 4096))]
+    f = costmodel.features(specs, [(U, "model")], big, OPTION_PRESETS["momentum"], devices_per_host=8)
+    assert f["local_devices"] == 8 and f["var_device_ops"] == 8
+    # per device: 1024 x 64 floats; the host moves 8 devices' worth, 5 passes
+    assert f["params_bytes_per_device"] == 1024 * 64 * 4
+    assert f["host_bytes"] == 1024 * 64 * 4 * 5 * 8
+
+
+# ------------------------------------------------------------------------------- fitting
+def test_nnls_matches_lstsq_when_positive_and_clamps_otherwise(rng):
+    A = rng.uniform(0, 1, (40, 4))
+    x = np.array([1.0, 2.0, 0.5, 3.0])
+    assert np.allclose(costmodel.nnls(A, A @ x), x, atol=1e-8)
+    b = A @ np.array([1.0, -2.0, 0.5, 3.0])
+    got = costmodel.nnls(A, b)
+    assert (got >= 0).all() and got[1] == 0.0
+    # it is the best non-negative fit: no feasible perturbation improves it
+    base = np.linalg.norm(A @ got - b)
+    for k in range(4):
+        for d in (1e-3, -1e-3):
+            y = got.copy()
+            y[k] = max(0.0, y[k] + d)
+            assert np.linalg.norm(A @ y - b) >= base - 1e-9
+
+
+def _synthetic_rows(truth: dict, rng, noise=0.01):
+    rows = []
+    for w in ("one-big", "bert-mini", "many-small", "resnet-ish"):
+        specs = get_workload(w)
+        for mesh in costmodel.FIT_MESHES + costmodel.TEST_MESHES:
+            dims = meshspec.parse_mesh_spec(mesh)
+            for p in costmodel.validation_plans(specs, dims):
+                for opt in ("momentum", "full"):
+                    f = costmodel.features(specs, p.layouts, dims, OPTION_PRESETS[opt], "auto")
+                    t = sum(truth[k] * f[k] for k in costmodel.FEATURES) * (1 + noise * rng.standard_normal())
+                    rows.append({**f, "workload": w, "mesh": mesh, "plan": p.name, "implementation": "auto",
+                                 "options": opt, "median_ms": t, "measured_bytes_per_device": f["bytes_per_device"]})
+    return rows
+
+
+TRUTH = {"const": 0.4, "host_bytes": 1 / 20e6, "var_device_ops": 0.03, "local_devices": 0.2, "collective_steps": 0.15}
+
+
+def test_fit_recovers_known_costs(rng):
+    rows = _synthetic_rows(TRUTH, rng, noise=0.0)
+    model = costmodel.CostModel.fit(rows)
+    for opt in ("momentum", "full"):
+        c = model.fits[("auto", opt)].coef
+        for k in ("const", "host_bytes", "var_device_ops", "local_devices"):
+            assert c[k] == pytest.approx(TRUTH[k], rel=1e-6), (opt, k)
+    assert model.fits[("auto", "full")].coef["collective_steps"] == pytest.approx(TRUTH["collective_steps"], rel=1e-6)
+    assert model.fits[("auto", "momentum")].coef["collective_steps"] == 0.0  # no collectives seen: no cost
+
+
+def test_validate_on_synthetic_data_predicts_8_devices(rng):
+    rows = _synthetic_rows(TRUTH, rng, noise=0.02)
+    per_row, summary, model = costmodel.validate(rows)
+    assert set(per_row["mesh"]) == set(costmodel.TEST_MESHES)
+    assert len(summary) == 8  # 4 workloads x 2 option presets
+    assert (summary["max_abs_error_pct"] < 10).all()
+    assert summary["bytes_exact"].all()
+    # a wrong byte count is caught
+    rows[-1]["measured_bytes_per_device"] += 4
+    _, summary2, _ = costmodel.validate(rows)
+    assert not summary2["bytes_exact"].all()

@@ -1,0 +1,242 @@
+"""``dsgd layouts``: plan enumeration and pruning, layout maps (emitted, loaded, used by a
+tf_keras model), bad inputs, and a small end-to-end run in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dsgd import layouts, meshspec, plans
+from dsgd.workloads import VarSpec, WorkloadError, get_workload
+
+U = "unsharded"
+MESH = [("batch", 2), ("model", 4)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------- candidates
+def test_candidates_per_variable():
+    got = set(plans.candidates(VarSpec("w", (512, 64)), MESH))
+    assert got == {
+        (U, U),
+        ("batch", U), ("model", U), (U, "batch"), (U, "model"),  # each divisible dim on each axis
+        ("batch", "model"), ("model", "batch"),  # 2-D
+    }
+    # bert-mini's word embeddings: 30522 rows divide by 2 but not by 4
+    emb = set(plans.candidates(VarSpec("e", (30522, 256)), MESH))
+    assert ("model", U) not in emb and ("batch", U) in emb and (U, "model") in emb and ("batch", "model") in emb
+    assert plans.candidates(VarSpec("v", (7,)), MESH) == [(U,)]  # nothing divides: replicated only
+    assert (U, U) in plans.candidates(VarSpec("w", (512, 64)), [("batch", 1)])
+
+
+def test_enumerate_plans_bert_mini_rules():
+    specs = get_workload("bert-mini")
+    ps = plans.enumerate_plans(specs, MESH)
+    names = [p.name for p in ps]
+    assert names[0] == "replicated" and len(ps) <= 8
+    assert len({p.layouts for p in ps}) == len(ps)  # de-duplicated
+    assert {"model", "batch", "batch+model", "model/top90"} <= set(names)
+    by = {p.name: dict(zip([s.name for s in specs], p.layouts)) for p in ps}
+    # largest dimension that divides: the embedding's 256 columns (30522 rows do not divide by 4)
+    assert by["model"]["embeddings/word_embeddings"] == (U, "model")
+    assert by["model"]["encoder/layer_0/intermediate/kernel"] == (U, "model")  # (256, 1024)
+    assert by["model"]["encoder/layer_0/output/kernel"] == ("model", U)  # (1024, 256)
+    # 2-D: the larger axis on the largest dimension, the other on the next
+    assert by["batch+model"]["embeddings/word_embeddings"] == ("batch", "model")
+    # threshold: biases and layer norms (1 KiB) stay replicated
+    for p in ps:
+        assert by[p.name]["encoder/layer_0/attention/query/bias"] == (U,)
+        assert by[p.name]["embeddings/layer_norm/gamma"] == (U,)
+    # tied variables share a layout in every plan
+    for g in plans.tie_groups(specs):
+        for p in ps:
+            assert len({p.layouts[i] for i in g}) == 1
+    # "largest first": the top plan shards fewer variables, but the largest one
+    top, full = next(p for p in ps if p.name == "model/top90"), next(p for p in ps if p.name == "model")
+    assert 0 < top.sharded_count() < full.sharded_count()
+    assert by["model/top90"]["embeddings/word_embeddings"] == (U, "model")
+
+
+def test_tie_groups_by_shape_and_stem():
+    specs = [VarSpec("l0/q/kernel", (8, 8)), VarSpec("l1/q/kernel", (8, 8)), VarSpec("l2/q/kernel", (8, 4)),
+             VarSpec("l0/k/kernel", (8, 8))]
+    assert plans.tie_groups(specs) == [[0, 1], [2], [3]]
+
+
+def test_min_shard_bytes_and_single_axis_mesh():
+    specs = [VarSpec("big", (1024, 1024)), VarSpec("small", (64, 64))]
+    ps = plans.enumerate_plans(specs, [("batch", 8)], min_shard_bytes=1 << 20)
+    assert [p.name for p in ps] == ["replicated", "batch"]
+    assert ps[1].layouts == (("batch", U), (U, U))
+    assert plans.enumerate_plans(specs, [("batch", 1)])[0].name == "replicated"
+    assert len(plans.enumerate_plans(specs, [("batch", 1)])) == 1  # nothing to shard on
+
+
+def test_forced_layouts_and_errors_name_the_variable():
+    specs = [VarSpec("emb", (30522, 256)), VarSpec("w", (256, 256))]
+    ps = plans.enumerate_plans(specs, MESH, force=["^emb$=replicated"])
+    assert all(p.layouts[0] == (U, U) for p in ps)
+    with pytest.raises(plans.PlanError, match=r"'emb'.*dimension 0 \(size 30522\) does not divide.*'model'"):
+        plans.enumerate_plans(specs, MESH, force=["emb=model,unsharded"])
+    with pytest.raises(plans.PlanError, match=r"variable 'odd'.*axis 'model'.*no candidate layout fits"):
+        plans.enumerate_plans([VarSpec("odd", (3, 5))], MESH, force=["odd=model"])
+    with pytest.raises(plans.PlanError, match="REGEX=LAYOUT"):
+        plans.enumerate_plans(specs, MESH, force=["nonsense"])
+    with pytest.raises(plans.PlanError, match="'w'.*not an axis"):
+        plans.enumerate_plans(specs, MESH, force=["^w$=unsharded,tensor"])
+
+
+# ------------------------------------------------------------------------------- layout maps
+def test_plan_layout_map_compresses_tied_groups_and_round_trips():
+    specs = get_workload("bert-mini")
+    p = next(p for p in plans.enumerate_plans(specs, MESH) if p.name == "model")
+    m = plans.plan_layout_map(specs, p.layouts)
+    assert m["^encoder/layer_\\d+/intermediate/kernel$"] == "unsharded,model"
+    assert len(m) < p.sharded_count()  # 4 layers share one entry
+    assert plans.layouts_from_map(specs, m) == p.layouts
+    exact = plans.plan_layout_map(specs, p.layouts, compress=False)
+    assert plans.layouts_from_map(specs, exact) == p.layouts
+    assert all(k.startswith("^") and k.endswith("$") for k in exact)
+
+
+def test_emitted_layout_map_loads_and_is_used_by_a_tf_keras_model(tmp_path, meshes):
+    import tensorflow as tf
+    import tf_keras
+    from tensorflow.experimental import dtensor
+
+    mod = tmp_path / "tinymodel.py"
+    mod.write_text(textwrap.dedent("""
+        import tf_keras
+        def build():
+            inputs = tf_keras.Input((16,), batch_size=8)
+            x = tf_keras.layers.Dense(32, name="d1")(inputs)
+            out = tf_keras.layers.Dense(8, name="d2")(x)
+            return tf_keras.Model(inputs, out)
+    """))
+    # the variables are read by the keys tf_keras' LayoutMap looks them up with (in-process here;
+    # the CLI does it in a worker)
+    res = layouts.read_model_variables({"target": f"{mod}:build"})
+    specs = [VarSpec(v["name"], tuple(v["shape"]), v["dtype"]) for v in res["variables"]]
+    assert [(s.name, s.shape) for s in specs] == [("d1.kernel", (16, 32)), ("d1.bias", (32,)),
+                                                 ("d2.kernel", (32, 8)), ("d2.bias", (8,))]
+    plan = next(p for p in plans.enumerate_plans(specs, MESH, min_shard_bytes=0) if p.name == "model")
+    assert plan.layouts == ((U, "model"), ("model",), ("model", U), ("model",))
+    path = tmp_path / "layouts.json"
+    layouts.write_layout_map(path, specs, plan.layouts, mesh="batch=2,model=4", plan=plan.name)
+    mesh = meshes("batch=2,model=4")
+    lmap = layouts.load_layout_map(path, mesh)  # one call
+    assert isinstance(lmap, tf_keras.dtensor.experimental.LayoutMap)
+    with tf_keras.dtensor.experimental.layout_map_scope(lmap):
+        inputs = tf_keras.Input((16,), batch_size=8)
+        x = tf_keras.layers.Dense(32, name="d1")(inputs)
+        out = tf_keras.layers.Dense(8, name="d2")(x)
+        model = tf_keras.Model(inputs, out)
+    got = {v.name.split(":")[0]: tuple(dtensor.fetch_layout(v).sharding_specs) for v in model.trainable_variables}
+    assert got == {"d1/kernel": (U, "model"), "d1/bias": ("model",), "d2/kernel": ("model", U), "d2/bias": ("model",)}
+    assert all(dtensor.fetch_layout(v).mesh == mesh for v in model.trainable_variables)
+    # and the same file drives dsgd's own layout policy
+    from dsgd.workloads import layout_entries
+
+    assert [tuple(layout_entries(s, MESH, str(path))) for s in specs] == list(plan.layouts)
+
+
+def test_load_layout_map_rejects_unknown_axes(tmp_path, meshes):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"layouts": {"^w$": "unsharded,tensor"}}))
+    with pytest.raises(meshspec.SpecError, match="tensor"):
+        layouts.load_layout_map(path, meshes("batch=2,model=4"))
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_invalid_json_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('[\n {"name": "w", "shape": [4, 4]},\n {"name": "v" "shape": [4]}\n]\n')
+    with pytest.raises(WorkloadError, match=rf"{p}.*not valid JSON: line 3"):
+        layouts.load_model(str(p))
+    lm = tmp_path / "badmap.json"
+    lm.write_text('{\n "^w$": "model",\n}')
+    with pytest.raises(WorkloadError, match=rf"{lm}.*line 3"):
+        layouts.read_layout_map_file(lm)
+
+
+def test_non_integer_dimension_names_the_variable(tmp_path):
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps([{"name": "ok", "shape": [4]}, {"name": "enc/kernel", "shape": [4, "8"]}]))
+    with pytest.raises(WorkloadError, match=r"'enc/kernel'.*positive integers"):
+        layouts.load_model(str(p))
+
+
+def test_mesh_that_does_not_fit_and_unknown_model():
+    with pytest.raises(meshspec.SpecError, match=r"needs 16 devices.*--devices 16"):
+        layouts.advise("bert-mini", "batch=4,model=4", devices=8)
+    with pytest.raises(meshspec.SpecError, match="integer"):
+        layouts.advise("bert-mini", "batch=two", devices=8)
+    with pytest.raises(WorkloadError, match="not a named workload"):
+        layouts.load_model("no-such-model")
+
+
+# ------------------------------------------------------------------------------- ranking
+def test_rank_prefers_fewest_bytes_within_noise_and_skips_fsdp():
+    import pandas as pd
+
+    df = pd.DataFrame([
+        {"plan": "replicated", "axes": "-", "bytes_per_device": 800, "step_ms": 10.0, "n_collectives": 0},
+        {"plan": "model", "axes": "model", "bytes_per_device": 200, "step_ms": 10.5, "n_collectives": 0},
+        {"plan": "batch+model", "axes": "batch+model", "bytes_per_device": 100, "step_ms": 9.0, "n_collectives": 0},
+        {"plan": "slow", "axes": "model", "bytes_per_device": 100, "step_ms": 20.0, "n_collectives": 0},
+    ]).assign(sharded_vars=1, vars=2, sharded_bytes_frac=0.5, collectives=[[]] * 4, speedup=1.0)
+    r = layouts.rank(df, "step_ms", data_axes={"batch"})
+    assert r.iloc[0]["plan"] == "model" and r.iloc[0]["recommended"] and r.iloc[0]["rank"] == 1
+    assert "FSDP" in r.set_index("plan").loc["batch+model", "reasons"]
+    r2 = layouts.rank(df, "step_ms", data_axes={"batch"}, allow_fsdp=True)
+    assert r2.iloc[0]["plan"] == "batch+model"
+    r3 = layouts.rank(df, "step_ms", data_axes={"batch"}, memory_budget=150)
+    assert r3.iloc[0]["plan"] == "slow"
+
+
+# ------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_cli_end_to_end_tiny_json(tmp_path):
+    model = tmp_path / "tiny.json"
+    model.write_text(json.dumps([
+        {"name": "emb/table", "shape": [512, 64], "dtype": "float32"},
+        {"name": "layer_0/kernel", "shape": [64, 128]},
+        {"name": "layer_1/kernel", "shape": [64, 128]},
+        {"name": "layer_0/bias", "shape": [128]},
+    ]))
+    out_png, out_map, out_json = tmp_path / "out.png", tmp_path / "map.json", tmp_path / "advice.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "dsgd", "layouts", "--model", str(model), "--mesh", "model=2", "--devices", "2",
+           "--target-mesh", "batch=4,model=8", "--min-shard-bytes", "4096", "--steps", "2",
+           "--calibration-meshes", "", "--plot", str(out_png), "--emit-layout-map", str(out_map),
+           "--format", "json", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    local = {r["plan"]: r for r in doc["local"]}
+    assert set(local) == {"replicated", "model", "model/top90"} or set(local) == {"replicated", "model"}
+    for r in local.values():
+        assert r["step_ms"] > 0 and r["reference_ms"] > 0
+        assert r["measured_bytes_per_device"] == r["bytes_per_device"]  # exact, counted on the devices
+    # replicated: (512*64 + 2*64*128 + 128) floats, plus momentum
+    assert local["replicated"]["bytes_per_device"] == (512 * 64 + 2 * 64 * 128 + 128) * 4 * 2
+    assert sum(r["recommended"] for r in doc["local"]) == 1
+    assert doc["target_mesh"] == "batch=4,model=8" and doc["target"]
+    assert all(r["predicted_ms"] is not None and r["predicted_ms"] > 0 for r in doc["target"])
+    assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:4] == b"\x89PNG"
+    emitted = json.loads(out_map.read_text())
+    assert emitted["mesh"] == "batch=4,model=8" and emitted["plan"] == doc["target_recommended"]["plan"]
+    assert emitted["layouts"] == doc["target_recommended"]["layouts"]
+
+
+def test_cli_bad_mesh_exits_2(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "dsgd", "layouts", "--model", "bert-mini", "--mesh",
+                           "batch=4,model=4"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "needs 16 devices" in proc.stderr
