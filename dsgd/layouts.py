@@ -164,7 +164,7 @@ def load_layout_map(path: str | Path, mesh):
     """A layout-map file as a ``tf_keras.dtensor.experimental.LayoutMap`` on ``mesh``, in one call.
 
     >>> layout_map = dsgd.layouts.load_layout_map("layouts.json", mesh)
-    >>> with tf_keras.dtensor.experimental.layout_map_scope(layout_map):
+    >>> with layout_map.scope():
     ...     model = build_model()
 
     Variables the map does not match are replicated (``LayoutMap``'s default).  Each spec
@@ -247,7 +247,7 @@ class Job:
 
 
 def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress: bool = True,
-             timeout: Optional[float] = None, desc: str = "dsgd layouts") -> list[dict]:
+             timeout: Optional[float] = None, desc: str = "dsgd layouts", on_row=None) -> list[dict]:
     """Measure jobs in isolated worker processes (one worker, a fresh one after a failure).
 
     Each returned row holds the job's identity, the cost-model features (exact bytes and
@@ -272,23 +272,27 @@ def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress:
             payloads.append({"workload": model_files[key], "mesh": j.mesh, "layout": str(lm),
                              "implementation": j.implementation, "options": j.options, "steps": steps})
         bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress, leave=False, file=sys.stderr)
+        rows: list[Optional[dict]] = [None] * len(jobs)
 
         def got(i, res):
+            rows[i] = _row(jobs[i], res)
             bar.update(1)
             bar.set_postfix_str(f"{jobs[i].mesh} {jobs[i].plan.name} {jobs[i].implementation}"[:60])
+            if on_row:
+                on_row(rows[i])
 
         results = run_isolated("dsgd.layouts:measure_plan", payloads, devices=devices, on_result=got, timeout=timeout)
         bar.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = []
-    for j, res in zip(jobs, results):
-        dims = meshspec.parse_mesh_spec(j.mesh)
-        f = costmodel.features(j.specs, j.plan.layouts, dims, OPTION_PRESETS[j.options], j.implementation)
-        row = {"workload": j.workload, "mesh": j.mesh, "plan": j.plan.name, "implementation": j.implementation,
-               "options": j.options, **f, **j.row, **res, "layouts": [list(lay) for lay in j.plan.layouts]}
-        rows.append(row)
-    return rows
+    return [r if r is not None else _row(j, res) for j, r, res in zip(jobs, rows, results)]
+
+
+def _row(j: Job, res: dict) -> dict:
+    dims = meshspec.parse_mesh_spec(j.mesh)
+    f = costmodel.features(j.specs, j.plan.layouts, dims, OPTION_PRESETS[j.options], j.implementation)
+    return {"workload": j.workload, "mesh": j.mesh, "plan": j.plan.name, "implementation": j.implementation,
+            "options": j.options, **f, **j.row, **res, "layouts": [list(lay) for lay in j.plan.layouts]}
 
 
 # ------------------------------------------------------------------------------- advice
@@ -389,6 +393,11 @@ def rank(df, time_col: str, *, data_axes: set[str], allow_fsdp: bool = False,
             why.append("collectives: " + "; ".join(c["text"] for c in r.collectives))
         else:
             why.append("no collectives in the step")
+        refc = getattr(r, "reference_collectives", None)
+        if isinstance(refc, list) and sum(c.count for c in refc) != r.n_collectives:
+            n = sum(c.count for c in refc)
+            why.append(f"the reference needs {n} collective{'s' if n != 1 else ''}"
+                       + (": " + "; ".join(c.describe() for c in refc) if refc else ""))
         if r.fsdp:
             why.append(f"parameters sharded over data axis {sorted(set(str(r.axes).split('+')) & data_axes)}: "
                        "forward/backward must all-gather them (FSDP/ZeRO-3, not in the optimizer step)"
@@ -409,7 +418,7 @@ def advise(model: str, mesh: str, *, target_mesh: Optional[str] = None, options:
            data_axes: Optional[Sequence[str]] = None, memory_budget: Optional[int] = None,
            devices_per_host: Optional[int] = None, calibration_meshes: Sequence[str] = ("1",),
            calibration_file: Optional[str] = None, reference: bool = True, progress: bool = True,
-           specs: Optional[list] = None) -> Advice:
+           specs: Optional[list] = None, statistic: str = "median") -> Advice:
     """The whole advisor as a library call (the CLI prints what this returns)."""
     import pandas as pd
 
@@ -440,7 +449,7 @@ def advise(model: str, mesh: str, *, target_mesh: Optional[str] = None, options:
     calib = [r for r in rows if r.get("status") == "ok"]
     if calibration_file:
         calib += load_measurements(calibration_file)
-    model_fit = costmodel.CostModel.fit(calib)
+    model_fit = costmodel.CostModel.fit(calib, y=f"{statistic}_ms")
     dph = devices_per_host or need
     # one row per plan: dsgd and reference side by side
     table = []
@@ -698,9 +707,9 @@ def refresh_features(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def render_validation(per_row, summary, model) -> str:
+def render_validation(per_row, summary, model, statistic: str = "median") -> str:
     lines = ["cost-model validation: fitted on the 1-, 2- and 4-device meshes, predicting the 8-device meshes",
-             "(step time: median of the timed steps; bytes: predicted vs counted on the devices)", ""]
+             f"(step time: {statistic} of the timed steps; bytes: predicted vs counted on the devices)", ""]
     if summary.empty:
         return "\n".join(lines + ["no successful measurements"])
     lines.append(summary.to_string(index=False, float_format=lambda x: f"{x:.1f}"))
@@ -723,17 +732,27 @@ def run_validation(args) -> int:
         if args.devices < 8:
             raise meshspec.SpecError("--validate needs --devices 8 (it predicts the 8-device meshes)")
         jobs = validation_jobs(workloads, options, impls, list(costmodel.FIT_MESHES) + list(costmodel.TEST_MESHES))
-        rows = run_jobs(jobs, devices=args.devices, steps=args.steps, progress=not args.quiet, desc="dsgd validate")
-        if args.save_measurements:
-            save_measurements(rows, args.save_measurements)
-    per_row, summary, model = costmodel.validate(rows)
+        sink = open(args.save_measurements, "w") if args.save_measurements else None
+
+        def on_row(row):  # written as they come: an interrupted run keeps what it measured
+            if sink:
+                sink.write(json.dumps(_jsonable(row), default=str) + "\n")
+                sink.flush()
+
+        try:
+            rows = run_jobs(jobs, devices=args.devices, steps=args.steps, progress=not args.quiet,
+                            desc="dsgd validate", on_row=on_row)
+        finally:
+            if sink:
+                sink.close()
+    per_row, summary, model = costmodel.validate(rows, y=f"{args.statistic}_ms")
     if args.format == "json":
         print(json.dumps({"summary": _records(summary), "cases": _records(per_row),
                           "coefficients": _records(model.coefficients_table())}, indent=1))
     elif args.format == "csv":
         print(per_row.to_csv(index=False))
     else:
-        print(render_validation(per_row, summary, model))
+        print(render_validation(per_row, summary, model, args.statistic))
     failed = [r for r in rows if r.get("status") != "ok"]
     for r in failed:
         print(f"failed: {r['workload']} {r['mesh']} {r['plan']} {r['implementation']}: {str(r.get('error'))[:200]}",
@@ -782,6 +801,9 @@ def add_arguments(p) -> None:
                    help="options presets for --validate (repeatable; default --options)")
     p.add_argument("--save-measurements", help="with --validate: write the raw measurements (JSON lines) here")
     p.add_argument("--from-measurements", help="with --validate: re-fit from saved measurements, measure nothing")
+    p.add_argument("--statistic", choices=["median", "p25", "min"], default="median",
+                   help="which per-step statistic the cost model is fitted to and validated on (default median; "
+                        "min or p25 are steadier on a shared machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -797,7 +819,7 @@ def main(args) -> int:
                     max_plans=args.max_plans, allow_fsdp=args.allow_fsdp, data_axes=args.data_axis,
                     memory_budget=args.memory_budget, devices_per_host=args.devices_per_host,
                     calibration_meshes=cal, calibration_file=args.calibration, reference=not args.no_reference,
-                    progress=not args.quiet)
+                    progress=not args.quiet, statistic=args.statistic)
     print(render(advice, args.format))
     if args.emit_layout_map:
         where = "target" if advice.target is not None else "local"

@@ -131,7 +131,7 @@ def test_emitted_layout_map_loads_and_is_used_by_a_tf_keras_model(tmp_path, mesh
     mesh = meshes("batch=2,model=4")
     lmap = layouts.load_layout_map(path, mesh)  # one call
     assert isinstance(lmap, tf_keras.dtensor.experimental.LayoutMap)
-    with tf_keras.dtensor.experimental.layout_map_scope(lmap):
+    with lmap.scope():  # tf_keras.dtensor.experimental.LayoutMap.scope (layout_map_scope)
         inputs = tf_keras.Input((16,), batch_size=8)
         x = tf_keras.layers.Dense(32, name="d1")(inputs)
         out = tf_keras.layers.Dense(8, name="d2")(x)
@@ -213,13 +213,13 @@ def test_cli_end_to_end_tiny_json(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
     cmd = [sys.executable, "-m", "dsgd", "layouts", "--model", str(model), "--mesh", "model=2", "--devices", "2",
            "--target-mesh", "batch=4,model=8", "--min-shard-bytes", "4096", "--steps", "2",
-           "--calibration-meshes", "", "--plot", str(out_png), "--emit-layout-map", str(out_map),
+           "--calibration-meshes", "", "--max-plans", "2", "--plot", str(out_png), "--emit-layout-map", str(out_map),
            "--format", "json", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     local = {r["plan"]: r for r in doc["local"]}
-    assert set(local) == {"replicated", "model", "model/top90"} or set(local) == {"replicated", "model"}
+    assert set(local) == {"replicated", "model"}
     for r in local.values():
         assert r["step_ms"] > 0 and r["reference_ms"] > 0
         assert r["measured_bytes_per_device"] == r["bytes_per_device"]  # exact, counted on the devices
@@ -234,9 +234,10 @@ def test_cli_end_to_end_tiny_json(tmp_path):
     assert emitted["layouts"] == doc["target_recommended"]["layouts"]
 
 
-def test_cli_bad_mesh_exits_2(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-m", "dsgd", "layouts", "--model", "bert-mini", "--mesh",
-                           "batch=4,model=4"], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2
-    assert "needs 16 devices" in proc.stderr
+def test_cli_bad_mesh_exits_2(capsys):
+    from dsgd.cli import main
+
+    assert main(["layouts", "--model", "bert-mini", "--mesh", "batch=4,model=4"]) == 2
+    assert "needs 16 devices" in capsys.readouterr().err
+    assert main(["layouts", "--model", "bert-mini", "--mesh", "batch=2,model=4", "--force", "word_embeddings=model,unsharded"]) == 2
+    assert "'embeddings/word_embeddings'" in capsys.readouterr().err

@@ -26,13 +26,16 @@ VARIABLES = [
     ("w_cols", (5, 8), "unsharded,model"),
     ("bias", (7,), "replicated"),
 ]
-# (label, dsgd.SGD keyword arguments); global_clipnorm small enough that clipping is active.
+# (label, dsgd.SGD keyword arguments, how to run): clipping small enough to be active; "sum"
+# picks dsgd.collectives' cross-device sum for the norm; "graph" runs the step in tf.function.
 CONFIGS = [
-    ("momentum-auto", dict(learning_rate=0.05, momentum=0.9)),
-    ("momentum-fused", dict(learning_rate=0.05, momentum=0.9, implementation="fused")),
-    ("clip-auto", dict(learning_rate=0.05, momentum=0.9, global_clipnorm=0.5)),
-    ("clip-fused", dict(learning_rate=0.05, momentum=0.9, global_clipnorm=0.5, implementation="fused")),
-    ("clipnorm-auto", dict(learning_rate=0.05, momentum=0.9, clipnorm=0.3)),
+    ("momentum-auto", dict(learning_rate=0.05, momentum=0.9), {}),
+    ("momentum-fused", dict(learning_rate=0.05, momentum=0.9, implementation="fused"), {}),
+    ("clip-auto", dict(learning_rate=0.05, momentum=0.9, global_clipnorm=0.5), {}),
+    ("clip-auto-dtensor-sum", dict(learning_rate=0.05, momentum=0.9, global_clipnorm=0.5), {"sum": "dtensor"}),
+    ("clip-fused", dict(learning_rate=0.05, momentum=0.9, global_clipnorm=0.5, implementation="fused"), {}),
+    ("clipnorm-auto", dict(learning_rate=0.05, momentum=0.9, clipnorm=0.3), {}),
+    ("clip-graph", dict(learning_rate=0.05, momentum=0.9, global_clipnorm=0.5), {"graph": True}),
 ]
 STEPS = 3
 
@@ -44,10 +47,11 @@ def train(steps: int = STEPS, configs=CONFIGS) -> dict[str, np.ndarray]:
     Initial values and gradients come from NumPy with fixed seeds, so every run sees the
     same numbers.
     """
+    import tensorflow as tf
     from tensorflow.experimental import dtensor
 
     import dsgd
-    from dsgd import meshspec
+    from dsgd import collectives, meshspec
     from dsgd.state import to_layout, to_numpy
 
     mesh = meshspec.make_mesh(MESH)
@@ -56,12 +60,17 @@ def train(steps: int = STEPS, configs=CONFIGS) -> dict[str, np.ndarray]:
     grads = [{n: rng.standard_normal(s).astype(np.float32) for n, s, _ in VARIABLES} for _ in range(steps)]
     layouts = {n: meshspec.parse_layout_spec(l, mesh, len(s), s) for n, s, l in VARIABLES}
     out: dict[str, np.ndarray] = {}
-    for label, kwargs in configs:
+    default_sum = collectives.DEFAULT_METHOD
+    for label, kwargs, how in configs:
         variables = {n: dtensor.DVariable(to_layout(init[n], layouts[n]), name=f"{label}_{n}") for n in init}
         opt = dsgd.SGD(mesh=mesh, **kwargs)
-        for k in range(steps):
-            pairs = [(to_layout(grads[k][n], layouts[n]), variables[n]) for n in variables]
-            opt.apply_gradients(pairs)
+        apply = tf.function(opt.apply_gradients) if how.get("graph") else opt.apply_gradients
+        collectives.DEFAULT_METHOD = how.get("sum", default_sum)
+        try:
+            for k in range(steps):
+                apply([(to_layout(grads[k][n], layouts[n]), variables[n]) for n in variables])
+        finally:
+            collectives.DEFAULT_METHOD = default_sum
         for n, v in variables.items():
             out[f"{label}/{n}"] = to_numpy(v)
         for i, m in enumerate(opt.momentums):
@@ -139,7 +148,7 @@ def test_make_mesh_is_local_without_dtensor_jobs(monkeypatch):
 
 
 def test_train_runs_in_one_process():
-    out = train(steps=1, configs=CONFIGS[2:3])
+    out = train(steps=1, configs=[c for c in CONFIGS if c[0] == "clip-auto"])
     assert out["clip-auto/iterations"] == 1
     assert all(np.isfinite(v).all() for k, v in out.items() if not k.endswith("impl"))
 

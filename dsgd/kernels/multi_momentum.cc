@@ -38,21 +38,34 @@ namespace dsgd_kernels {
 
 using shape_inference::InferenceContext;
 
+REGISTER_OP("DsgdPackHandles")
+    .Input("handles: N * resource")
+    .Output("packed: resource")
+    .Attr("N: int >= 1")
+    .SetShapeFn([](InferenceContext* c) {
+      int n;
+      TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
+      c->set_output(0, c->Vector(n));
+      return absl::OkStatus();
+    })
+    .Doc("N resource handles (all on this device) as one resource vector [N], built once and "
+         "passed to DsgdMultiSgd every step: one input instead of N.");
+
 REGISTER_OP("DsgdMultiSgd")
-    .Input("vars: N * resource")
-    .Input("accums: M * resource")
-    .Input("averages: K * resource")
+    .Input("vars: resource")      // [N], from DsgdPackHandles
+    .Input("accums: resource")    // [N]; ignored (pass `vars`) unless use_momentum
+    .Input("averages: resource")  // [N]; ignored (pass `vars`) unless use_ema
     .Input("grads: N * T")
     .Input("lr: float")        // scalar
     .Input("scales: float")    // [N], [1] (one for all) or [0] (no scaling)
     .Input("decay: bool")      // [N] (weight decay mask) or [0] (all decay)
     .Input("hyper: double")    // [4]: momentum, weight_decay, clipvalue (0: off), ema_momentum
     .Attr("N: int >= 1")
-    .Attr("M: int >= 0")
-    .Attr("K: int >= 0")
     .Attr("T: {float, double, bfloat16, half}")
     .Attr("Tmomentum: {float, double, bfloat16, half}")
+    .Attr("use_momentum: bool = true")
     .Attr("nesterov: bool = false")
+    .Attr("use_ema: bool = false")
     .Attr("ema_overwrite: bool = false")
     .SetShapeFn(shape_inference::NoOutputs)
     .Doc("Multi-tensor SGD step (momentum, Nesterov, weight decay, clipping, EMA), in place.");
@@ -167,10 +180,11 @@ class LockedVars {
     for (Var* v : vars_) v->Unref();
   }
 
-  absl::Status Lookup(OpKernelContext* ctx, int start, int stop) {
-    for (int i = start; i < stop; ++i) {
+  absl::Status Lookup(OpKernelContext* ctx, const Tensor& handles) {
+    const auto h = handles.flat<ResourceHandle>();
+    for (int64_t i = 0; i < h.size(); ++i) {
       Var* v = nullptr;
-      TF_RETURN_IF_ERROR(LookupResource<Var, false>(ctx, HandleFromInput(ctx, i), &v));
+      TF_RETURN_IF_ERROR(LookupResource<Var, false>(ctx, h(i), &v));
       vars_.push_back(v);
     }
     return absl::OkStatus();
@@ -238,23 +252,27 @@ template <typename T, typename Tm>
 class MultiSgdOp : public OpKernel {
  public:
   explicit MultiSgdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_momentum", &use_momentum_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("nesterov", &nesterov_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_ema", &use_ema_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("ema_overwrite", &ema_overwrite_));
   }
 
   void Compute(OpKernelContext* ctx) override {
     using C = typename Compute<T>::type;
-    int v0, v1, m0, m1, a0, a1, g0, g1;
-    OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange("vars", &v0, &v1));
-    OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange("accums", &m0, &m1));
-    OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange("averages", &a0, &a1));
+    int g0, g1;
     OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange("grads", &g0, &g1));
-    const int n = v1 - v0;
-    const bool has_m = m1 > m0, has_a = a1 > a0;
-    OP_REQUIRES(ctx, !has_m || m1 - m0 == n,
-                absl::InvalidArgumentError(absl::StrCat("got ", m1 - m0, " momentum slots for ", n, " variables")));
-    OP_REQUIRES(ctx, !has_a || a1 - a0 == n,
-                absl::InvalidArgumentError(absl::StrCat("got ", a1 - a0, " EMA slots for ", n, " variables")));
+    const int n = g1 - g0;
+    const Tensor& vars_t = ctx->input(0);
+    const Tensor& accums_t = ctx->input(1);
+    const Tensor& averages_t = ctx->input(2);
+    OP_REQUIRES(ctx, vars_t.NumElements() == n,
+                absl::InvalidArgumentError(absl::StrCat("got ", vars_t.NumElements(), " variables for ", n, " gradients")));
+    const bool has_m = use_momentum_, has_a = use_ema_;
+    OP_REQUIRES(ctx, !has_m || accums_t.NumElements() == n,
+                absl::InvalidArgumentError(absl::StrCat("got ", accums_t.NumElements(), " momentum slots for ", n, " variables")));
+    OP_REQUIRES(ctx, !has_a || averages_t.NumElements() == n,
+                absl::InvalidArgumentError(absl::StrCat("got ", averages_t.NumElements(), " EMA slots for ", n, " variables")));
 
     const Tensor& lr_t = ctx->input(g1);
     const Tensor& scales_t = ctx->input(g1 + 1);
@@ -283,9 +301,9 @@ class MultiSgdOp : public OpKernel {
     const bool overwrite = has_a && ema_overwrite_;
 
     LockedVars locked;
-    OP_REQUIRES_OK(ctx, locked.Lookup(ctx, v0, v1));
-    OP_REQUIRES_OK(ctx, locked.Lookup(ctx, m0, m1));
-    OP_REQUIRES_OK(ctx, locked.Lookup(ctx, a0, a1));
+    OP_REQUIRES_OK(ctx, locked.Lookup(ctx, vars_t));
+    if (has_m) OP_REQUIRES_OK(ctx, locked.Lookup(ctx, accums_t));
+    if (has_a) OP_REQUIRES_OK(ctx, locked.Lookup(ctx, averages_t));
     OP_REQUIRES_OK(ctx, locked.LockAll());
 
     struct Item {
@@ -337,8 +355,29 @@ class MultiSgdOp : public OpKernel {
   }
 
  private:
+  bool use_momentum_;
   bool nesterov_;
+  bool use_ema_;
   bool ema_overwrite_;
+};
+
+class PackHandlesOp : public OpKernel {
+ public:
+  explicit PackHandlesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const int n = num_inputs();
+    Tensor* out = nullptr;
+    AllocatorAttributes attr;
+    attr.set_on_host(true);
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n}), &out, attr));
+    auto o = out->flat<ResourceHandle>();
+    for (int i = 0; i < n; ++i) {
+      const Tensor& h = ctx->input(i);
+      OP_REQUIRES(ctx, h.NumElements() == 1, absl::InvalidArgumentError("each handle must be a scalar"));
+      o(i) = h.flat<ResourceHandle>()(0);
+    }
+  }
 };
 
 template <typename T>
@@ -418,6 +457,8 @@ DSGD_REGISTER_SGD(Eigen::bfloat16, float)
 DSGD_REGISTER_SGD(Eigen::half, Eigen::half)
 DSGD_REGISTER_SGD(Eigen::half, float)
 #undef DSGD_REGISTER_SGD
+
+REGISTER_KERNEL_BUILDER(Name("DsgdPackHandles").Device(DEVICE_CPU), PackHandlesOp);
 
 #define DSGD_REGISTER_SUMSQ(T) \
   REGISTER_KERNEL_BUILDER(Name("DsgdMultiSumSq").Device(DEVICE_CPU).TypeConstraint<T>("T"), MultiSumSqOp<T>);
