@@ -1,8 +1,9 @@
-"""Peak memory (process max RSS, as asv's ``peakmem_`` measures it) of building a case
-(variables, gradients, optimizer) and of building and stepping it.
+"""Peak memory (the process's max RSS, as asv's ``peakmem_`` measures it) of building a case
+(variables, gradients, optimizer and its slots) and of building and stepping it, for every
+implementation with plain momentum and with the full option set (EMA adds a slot).
 
 The process is forked from asv's server after TensorFlow's import, so every value includes
-the same import baseline; compare values across commits, not against the case's bytes.
+the same import baseline: compare values across commits, not with the case's byte count.
 """
 from . import common
 from .common import BASE, IMPLEMENTATIONS, OPTIONS
@@ -18,7 +19,7 @@ class PeakMemory:
         common.check(*params)
 
     def peakmem_build(self, *params):
-        """Variables, gradients and the optimizer (slots created by ``optimizer.build``)."""
+        """Variables, gradients and the optimizer, slots created by ``optimizer.build``."""
         b = common.built(*params, warm=False)
         b.optimizer.build(b.variables)
 

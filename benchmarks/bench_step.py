@@ -1,17 +1,19 @@
-"""Step time: one optimizer step (built, traced and stepped once in ``setup``; timed alone).
+"""Step time: one optimizer step, timed alone (the case is built, traced and stepped once in
+``setup``; asv re-runs ``setup`` before each sample and gets the same built case back).
 
-Two slices through the grid (see :mod:`benchmarks.common`): mesh x layout (x device), and
-dtype / xla / options one at a time on the baseline mesh and layout; every implementation
-(tf_keras' reference and each dsgd path) in both.
+Slices through the grid (see :mod:`benchmarks.common`): mesh x layout; dtype, XLA and the
+option set one at a time on the baseline mesh and layout; and GPU where one is visible —
+every implementation (tf_keras' reference and each dsgd path) in each.
 """
 from . import common
-from .common import BASE, DEVICES, DTYPES, IMPLEMENTATIONS, LAYOUTS, MESHES, OPTIONS, XLA
+from .common import BASE, DTYPES, IMPLEMENTATIONS, LAYOUTS, MESHES, OPTIONS, XLA
 
 
 class _StepBase:
     param_names = common.PARAM_NAMES
     timeout = 300
-    # Each sample is a handful of steps; asv interleaves rounds (processes) for its statistics.
+    # A sample is three steps, each timed alone (asv re-runs setup between them: free here);
+    # asv's rounds (--interleave-rounds) add samples from fresh processes.
     number = 3
     repeat = (3, 10, 10.0)
 
@@ -26,9 +28,10 @@ class _StepBase:
 
 
 class TimeStepMeshLayout(_StepBase):
-    """Mesh x layout policy (x device), float32, xla off, plain momentum."""
+    """Mesh x layout policy on CPU, float32, xla off, plain momentum."""
 
-    params = [MESHES, list(LAYOUTS), [BASE["dtype"]], DEVICES, [BASE["xla"]], IMPLEMENTATIONS, [BASE["options"]]]
+    params = [MESHES, list(LAYOUTS), [BASE["dtype"]], [BASE["device"]], [BASE["xla"]], IMPLEMENTATIONS,
+              [BASE["options"]]]
 
 
 class TimeStepVariants(_StepBase):
@@ -36,3 +39,11 @@ class TimeStepVariants(_StepBase):
     the baseline (batch=2,model=4, sharded, float32, xla off, momentum)."""
 
     params = [[BASE["mesh"]], [BASE["layout"]], DTYPES, [BASE["device"]], XLA, IMPLEMENTATIONS, OPTIONS]
+
+
+class TimeStepGPU(_StepBase):
+    """The meshes that fit the visible GPUs (skipped where there is none).  Run GPU suites with
+    ``--launch-method spawn``: CUDA cannot be used in a process forked after its start."""
+
+    params = [["1", BASE["mesh"]], ["replicated", BASE["layout"]], [BASE["dtype"]], ["GPU"], [BASE["xla"]],
+              IMPLEMENTATIONS, [BASE["options"]]]

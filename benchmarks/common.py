@@ -46,6 +46,10 @@ from dsgd.devices import configure_devices  # noqa: E402
 NUM_DEVICES = int(os.environ.get("DSGD_BENCH_DEVICES", "8"))
 configure_devices(NUM_DEVICES, "CPU")
 
+import tensorflow as _tf  # noqa: E402  (already imported by configure_devices; no context yet)
+
+_tf.get_logger().setLevel("ERROR")  # the fixtures' per-variable tf.function retracing warnings
+
 try:  # the measurement core appeared in dsgd's second commit; older commits skip cleanly
     from dsgd import measure, meshspec  # noqa: E402
     from dsgd.impl import REGISTRY  # noqa: E402
@@ -58,8 +62,9 @@ except ImportError as e:  # pragma: no cover - only on old commits
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 
-#: The workload every class runs: one transformer block's variables (12 variables, 4.4M
-#: parameters): big kernels for the bandwidth, biases and norms for the per-variable cost.
+#: The workload every class runs: a transformer block's variables (8 variables, 4.4M
+#: parameters): big kernels for the bandwidth, biases and a norm for the per-variable cost.
+#: Small enough that building a case (variables, gradients, first step) takes ~2 s of CPU.
 WORKLOAD = str(DATA / "block.json")
 #: Layout policies by display name; ``mixed`` is a layout-map file shipped here.
 LAYOUTS = {"replicated": "replicated", "sharded": "sharded", "mixed": str(DATA / "mixed_layout.json")}
@@ -174,15 +179,55 @@ def copy_gbps() -> float:
     return measure.copy_bandwidth_gbps()
 
 
-def step_metrics(*params, steps: int = 10) -> dict:
-    """Median step time, achieved bandwidth and roofline fraction, measured in this process."""
+def metrics_case(payload: dict) -> dict:
+    """One parameter set's tracked numbers, measured in this (worker) process.
+
+    Run by :func:`metrics_for` through ``dsgd.isolate``: the first step's time (trace +
+    compile), the median of ten steps, the ideal traffic of a step (``measure.bytes_for_case``),
+    the achieved GB/s and the fraction of the memory roofline (copy bandwidth measured in this
+    same process), and the optimizer state bytes per device read from the optimizer.
+    """
     import numpy as np
 
+    params = tuple(payload["params"])
     b = built(*params)
-    t = measure.time_steps(b.step, steps=steps, warmup=1)
+    t = measure.time_steps(b.step, steps=int(payload.get("steps", 10)), warmup=1)
     median = float(np.median(t))
     traffic = measure.bytes_for_case(b).step_traffic_total
     bw = copy_gbps()
-    roofline_s = traffic / (bw * 1e9)
-    return {"median_s": median, "achieved_gbps": traffic / median / 1e9, "copy_gbps": bw,
-            "roofline_fraction": roofline_s / median}
+    return {"status": "ok", "first_step_s": b.first_step_s, "median_s": median, "traffic_bytes": traffic,
+            "achieved_gbps": traffic / median / 1e9, "copy_gbps": bw,
+            "roofline_fraction": traffic / (bw * 1e9) / median,
+            "state_bytes_per_device": state_bytes_per_device(b.optimizer)}
+
+
+def metrics_for(param_sets, steps: int = 10) -> dict:
+    """``{params: result}`` for each parameter set, measured in ``dsgd.isolate`` workers.
+
+    One worker process measures the sets one after another (one TensorFlow start for all);
+    a set that fails is recorded (``status="failed"``) and a fresh worker takes the rest, so
+    one bad set neither poisons nor loses the others.
+    """
+    from dsgd.isolate import child_env, run_isolated
+
+    param_sets = [tuple(p) for p in param_sets]
+    if not param_sets:
+        return {}
+    # The worker imports this module as ``benchmarks.common``: the suite's parent directory
+    # goes *last* on the path, so the dsgd under test (installed in the environment) is the
+    # one imported, never a checkout beside the benchmarks.
+    path = child_env()["PYTHONPATH"] + os.pathsep + str(HERE.parent)
+    results = run_isolated(f"{HERE.name}.common:metrics_case",
+                           [{"params": list(p), "steps": steps} for p in param_sets],
+                           devices=NUM_DEVICES, env={"PYTHONPATH": path})
+    return dict(zip(param_sets, results))
+
+
+def result_of(cache: dict, params) -> dict:
+    """The measured row of ``params`` from a ``setup_cache`` dict; a failed one raises."""
+    row = cache.get(tuple(params))
+    if row is None:
+        raise NotImplementedError("not measured (pruned)")
+    if row.get("status") != "ok":
+        raise RuntimeError(f"measurement failed: {row.get('error')}")
+    return row

@@ -2,13 +2,27 @@
 
 >>> import dsgd
 >>> opt = dsgd.SGD(learning_rate=0.1, momentum=0.9, mesh=mesh)
+
+The optimizer is imported lazily, so the pure-Python helpers (``dsgd.meshspec``,
+``dsgd.workloads``) can be used without starting TensorFlow (e.g. by the JAX comparison).
 """
-from dsgd.devices import quiet_tensorflow as _quiet
+from __future__ import annotations
 
-_quiet()
+import os as _os
 
-from dsgd.options import EMAOption, GradientsClipOption  # noqa: E402
-from dsgd.optimizer import SGD  # noqa: E402
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 __version__ = "0.1.0"
 __all__ = ["SGD", "GradientsClipOption", "EMAOption", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "SGD":
+        from dsgd.optimizer import SGD
+
+        return SGD
+    if name in ("GradientsClipOption", "EMAOption"):
+        from dsgd import options
+
+        return getattr(options, name)
+    raise AttributeError(f"module 'dsgd' has no attribute {name!r}")

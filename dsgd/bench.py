@@ -188,6 +188,28 @@ def plot(df, path: str) -> None:
     plt.close(fig)
 
 
+def merge_external(df, paths: Sequence[str]):
+    """Add rows measured by another tool in the same column format (e.g. scripts/bench_jax.py
+    --format csv) so they sit beside dsgd and the reference, with speed-ups vs the reference."""
+    import pandas as pd
+
+    frames = [df]
+    for p in paths:
+        try:
+            ext = pd.read_csv(p)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--compare file {p}: {e}") from None
+        missing = [c for c in ("workload", "mesh", "layout", "dtype", "options", "implementation", "median_ms")
+                   if c not in ext.columns]
+        if missing:
+            raise ValueError(f"--compare file {p} lacks columns {missing}")
+        ext = ext.copy()
+        ext["xla"] = False  # compared against the reference with XLA off
+        ext["status"] = ext.get("status", "ok")
+        frames.append(ext)
+    return add_ratios(pd.concat(frames, ignore_index=True))
+
+
 def parse_xla(value: str) -> list[bool]:
     return {"on": [True], "off": [False], "both": [False, True]}[value]
 
@@ -238,3 +260,5 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", help="write a bar chart PNG here")
     p.add_argument("--no-isolate", action="store_true", help="run cases in this process")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compare", action="append", metavar="CSV",
+                   help="merge rows measured elsewhere, e.g. `python scripts/bench_jax.py --format csv -o jax.csv`")

@@ -18,7 +18,8 @@ layout sharded; dtype float32; options momentum; 20 timed steps after 3 warm-up 
 
 Columns (as ``dsgd bench``): workload, mesh, layout, dtype, options, implementation
 (``jax+optax``), median_ms, p10_ms, p90_ms, first_step_s, state_bytes_per_device, plus xla
-(always on: JAX compiles), steps, min_ms, params, param_bytes_per_device, status.
+(always on: JAX compiles), steps, min_ms, init_s/lower_s/compile_s (parts of first_step_s),
+params, param_bytes_per_device, max_rel_err, status, error.
 
 * ``median_ms``/``p10_ms``/``p90_ms``: wall time of one step ``params, state =
   step(params, state, grads)`` followed by ``block_until_ready``, over ``--steps`` steps.
@@ -27,11 +28,14 @@ Columns (as ``dsgd bench``): workload, mesh, layout, dtype, options, implementat
   start-up (backend creation) is paid before, once per process, and not counted.
 * ``state_bytes_per_device``: bytes of optimizer state (momentum trace, EMA) held by the
   busiest device, counted from the arrays' addressable shards.
+* ``max_rel_err``: after the timing, 3 steps on fresh weights and gradients against dsgd's
+  float64 model (``dsgd/reference64.py``), weights and EMA averages; past the dtype's
+  tolerance the case's status is ``mismatch`` (``--no-check`` skips it).
 
 Option presets (``dsgd.measure.OPTION_PRESETS``) and how they map onto optax, so that the
 update is the same as ``dsgd/rules.py`` (tf_keras order: clip, decoupled decay, momentum, EMA):
 
-* ``sgd``:      ``optax.sgd(lr)``.
+* ``sgd``:      ``scale(-lr)`` (what ``optax.sgd(lr)`` is).
 * ``momentum``: ``optax.sgd(lr, momentum=mu)`` = ``chain(trace(mu), scale(-lr))``.  optax keeps
   ``t = mu*t + g`` and steps by ``-lr*t``; dsgd keeps ``m = mu*m - lr*g`` and steps by ``+m``.
   So ``m = -lr*t``: identical weights for a constant learning rate (the buffers differ by
@@ -74,8 +78,8 @@ DEFAULT_WORKLOADS = ("one-big", "bert-mini", "many-small")
 DEFAULT_MESHES = ("1", "batch=8", "batch=2,model=4")
 COLUMNS = ["workload", "mesh", "layout", "dtype", "options", "implementation", "median_ms", "p10_ms", "p90_ms",
            "first_step_s", "state_bytes_per_device"]
-EXTRA_COLUMNS = ["xla", "device", "steps", "min_ms", "init_s", "lower_s", "compile_s", "params", "param_bytes_per_device", "max_rel_err", "status",
-                 "error"]
+EXTRA_COLUMNS = ["xla", "device", "steps", "min_ms", "init_s", "lower_s", "compile_s", "params",
+                 "param_bytes_per_device", "max_rel_err", "status", "error"]
 
 
 # ----------------------------------------------------------------------------- dsgd, without TensorFlow

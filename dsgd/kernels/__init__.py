@@ -1,0 +1,186 @@
+"""dsgd's C++ TensorFlow kernels, compiled on first use and cached.
+
+``load()`` compiles ``multi_momentum.cc`` with the system C++ compiler against the
+installed TensorFlow (``tf.sysconfig`` flags) into a cache directory, then loads it with
+``tf.load_op_library``.  The cached library's name holds a hash of the source, the
+TensorFlow version, the compiler's version and the flags, so a change of any of them
+builds a new one; builds write to a temporary file and rename it, so concurrent processes
+never load a half-written library.
+
+* cache: ``$DSGD_KERNEL_CACHE`` or ``~/.cache/dsgd/kernels``;
+* compiler: ``$CXX`` or ``g++``;
+* ``DSGD_DISABLE_KERNELS=1`` makes the kernels unavailable (``auto`` then uses ``per_shard``).
+
+Nothing here raises at import: :func:`unavailable_reason` says why the kernels cannot be
+used (no compiler, a failed build with the compiler's last lines, a failed load).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+SOURCE = Path(__file__).with_name("multi_momentum.cc")
+_lock = threading.Lock()
+_module = None
+_error: Optional[str] = None
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernels could not be built or loaded; the message says why."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSGD_KERNEL_CACHE") or Path.home() / ".cache" / "dsgd" / "kernels")
+
+
+def compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
+def cpu_flags() -> list[str]:
+    """Vector-ISA flags this CPU supports (checked in /proc/cpuinfo; never ``-march=native``).
+
+    They are part of the cache key, so a cache shared by different machines never hands a
+    library to a CPU that cannot run it.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    break
+            else:
+                return []
+    except OSError:
+        return []
+    if {"avx2", "fma", "f16c"} <= have:
+        return ["-mavx2", "-mfma", "-mf16c"]
+    return []
+
+
+def build_command(cxx: str, out: str) -> list[str]:
+    import tensorflow as tf
+
+    # -ffp-contract=off: no fused multiply-adds, so float32 results equal TF's own training ops.
+    return [cxx, "-shared", "-fPIC", "-O3", "-w", "-ffp-contract=off", *cpu_flags(), str(SOURCE), "-o", out,
+            *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def library_path(cxx: str) -> Path:
+    import tensorflow as tf
+
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), tf.__version__.encode(), _compiler_version(cxx).encode(),
+                 " ".join(build_command(cxx, "OUT")).encode(), sys.platform.encode()):
+        h.update(part)
+        h.update(b"\0")
+    return cache_dir() / f"{SOURCE.stem}-{h.hexdigest()[:20]}.so"
+
+
+def build(force: bool = False) -> Path:
+    """The compiled library's path (compiling it if it is not cached). Raises KernelUnavailable."""
+    if os.environ.get("DSGD_DISABLE_KERNELS", "") not in ("", "0"):
+        raise KernelUnavailable("disabled by DSGD_DISABLE_KERNELS")
+    cxx = compiler()
+    if cxx is None:
+        raise KernelUnavailable(f"no C++ compiler found (looked for {os.environ.get('CXX') or 'g++'}; set CXX)")
+    if not SOURCE.exists():
+        raise KernelUnavailable(f"kernel source {SOURCE} is missing")
+    target = library_path(cxx)
+    if target.exists() and not force:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KernelUnavailable(f"cannot create the kernel cache {target.parent}: {e} (set DSGD_KERNEL_CACHE)") from None
+    with _file_lock(target.with_suffix(".lock")):
+        if target.exists() and not force:  # another process built it while we waited
+            return target
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
+        os.close(fd)
+        try:
+            cmd = build_command(cxx, tmp)
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            except (OSError, subprocess.SubprocessError) as e:
+                raise KernelUnavailable(f"running the compiler failed: {e}") from None
+            if res.returncode != 0:
+                tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-15:])
+                raise KernelUnavailable(f"compiling {SOURCE.name} failed (exit {res.returncode}):\n{tail}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+class _file_lock:
+    """An advisory lock on a file (POSIX); a no-op where fcntl is missing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+def load():
+    """The loaded op library (built on first use). Raises KernelUnavailable with the reason."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None and _error is None:
+            try:
+                import tensorflow as tf
+
+                path = build()
+                try:
+                    _module = tf.load_op_library(str(path))
+                except Exception as e:  # noqa: BLE001 - e.g. a stale library from another TF build
+                    raise KernelUnavailable(f"loading {path} failed: {type(e).__name__}: {e}") from None
+            except KernelUnavailable as e:
+                _error = str(e)
+        if _module is None:
+            raise KernelUnavailable(_error)
+    return _module
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the kernels are usable in this process, else why not (builds on first call)."""
+    try:
+        load()
+    except KernelUnavailable as e:
+        return str(e)
+    return None
+
+
+__all__ = ["load", "build", "unavailable_reason", "KernelUnavailable", "cache_dir"]

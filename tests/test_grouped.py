@@ -1,0 +1,232 @@
+"""``grouped`` (the multi-tensor C++ kernel): against the float64 model and against
+``per_shard`` on the same inputs, on 1, 8 and 2x4 devices, replicated and sharded, every
+option, float32/bfloat16/float16 (and bfloat16 with float32 momentum), dense and sparse.
+
+The kernel is compiled on first use (~15 s of CPU, cached); without a compiler every test
+skips with the reason.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+
+import dsgd
+from dsgd import kernels, meshspec
+from dsgd import reference64 as r64
+from dsgd.bench import resolved_implementations
+from dsgd.state import to_layout, to_numpy
+
+U = meshspec.UNSHARDED
+_REASON = kernels.unavailable_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"grouped kernel unavailable: {_REASON}")
+
+# Layouts per mesh: each a list of (shape, layout spec) — several groups, replication 8/4/2/1.
+VARS = {
+    "1": [((8, 12), [U, U]), ((12,), [U]), ((3, 4, 8), [U, U, U])],
+    "batch=8": [((16, 6), ["batch", U]), ((6,), [U]), ((4, 8), [U, U]), ((8, 8), [U, "batch"])],
+    "batch=2,model=4": [((8, 12), [U, "model"]), ((12,), [U]), ((8, 4), ["batch", "model"]),
+                        ((4, 6), ["model", U]), ((6, 4), [U, U])],
+}
+OPTIONS = {
+    "sgd": dict(learning_rate=0.1),
+    "momentum": dict(learning_rate=0.05, momentum=0.9),
+    "nesterov": dict(learning_rate=0.05, momentum=0.9, nesterov=True),
+    "decay": dict(learning_rate=0.05, momentum=0.9, weight_decay=0.1),  # variable 1 excluded
+    "clipnorm": dict(learning_rate=0.05, momentum=0.9, clipnorm=0.5),
+    "global_clipnorm": dict(learning_rate=0.05, momentum=0.5, global_clipnorm=1.0),
+    "clipvalue": dict(learning_rate=0.1, momentum=0.9, clipvalue=0.3),
+    "ema": dict(learning_rate=0.1, momentum=0.9, use_ema=True, ema_momentum=0.8, ema_overwrite_frequency=2),
+    "full": dict(learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=0.05, global_clipnorm=2.0,
+                 use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=3),
+}
+STEPS = 5
+
+
+def _model(meshes, mesh_spec, dtype, seed=0, replicated=False):
+    mesh = meshes(mesh_spec)
+    rng = np.random.default_rng(seed)
+    variables, layouts = [], []
+    for i, (shape, spec) in enumerate(VARS[mesh_spec]):
+        layout = dtensor.Layout([U] * len(shape) if replicated else spec, mesh)
+        init = rng.normal(size=shape).astype(np.float32)
+        variables.append(dtensor.DVariable(to_layout(init, layout, tf.as_dtype(dtype)), name=f"v{i}_{'bias' if i == 1 else 'w'}"))
+        layouts.append(layout)
+    return mesh, variables, layouts
+
+
+def _grads(variables, layouts, step, dtype, scale=1.0):
+    rng = np.random.default_rng(100 + step)
+    return [to_layout((scale * rng.normal(size=v.shape)).astype(np.float32), lay, tf.as_dtype(dtype))
+            for v, lay in zip(variables, layouts)]
+
+
+def _run(meshes, mesh_spec, impl, opts, dtype="float32", replicated=False, momentum_dtype=None, steps=STEPS):
+    """Train STEPS steps with random gradients; returns (optimizer, variables, float64 state, per-step grads)."""
+    mesh, variables, layouts = _model(meshes, mesh_spec, dtype, replicated=replicated)
+    opt = dsgd.SGD(mesh=mesh, implementation=impl, momentum_dtype=momentum_dtype, **opts)
+    if opts.get("weight_decay"):
+        opt.exclude_from_weight_decay(var_names=["bias"])
+    o64 = r64.Options64(**{k: v for k, v in opts.items() if k in r64.Options64.__dataclass_fields__},
+                        decay_mask=[i != 1 for i in range(len(variables))])
+    state = r64.init_state([to_numpy(v) for v in variables], o64)
+    for k in range(steps):
+        grads = _grads(variables, layouts, k, dtype, scale=3.0 if "clip" in str(opts) else 1.0)
+        opt.apply_gradients(zip(grads, variables))
+        r64.step(state, [to_numpy(g) for g in grads], o64)
+    return opt, variables, state
+
+
+def _check_against_float64(variables, state, dtype):
+    tol = r64.TOLERANCE[dtype]
+    for v, w in zip(variables, state.weights):
+        err = r64.max_rel_error(to_numpy(v), w)
+        assert err <= tol, f"{v.name}: max relative error {err:.3g} > {tol:g}"
+
+
+@pytest.mark.parametrize("mesh_spec", ["1", "batch=8", "batch=2,model=4"])
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_float32_against_float64_and_per_shard(meshes, mesh_spec, option):
+    opts = OPTIONS[option]
+    opt, variables, state = _run(meshes, mesh_spec, "grouped", opts)
+    assert resolved_implementations(opt) == "grouped"
+    _check_against_float64(variables, state, "float32")
+    if opts.get("use_ema"):
+        for avg, a64 in zip(opt._model_variables_moving_average, state.averages):
+            assert r64.max_rel_error(to_numpy(avg), a64) <= r64.TOLERANCE["float32"]
+    # per_shard on the same inputs: the same float32 arithmetic (norms are summed differently)
+    _, ref_vars, _ = _run(meshes, mesh_spec, "per_shard", opts)
+    exact = not (opts.get("clipnorm") or opts.get("global_clipnorm"))
+    for v, r in zip(variables, ref_vars):
+        a, b = to_numpy(v), to_numpy(r)
+        if exact:
+            np.testing.assert_array_equal(a, b, err_msg=f"{v.name} ({option}, {mesh_spec})")
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"{v.name} ({option}, {mesh_spec})")
+
+
+@pytest.mark.parametrize("mesh_spec", ["batch=8", "batch=2,model=4"])
+def test_replicated_layouts(meshes, mesh_spec):
+    _, variables, state = _run(meshes, mesh_spec, "grouped", OPTIONS["full"], replicated=True)
+    _check_against_float64(variables, state, "float32")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("mesh_spec", ["1", "batch=2,model=4"])
+def test_half_precision(meshes, mesh_spec, dtype):
+    opts = dict(OPTIONS["full"], learning_rate=0.01)
+    _, variables, state = _run(meshes, mesh_spec, "grouped", opts, dtype=dtype)
+    _check_against_float64(variables, state, dtype)
+    # per_shard rounds every intermediate to the variables' dtype; grouped computes in float32
+    _, ref_vars, _ = _run(meshes, mesh_spec, "per_shard", opts, dtype=dtype)
+    for v, r in zip(variables, ref_vars):
+        assert r64.max_rel_error(to_numpy(v), to_numpy(r).astype(np.float64)) <= r64.TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("mesh_spec", ["1", "batch=2,model=4"])
+def test_bfloat16_with_float32_momentum(meshes, mesh_spec):
+    opts = dict(learning_rate=0.01, momentum=0.9, nesterov=True, weight_decay=0.05)
+    opt, variables, state = _run(meshes, mesh_spec, "grouped", opts, dtype="bfloat16", momentum_dtype="float32")
+    assert {m.dtype for m in opt.momentums} == {tf.float32}
+    _check_against_float64(variables, state, "bfloat16")
+    # the float32 momentum tracks the float64 model's momentum far better than bfloat16 could
+    for m, m64 in zip(opt.momentums, state.momenta):
+        assert r64.max_rel_error(to_numpy(m), m64) < 1e-2
+
+
+def _sparse_case(meshes, impl, opts, steps=3):
+    """An embedding table (replicated and row-sharded) with IndexedSlices gradients (duplicated rows)."""
+    mesh = meshes("batch=2,model=4")
+    rng = np.random.default_rng(7)
+    layouts = [dtensor.Layout([U, U], mesh), dtensor.Layout(["model", U], mesh), dtensor.Layout([U, "model"], mesh)]
+    inits = [rng.normal(size=(16, 8)).astype(np.float32) for _ in layouts]
+    variables = [dtensor.DVariable(to_layout(x, lay), name=f"table{i}") for i, (x, lay) in enumerate(zip(inits, layouts))]
+    opt = dsgd.SGD(mesh=mesh, implementation=impl, **opts)
+    o64 = r64.Options64(**{k: v for k, v in opts.items() if k in r64.Options64.__dataclass_fields__})
+    state = r64.init_state(inits, o64)
+    rep1, rep2 = dtensor.Layout.replicated(mesh, 1), dtensor.Layout.replicated(mesh, 2)
+    for k in range(steps):
+        idx = np.array([1, 5, 5, 14, 3 + k, 1], np.int64)
+        vals = [rng.normal(size=(len(idx), 8)).astype(np.float32) for _ in variables]
+        sparse = [tf.IndexedSlices(to_layout(v, rep2), to_layout(idx, rep1), tf.constant([16, 8], tf.int64)) for v in vals]
+        dense = to_layout(rng.normal(size=(16, 8)).astype(np.float32), layouts[2])
+        opt.apply_gradients(zip(sparse[:2] + [dense], variables))
+        r64.step(state, [(v, idx) for v in vals[:2]] + [to_numpy(dense)], o64)
+    return variables, state
+
+
+@pytest.mark.parametrize("option", ["clipvalue", "clipnorm", "decay"])
+def test_sparse_gradients(meshes, option):
+    opts = OPTIONS[option]
+    variables, state = _sparse_case(meshes, "grouped", opts)
+    _check_against_float64(variables, state, "float32")
+    ref_vars, _ = _sparse_case(meshes, "per_shard", opts)
+    for v, r in zip(variables, ref_vars):
+        np.testing.assert_allclose(to_numpy(v), to_numpy(r), rtol=1e-6, atol=1e-6)
+
+
+def test_plain_variables_and_copy_on_write():
+    """No mesh: plain tf.Variables; a value read before the step keeps its old contents."""
+    rng = np.random.default_rng(3)
+    v = tf.Variable(rng.normal(size=(32, 4)).astype(np.float32))
+    b = tf.Variable(rng.normal(size=(4,)).astype(np.float32))
+    opts = OPTIONS["full"]
+    opt = dsgd.SGD(implementation="grouped", **opts)
+    o64 = r64.Options64(**{k: val for k, val in opts.items() if k in r64.Options64.__dataclass_fields__})
+    state = r64.init_state([v.numpy(), b.numpy()], o64)
+    for k in range(STEPS):
+        before = v.read_value()  # shares v's buffer: the kernel must copy, not overwrite it
+        snapshot = before.numpy().copy()
+        grads = [tf.constant(rng.normal(size=x.shape).astype(np.float32)) for x in (v, b)]
+        opt.apply_gradients(zip(grads, [v, b]))
+        r64.step(state, [g.numpy() for g in grads], o64)
+        np.testing.assert_array_equal(before.numpy(), snapshot)
+    assert resolved_implementations(opt) == "grouped"
+    for x, w in zip((v, b), state.weights):
+        assert r64.max_rel_error(x.numpy(), w) <= r64.TOLERANCE["float32"]
+
+
+def test_subset_and_order_of_gradients(meshes):
+    """Gradients for some variables only, in another order than at build: same as per_shard."""
+    outs = []
+    for impl in ("grouped", "per_shard"):
+        mesh, variables, layouts = _model(meshes, "batch=2,model=4", "float32")
+        opt = dsgd.SGD(mesh=mesh, implementation=impl, learning_rate=0.1, momentum=0.9)
+        opt.build(variables)
+        for k in range(3):
+            grads = _grads(variables, layouts, k, "float32")
+            pairs = list(zip(grads, variables))
+            opt.apply_gradients(pairs[::-1] if k % 2 else pairs[1:4])
+        outs.append([to_numpy(v) for v in variables])
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_auto_picks_grouped_eagerly(meshes):
+    mesh, variables, layouts = _model(meshes, "batch=2,model=4", "float32")
+    opt = dsgd.SGD(mesh=mesh, learning_rate=0.1, momentum=0.9)
+    opt.apply_gradients(zip(_grads(variables, layouts, 0, "float32"), variables))
+    assert resolved_implementations(opt) == "grouped"
+
+
+def test_supports_and_unavailable_reason(meshes, tmp_path, monkeypatch):
+    from dsgd.impl.multi_tensor import Grouped
+    from dsgd.plan import Group
+
+    mesh = meshes("batch=8")
+    group = Group("replicated", tf.bfloat16, mesh, [])
+    ok = dsgd.SGD(mesh=mesh, momentum=0.9, momentum_dtype="float32")
+    assert Grouped.supports(group, ok) is None
+    bad = dsgd.SGD(mesh=mesh, momentum=0.9, momentum_dtype="float64")
+    assert "momentum_dtype=float64" in Grouped.supports(group, bad)
+    assert "int32" in Grouped.supports(Group("replicated", tf.int32, mesh, []), ok)
+    # a failing compiler: the reason carries its output, and nothing is left in the cache
+    monkeypatch.setenv("DSGD_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(kernels.KernelUnavailable, match="failed"):
+        kernels.build(force=True)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setenv("CXX", "no-such-compiler-dsgd")
+    with pytest.raises(kernels.KernelUnavailable, match="no C\\+\\+ compiler"):
+        kernels.build()
