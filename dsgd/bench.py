@@ -228,6 +228,8 @@ def main(args) -> int:
                        args.options or ["momentum"], device=args.device)
     df = run(cases, steps=args.steps, devices=args.devices, isolate=not args.no_isolate,
              progress=not args.quiet and lead)
+    if args.compare:
+        df = merge_external(df, args.compare)
     code = 0 if (df["status"] == "ok").all() else 3
     if not lead:
         return code
