@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 from dsgd import multiclient as mc
 
 EXIT_FAILED = 4  # a client crashed, was killed, never joined, or the run timed out
-DEFAULT_START_TIMEOUT_S = 300.0
+DEFAULT_START_TIMEOUT_S = 180.0
 DEFAULT_GRACE_S = 60.0
 _NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IW]\d{4} \d\d:\d\d:\d\d)")
 _TAIL_LINES = 15
@@ -99,6 +99,9 @@ def port_free(port: int) -> bool:
         except OSError:  # no IPv6 here
             continue
         try:
+            # as gRPC binds: SO_REUSEADDR, so a port whose old connections linger in TIME_WAIT
+            # counts as free, and one with a live listener (or plain bound socket) as in use
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((addr, port))
         except OSError as e:
             if family == socket.AF_INET6 and e.errno in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL
@@ -159,6 +162,24 @@ class Plan:
         return self.configs[0].jobs
 
 
+def parse_hosts(spec: str) -> list[tuple[str, Optional[int]]]:
+    """``"h1,h2:9100"`` -> ``[("h1", None), ("h2", 9100)]`` (a port there is that host's port base)."""
+    out = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if sep and port.isdigit() and host:
+            out.append((host, int(port)))
+        elif sep and not item.startswith("["):
+            raise LaunchError(f"--hosts entry {item!r}: expected HOST or HOST:PORT_BASE")
+        else:
+            out.append((item, None))
+    if not out:
+        raise LaunchError("--hosts is empty")
+    return out
+
+
 def _this_host_index(hosts: Sequence[str]) -> int:
     names = {socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1"}
     try:
@@ -173,39 +194,48 @@ def _this_host_index(hosts: Sequence[str]) -> int:
     return matches[0]
 
 
-def build_plan(clients: int, devices_per_client: int, *, hosts: Optional[Sequence[str]] = None,
+def build_plan(clients: int, devices_per_client: int, *, hosts: Optional[Sequence] = None,
                port_base: Optional[int] = None, host_index: Optional[int] = None, job_name: str = mc.DEFAULT_JOB_NAME,
                device_type: str = "CPU", ports: Optional[Sequence[int]] = None) -> Plan:
     """Assign clients to hosts and ports.
 
     One host (default ``localhost``): clients ``0..N-1`` on ports ``port_base + i`` (or ``ports``).
-    Several hosts: ``N / len(hosts)`` consecutive clients per host, in the order of ``hosts``,
-    on ports ``port_base + j`` for the host's ``j``-th client; this host starts its own.
+    Several hosts (``hosts``: names, or ``(name, port_base)`` pairs overriding ``port_base``):
+    ``N / len(hosts)`` consecutive clients per host, in the order of ``hosts``, the host's
+    ``j``-th client on its port base ``+ j``; this host (``host_index``) starts its own.
     """
     if clients < 1:
         raise LaunchError(f"--clients must be >= 1, got {clients}")
     if devices_per_client < 1:
         raise LaunchError(f"--devices-per-client must be >= 1, got {devices_per_client}")
-    hosts = list(hosts or ["localhost"])
-    if len(set(hosts)) != len(hosts):
-        raise LaunchError(f"--hosts lists a host twice: {','.join(hosts)}")
-    if clients % len(hosts):
-        raise LaunchError(f"--clients {clients} does not divide over {len(hosts)} hosts")
-    per_host = clients // len(hosts)
-    if len(hosts) > 1 and port_base is None:
-        raise LaunchError("with several --hosts, give --port-base (every host must agree on the ports)")
-    if ports is None:
-        ports = [port_base + j for j in range(per_host)] if port_base is not None else None
-    if ports is not None and (len(ports) != per_host or min(ports) < 1 or max(ports) > 65535):
-        raise LaunchError(f"need {per_host} ports in 1..65535 per host, got {list(ports)}")
+    entries = [h if isinstance(h, tuple) else (h, None) for h in (hosts or ["localhost"])]
+    names = [h for h, _ in entries]
+    if len(set(entries)) != len(entries):
+        raise LaunchError(f"--hosts lists a host twice: {','.join(names)}")
+    if clients % len(entries):
+        raise LaunchError(f"--clients {clients} does not divide over {len(entries)} hosts")
+    per_host = clients // len(entries)
+    bases = [b if b is not None else port_base for _, b in entries]
+    if len(entries) > 1 and None in bases:
+        raise LaunchError("with several --hosts, give --port-base or HOST:PORT_BASE (every host must agree on the ports)")
+    if ports is not None:
+        if len(entries) > 1:
+            raise LaunchError("explicit ports are for one host only")
+        host_ports = [list(ports)]
+    elif bases[0] is not None:
+        host_ports = [[b + j for j in range(per_host)] for b in bases]
+    else:
+        host_ports = None
+    if host_ports is not None and any(len(p) != per_host or min(p) < 1 or max(p) > 65535 for p in host_ports):
+        raise LaunchError(f"need {per_host} ports in 1..65535 per host, got {host_ports}")
     if host_index is None:
-        host_index = 0 if len(hosts) == 1 else _this_host_index(hosts)
-    if not 0 <= host_index < len(hosts):
-        raise LaunchError(f"--host-index {host_index} is outside 0..{len(hosts) - 1}")
-    jobs = tuple(f"{h}:{ports[j]}" for h in hosts for j in range(per_host)) if ports is not None else ()
+        host_index = 0 if len(entries) == 1 else _this_host_index(names)
+    if not 0 <= host_index < len(entries):
+        raise LaunchError(f"--host-index {host_index} is outside 0..{len(entries) - 1}")
+    jobs = tuple(f"{h}:{p}" for h, hp in zip(names, host_ports) for p in hp) if host_ports is not None else ()
     configs = [mc.ClientConfig(i, jobs, job_name, devices_per_client, device_type.upper()) for i in range(clients)]
     local = list(range(host_index * per_host, (host_index + 1) * per_host))
-    return Plan(configs, local, hosts)
+    return Plan(configs, local, names)
 
 
 # ----------------------------------------------------------------------------- running
@@ -396,29 +426,34 @@ def add_arguments(p) -> None:
     p.add_argument("--devices-per-client", type=int, default=4,
                    help="logical devices per client (CPU: the host CPU is split; default 4)")
     p.add_argument("--device-type", default="CPU", choices=["CPU", "GPU"])
-    p.add_argument("--hosts", help="comma-separated hosts, the same list in the same order on every host "
-                                   "(default: localhost only); clients are spread evenly, in order")
+    p.add_argument("--hosts", help="comma-separated HOST or HOST:PORT_BASE, the same list in the same order on "
+                                   "every host (default: localhost only); clients are spread evenly, in order")
     p.add_argument("--host-index", type=int, help="which entry of --hosts this host is (default: found by name)")
     p.add_argument("--port-base", type=int,
                    help="client j of a host listens on port PORT_BASE+j (default on one host: free ports chosen)")
     p.add_argument("--job-name", default=mc.DEFAULT_JOB_NAME, help="DTENSOR_JOB_NAME (default worker)")
     p.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT_S,
-                   help="seconds for every client to join the cluster (default 300)")
+                   help="seconds for every client to join the cluster (default 180)")
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
                    help="seconds the other clients may run on after one has finished (default 60)")
     p.add_argument("--timeout", type=float, help="bound on the whole run, in seconds (default none)")
     p.add_argument("--stream", action="store_true", help="echo every client's stderr live, prefixed")
     p.add_argument("--log-dir", help="write each client's full stdout/stderr to DIR/client<i>.out|err")
     p.add_argument("--dry-run", action="store_true", help="print each client's environment and command, start nothing")
-    p.add_argument("command", nargs="...", help="-- then the dsgd command (bench ..., dsgd bench ..., python X.py)")
+    p.add_argument("client_argv", nargs="...", metavar="COMMAND",
+                   help="-- then the dsgd command (bench ..., dsgd bench ..., python X.py)")
+
+
+def _one_host_no_port(hosts) -> bool:
+    return not hosts or (len(hosts) == 1 and hosts[0][1] is None)
 
 
 def main(args) -> int:
-    command = client_command(args.command)
-    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
+    command = client_command(args.client_argv)
+    hosts = parse_hosts(args.hosts) if args.hosts else None
     plan = build_plan(args.clients, args.devices_per_client, hosts=hosts, port_base=args.port_base,
                       host_index=args.host_index, job_name=args.job_name, device_type=args.device_type,
-                      ports=None if (args.port_base is not None or hosts) else pick_ports(args.clients))
+                      ports=pick_ports(args.clients) if args.port_base is None and _one_host_no_port(hosts) else None)
     if args.dry_run:
         for i in plan.local:
             envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in mc.client_env(plan.configs[i]).items())

@@ -181,6 +181,39 @@ def wait_for_all(name: str = "dsgd-exit", timeout_s: float = EXIT_BARRIER_TIMEOU
     context.context().wait_at_barrier(name, int(timeout_s * 1000))
 
 
+def leave_together(cfg: ClientConfig, timeout_s: float = EXIT_BARRIER_TIMEOUT_S) -> None:
+    """Finish as a cluster: after this, the process may exit.
+
+    Every client waits at a barrier (all work done everywhere); then each client but 0 posts
+    a key in the coordination service, and client 0 -- which hosts the service -- waits for
+    all those keys before it may exit.  Without the second step client 0 could leave the
+    barrier and exit while another client's barrier reply is still on its way, failing that
+    client with "Failed to send RPC to coordination service".
+    """
+    from tensorflow.python.eager import context
+
+    wait_for_all("dsgd-exit", timeout_s)
+    ctx = context.context()
+    if cfg.client_id != 0:
+        ctx.set_config_key_value(f"dsgd-exit/{cfg.client_id}", "1")
+        return
+    for i in range(1, cfg.num_clients):
+        ctx.get_config_key_value(f"dsgd-exit/{i}", int(timeout_s * 1000))
+
+
+def report_error(message: str) -> None:
+    """Tell the other clients this one failed, so their pending collectives and barriers fail fast."""
+    if not is_initialized():
+        return
+    try:
+        from tensorflow.python.eager import context
+        from tensorflow.python.framework import errors
+
+        context.context().report_error_to_cluster(errors.INTERNAL, message[-2000:])
+    except Exception:  # noqa: BLE001 - best effort: the launcher's watchdog is the backstop
+        pass
+
+
 def _maybe_fault(cfg: ClientConfig, at: str) -> None:
     if os.environ.get(ENV_FAULT_AT) == at and os.environ.get(ENV_FAULT_CLIENT) == str(cfg.client_id):
         print(f"dsgd client {cfg.client_id}: injected fault at {at!r} ({ENV_FAULT_CLIENT}), exiting "
@@ -229,10 +262,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{READY_MARKER} {cfg.client_id}", file=sys.stderr, flush=True)
     _maybe_fault(cfg, "ready")
     code = _run(target)
-    # The command returned (with any code): wait for every client, so that nobody leaves (and
-    # takes the coordination service down) while another still works.  A client that raised
-    # never gets here; the launcher sees it exit without DONE_MARKER and stops the others.
-    wait_for_all()
+    # The command returned (with any code): leave together, so that nobody exits (and takes
+    # the coordination service down) while another still works.  A client that raised never
+    # gets here: it reports the error to the cluster, and the launcher sees it exit without
+    # DONE_MARKER and stops the others.
+    leave_together(cfg)
     if os.environ.get(ENV_LAUNCHED):
         print(f"{DONE_MARKER} {cfg.client_id} {code}", file=sys.stderr, flush=True)
     return code
@@ -268,6 +302,7 @@ def entry_point() -> None:
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - report, then end the process as a client must
         traceback.print_exc()
+        report_error(f"dsgd client {os.environ.get(ENV_CLIENT_ID)} failed:\n{traceback.format_exc()}")
         rc = 1
     _exit_now(rc)
 

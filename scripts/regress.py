@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Regression detection on asv results: which benchmarks got slower (or faster) between commits.
 
-    python scripts/regress.py compare [BASE] [HEAD]     # HEAD (default HEAD) vs BASE (default HEAD's parent)
+    python scripts/regress.py compare [[BASE] HEAD]     # HEAD (default HEAD) vs BASE (default: HEAD's parent)
     python scripts/regress.py history [RANGE]           # every commit with results vs its parent
     python scripts/regress.py continuous [BASE] [HEAD]  # asv continuous --interleave-rounds, then compare
 
@@ -38,6 +38,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -98,11 +99,15 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def rev_parse(repo: Path, rev: str) -> str:
-    return _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}") or _bad_rev(rev)
-
-
-def _bad_rev(rev: str) -> str:
-    raise RegressError(f"unknown revision {rev!r}")
+    try:
+        out = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except RegressError:
+        out = ""
+    if not out:
+        if rev.endswith("^"):
+            raise RegressError(f"commit {rev[:-1][:12]} has no parent in {repo}: give the base revision")
+        raise RegressError(f"unknown revision {rev!r} in {repo}")
+    return out
 
 
 def first_parents(repo: Path, commit: str, limit: int = 50) -> list[str]:
@@ -481,7 +486,11 @@ def compare_commits(setup: Setup, base_rev: Optional[str], head_rev: str = "HEAD
 def cmd_compare(args) -> int:
     setup = load_setup(args.config, args.results_dir)
     policy = _policy(args)
-    df = compare_commits(setup, args.base, args.head, machine=args.machine, env=args.env, policy=policy)
+    revs = list(args.revisions)
+    if len(revs) > 2:
+        raise RegressError(f"compare takes at most two revisions (BASE HEAD), got {len(revs)}")
+    base, head = (None, revs[0] if revs else "HEAD") if len(revs) < 2 else revs
+    df = compare_commits(setup, base, head, machine=args.machine, env=args.env, policy=policy)
     write_outputs(df, args, policy)
     return verdict(df, policy)
 
@@ -541,14 +550,25 @@ def cmd_continuous(args) -> int:
     cmd = asv_continuous_command(base, head, policy.factor, args.bench, args.machine, setup.config,
                                  shlex.split(args.asv_args or ""))
     print("$ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
+    started = time.time()
     proc = subprocess.run(cmd, cwd=setup.root, capture_output=not args.show_asv_output, text=True)
-    meaning = {0: "no significant slowdown", 1: "slowdown found, or asv error",
-               2: "some benchmarks failed (asv skipped its comparison)"}.get(proc.returncode, "unexpected status")
-    print(f"asv continuous exited {proc.returncode} ({meaning})", file=sys.stderr)
+    meaning = {0: "no significant slowdown", 1: "slowdown found, or an asv error",
+               2: "some benchmarks failed, asv skipped its comparison"}.get(proc.returncode, "unexpected status")
+    print(f"asv continuous exited {proc.returncode} ({meaning}); the verdict below is read from its results",
+          file=sys.stderr)
+    tail = ((proc.stdout or "") + (proc.stderr or ""))[-3000:]
     try:
-        df = compare_commits(setup, base, head, machine=args.machine, env=args.env, policy=policy)
+        machine = pick_machine(setup, args.machine)
+        # Only results this run wrote: older files for the same commits must not stand in.
+        fresh = {c: [f for f in result_files(setup, machine, c) if f.stat().st_mtime >= started - 1]
+                 for c in (base, head)}
+        missing = [c[:8] for c, files in fresh.items() if not files]
+        if missing:
+            raise RegressError(f"asv wrote no results for {', '.join(missing)} in {setup.results_dir / machine}")
+        envs = {f.stem.split("-", 1)[1] for f in fresh[base]} & {f.stem.split("-", 1)[1] for f in fresh[head]}
+        env = args.env or (sorted(envs)[0] if len(envs) == 1 else None)
+        df = compare_commits(setup, base, head, machine=machine, env=env, policy=policy)
     except RegressError as e:
-        tail = ((proc.stdout or "") + (proc.stderr or ""))[-3000:]
         print(f"regress: asv continuous produced no usable results: {e}\n--- asv output (tail) ---\n{tail}",
               file=sys.stderr)
         return EXIT_ASV_FAILED
@@ -590,8 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare", parents=[common], help="compare two commits' results (HEAD vs its parent by default)")
-    c.add_argument("base", nargs="?", help="the baseline revision (default: HEAD's parent)")
-    c.add_argument("head", nargs="?", default="HEAD", help="the revision under test (default HEAD)")
+    c.add_argument("revisions", nargs="*", metavar="REV",
+                   help="none: HEAD vs its parent; one: REV vs its parent; two: BASE HEAD")
     c.set_defaults(func=cmd_compare)
     h = sub.add_parser("history", parents=[common], help="each commit with results vs its parent with results")
     h.add_argument("range", nargs="?", default="HEAD", help="git revision range, e.g. main~10..main (default HEAD)")

@@ -64,7 +64,8 @@ def test_two_clients_match_one_process(tmp_path):
             np.testing.assert_allclose(got[key], want[key], rtol=2e-6, atol=1e-7, err_msg=key)
         else:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    assert list(want["momentum-auto/impl"]) == ["per_shard"] and list(want["clip-fused/impl"]) == ["fused"]
+    # the default runs in the local domain (per-device shards: per_shard, or grouped with its kernel)
+    assert set(want["momentum-auto/impl"]) <= {"per_shard", "grouped"} and list(want["clip-fused/impl"]) == ["fused"]
     assert int(got["clip-auto/iterations"]) == prog.STEPS
 
 

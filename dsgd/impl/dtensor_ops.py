@@ -55,19 +55,22 @@ def _scaled(g, scale, clipvalue, dtype):
 def _ema(items: Items, args: StepArgs) -> None:
     if args.ema_momentum is None:
         return
+    # Inside tf.function the overwrite is an arithmetic select, not a tf.cond: with a tf.cond
+    # per group, clipping and 4+ groups, DTensor's passes lost the read-after-update ordering
+    # and the averages were computed from the weights *before* the step; and tf.where with
+    # the scalar DTensor predicate segfaults (both checked with TF 2.21).  s*a + (1-s)*w with
+    # s in {0, 1} is exact for finite values.
+    eager_flag = isinstance(args.ema_overwrite, bool)
     for e, _ in items:
-        e.average.assign(rules.ema(e.average, e.var, tf.cast(args.ema_momentum, e.var.dtype)))
-
-    def overwrite():
-        for e, _ in items:
-            e.var.assign(e.average)
-        return tf.constant(True)
-
-    if isinstance(args.ema_overwrite, bool):
-        if args.ema_overwrite:
-            overwrite()
-    else:
-        tf.cond(args.ema_overwrite, overwrite, lambda: tf.constant(False))
+        w = e.var.read_value()
+        new_avg = rules.ema(e.average.read_value(), w, tf.cast(args.ema_momentum, e.var.dtype))
+        e.average.assign(new_avg)
+        if eager_flag:
+            if args.ema_overwrite:
+                e.var.assign(new_avg)
+        else:
+            s = tf.cast(args.ema_overwrite, w.dtype)
+            e.var.assign(s * new_avg + (1 - s) * w)
 
 
 class OpsDTensor(Implementation):
