@@ -74,9 +74,12 @@ MESHES = ["1", "batch=8", "batch=2,model=4", "batch=4,model=2"]
 DTYPES = ["float32", "bfloat16", "float16"]
 DEVICES = ["CPU", "GPU"]
 XLA = ["off", "on"]
-#: The reference, then every dsgd implementation registered in this commit (read at import:
-#: a new implementation joins the suite by registering itself in dsgd.impl.REGISTRY).
-IMPLEMENTATIONS = [REFERENCE, *REGISTRY]
+#: The reference, then every dsgd implementation: those known when this suite was written, so
+#: the parameter list stays the same across the commits one run compares (one missing from a
+#: commit is skipped there), plus any other registered in dsgd.impl.REGISTRY (read at import:
+#: a new implementation joins the suite by registering itself).
+KNOWN_IMPLEMENTATIONS = ("ops", "fused", "per_shard", "grouped", "xla", "sharded_state")
+IMPLEMENTATIONS = [REFERENCE, *KNOWN_IMPLEMENTATIONS, *(n for n in REGISTRY if n not in KNOWN_IMPLEMENTATIONS)]
 OPTIONS = ["momentum", "full"]  # full: weight decay + global_clipnorm + EMA
 
 PARAM_NAMES = ["mesh", "layout", "dtype", "device", "xla", "implementation", "options"]

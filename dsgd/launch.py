@@ -286,6 +286,8 @@ def _reader(stream, sink, client: Client, echo: Optional[str], log) -> None:
             sys.stderr.write(f"{echo}{line}")
             sys.stderr.flush()
     stream.close()
+    if log is not None:
+        log.close()
 
 
 def _stop(clients: Sequence[Client], wait_s: float = 5.0) -> None:
@@ -306,6 +308,20 @@ def _stop(clients: Sequence[Client], wait_s: float = 5.0) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
             c.proc.wait()
+
+
+def _gpu_share(cfg: mc.ClientConfig, j: int) -> dict:
+    """GPU clients: this host's ``j``-th client sees its own ``K`` GPUs (``CUDA_VISIBLE_DEVICES``)."""
+    if cfg.device_type != "GPU":
+        return {}
+    visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    k = cfg.local_devices
+    if not visible:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(j * k + i) for i in range(k))}
+    if len(visible) < (j + 1) * k:
+        raise LaunchError(f"CUDA_VISIBLE_DEVICES={','.join(visible)} has too few GPUs for client {cfg.client_id} "
+                          f"({k} per client)")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(visible[j * k:(j + 1) * k])}
 
 
 def _raise_on_sigterm():
@@ -351,8 +367,8 @@ def run_clients(plan: Plan, command: Sequence[str], *, start_timeout: float = DE
     t0 = time.monotonic()
     restore = _raise_on_sigterm()
     try:
-        for cfg in mine:
-            extra = {**(env or {}), **mc.client_env(cfg), mc.ENV_LAUNCHED: "1"}
+        for j, cfg in enumerate(mine):
+            extra = {**(env or {}), **mc.client_env(cfg), mc.ENV_LAUNCHED: "1", **_gpu_share(cfg, j)}
             proc = subprocess.Popen(
                 [sys.executable, "-m", "dsgd.multiclient", *command],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

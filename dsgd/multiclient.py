@@ -170,7 +170,8 @@ def create_mesh(dims: Sequence[tuple[str, int]], device_type: Optional[str] = No
             f"mesh spec {format_mesh_spec(dims)!r} needs {mesh_size(dims)} devices, but this multi-client run "
             f"has {cfg.global_devices} ({cfg.num_clients} clients x {cfg.local_devices} devices); a mesh must "
             "span every device of every client")
-    return dtensor.create_distributed_mesh(list(dims), device_type=device_type)
+    local = [f"{device_type}:{i}" for i in range(cfg.local_devices)]
+    return dtensor.create_distributed_mesh(list(dims), local_devices=local, device_type=device_type)
 
 
 def wait_for_all(name: str = "dsgd-exit", timeout_s: float = EXIT_BARRIER_TIMEOUT_S) -> None:

@@ -55,7 +55,7 @@ def test_two_clients_match_one_process(tmp_path):
     # Bit for bit wherever the reduction order is the same in both runs.  The local-domain
     # norm across clients ("clients" sum: add_n per client, then DTensor across clients)
     # adds in another order than add_n over 8 devices: last-bit differences allowed there.
-    reordered = {"clip-auto", "clipnorm-auto"}
+    reordered = {"clip-auto", "clipnorm-auto", "full-auto"}
     for key in sorted(want):
         label = key.split("/")[0]
         if key.endswith("/impl"):
@@ -195,6 +195,14 @@ def test_plan_across_hosts():
     ]:
         with pytest.raises(launch.LaunchError, match=match):
             launch.build_plan(devices_per_client=4, **kwargs)
+
+
+def test_hosts_with_their_own_port_bases():
+    assert launch.parse_hosts("h1, h2:9100") == [("h1", None), ("h2", 9100)]
+    plan = launch.build_plan(2, 4, hosts=launch.parse_hosts("localhost:25100,127.0.0.1:25200"), host_index=1)
+    assert plan.jobs == ("localhost:25100", "127.0.0.1:25200") and plan.local == [1]
+    with pytest.raises(launch.LaunchError, match="HOST:PORT_BASE"):
+        launch.parse_hosts("h1:x")
 
 
 def test_dry_run_prints_each_clients_environment(capsys):

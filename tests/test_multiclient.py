@@ -35,6 +35,8 @@ CONFIGS = [
     ("clip-auto-dtensor-sum", dict(learning_rate=0.05, momentum=0.9, global_clipnorm=0.5), {"sum": "dtensor"}),
     ("clip-fused", dict(learning_rate=0.05, momentum=0.9, global_clipnorm=0.5, implementation="fused"), {}),
     ("clipnorm-auto", dict(learning_rate=0.05, momentum=0.9, clipnorm=0.3), {}),
+    ("full-auto", dict(learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, global_clipnorm=0.5,
+                       use_ema=True, ema_overwrite_frequency=2), {}),
 ]
 # Inside tf.function (as model.fit runs it): bit-equal too, but tracing costs ~15 s per
 # process, so CI leaves it out; run by hand with `... test_multiclient.py OUT.npz --graph`.
@@ -79,6 +81,8 @@ def train(steps: int = STEPS, configs=CONFIGS) -> dict[str, np.ndarray]:
             out[f"{label}/{n}"] = to_numpy(v)
         for i, m in enumerate(opt.momentums):
             out[f"{label}/m{i}"] = to_numpy(m)
+        for i, a in enumerate(opt._model_variables_moving_average):
+            out[f"{label}/ema{i}"] = to_numpy(a)
         out[f"{label}/iterations"] = np.asarray(to_numpy(opt.iterations))
         out[f"{label}/impl"] = np.asarray(sorted({n for g in opt.plan for n in g.__dict__.get("_impls", {})}))
     return out

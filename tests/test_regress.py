@@ -33,8 +33,10 @@ FAST_S, SLOW_S = 0.020, 0.060
 
 def load_regress():
     spec = importlib.util.spec_from_file_location("dsgd_regress", REGRESS)
+    if "dsgd_regress" in sys.modules:
+        return sys.modules["dsgd_regress"]
     mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("dsgd_regress", mod)
+    sys.modules["dsgd_regress"] = mod  # its dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 

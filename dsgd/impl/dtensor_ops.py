@@ -52,25 +52,30 @@ def _scaled(g, scale, clipvalue, dtype):
     return g
 
 
+def _ema_one(e: Entry, w: tf.Tensor, args: StepArgs) -> tf.Tensor:
+    """Update ``e``'s moving average from the new weights ``w``; return the weights to store.
+
+    Inside ``tf.function`` the overwrite is an arithmetic select ``s*avg + (1-s)*w`` with
+    ``s`` in {0, 1} (exact for finite values): ``tf.where`` with the scalar DTensor predicate
+    segfaults, and a ``tf.cond`` per group lost its ordering (both checked with TF 2.21).
+    """
+    if args.ema_momentum is None:
+        return w
+    new_avg = rules.ema(e.average.read_value(), w, tf.cast(args.ema_momentum, w.dtype))
+    e.average.assign(new_avg)
+    if isinstance(args.ema_overwrite, bool):
+        return new_avg if args.ema_overwrite else w
+    s = tf.cast(args.ema_overwrite, w.dtype)
+    return s * new_avg + (1 - s) * w
+
+
 def _ema(items: Items, args: StepArgs) -> None:
+    """EMA after in-place updates: reads each variable after its update (control edge)."""
     if args.ema_momentum is None:
         return
-    # Inside tf.function the overwrite is an arithmetic select, not a tf.cond: with a tf.cond
-    # per group, clipping and 4+ groups, DTensor's passes lost the read-after-update ordering
-    # and the averages were computed from the weights *before* the step; and tf.where with
-    # the scalar DTensor predicate segfaults (both checked with TF 2.21).  s*a + (1-s)*w with
-    # s in {0, 1} is exact for finite values.
-    eager_flag = isinstance(args.ema_overwrite, bool)
     for e, _ in items:
         w = e.var.read_value()
-        new_avg = rules.ema(e.average.read_value(), w, tf.cast(args.ema_momentum, e.var.dtype))
-        e.average.assign(new_avg)
-        if eager_flag:
-            if args.ema_overwrite:
-                e.var.assign(new_avg)
-        else:
-            s = tf.cast(args.ema_overwrite, w.dtype)
-            e.var.assign(s * new_avg + (1 - s) * w)
+        e.var.assign(_ema_one(e, w, args))
 
 
 class OpsDTensor(Implementation):
@@ -84,20 +89,23 @@ class OpsDTensor(Implementation):
         return [tf.stack([_sumsq(g) for _, g in items])]
 
     def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
+        # Data flow, not read-after-write: each variable is read once and assigned once, so
+        # no result depends on control edges between resource ops (inside tf.function on a
+        # mesh DTensor did not keep them: the EMA read the weights from before the update).
         for i, (e, g) in enumerate(items):
             dtype = e.var.dtype
             lr = tf.cast(args.lr, dtype)
             g = densify(_scaled(g, None if scales is None else scales[i], args.clipvalue, dtype), e)
+            w = e.var.read_value()
             if args.weight_decay and e.decay:
-                e.var.assign(rules.weight_decay(e.var, lr, args.weight_decay))
+                w = rules.weight_decay(w, lr, args.weight_decay)
             if e.momentum is not None:
                 mu = tf.cast(args.momentum, dtype)
-                w_new, m_new = rules.momentum(e.var, e.momentum, g, lr, mu, args.nesterov)
+                w, m_new = rules.momentum(w, e.momentum.read_value(), g, lr, mu, args.nesterov)
                 e.momentum.assign(m_new)
-                e.var.assign(w_new)
             else:
-                e.var.assign(rules.sgd(e.var, g, lr))
-        _ema(items, args)
+                w = rules.sgd(w, g, lr)
+            e.var.assign(_ema_one(e, w, args))
 
 
 class FusedDTensor(OpsDTensor):
