@@ -93,7 +93,8 @@ def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bo
 
     from dsgd import multiclient
 
-    if multiclient.is_client():
+    client = multiclient.is_client()
+    if client:
         isolate = False
     payloads = [dict(asdict(c), steps=steps) for c in cases]
     rows: list[Optional[dict]] = [None] * len(cases)
@@ -119,6 +120,13 @@ def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bo
                 res = run_case(dict(p))
             except Exception as e:  # noqa: BLE001 - recorded as failed; the sweep goes on
                 res = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            if client:  # a case failed on some clients only: the others may be stuck in it, stop all
+                oks = multiclient.agree(f"bench-case-{i}", res.get("status", "ok") == "ok")
+                if len(set(oks)) > 1:
+                    bad = [k for k, ok in enumerate(oks) if not ok]
+                    msg = f"case {cases[i].label} failed on client(s) {bad} only: {res.get('error', '')}"
+                    multiclient.report_error(msg)
+                    raise RuntimeError(msg)
             got(i, res)
     bar.close()
     return add_ratios(pd.DataFrame(rows))

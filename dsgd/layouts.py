@@ -225,6 +225,7 @@ def measure_plan(payload: dict) -> dict:
         "steps": len(t),
         "median_ms": float(np.median(t)),
         "p25_ms": float(np.percentile(t, 25)),
+        "p75_ms": float(np.percentile(t, 75)),
         "min_ms": float(t.min()),
         "measured_params_bytes_per_device": max(per_dev.values()),
         "measured_state_bytes_per_device": max(state_dev.values()) if state_dev else 0,
@@ -312,6 +313,7 @@ class Advice:
     target: Any = None  # DataFrame: one row per target plan, predicted
     devices_per_host: int = 8
     failed: list = field(default_factory=list)
+    statistic: str = "median"
 
     def recommended(self, where: str = "local"):
         df = self.local if where == "local" else self.target
@@ -365,6 +367,10 @@ def rank(df, time_col: str, *, data_axes: set[str], allow_fsdp: bool = False,
     best_t = float(elig[time_col].min()) if len(elig) else float("nan")
     rec_idx = None
     if len(elig):
+        if "spread" in elig:  # measured: the band is at least the fastest plan's own interquartile spread
+            s = elig.loc[elig[time_col].idxmin(), "spread"]
+            if s == s and s is not None:
+                tolerance = max(tolerance, float(s))
         band = elig[elig[time_col] <= best_t * (1 + tolerance)]
         rec_idx = band.sort_values(["bytes_per_device", "n_collectives", time_col]).index[0]
         df.loc[rec_idx, "recommended"] = True
@@ -380,8 +386,8 @@ def rank(df, time_col: str, *, data_axes: set[str], allow_fsdp: bool = False,
         why = []
         tv = getattr(r, time_col)
         if r.recommended:
-            why.append(f"recommended: within {tolerance:.0%} of the fastest eligible step and the fewest bytes per "
-                       "device among those")
+            why.append(f"recommended: within {tolerance:.0%} of the fastest eligible step (the noise band) and the "
+                       "fewest bytes per device among those")
         if tv == tv and best_t == best_t:
             why.append("fastest step" if abs(tv - best_t) < 1e-12 else f"step {100 * (tv / best_t - 1):+.0f}% vs the fastest")
         if repl_bytes and r.plan != "replicated":
@@ -461,8 +467,10 @@ def advise(model: str, mesh: str, *, target_mesh: Optional[str] = None, options:
                "bytes_per_device": f["bytes_per_device"], "params_bytes_per_device": f["params_bytes_per_device"],
                "state_bytes_per_device": f["momentum_bytes_per_device"] + f["ema_bytes_per_device"],
                "measured_bytes_per_device": mine.get("measured_bytes_per_device"),
-               "step_ms": mine.get("median_ms", np.nan) if mine.get("status") == "ok" else np.nan,
-               "reference_ms": ref.get("median_ms", np.nan) if ref.get("status") == "ok" else np.nan,
+               "step_ms": mine.get(f"{statistic}_ms", np.nan) if mine.get("status") == "ok" else np.nan,
+               "spread": ((mine["p75_ms"] - mine["p25_ms"]) / mine["median_ms"])
+               if mine.get("status") == "ok" and "p75_ms" in mine else np.nan,
+               "reference_ms": ref.get(f"{statistic}_ms", np.nan) if ref.get("status") == "ok" else np.nan,
                "first_step_s": mine.get("first_step_s", np.nan),
                "reference_first_step_s": ref.get("first_step_s", np.nan),
                "impl_used": mine.get("impl_used"),
@@ -476,7 +484,7 @@ def advise(model: str, mesh: str, *, target_mesh: Optional[str] = None, options:
     daxes = data_axes_of(dims, data_axes)
     local = rank(pd.DataFrame(table), "step_ms", data_axes=daxes, allow_fsdp=allow_fsdp, memory_budget=memory_budget)
     advice = Advice(model, meshspec.format_mesh_spec(dims), options, implementation, specs, plan_list, local, rows,
-                    model_fit, devices_per_host=dph)
+                    model_fit, devices_per_host=dph, statistic=statistic)
     if tdims:
         tplans = plans_mod.enumerate_plans(specs, tdims, min_shard_bytes=min_shard_bytes, coverage=coverage,
                                            force=force, max_plans=max_plans)
@@ -519,10 +527,10 @@ def render_table(advice: Advice, *, reasons: bool = True) -> str:
     lines = [f"dsgd layouts: {advice.model} ({len(advice.specs)} variables, "
              f"{sum(s.size for s in advice.specs):,} parameters), options {advice.options!r}"]
     lines.append(f"\nmeasured on mesh {advice.mesh} (implementation {advice.implementation!r} vs tf_keras reference; "
-                 "median of the timed steps):")
+                 f"{advice.statistic} of the timed steps; 'spread': their interquartile range / median):")
     df = advice.local
     view = df[["rank", "plan", "axes", "sharded_vars", "bytes_per_device", "state_bytes_per_device", "step_ms",
-               "reference_ms", "speedup", "model_ms", "n_collectives"]].copy()
+               "spread", "reference_ms", "speedup", "model_ms", "n_collectives"]].copy()
     view["params+state MiB/dev"] = view.pop("bytes_per_device").map(_mib)
     view["state MiB/dev"] = view.pop("state_bytes_per_device").map(_mib)
     view = view.rename(columns={"step_ms": f"{advice.implementation} ms", "reference_ms": "reference ms",
@@ -653,8 +661,10 @@ def plot(advice: Advice, path: str) -> None:
         if len(rec):
             ax.scatter(rec["bytes_per_device"] / 2**20, rec[tcol], marker="*", s=320, color="gold",
                        edgecolors="k", label=f"recommended: {rec['plan'].iloc[0]}", zorder=4)
-        ax.set_xlabel("params + optimizer state per device (MiB)")
-        ax.set_ylabel("optimizer step (ms)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("params + optimizer state per device (MiB, log)")
+        ax.set_ylabel("optimizer step (ms, log)")
         ax.set_title(f"{advice.model} on {mesh} ({kind})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -202,6 +202,40 @@ def leave_together(cfg: ClientConfig, timeout_s: float = EXIT_BARRIER_TIMEOUT_S)
         ctx.get_config_key_value(f"dsgd-exit/{i}", int(timeout_s * 1000))
 
 
+_AGREE_CALLS = 0
+
+
+def agree(tag: str, ok: bool, *, failed_wait_s: float = 120.0) -> list[bool]:
+    """Every client's ``ok`` for step ``tag`` (all clients call it, in the same order).
+
+    Each client posts its status in the coordination service and reads the others'.  A
+    client that failed waits at most ``failed_wait_s`` for them: if another client is stuck
+    in a collective that this one never joined, the wait ends, the error is reported to the
+    cluster (which aborts the stuck collectives) and :class:`RuntimeError` is raised.
+    """
+    from tensorflow.python.eager import context
+
+    global _AGREE_CALLS
+    _AGREE_CALLS += 1  # keys unique per call: every client calls agree() in the same order
+    tag = f"{_AGREE_CALLS}:{tag}"
+    cfg = config_from_env()
+    ctx = context.context()
+    ctx.set_config_key_value(f"dsgd-agree/{tag}/{cfg.client_id}", "1" if ok else "0")
+    wait_ms = 0 if ok else int(failed_wait_s * 1000)  # 0: no limit (crashes are caught by the launcher)
+    out = []
+    for i in range(cfg.num_clients):
+        if i == cfg.client_id:
+            out.append(ok)
+            continue
+        try:
+            out.append(ctx.get_config_key_value(f"dsgd-agree/{tag}/{i}", wait_ms) == "1")
+        except Exception as e:  # noqa: BLE001 - a timeout or an unhealthy cluster: stop everyone
+            msg = f"client {cfg.client_id} failed at {tag!r}; client {i} did not report ({type(e).__name__})"
+            report_error(msg)
+            raise RuntimeError(msg) from None
+    return out
+
+
 def report_error(message: str) -> None:
     """Tell the other clients this one failed, so their pending collectives and barriers fail fast."""
     if not is_initialized():

@@ -115,6 +115,11 @@ class FusedDTensor(OpsDTensor):
     description = "one ResourceApplyKerasMomentum per variable through DTensor (graph-safe)"
 
     def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
+        if args.ema_momentum is not None and not tf.executing_eagerly():
+            # The EMA must read each variable after its in-place update; inside tf.function
+            # on a mesh DTensor dropped that ordering (4 layouts + clipnorm: the averages
+            # used the weights from before the step; TF 2.21), so use the data-flow path.
+            return OpsDTensor.apply(self, items, args, scales)
         for i, (e, g) in enumerate(items):
             dtype = e.var.dtype
             lr = tf.cast(args.lr, dtype)
