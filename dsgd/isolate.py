@@ -27,7 +27,10 @@ def _resolve(path: str) -> Callable[[dict], dict]:
 
 
 def child_env(extra: Optional[dict] = None) -> dict:
-    env = dict(os.environ)
+    # A worker is a fresh single-client process: it must not join a DTensor cluster its parent
+    # belongs to (it would pose as a second copy of the same client).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("DTENSOR_") and k not in ("DSGD_LOCAL_DEVICES", "DSGD_DEVICE_TYPE", "DSGD_LAUNCHED")}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
