@@ -21,12 +21,13 @@ class StepMetrics:
     params = [MESHES, list(LAYOUTS), [BASE["dtype"]], [BASE["device"]], [BASE["xla"]], IMPLEMENTATIONS,
               [BASE["options"]]]
     timeout = 120
-    setup_cache_timeout = 1800
     rounds = 1  # one measurement per run; the numbers are medians already
 
     def setup_cache(self):
         kept = [p for p in itertools.product(*self.params) if not common.skip_reason(*p)]
         return common.metrics_for(kept)
+
+    setup_cache.timeout = 1200  # every kept set, one after another (~3 s of CPU each)
 
     def setup(self, cache, *params):
         common.check(*params)

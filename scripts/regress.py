@@ -268,6 +268,8 @@ def significant(a_stats, a_samples, b_stats, b_samples, p_threshold: float) -> O
     (a track_), or one sample on a side (a --quick run): nothing to test with."""
     from asv import _stats
 
+    a_samples = list(a_samples) if isinstance(a_samples, (list, tuple)) else None
+    b_samples = list(b_samples) if isinstance(b_samples, (list, tuple)) else None
     if not (_has_stats(a_stats) and _has_stats(b_stats)):
         return None
     if a_stats.get("repeat", 0) == 1 and not a_samples or b_stats.get("repeat", 0) == 1 and not b_samples:
@@ -370,7 +372,7 @@ def _err(stats):
 
 
 def _n(samples, stats):
-    if samples:
+    if isinstance(samples, (list, tuple)) and samples:
         return len(samples)
     if isinstance(stats, dict) and stats.get("repeat"):
         return int(stats["repeat"])

@@ -72,7 +72,8 @@ def _run(meshes, mesh_spec, impl, opts, dtype="float32", replicated=False, momen
                         decay_mask=[i != 1 for i in range(len(variables))])
     state = r64.init_state([to_numpy(v) for v in variables], o64)
     for k in range(steps):
-        grads = _grads(variables, layouts, k, dtype, scale=3.0 if "clip" in str(opts) else 1.0)
+        clipping = any(opts.get(c) for c in ("clipnorm", "global_clipnorm", "clipvalue"))
+        grads = _grads(variables, layouts, k, dtype, scale=3.0 if clipping else 1.0)  # so clipping bites
         opt.apply_gradients(zip(grads, variables))
         r64.step(state, [to_numpy(g) for g in grads], o64)
     return opt, variables, state
