@@ -283,12 +283,20 @@ def validation_plans(specs: Sequence[VarSpec], mesh_dims) -> list:
     return out
 
 
+def _work_key(r: dict) -> tuple:
+    return (r["workload"], r["implementation"], r["options"], r["plan"] == "replicated",
+            *(round(float(r[k]), 6) for k in FEATURES))
+
+
 def validate(rows: Sequence[dict], fit_sizes=(1, 2, 4), test_sizes=(8,), y: str = "median_ms"):
     """Fit on rows whose mesh has ``fit_sizes`` devices; predict the ``test_sizes`` rows.
 
     Returns ``(per_row, summary, model)``: pandas frames of every prediction and, per
     (workload, implementation, options), the mean and max absolute error in percent on step
-    time and whether the bytes per device predicted equal those measured.
+    time, whether the bytes per device predicted equal those measured, and the noise floor:
+    ``noise_pct``, how far a measurement lies from the median of the measurements of the
+    same work (same features) on the other 8-device meshes, and ``vs_consensus_pct``, the
+    prediction's error against that median.
     """
     import pandas as pd
 
@@ -296,12 +304,21 @@ def validate(rows: Sequence[dict], fit_sizes=(1, 2, 4), test_sizes=(8,), y: str 
     train = [r for r in rows if r["mesh_devices"] in fit_sizes]
     test = [r for r in rows if r["mesh_devices"] in test_sizes]
     model = CostModel.fit(train, y=y)
+    # identical work measured more than once (e.g. a replicated plan on batch=8, batch=2,model=4 and
+    # batch=4,model=2): how far one measurement is from their median is the noise no model can remove
+    same: dict[tuple, list[float]] = {}
+    for r in test:
+        same.setdefault(_work_key(r), []).append(float(r[y]))
     out = []
     for r in test:
         p = model.predict_ms(r, r["implementation"], r["options"])
+        g = same[_work_key(r)]
+        consensus = float(np.median(g)) if len(g) > 1 else float("nan")
         out.append({"workload": r["workload"], "mesh": r["mesh"], "plan": r["plan"],
                     "implementation": r["implementation"], "options": r["options"],
                     "measured_ms": r[y], "predicted_ms": p, "error_pct": 100.0 * (p - r[y]) / r[y],
+                    "noise_pct": 100.0 * abs(r[y] - consensus) / consensus,
+                    "error_vs_consensus_pct": 100.0 * abs(p - consensus) / consensus,
                     "bytes_predicted": r["bytes_per_device"], "bytes_measured": r.get("measured_bytes_per_device"),
                     "bytes_exact": r.get("measured_bytes_per_device") == r["bytes_per_device"]})
     per_row = pd.DataFrame(out)
@@ -310,7 +327,8 @@ def validate(rows: Sequence[dict], fit_sizes=(1, 2, 4), test_sizes=(8,), y: str 
     per_row["abs_error_pct"] = per_row["error_pct"].abs()
     summary = (per_row.groupby(["workload", "implementation", "options"], sort=False)
                .agg(cases=("abs_error_pct", "size"), mean_abs_error_pct=("abs_error_pct", "mean"),
-                    max_abs_error_pct=("abs_error_pct", "max"), bytes_exact=("bytes_exact", "all"))
+                    max_abs_error_pct=("abs_error_pct", "max"), noise_pct=("noise_pct", "mean"),
+                    vs_consensus_pct=("error_vs_consensus_pct", "mean"), bytes_exact=("bytes_exact", "all"))
                .reset_index())
     summary["within_20pct"] = summary["max_abs_error_pct"] <= 20.0
     return per_row, summary, model

@@ -389,7 +389,8 @@ def rank(df, time_col: str, *, data_axes: set[str], allow_fsdp: bool = False,
             why.append(f"recommended: within {tolerance:.0%} of the fastest eligible step (the noise band) and the "
                        "fewest bytes per device among those")
         if tv == tv and best_t == best_t:
-            why.append("fastest step" if abs(tv - best_t) < 1e-12 else f"step {100 * (tv / best_t - 1):+.0f}% vs the fastest")
+            why.append("fastest eligible step" if abs(tv - best_t) < 1e-12
+                       else f"step {100 * (tv / best_t - 1):+.0f}% vs the fastest eligible")
         if repl_bytes and r.plan != "replicated":
             why.append(f"{repl_bytes / r.bytes_per_device:.1f}x fewer bytes/device than replicated")
         if r.bytes_per_device == min_bytes:
@@ -723,9 +724,11 @@ def render_validation(per_row, summary, model, statistic: str = "median") -> str
     if summary.empty:
         return "\n".join(lines + ["no successful measurements"])
     lines.append(summary.to_string(index=False, float_format=lambda x: f"{x:.1f}"))
+    lines.append("noise_pct: mean distance of a measurement from the median of the same work measured on the other "
+                 "8-device meshes (the noise floor); vs_consensus_pct: the prediction's error against that median")
     lines.append("\nper case:")
     cols = ["workload", "mesh", "plan", "implementation", "options", "measured_ms", "predicted_ms", "error_pct",
-            "bytes_predicted", "bytes_measured"]
+            "noise_pct", "bytes_predicted", "bytes_measured"]
     lines.append(per_row[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     lines.append("\ncoefficients:")
     lines.append(model.coefficients_table().to_string(index=False, float_format=lambda x: f"{x:.3g}"))

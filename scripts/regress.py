@@ -9,15 +9,19 @@ Results are read from asv's own files (``<results_dir>/<machine>/<commit>-<env>.
 written by ``asv run``, ``asv run --python=same --set-commit-hash`` or ``asv continuous``) into
 a pandas frame, one row per benchmark, parameter set and commit.
 
-A change counts as *confirmed* only when both
+A change counts as *confirmed* only when
 
-* the ratio of the two values is beyond ``--factor`` in the worse direction, and
+* the ratio of the two values (medians) is beyond ``--factor`` in the worse direction,
 * asv's statistics say the two measurements differ: the Mann-Whitney U test on the recorded
   samples (``asv._stats.is_different``, p < ``--p-threshold``), or, without enough samples,
-  non-overlapping 99% confidence intervals of the medians (asv's own fallback).
+  non-overlapping 99% confidence intervals of the medians (asv's own fallback), and
+* (``--criterion strict``, the default) the medians' 99% confidence intervals do not overlap
+  either.  On a shared machine the load drifts between two runs and shifts every sample of a
+  run together; the rank test alone then "confirms" a 1.6x change between two runs of the
+  same code (seen here), the confidence intervals do not.
 
 A change beyond the factor that the statistics do not confirm (noise, one sample only, a
-``--quick`` run) is reported as ``~slower`` / ``~faster`` and does not fail the gate.  Results
+``--quick`` run) is reported as ``slower?`` / ``faster?`` and does not fail the gate.  Results
 without statistics (``track_`` benchmarks) are compared by value only for the benchmarks that
 ``--deterministic`` names (counts such as bytes per device); the others are reported only.
 
@@ -52,6 +56,7 @@ DEFAULT_HIGHER_IS_BETTER = r"(gbps|roofline_fraction|throughput|speedup)$"
 # track_ benchmarks that are exact counts: compared by value and factor, no statistics needed.
 DEFAULT_DETERMINISTIC = r"(state_bytes_per_device|bytes_per_device)$"
 
+PARAM_SEP = " / "  # between parameter values in the ``params`` column (no '|': Markdown tables)
 STATUS_ORDER = ["regression", "new failure", "slower?", "faster", "fixed", "faster?", "same", "incomparable",
                 "skipped", "failed", "only in base", "only in head"]
 
@@ -199,7 +204,7 @@ def read_results_file(path: Path, meta: Optional[dict] = None):
         unit = m.get("unit") or {"time": "seconds", "peakmem": "bytes"}.get(btype, "unit")
         for combo, value, st, sm in itertools.zip_longest(itertools.product(*params), values, stats, samples):
             rows.append(dict(
-                benchmark=key, params=" | ".join(_unquote(p) for p in combo),
+                benchmark=key, params=PARAM_SEP.join(_unquote(p) for p in combo),
                 param_dict={n: _unquote(p) for n, p in zip(names, combo)},
                 value=math.nan if value is None else _num(value), failed=value is None or _num(value) is None,
                 stats=st or None, samples=sm or None, type=btype, unit=unit,
@@ -257,6 +262,7 @@ class Policy:
     higher_is_better: str = DEFAULT_HIGHER_IS_BETTER
     deterministic: str = DEFAULT_DETERMINISTIC
     allow_new_failures: bool = False
+    criterion: str = "strict"  # "strict": samples differ AND the 99% CIs are apart; "asv": asv's test alone
 
 
 def _has_stats(stats) -> bool:
@@ -277,6 +283,16 @@ def significant(a_stats, a_samples, b_stats, b_samples, p_threshold: float) -> O
     if (a_samples and len(a_samples) < 2) or (b_samples and len(b_samples) < 2):
         return None
     return bool(_stats.is_different(a_samples or None, b_samples or None, a_stats, b_stats, p_threshold=p_threshold))
+
+
+def ci_apart(a_stats, b_stats) -> Optional[bool]:
+    """Whether the 99% confidence intervals of the two medians do not overlap (None: no CIs)."""
+    if not (_has_stats(a_stats) and _has_stats(b_stats)):
+        return None
+    vals = [a_stats["ci_99_a"], a_stats["ci_99_b"], b_stats["ci_99_a"], b_stats["ci_99_b"]]
+    if any(_isnull(v) or math.isinf(v) for v in vals):
+        return None
+    return vals[1] < vals[2] or vals[3] < vals[0]
 
 
 def compare(base, head, policy: Policy = Policy()):
@@ -322,6 +338,11 @@ def compare(base, head, policy: Policy = Policy()):
             worse = (1 / ratio if ratio else math.inf) if higher_better else ratio
             sig = significant(r["stats_base"], r["samples_base"], r["stats_head"], r["samples_head"],
                               policy.p_threshold)
+            if sig and policy.criterion == "strict" and ci_apart(r["stats_base"], r["stats_head"]) is False:
+                # Samples of one run are correlated (the machine's load drifts between runs): a
+                # rank test alone then calls a shift of the whole run "significant".  Confirmed
+                # means asv's test and the medians' 99% confidence intervals agree.
+                sig = False
             if sig is None and det and det.search(r["benchmark"]):
                 sig = True  # exact counts: the value is the measurement
             beyond_worse = worse > policy.factor
@@ -395,6 +416,7 @@ def _fmt_value(v, unit, err=None) -> str:
 
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "failed" if v is None else "n/a"
+    err = None if _isnull(err) else err
     if unit in ("seconds", "bytes"):
         return human_value(v, unit, err=err)
     s = f"{v:.4g}"
@@ -402,12 +424,14 @@ def _fmt_value(v, unit, err=None) -> str:
 
 
 def table_frame(df, changed_only: bool = False):
-    """The report as display strings (what the terminal and Markdown show)."""
+    """The report as display strings (what the terminal and Markdown show): every row but the
+    skipped ones (counted in the summary; the CSV has them all), or only the changed ones."""
     import pandas as pd
 
     if df.empty:
         return pd.DataFrame(columns=REPORT_COLUMNS)
-    view = df if not changed_only else df[~df["status"].isin(["same", "skipped", "failed"])]
+    hide = ["same", "skipped", "failed"] if changed_only else ["skipped"]
+    view = df[~df["status"].isin(hide)]
     out = pd.DataFrame({
         "status": view["status"],
         "benchmark": view["benchmark"],
@@ -582,7 +606,8 @@ def _policy(args) -> Policy:
     if args.factor <= 1:
         raise RegressError(f"--factor must be > 1, got {args.factor}")
     return Policy(factor=args.factor, p_threshold=args.p_threshold, higher_is_better=args.higher_is_better,
-                  deterministic=args.deterministic, allow_new_failures=args.allow_new_failures)
+                  deterministic=args.deterministic, allow_new_failures=args.allow_new_failures,
+                  criterion=args.criterion)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -600,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="regex on benchmark names whose values are better when higher")
     common.add_argument("--deterministic", default=DEFAULT_DETERMINISTIC,
                         help="regex on benchmark names compared by value alone (exact counts)")
+    common.add_argument("--criterion", choices=["strict", "asv"], default="strict",
+                        help="strict (default): Mann-Whitney on the samples and non-overlapping 99%% CIs of the "
+                             "medians must both confirm a change; asv: asv compare's test alone")
     common.add_argument("--allow-new-failures", action="store_true",
                         help="a benchmark failing at HEAD that ran at BASE does not fail the gate")
     common.add_argument("--format", choices=["table", "markdown", "csv"], default="table",

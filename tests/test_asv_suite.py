@@ -82,9 +82,9 @@ def test_one_parameter_set_runs_through_asv(asv_env):
         spec.loader.exec_module(regress)
     df = regress.read_results_file(files[0])
     rows = df[df["benchmark"] == name].set_index("params")
-    ran = rows.loc[" | ".join(ONE_CASE)]
+    ran = rows.loc[regress.PARAM_SEP.join(ONE_CASE)]
     assert not ran["failed"] and 0 < ran["value"] < 10, ran  # seconds per step
-    skipped = rows.loc[" | ".join(PRUNED)]
+    skipped = rows.loc[regress.PARAM_SEP.join(PRUNED)]
     assert not skipped["failed"] and math.isnan(skipped["value"])  # NotImplementedError: skipped, not failed
 
 

@@ -301,6 +301,19 @@ def test_classifier_needs_both_factor_and_statistics():
     assert regress.verdict(only_noise, regress.Policy()) == 0
 
 
+def test_strict_criterion_needs_the_confidence_intervals_apart():
+    """A whole run shifted (load drift between two runs): the rank test says "different", the
+    medians' 99% CIs overlap.  strict (default): not confirmed; asv's test alone: regression."""
+    regress = load_regress()
+    a = [1.0 + 0.05 * i for i in range(20)]
+    b = [x + 0.45 for x in a]
+    base, head = _frame([1.475], [a]), _frame([1.925], [b], commit="b" * 40)
+    assert regress.significant(base.stats[0], a, head.stats[0], b, 0.002) is True
+    assert regress.ci_apart(base.stats[0], head.stats[0]) is False
+    assert regress.compare(base, head, regress.Policy(factor=1.2))["status"].tolist() == ["slower?"]
+    assert regress.compare(base, head, regress.Policy(factor=1.2, criterion="asv"))["status"].tolist() == ["regression"]
+
+
 def test_classifier_directions_and_tracks():
     regress = load_regress()
     # higher is better: GB/s halving is a regression (an exact count needs no samples; GB/s does)
