@@ -386,7 +386,7 @@ def rank(df, time_col: str, *, data_axes: set[str], allow_fsdp: bool = False,
         why = []
         tv = getattr(r, time_col)
         if r.recommended:
-            why.append(f"recommended: within {tolerance:.0%} of the fastest eligible step (the noise band) and the "
+            why.append(f"recommended: within {tolerance:.0%} of the fastest eligible step (the tolerance: 10% or the fastest plan's measured spread) and the "
                        "fewest bytes per device among those")
         if tv == tv and best_t == best_t:
             why.append("fastest eligible step" if abs(tv - best_t) < 1e-12

@@ -73,9 +73,11 @@ def layout(mesh, spec: Sequence[str] | str, rank: int):
 
 
 def dvar(value, mesh=None, spec=None, dtype=None, name=None, trainable=True) -> tf.Variable:
-    """A DVariable (or, with ``mesh=None``, a plain tf.Variable) holding ``value``."""
+    """A DVariable (or, with ``mesh=None``, a plain tf.Variable) holding ``value`` (float32 by default)."""
     value = np.asarray(value)
-    dtype = tf.as_dtype(dtype or value.dtype)
+    if dtype is None:
+        dtype = tf.float32 if value.dtype.kind == "f" else value.dtype
+    dtype = tf.as_dtype(dtype)
     if mesh is None:
         return tf.Variable(tf.cast(value, dtype), name=name, trainable=trainable)
     lay = layout(mesh, spec if spec is not None else [U] * value.ndim, value.ndim)

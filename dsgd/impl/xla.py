@@ -39,12 +39,6 @@ from dsgd.impl.per_shard import LocalImplementation, local_sumsq
 from dsgd.plan import Group, StepArgs
 
 
-# How the per-device programs of a group are dispatched each step: "graph" (one graph function
-# that calls every device's program, run concurrently by TensorFlow's executor) or "serial"
-# (one call per device from Python).  Overridable for measurements: DSGD_XLA_DISPATCH.
-DISPATCH = os.environ.get("DSGD_XLA_DISPATCH", "graph")
-
-
 class NoHLOError(RuntimeError):
     """A path that claims to be XLA produced no HLO module."""
 
@@ -124,7 +118,6 @@ class XLA(LocalImplementation):
         self.last_sumsq_inputs: dict[int, tuple] = {}
         self.calls = 0
         self._concrete: dict = {}  # (program id, device index) -> concrete function
-        self._runners: dict = {}
 
     @classmethod
     def supports(cls, group: Group, options) -> Optional[str]:
@@ -210,44 +203,12 @@ class XLA(LocalImplementation):
                         g = densify_local(g, le.local_shape[0])
                 grads.append(g)
             per_device.append((var_h, mom_h, avg_h, grads))
-        if DISPATCH == "graph" and len(self.devices) > 1:
-            runner = self._runner(prog, per_device)
-            flat = [g for (_, _, _, grads) in per_device for g in grads] + [lr, scale_vec, overwrite]
-            runner._call_flat(flat, runner.captured_inputs)
-        else:
-            for k, dev in enumerate(self.devices):
-                with tf.device(dev):
-                    _call(prog, (*per_device[k], lr, scale_vec, overwrite), self._concrete, (id(prog), k))
+        for k, dev in enumerate(self.devices):
+            with tf.device(dev):
+                _call(prog, (*per_device[k], lr, scale_vec, overwrite), self._concrete, (id(prog), k))
         for k in range(len(self.devices)):
             self.last_inputs[k] = (prog, (*per_device[k], lr, scale_vec, overwrite))
         self.calls += 1
-
-    def _runner(self, prog, per_device):
-        """One (non-XLA) graph function calling every device's XLA program: a single dispatch per
-        step, and TensorFlow's executor runs (and first compiles) the device programs concurrently."""
-        key = (id(prog), tuple(len(d[3]) for d in per_device))
-        runner = self._runners.get(key)
-        if runner is not None:
-            return runner
-        devices = list(self.devices)
-        handles = [(v, m, a) for (v, m, a, _) in per_device]
-        n = len(per_device[0][3])
-
-        def run(flat):
-            grads, (lr, scales, overwrite) = flat[:-3], flat[-3:]
-            outs = []
-            for k, dev in enumerate(devices):
-                with tf.device(dev):
-                    v, m, a = handles[k]
-                    outs.append(prog(v, m, a, list(grads[k * n:(k + 1) * n]), lr, scales, overwrite))
-            return outs
-
-        fn = tf.function(lambda *flat: run(flat), autograph=False)
-        example = [g for (_, _, _, grads) in per_device for g in grads]
-        runner = fn.get_concrete_function(*example, tf.TensorSpec([], tf.float32),
-                                          tf.TensorSpec([None], tf.float32), tf.TensorSpec([], tf.bool))
-        self._runners[key] = runner
-        return runner
 
     # -------------------------------------------------------------------- HLO
     def compiler_ir(self, stage: str = "hlo") -> dict[str, str]:
