@@ -4,6 +4,7 @@
     python scripts/regress.py compare [[BASE] HEAD]     # HEAD (default HEAD) vs BASE (default: HEAD's parent)
     python scripts/regress.py history [RANGE]           # every commit with results vs its parent
     python scripts/regress.py continuous [BASE] [HEAD]  # asv continuous --interleave-rounds, then compare
+    python scripts/regress.py abba [BASE] [HEAD]        # rounds in ABBA order (drift cancels), then compare
 
 Results are read from asv's own files (``<results_dir>/<machine>/<commit>-<env>.json``, as
 written by ``asv run``, ``asv run --python=same --set-commit-hash`` or ``asv continuous``) into
@@ -583,6 +584,11 @@ def cmd_continuous(args) -> int:
     print(f"asv continuous exited {proc.returncode} ({meaning}); the verdict below is read from its results",
           file=sys.stderr)
     tail = ((proc.stdout or "") + (proc.stderr or ""))[-3000:]
+    return _verdict_from_fresh_results(setup, args, policy, base, head, started, tail)
+
+
+def _verdict_from_fresh_results(setup: Setup, args, policy: Policy, base: str, head: str, started: float,
+                                tail: str) -> int:
     try:
         machine = pick_machine(setup, args.machine)
         # Only results this run wrote: older files for the same commits must not stand in.
@@ -595,11 +601,53 @@ def cmd_continuous(args) -> int:
         env = args.env or (sorted(envs)[0] if len(envs) == 1 else None)
         df = compare_commits(setup, base, head, machine=machine, env=env, policy=policy)
     except RegressError as e:
-        print(f"regress: asv continuous produced no usable results: {e}\n--- asv output (tail) ---\n{tail}",
+        print(f"regress: asv produced no usable results: {e}\n--- asv output (tail) ---\n{tail}",
               file=sys.stderr)
         return EXIT_ASV_FAILED
     write_outputs(df, args, policy)
     return verdict(df, policy)
+
+
+def cmd_abba(args) -> int:
+    """Both commits measured in alternating order, head-base-base-head-..., one asv round each
+    (``asv run <commit>^! -a rounds=1 --append-samples``), then the comparison.
+
+    asv continuous --interleave-rounds measures head then base in every round, so a load
+    that falls (or rises) during the run favours one side every time; here each commit goes
+    first as often as last, and the drift cancels.
+    """
+    setup = load_setup(args.config, args.results_dir)
+    policy = _policy(args)
+    head = rev_parse(setup.repo, args.head)
+    base = rev_parse(setup.repo, args.base)
+    if args.rounds < 2 or args.rounds % 2:
+        raise RegressError(f"--rounds must be an even number >= 2, got {args.rounds}")
+    started = time.time()
+    seen: set[str] = set()
+    tail = ""
+    for i in range(args.rounds):
+        for c in ((head, base) if i % 2 == 0 else (base, head)):
+            cmd = [sys.executable, "-m", "asv", "run", "--record-samples", "-a", "rounds=1",
+                   "--config", str(setup.config)]
+            if c in seen:
+                cmd.append("--append-samples")
+            seen.add(c)
+            if args.machine:
+                cmd += ["--machine", args.machine]
+            for b in args.bench:
+                cmd += ["--bench", b]
+            cmd += shlex.split(args.asv_args or "") + [f"{c}^!"]
+            print(f"[round {i + 1}/{args.rounds}] $ " + " ".join(shlex.quote(x) for x in cmd), file=sys.stderr,
+                  flush=True)
+            proc = subprocess.run(cmd, cwd=setup.root, capture_output=not args.show_asv_output, text=True)
+            tail = ((proc.stdout or "") + (proc.stderr or ""))[-3000:]
+            if proc.returncode == 2:  # asv run: some benchmarks failed; they are recorded as failed
+                print(f"asv run exited 2 for {c[:8]}: some benchmarks failed (recorded as failed)", file=sys.stderr)
+            elif proc.returncode != 0:
+                print(f"regress: asv run exited {proc.returncode} for {c[:8]}\n--- asv output (tail) ---\n{tail}",
+                      file=sys.stderr)
+                return EXIT_ASV_FAILED
+    return _verdict_from_fresh_results(setup, args, policy, base, head, started, tail)
 
 
 def _policy(args) -> Policy:
@@ -654,6 +702,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--asv-args", help="more arguments for asv continuous, as one string")
     k.add_argument("--show-asv-output", action="store_true", help="let asv print as it runs")
     k.set_defaults(func=cmd_continuous)
+    a = sub.add_parser("abba", parents=[common],
+                       help="measure BASE and HEAD in alternating order (ABBA rounds), then compare")
+    a.add_argument("base", nargs="?", default="main", help="baseline revision (default main)")
+    a.add_argument("head", nargs="?", default="HEAD", help="revision under test (default HEAD)")
+    a.add_argument("--rounds", type=int, default=4, help="rounds (even; default 4: head, base, base, head, ...)")
+    a.add_argument("-b", "--bench", action="append", default=[], help="benchmark regex (repeatable)")
+    a.add_argument("--asv-args", help="more arguments for each asv run, as one string")
+    a.add_argument("--show-asv-output", action="store_true", help="let asv print as it runs")
+    a.set_defaults(func=cmd_abba)
     return p
 
 

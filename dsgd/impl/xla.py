@@ -26,6 +26,7 @@ passes; it raises if a path that claims XLA yields no HLO.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Optional, Sequence
@@ -66,7 +67,7 @@ def _program(n: int, *, decay_mask: tuple, has_momentum: bool, has_ema: bool, mo
             wc, gc = tf.cast(w, cd), tf.cast(g, cd)
             lr_c = tf.cast(lr, cd)
             if weight_decay and decay_mask[i]:
-                wc = rules.weight_decay(wc, lr_c, weight_decay)
+                wc = rules.weight_decay(wc, lr_c, tf.constant(weight_decay, cd))  # exact in float64
             if has_momentum:
                 m = tf.raw_ops.ReadVariableOp(resource=mom_h[i], dtype=slot_dtype)
                 wc, m_new = rules.momentum(wc, m, gc, lr_c, tf.constant(momentum, cd), nesterov)
@@ -211,22 +212,37 @@ class XLA(LocalImplementation):
         self.calls += 1
 
     # -------------------------------------------------------------------- HLO
-    def compiler_ir(self, stage: str = "hlo") -> dict[str, str]:
-        """``{program label: HLO text}`` of the last step's program on each device.
+    def programs(self, per_device: bool = False) -> list[tuple[str, object, tuple, list[int]]]:
+        """The device programs of the last step: ``(label, program, example args, device indices)``.
 
-        ``stage``: ``"hlo"`` (before XLA's optimisation passes) or ``"optimized_hlo"``.
+        Devices whose program and input signature are the same run the same HLO (XLA compiles it
+        once per device); unless ``per_device``, they are listed once, with all their indices.
         """
         if not self.last_inputs:
             raise NoHLOError(f"xla implementation for group {self.group.key} has not run a step yet")
+        out: list = []
+        seen: dict = {}
+        for kind, table in (("step", self.last_inputs), ("sumsq", self.last_sumsq_inputs)):
+            for k, (prog, call_args) in sorted(table.items()):
+                sig = (kind, id(prog), tuple((tuple(t.shape), t.dtype.name) for t in tf.nest.flatten(call_args)))
+                if not per_device and sig in seen:
+                    seen[sig][3].append(k)
+                    continue
+                entry = (f"{kind}.dev{k}", prog, call_args, [k])
+                seen[sig] = entry
+                out.append(entry)
+        return out
+
+    def compiler_ir(self, stage: str = "hlo", per_device: bool = False) -> dict[str, tuple[str, list[int]]]:
+        """``{program label: (HLO text, device indices)}`` of the last step's programs.
+
+        ``stage``: ``"hlo"`` (before XLA's optimisation passes) or ``"optimized_hlo"``.
+        """
         out = {}
-        for k, (prog, call_args) in sorted(self.last_inputs.items()):
-            with tf.device(self.devices[k]):
-                text = prog.experimental_get_compiler_ir(*call_args)(stage=stage, device_name=self.devices[k])
-            out[f"step_dev{k}"] = text
-        for k, (prog, call_args) in sorted(self.last_sumsq_inputs.items()):
-            with tf.device(self.devices[k]):
-                out[f"sumsq_dev{k}"] = prog.experimental_get_compiler_ir(*call_args)(
-                    stage=stage, device_name=self.devices[k])
+        for label, prog, call_args, devs in self.programs(per_device):
+            dev = self.devices[devs[0]]
+            with tf.device(dev):
+                out[label] = (prog.experimental_get_compiler_ir(*call_args)(stage=stage), devs)
         return out
 
 
@@ -270,13 +286,14 @@ def count_fusions(hlo_text: str) -> int:
     return len(FUSION_RE.findall(hlo_text))
 
 
-def capture_hlo(obj, out_dir: str) -> list[str]:
+def capture_hlo(obj, out_dir: str, per_device: bool = False) -> list[str]:
     """Write the HLO of every device program of ``obj`` (a ``dsgd.SGD`` or an ``XLA``) to ``out_dir``.
 
-    For each program two files: ``<group>.<program>.before_optimizations.hlo.txt`` and
-    ``... .after_optimizations.hlo.txt``.  Returns the paths.  Raises :class:`NoHLOError` if
-    ``obj`` claims XLA (``jit_compile=True`` or an ``xla`` implementation) but no HLO module
-    is found (nothing ran through XLA, or a program has empty HLO).
+    For each program two files, ``<group>.<program>.dev<K>.before_optimizations.hlo.txt`` and
+    ``... .after_optimizations.hlo.txt``, and ``hlo_programs.json`` mapping each file to its group,
+    stage and the devices that run it (devices with the same program and shapes share one file
+    unless ``per_device``).  Returns the HLO paths.  Raises :class:`NoHLOError` if ``obj``
+    claims XLA but no HLO module is found (no step ran through XLA, or XLA returned no module).
     """
     impls = xla_impls(obj)
     if not impls:
@@ -284,17 +301,24 @@ def capture_hlo(obj, out_dir: str) -> list[str]:
             "no group of this optimizer ran through the xla implementation (did a step run? "
             f"implementation={getattr(obj, 'implementation', '?')!r}, jit_compile={getattr(obj, 'jit_compile', '?')})")
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
+    paths, manifest = [], {}
     for gi, imp in enumerate(impls):
         label = f"group{gi}_{_sanitize(imp.group.layout_spec)}_{imp.group.dtype.name}"
         for stage, suffix in (("hlo", "before_optimizations"), ("optimized_hlo", "after_optimizations")):
-            for prog_label, text in imp.compiler_ir(stage).items():
+            for prog_label, (text, devs) in imp.compiler_ir(stage, per_device).items():
                 if not text or "HloModule" not in text:
                     raise NoHLOError(f"{label}.{prog_label}: XLA returned no HLO module for stage {stage!r}")
-                path = os.path.join(out_dir, f"{label}.{prog_label}.{suffix}.hlo.txt")
-                with open(path, "w") as f:
+                name = f"{label}.{prog_label}.{suffix}.hlo.txt"
+                with open(os.path.join(out_dir, name), "w") as f:
                     f.write(text)
-                paths.append(path)
+                paths.append(os.path.join(out_dir, name))
+                manifest[name] = {"group": list(imp.group.key), "stage": suffix, "program": prog_label.split(".")[0],
+                                  "devices": [imp.devices[k] for k in devs], "variables": len(imp.group.entries),
+                                  "fusions": count_fusions(text) if stage == "optimized_hlo" else None}
+    if not paths:
+        raise NoHLOError("the xla implementation ran no device program")
+    with open(os.path.join(out_dir, "hlo_programs.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
     return paths
 
 
