@@ -443,6 +443,8 @@ def table_frame(df, changed_only: bool = False):
         "significant": view["significant"].map({True: "yes", False: "no"}).fillna("-"),
         "n_base": view["n_base"], "n_head": view["n_head"],
     })
+    if "rounds_apart" in view:
+        out["rounds apart"] = view["rounds_apart"].map({True: "yes", False: "no"}).fillna("-")
     return out.reset_index(drop=True)
 
 
@@ -588,7 +590,7 @@ def cmd_continuous(args) -> int:
 
 
 def _verdict_from_fresh_results(setup: Setup, args, policy: Policy, base: str, head: str, started: float,
-                                tail: str) -> int:
+                                tail: str, rounds=None) -> int:
     try:
         machine = pick_machine(setup, args.machine)
         # Only results this run wrote: older files for the same commits must not stand in.
@@ -599,7 +601,12 @@ def _verdict_from_fresh_results(setup: Setup, args, policy: Policy, base: str, h
             raise RegressError(f"asv wrote no results for {', '.join(missing)} in {setup.results_dir / machine}")
         envs = {f.stem.split("-", 1)[1] for f in fresh[base]} & {f.stem.split("-", 1)[1] for f in fresh[head]}
         env = args.env or (sorted(envs)[0] if len(envs) == 1 else None)
-        df = compare_commits(setup, base, head, machine=machine, env=env, policy=policy)
+        meta = benchmark_meta(setup)
+        base_frame = load_commit(setup, machine, base, env, meta)
+        head_frame = load_commit(setup, machine, head, env, meta)
+        df = compare(base_frame, head_frame, policy)
+        if rounds is not None and policy.criterion == "strict":
+            apply_round_check(df, base_frame, head_frame, rounds)
     except RegressError as e:
         print(f"regress: asv produced no usable results: {e}\n--- asv output (tail) ---\n{tail}",
               file=sys.stderr)
@@ -614,7 +621,8 @@ def cmd_abba(args) -> int:
 
     asv continuous --interleave-rounds measures head then base in every round, so a load
     that falls (or rises) during the run favours one side every time; here each commit goes
-    first as often as last, and the drift cancels.
+    first as often as last, and the drift cancels.  With ``--criterion strict`` a confirmed
+    change must also separate the rounds (:func:`apply_round_check`).
     """
     setup = load_setup(args.config, args.results_dir)
     policy = _policy(args)
@@ -624,6 +632,7 @@ def cmd_abba(args) -> int:
         raise RegressError(f"--rounds must be an even number >= 2, got {args.rounds}")
     started = time.time()
     seen: set[str] = set()
+    bounds: dict = {}
     tail = ""
     for i in range(args.rounds):
         for c in ((head, base) if i % 2 == 0 else (base, head)):
@@ -647,7 +656,65 @@ def cmd_abba(args) -> int:
                 print(f"regress: asv run exited {proc.returncode} for {c[:8]}\n--- asv output (tail) ---\n{tail}",
                       file=sys.stderr)
                 return EXIT_ASV_FAILED
-    return _verdict_from_fresh_results(setup, args, policy, base, head, started, tail)
+            _note_round(setup, args.machine, c, started, bounds)
+    return _verdict_from_fresh_results(setup, args, policy, base, head, started, tail,
+                                       rounds=(bounds.get(base, {}), bounds.get(head, {})))
+
+
+def _note_round(setup: Setup, machine: Optional[str], commit: str, started: float, bounds: dict) -> None:
+    """Remember how many samples each (benchmark, params, env) of ``commit`` has after a round,
+    so that the appended samples can be split back into rounds (processes)."""
+    try:
+        machine = pick_machine(setup, machine)
+        files = [f for f in result_files(setup, machine, commit) if f.stat().st_mtime >= started - 1]
+        frames = [read_results_file(f) for f in files]
+    except RegressError:
+        return
+    for df in frames:
+        for r in df.itertuples(index=False):
+            n = len(r.samples) if isinstance(r.samples, list) else 0
+            bounds.setdefault(commit, {}).setdefault((r.benchmark, r.params, r.env), []).append(n)
+
+
+def round_medians(samples, counts) -> list:
+    """Medians of the samples each round added (``counts``: sample count after each round)."""
+    import statistics
+
+    out, prev = [], 0
+    for n in counts:
+        chunk = [x for x in samples[prev:n] if not _isnull(x)]
+        if chunk:
+            out.append(statistics.median(chunk))
+        prev = max(prev, n)
+    return out
+
+
+def apply_round_check(df, base_frame, head_frame, rounds) -> None:
+    """ABBA runs: a confirmed change must also separate the rounds — every round (process) of
+    the worse commit beyond every round of the other.  Samples within one process share its
+    fate (memory placement, threads, the load at that moment); the rounds are the independent
+    repetitions, so an effect that only some processes show is noise, however many samples."""
+    if df.empty:
+        return
+    base_b, head_b = rounds
+    samples = {}
+    for name, frame in (("base", base_frame), ("head", head_frame)):
+        for r in frame.itertuples(index=False):
+            samples[(name, r.benchmark, r.params)] = (r.samples if isinstance(r.samples, list) else [], r.env)
+    apart_col = []
+    for i, r in df.iterrows():
+        sb, env_b = samples.get(("base", r["benchmark"], r["params"]), ([], None))
+        sh, env_h = samples.get(("head", r["benchmark"], r["params"]), ([], None))
+        mb = round_medians(sb, base_b.get((r["benchmark"], r["params"], env_b), []))
+        mh = round_medians(sh, head_b.get((r["benchmark"], r["params"], env_h), []))
+        apart = None
+        if len(mb) >= 2 and len(mh) >= 2:
+            apart = min(mh) > max(mb) or max(mh) < min(mb)
+        apart_col.append(apart)
+        if r["status"] in ("regression", "faster") and apart is False:
+            df.at[i, "status"] = "slower?" if r["status"] == "regression" else "faster?"
+            df.at[i, "significant"] = False
+    df["rounds_apart"] = apart_col
 
 
 def _policy(args) -> Policy:

@@ -333,3 +333,29 @@ def test_classifier_directions_and_tracks():
     base, head = _frame([None]), _frame([1.0], commit="b" * 40)
     base.loc[0, "failed"] = False
     assert regress.compare(base, head, regress.Policy())["status"].tolist() == ["skipped"]
+
+
+def test_abba_round_check_demotes_effects_of_single_processes():
+    """abba: samples are split back into rounds (processes); a change that not every round
+    shows is not confirmed, however many samples the rank test sees."""
+    regress = load_regress()
+    assert regress.round_medians([1, 2, 3, 10, 11, 12], [3, 6]) == [2, 11]
+    quiet = [1.0 + 0.01 * i for i in range(10)]
+    # base: 4 rounds at ~1.0; head: rounds at ~2.0, except one process that ran at ~1.0
+    base_s = quiet * 4
+    head_ok = [2 * x for x in quiet] * 4
+    head_mixed = [2 * x for x in quiet] * 3 + quiet
+    counts = {("b.T.time_x", "0", "e"): [10, 20, 30, 40], ("b.T.time_x", "1", "e"): [10, 20, 30, 40]}
+    base = _frame([1.05, 1.05], [base_s, base_s])
+    head = _frame([2.1, 2.0], [head_ok, head_mixed], commit="b" * 40)
+    # stats spanning the samples would overlap for the mixed one; make them tight to isolate the round rule
+    for f in (base, head):
+        for i in range(2):
+            v = f.loc[i, "value"]
+            f.at[i, "stats"] = {"ci_99_a": v * 0.99, "ci_99_b": v * 1.01, "q_25": v, "q_75": v, "repeat": 40}
+    df = regress.compare(base, head, regress.Policy(factor=1.5))
+    assert df["status"].tolist() == ["regression", "regression"]
+    regress.apply_round_check(df, base, head, (counts, counts))
+    got = df.set_index("params")
+    assert got.loc["0", "status"] == "regression" and got.loc["0", "rounds_apart"] == True  # noqa: E712
+    assert got.loc["1", "status"] == "slower?" and got.loc["1", "rounds_apart"] == False  # noqa: E712
