@@ -235,16 +235,23 @@ class SGD(keras_optimizer.Optimizer):
         self.momentums = []
         self._model_variables_moving_average = []
         entries = []
+        # an implementation may keep its slots in another layout (sharded_state: ZeRO-1)
+        slot_layout = getattr(impl_registry.REGISTRY.get(self.implementation), "slot_layout", None)
         for i, var in enumerate(var_list):
             layout = variable_layout(var)
+            s_layout = slot_layout(layout, list(var.shape)) if slot_layout is not None else None
             m = None
             if self.momentum != 0:
-                m = new_slot(var, "m", dtype=self.momentum_dtype)
+                m = new_slot(var, "m", dtype=self.momentum_dtype, layout=s_layout)
                 self._variables.append(m)
                 self.momentums.append(m)
             avg = None
             if self.use_ema:
-                avg = self.add_variable_from_reference(var, "average", initial_value=var)
+                if s_layout is not None:
+                    avg = new_slot(var, "average", initial_value=var, layout=s_layout)
+                    self._variables.append(avg)
+                else:
+                    avg = self.add_variable_from_reference(var, "average", initial_value=var)
                 self._model_variables_moving_average.append(avg)
             entries.append(Entry(
                 index=i, var=var, key=self._var_key(var), momentum=m, average=avg,
@@ -438,7 +445,10 @@ class SGD(keras_optimizer.Optimizer):
         for var in var_list:
             entry = self._entries.get(self._var_key(var))
             if entry is not None and entry.average is not None:
-                var.assign(entry.average)
+                avg = entry.average.read_value()
+                if entry.layout is not None and variable_layout(entry.average) != entry.layout:
+                    avg = dtensor.relayout(avg, entry.layout)  # ZeRO-1 averages are sharded further
+                var.assign(avg)
 
     def finalize_variable_values(self, var_list):
         """With EMA, overwrite the variables with their moving averages (also on a mesh)."""

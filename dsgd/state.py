@@ -49,9 +49,12 @@ def to_numpy(value) -> np.ndarray:
     return value.numpy()
 
 
-def new_slot(model_variable, name: str, *, initial_value=None, dtype=None) -> tf.Variable:
-    """A non-trainable variable beside ``model_variable``, with exactly its layout."""
-    layout = variable_layout(model_variable)
+def new_slot(model_variable, name: str, *, initial_value=None, dtype=None, layout=None) -> tf.Variable:
+    """A non-trainable variable beside ``model_variable``, with exactly its layout.
+
+    ``layout`` overrides that (ZeRO-1 slots sharded further over replicated axes).
+    """
+    layout = layout if layout is not None else variable_layout(model_variable)
     dtype = tf.as_dtype(dtype or getattr(model_variable, "true_dtype", None) or model_variable.dtype)
     if initial_value is None:
         init = zeros(model_variable.shape, dtype, layout)

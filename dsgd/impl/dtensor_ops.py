@@ -26,6 +26,11 @@ def densify(g, entry: Entry) -> tf.Tensor:
     every row of the variable anyway.
     """
     if not isinstance(g, tf.IndexedSlices):
+        if entry.layout is not None and not tf.executing_eagerly():
+            # Inside tf.function a gradient's layout is unknown while tracing (eagerly it was
+            # checked): pin it to the variable's.  A mismatched one made the fused training op
+            # segfault (TF 2.21); relayout is a no-op when the layouts already agree.
+            g = dtensor.relayout(g, entry.layout)
         return g
     rows = entry.var.shape[0]
     dense = tf.math.unsorted_segment_sum(g.values, g.indices, rows)
