@@ -1,0 +1,347 @@
+"""``dsgd profile``: TensorBoard profiles and XLA HLO of the optimizer step, per commit and config.
+
+For each configuration (workload x mesh x layout x dtype x implementation x XLA on/off x options)
+a fresh worker process (:func:`dsgd.isolate.run_isolated`, with ``XLA_FLAGS=--xla_dump_to`` set
+to that run's directory) builds the case with :func:`dsgd.measure.build_case`, times the first
+step and then the warm step with :mod:`dsgd.measure`, profiles ``--steps`` more steps under
+``tf.profiler.experimental.start/stop`` with ``Trace('train', step_num=i, _r=1)`` markers, and
+captures the HLO of XLA paths (:func:`dsgd.impl.xla.capture_hlo`).  Layout on disk::
+
+    profiles/
+      ledger.csv                          one row per (commit, config): the summary numbers
+      <commit>/<config>/
+        plugins/profile/<session>/*.xplane.pb   the trace (TensorBoard's Profile tab)
+        events.out.tfevents.*              per-step times of this run (Scalars tab)
+        hlo/*.hlo.txt, hlo/hlo_programs.json    HLO per device program, before/after optimisation
+        hlo/xla_dump/                      what XLA itself dumped (--xla_dump_to)
+        summary.json                       the run's summary (also in the ledger)
+      history/<config>/events.out.tfevents.*.<commit>   step time per commit (Scalars tab)
+
+so ``tensorboard --logdir profiles`` lists runs as ``<commit>/<config>``.  A config that claims
+XLA (``--xla on``) but whose trace holds no HLO module fails loudly; a bad config (unknown
+workload, a mesh that does not fit, an error in the worker) is reported and skipped, and the rest
+go on.  Runs already captured are never overwritten without ``--force``.
+
+``dsgd profile --diff A B`` prints the ledger's summaries of two commits side by side.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from typing import Optional, Sequence
+
+from dsgd.measure import Case
+
+DEFAULT_WORKLOADS = ("bert-mini", "many-small")
+DEFAULT_MESHES = ("1", "batch=2,model=4")
+DEFAULT_IMPLEMENTATIONS = ("auto",)
+HISTORY = "history"
+
+
+# ------------------------------------------------------------------------------ names
+def _slug(s: str) -> str:
+    s = os.path.splitext(os.path.basename(s))[0] if (s.endswith(".json") or os.sep in s) else s
+    return re.sub(r"[^A-Za-z0-9=,.+-]+", "-", s).strip("-") or "x"
+
+
+def config_name(case: Case) -> str:
+    """The run directory name of a case: readable in TensorBoard's run selector."""
+    parts = [case.workload, case.mesh if case.mesh not in ("", "1") else "1dev", case.layout, case.dtype,
+             case.implementation, "xla-on" if case.xla else "xla-off", case.options]
+    name = "_".join(_slug(p) for p in parts)
+    return name + ("_graph" if case.graph else "") + ("" if case.device.upper() == "CPU" else f"_{case.device.lower()}")
+
+
+def _git(repo: str, *args: str) -> Optional[str]:
+    try:
+        p = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
+def source_repo() -> Optional[str]:
+    """The git work tree the running ``dsgd`` package comes from (None outside git)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return _git(here, "rev-parse", "--show-toplevel")
+
+
+def commit_info(commit: Optional[str] = None, repo: Optional[str] = None) -> dict:
+    """``{"commit", "commit_order", "commit_date"}`` for ``commit`` (default: the source's HEAD).
+
+    Without ``commit``, a work tree with uncommitted changes to tracked files is named
+    ``<sha>+dirty``.  ``commit_order`` (``git rev-list --count``) orders commits along history:
+    it is the step of the per-commit TensorBoard scalars.
+    """
+    repo = repo or source_repo()
+    name, order, date = commit, None, None
+    if repo:
+        rev = commit or "HEAD"
+        full = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        if full:
+            if commit is None:
+                name = full[:12]
+                if _git(repo, "status", "--porcelain", "--untracked-files=no"):
+                    name += "+dirty"
+            cnt = _git(repo, "rev-list", "--count", full)
+            order = int(cnt) if cnt and cnt.isdigit() else None
+            date = _git(repo, "show", "-s", "--format=%cI", full)
+    if not name:
+        name = "nocommit"
+    if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
+        raise ValueError(f"commit name {name!r} may hold only letters, digits and . _ + -")
+    return {"commit": name, "commit_order": order, "commit_date": date}
+
+
+# ------------------------------------------------------------------------------ the worker
+def _xla_dump_files(dump: str) -> list[str]:
+    if not os.path.isdir(dump):
+        return []
+    return [os.path.join(dump, f) for f in sorted(os.listdir(dump))]
+
+
+def _prune_dump(dump: str) -> None:
+    """Keep only the HLO text (before/after optimisation) of XLA's dump."""
+    for f in _xla_dump_files(dump):
+        base = os.path.basename(f)
+        if not (base.endswith("before_optimizations.txt") or re.search(r"after_optimizations\.txt$", base)):
+            try:
+                os.remove(f) if os.path.isfile(f) else shutil.rmtree(f)
+            except OSError:
+                pass
+
+
+def _uses_xla(impl_used: str) -> bool:
+    return "xla" in impl_used.split("+")
+
+
+def capture_config(payload: dict) -> dict:
+    """Worker side: capture one configuration into ``payload["run_dir"]``; returns its summary.
+
+    Runs in a fresh process with 8 (or ``--devices``) logical devices and ``XLA_FLAGS`` dumping
+    into ``<run_dir>/hlo/xla_dump``.
+    """
+    import resource
+
+    import numpy as np
+    import tensorflow as tf
+
+    from dsgd import measure, profile_summary as ps
+    from dsgd.bench import resolved_implementations
+
+    run_dir = payload["run_dir"]
+    case = Case(**payload["case"])
+    steps, time_steps = int(payload["steps"]), int(payload["time_steps"])
+    os.makedirs(run_dir, exist_ok=True)
+    row = dict(asdict(case), config=payload["config"], commit=payload["commit"],
+               commit_order=payload.get("commit_order"), commit_date=payload.get("commit_date"),
+               captured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), steps=steps)
+    built = measure.build_case(case)
+    measure.sync()
+    row["first_step_s"] = measure.time_first_step(built)
+    t = measure.time_steps(built.step, steps=time_steps, warmup=2) * 1e3
+    row.update(median_ms=float(np.median(t)), p10_ms=float(np.percentile(t, 10)),
+               p90_ms=float(np.percentile(t, 90)))
+    row["impl_used"] = resolved_implementations(built.optimizer)
+
+    opts = tf.profiler.experimental.ProfilerOptions(host_tracer_level=2, python_tracer_level=0, device_tracer_level=1)
+    tf.profiler.experimental.start(run_dir, options=opts)
+    try:
+        for i in range(steps):
+            with tf.profiler.experimental.Trace("train", step_num=i, _r=1):
+                built.step()
+                measure.sync()
+    finally:
+        tf.profiler.experimental.stop()
+
+    hlo_dir = os.path.join(run_dir, "hlo")
+    hlo_files: list[str] = []
+    if _uses_xla(row["impl_used"]):
+        from dsgd.impl.xla import capture_hlo
+
+        hlo_files = capture_hlo(built.optimizer, hlo_dir)  # raises NoHLOError if there is none
+    dump = os.path.join(hlo_dir, "xla_dump")
+    _prune_dump(dump)
+    dumped = ps.hlo_text_stats(_xla_dump_files(dump))
+    xplanes = ps.find_xplanes(run_dir)
+    if not xplanes:
+        raise RuntimeError(f"the profiler wrote no .xplane.pb under {run_dir}")
+    row.update(ps.summarize_xplane(xplanes, steps))
+    row.update(hlo_modules_dumped=dumped["modules"], hlo_files=len(hlo_files),
+               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+               trace=os.path.relpath(xplanes[0], payload["out"]))
+    if case.xla and row["hlo_modules"] == 0:
+        row.update(status="failed", error=(
+            f"claims XLA (xla=on) but no HLO module ran in the trace and {dumped['modules']} were dumped: "
+            f"implementation {case.implementation!r} ran {row['impl_used']!r}, which is not XLA here"))
+    else:
+        row["status"] = "ok"
+
+    # TensorBoard scalars: this run's step times, and the per-commit history of each config
+    with tf.summary.create_file_writer(run_dir).as_default():
+        for i, ms in enumerate(t):
+            tf.summary.scalar("step_ms", float(ms), step=i)
+        tf.summary.scalar("first_step_s", row["first_step_s"], step=0)
+    order = row["commit_order"] if row["commit_order"] is not None else int(time.time())
+    hist = os.path.join(payload["out"], HISTORY, payload["config"])
+    os.makedirs(hist, exist_ok=True)
+    for f in os.listdir(hist):
+        if f.endswith("." + payload["commit"]):
+            os.remove(os.path.join(hist, f))  # --force re-capture of the same commit
+    if row["status"] == "ok":
+        with tf.summary.create_file_writer(hist, filename_suffix="." + payload["commit"]).as_default():
+            tf.summary.scalar("step_ms/median", row["median_ms"], step=order)
+            tf.summary.scalar("step_ms/p10", row["p10_ms"], step=order)
+            tf.summary.scalar("step_ms/p90", row["p90_ms"], step=order)
+            tf.summary.scalar("first_step_s", row["first_step_s"], step=order)
+            tf.summary.scalar("ops_per_step", row["ops_per_step"], step=order)
+            tf.summary.scalar("hlo_modules", row["hlo_modules"], step=order)
+            tf.summary.text("commit", f"{payload['commit']} ({row.get('commit_date') or 'no date'})", step=order)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(row, f, indent=1, default=str)
+    return row
+
+
+# ------------------------------------------------------------------------------ the driver
+def _existing_ok(run_dir: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def precheck(case: Case, devices: int) -> Optional[str]:
+    """Why a case cannot run (checked without TensorFlow), or None."""
+    from dsgd import meshspec
+    from dsgd.workloads import LAYOUT_POLICIES, get_workload
+
+    try:
+        get_workload(case.workload, case.dtype)
+        dims = meshspec.parse_mesh_spec(case.mesh)
+    except ValueError as e:
+        return str(e)
+    if meshspec.mesh_size(dims) > devices:
+        return (f"mesh {case.mesh!r} needs {meshspec.mesh_size(dims)} devices but the worker has {devices} "
+                f"(--devices)")
+    if case.layout not in LAYOUT_POLICIES and not os.path.exists(case.layout):
+        return f"layout {case.layout!r} is neither one of {list(LAYOUT_POLICIES)} nor a layout-map file"
+    return None
+
+
+def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, steps: int = 3,
+            time_steps: int = 10, force: bool = False, devices: int = 8, timeout: Optional[float] = 900,
+            ledger: Optional[str] = None, echo=print, allocator: str = "default") -> list[dict]:
+    """Capture every case into ``out/<commit>/<config>``; append the ledger; return one row per case.
+
+    Rows have ``status`` ``ok``, ``failed`` (with ``error``) or ``skipped`` (already captured).
+    """
+    from dsgd import profile_summary as ps
+    from dsgd.isolate import run_isolated
+
+    out = os.path.abspath(out)
+    info = commit_info(commit)
+    ledger = ledger or os.path.join(out, "ledger.csv")
+    rows = []
+    for case in cases:
+        name = config_name(case)
+        run_dir = os.path.join(out, info["commit"], name)
+        base = dict(asdict(case), config=name, **info)
+        if os.path.isdir(run_dir) and _existing_ok(run_dir) and not force:
+            row = dict(base, status="skipped", error=f"{os.path.relpath(run_dir, out)} exists (use --force to replace it)")
+            echo(f"skipped  {info['commit']}/{name}: already captured (use --force to replace)")
+            rows.append(row)
+            continue
+        why = precheck(case, devices)
+        if why:
+            row = dict(base, status="failed", error=why)
+            echo(f"FAILED   {info['commit']}/{name}: {why}")
+            rows.append(row)
+            ps.append_ledger(ledger, [row])
+            continue
+        if os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)  # --force, or an earlier failed capture
+        os.makedirs(run_dir)
+        env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={run_dir}/hlo/xla_dump").strip()}
+        if allocator == "bfc":
+            env["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
+        payload = {"case": asdict(case), "config": name, "run_dir": run_dir, "out": out, "steps": steps,
+                   "time_steps": time_steps, **info}
+        t0 = time.perf_counter()
+        res = run_isolated("dsgd.profile:capture_config", [payload], devices=devices, timeout=timeout, env=env,
+                           device_type=case.device)[0]
+        row = dict(base, **{k: v for k, v in res.items() if k != "traceback"})
+        if row.get("status") == "ok":
+            echo(f"ok       {info['commit']}/{name}: step {row['median_ms']:.3g} ms (first {row['first_step_s']:.2f} s), "
+                 f"{row['ops_per_step']:.0f} ops/step, {row['hlo_modules']} HLO modules, {row['fusions']} fusions "
+                 f"[{row['impl_used']}] ({time.perf_counter() - t0:.0f} s)")
+        else:
+            row["status"] = "failed"
+            echo(f"FAILED   {info['commit']}/{name}: {str(row.get('error'))[:500]}")
+            with open(os.path.join(run_dir, "summary.json"), "w") as f:
+                json.dump(row, f, indent=1, default=str)
+        rows.append(row)
+        ps.append_ledger(ledger, [row])
+    return rows
+
+
+# ------------------------------------------------------------------------------ CLI
+def add_arguments(p) -> None:
+    p.add_argument("--out", default="profiles", help="profiles directory (default: profiles)")
+    p.add_argument("--workload", action="append",
+                   help=f"one-big | bert-mini | many-small | resnet-ish | FILE.json (repeatable; default {list(DEFAULT_WORKLOADS)})")
+    p.add_argument("--mesh", action="append", help=f"e.g. 1, batch=8, batch=2,model=4 (repeatable; default {list(DEFAULT_MESHES)})")
+    p.add_argument("--layout", action="append", help="replicated | sharded | LAYOUT_MAP.json (repeatable; default sharded)")
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--implementation", action="append",
+                   help="auto | reference | ops | fused | per_shard | grouped | xla | sharded_state (repeatable; default auto)")
+    p.add_argument("--options", action="append", help="optimizer options preset: momentum | sgd | full (repeatable)")
+    p.add_argument("--xla", choices=["on", "off", "both"], default="both",
+                   help="jit_compile on, off or both (default both; 'auto' with XLA on runs the xla implementation)")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps per config (default 3)")
+    p.add_argument("--time-steps", type=int, default=10, help="steps timed by the harness before profiling (default 10)")
+    p.add_argument("--force", action="store_true", help="replace runs already captured for this commit")
+    p.add_argument("--commit", help="name the runs after this commit (default: the source tree's HEAD, +dirty if modified)")
+    p.add_argument("--devices", type=int, default=8, help="logical devices per worker (default 8)")
+    p.add_argument("--device", default="CPU", choices=["CPU", "GPU"])
+    p.add_argument("--allocator", choices=["default", "bfc"], default="default",
+                   help="CPU allocator of the workers; 'bfc' also records the memory profile (peak bytes in use)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per config before its worker is killed")
+    p.add_argument("--ledger", help="ledger CSV (default: OUT/ledger.csv)")
+    p.add_argument("--diff", nargs=2, metavar=("A", "B"), help="print the ledger summaries of commits A and B side by side")
+
+
+def main(args) -> int:
+    from dsgd import profile_summary as ps
+    from dsgd.bench import make_cases, parse_xla
+
+    ledger = args.ledger or os.path.join(args.out, "ledger.csv")
+    if args.diff:
+        df = ps.read_ledger(ledger)
+        if df.empty:
+            raise FileNotFoundError(f"no ledger at {ledger}: capture profiles first")
+        print(ps.render_diff(ps.diff_commits(df, *args.diff)))
+        return 0
+    if args.steps < 1:
+        raise ValueError("--steps must be >= 1")
+    cases = make_cases(args.workload or DEFAULT_WORKLOADS, args.mesh or DEFAULT_MESHES, args.layout or ["sharded"],
+                       args.dtype or ["float32"], args.implementation or DEFAULT_IMPLEMENTATIONS, parse_xla(args.xla),
+                       args.options or ["momentum"], device=args.device)
+    info = commit_info(args.commit)
+    print(f"dsgd profile: {len(cases)} config(s) for commit {info['commit']} into {os.path.abspath(args.out)}",
+          file=sys.stderr)
+    rows = capture(cases, args.out, commit=args.commit, steps=args.steps, time_steps=args.time_steps,
+                   force=args.force, devices=args.devices, timeout=args.timeout, ledger=ledger,
+                   allocator=args.allocator)
+    ok = sum(r["status"] == "ok" for r in rows)
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    failed = [r for r in rows if r["status"] == "failed"]
+    print(f"\n{ok} captured, {skipped} skipped, {len(failed)} failed; ledger: {ledger}\n"
+          f"browse: tensorboard --logdir {args.out}")
+    return 3 if failed else 0
