@@ -22,7 +22,7 @@ from tensorflow.experimental import dtensor
 from dsgd import meshspec, rules
 from dsgd.impl.dtensor_ops import OpsDTensor, _scaled, densify
 from dsgd.impl.base import Items
-from dsgd.plan import Group, StepArgs
+from dsgd.plan import Group, StepArgs, variable_layout
 
 
 def state_layout(layout: Optional[dtensor.Layout], shape: Sequence[int]) -> Optional[dtensor.Layout]:
@@ -59,7 +59,7 @@ class ShardedState(OpsDTensor):
             lr = tf.cast(args.lr, dtype)
             g = densify(_scaled(g, None if scales is None else scales[i], args.clipvalue, dtype), e)
             slot = e.momentum if e.momentum is not None else e.average
-            m_layout = dtensor.fetch_layout(slot) if slot is not None else e.layout
+            m_layout = variable_layout(slot) if slot is not None else e.layout  # .layout: graph-safe
             if m_layout == e.layout:
                 super().apply([(e, g)], _no_clip(args), None)
                 continue
