@@ -54,6 +54,7 @@ class ShardedState(OpsDTensor):
         return state_layout(layout, shape)
 
     def apply(self, items: Items, args: StepArgs, scales) -> None:
+        overwrite = []  # graph mode: EMA overwrite decided by a tensor, applied after the updates
         for i, (e, g) in enumerate(items):
             dtype = e.var.dtype
             lr = tf.cast(args.lr, dtype)
@@ -75,11 +76,19 @@ class ShardedState(OpsDTensor):
             if e.average is not None:
                 avg = rules.ema(e.average, w, tf.cast(args.ema_momentum, dtype))
                 e.average.assign(avg)
-                if isinstance(args.ema_overwrite, bool):
-                    w = avg if args.ema_overwrite else w
-                else:
-                    w = tf.where(args.ema_overwrite, avg, w)
+                if isinstance(args.ema_overwrite, bool) and args.ema_overwrite:
+                    w = avg
+                elif not isinstance(args.ema_overwrite, bool):
+                    overwrite.append(e)
             e.var.assign(dtensor.relayout(w, e.layout))
+        if overwrite:
+            # (tf.where on sharded DTensors with a scalar predicate crashes DTensor's SPMD pass)
+            def do_overwrite():
+                for e in overwrite:
+                    e.var.assign(dtensor.relayout(e.average.read_value(), e.layout))
+                return tf.constant(True)
+
+            tf.cond(args.ema_overwrite, do_overwrite, lambda: tf.constant(False))
 
 
 def _no_clip(args: StepArgs) -> StepArgs:

@@ -204,7 +204,7 @@ class XLA(LocalImplementation):
                         g = densify_local(g, le.local_shape[0])
                 grads.append(g)
             per_device.append((var_h, mom_h, avg_h, grads))
-        for k, dev in enumerate(self.devices):
+        for k, dev in enumerate(self.devices):  # serially: threads and one graph over all devices were slower
             with tf.device(dev):
                 _call(prog, (*per_device[k], lr, scale_vec, overwrite), self._concrete, (id(prog), k))
         for k in range(len(self.devices)):
