@@ -142,13 +142,23 @@ def capture_config(payload: dict) -> dict:
     row = dict(asdict(case), config=payload["config"], commit=payload["commit"],
                commit_order=payload.get("commit_order"), commit_date=payload.get("commit_date"),
                captured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), steps=steps)
+    phases = {}
+    clock = [time.perf_counter()]
+
+    def phase(name):
+        now = time.perf_counter()
+        phases[name] = round(now - clock[0], 2)
+        clock[0] = now
+
     built = measure.build_case(case)
     measure.sync()
+    phase("build")
     row["first_step_s"] = measure.time_first_step(built)
     t = measure.time_steps(built.step, steps=time_steps, warmup=2) * 1e3
     row.update(median_ms=float(np.median(t)), p10_ms=float(np.percentile(t, 10)),
                p90_ms=float(np.percentile(t, 90)))
     row["impl_used"] = resolved_implementations(built.optimizer)
+    phase("time")
 
     opts = tf.profiler.experimental.ProfilerOptions(host_tracer_level=2, python_tracer_level=0, device_tracer_level=1)
     tf.profiler.experimental.start(run_dir, options=opts)
@@ -159,20 +169,27 @@ def capture_config(payload: dict) -> dict:
                 measure.sync()
     finally:
         tf.profiler.experimental.stop()
+    phase("profile")
 
     hlo_dir = os.path.join(run_dir, "hlo")
+    dump = os.path.join(hlo_dir, "xla_dump")
+    _prune_dump(dump)
+    dumped_files = set(_xla_dump_files(dump))
+    dumped = ps.hlo_text_stats(dumped_files)  # what XLA compiled for the steps themselves
     hlo_files: list[str] = []
     if _uses_xla(row["impl_used"]):
         from dsgd.impl.xla import capture_hlo
 
         hlo_files = capture_hlo(built.optimizer, hlo_dir)  # raises NoHLOError if there is none
-    dump = os.path.join(hlo_dir, "xla_dump")
-    _prune_dump(dump)
-    dumped = ps.hlo_text_stats(_xla_dump_files(dump))
+        for f in set(_xla_dump_files(dump)) - dumped_files:  # capture_hlo's own compilations
+            os.remove(f) if os.path.isfile(f) else shutil.rmtree(f, ignore_errors=True)
+    phase("capture_hlo")
     xplanes = ps.find_xplanes(run_dir)
     if not xplanes:
         raise RuntimeError(f"the profiler wrote no .xplane.pb under {run_dir}")
     row.update(ps.summarize_xplane(xplanes, steps))
+    phase("summarize")
+    row["phases_s"] = phases
     row.update(hlo_modules_dumped=dumped["modules"], hlo_files=len(hlo_files),
                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                trace=os.path.relpath(xplanes[0], payload["out"]))
@@ -301,7 +318,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--implementation", action="append",
                    help="auto | reference | ops | fused | per_shard | grouped | xla | sharded_state (repeatable; default auto)")
-    p.add_argument("--options", action="append", help="optimizer options preset: momentum | sgd | full (repeatable)")
+    p.add_argument("--options", action="append", choices=["momentum", "sgd", "full"],
+                   help="optimizer options preset (repeatable; default momentum; see dsgd.measure.OPTION_PRESETS)")
     p.add_argument("--xla", choices=["on", "off", "both"], default="both",
                    help="jit_compile on, off or both (default both; 'auto' with XLA on runs the xla implementation)")
     p.add_argument("--steps", type=int, default=3, help="profiled steps per config (default 3)")
@@ -314,7 +332,23 @@ def add_arguments(p) -> None:
                    help="CPU allocator of the workers; 'bfc' also records the memory profile (peak bytes in use)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per config before its worker is killed")
     p.add_argument("--ledger", help="ledger CSV (default: OUT/ledger.csv)")
-    p.add_argument("--diff", nargs=2, metavar=("A", "B"), help="print the ledger summaries of commits A and B side by side")
+    p.add_argument("--diff", nargs=2, metavar=("A", "B"),
+                   help="print the ledger summaries of commits A and B side by side (ledger names or git revisions)")
+
+
+def _ledger_commit(df, name: str) -> str:
+    """A ledger commit name, or a git revision (``HEAD~1``, a branch) of the source tree mapped to one."""
+    known = set(df["commit"].astype(str))
+    if any(c.startswith(name) or c == name for c in known):
+        return name
+    repo = source_repo()
+    full = _git(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}") if repo else None
+    if full:
+        hits = [c for c in known if c.split("+")[0] == full[:12]]
+        if hits:
+            return sorted(hits, key=len)[0]  # the clean capture before a +dirty one
+        return full[:12]
+    return name
 
 
 def main(args) -> int:
@@ -326,7 +360,8 @@ def main(args) -> int:
         df = ps.read_ledger(ledger)
         if df.empty:
             raise FileNotFoundError(f"no ledger at {ledger}: capture profiles first")
-        print(ps.render_diff(ps.diff_commits(df, *args.diff)))
+        names = [_ledger_commit(df, name) for name in args.diff]
+        print(ps.render_diff(ps.diff_commits(df, *names)))
         return 0
     if args.steps < 1:
         raise ValueError("--steps must be >= 1")

@@ -287,13 +287,24 @@ def render_diff(diff) -> str:
     return "\n".join(lines)
 
 
-def xprof_diff_sessions(dir_a: str, dir_b: str, timeout: float = 300) -> Optional[str]:
-    """``xprof diff_sessions`` of two runs' trace directories (JSON text), or None if unavailable."""
+def xprof_diff_sessions(dir_a: str, dir_b: str, timeout: float = 300) -> Optional[dict]:
+    """``xprof diff_sessions`` of two profiler sessions (``.../plugins/profile/<session>`` dirs).
+
+    Its kernel and device-time diffs need device traces (GPU/TPU); on CPU it has only its own
+    (unreliable) step time.  Returns the parsed JSON, or None if the CLI is missing or fails.
+    """
     import shutil
     import subprocess
 
     exe = shutil.which("xprof")
     if not exe:
         return None
-    proc = subprocess.run([exe, "diff_sessions", dir_a, dir_b], capture_output=True, text=True, timeout=timeout)
-    return proc.stdout if proc.returncode == 0 else None
+    proc = subprocess.run([exe, "diff_sessions", f"--baseline_session_id={os.path.abspath(dir_a)}",
+                           f"--optimized_session_id={os.path.abspath(dir_b)}"],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return None
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        return None

@@ -62,6 +62,20 @@ def unsupported(name: str, opt) -> dict[tuple[str, str], str]:
     return out
 
 
+def allowed_slot_layouts(name: str, var) -> list:
+    """The layouts a slot of ``var`` may have under implementation ``name`` ("auto": the variable's).
+
+    Slots have exactly their variable's layout, unless the implementation declares its own
+    ``slot_layout`` (``sharded_state``: ZeRO-1 shards the state further, by design).
+    """
+    lay = variable_layout(var)
+    out = [lay]
+    cls = impl_registry.REGISTRY.get(name)
+    if cls is not None and hasattr(cls, "slot_layout"):
+        out.append(cls.slot_layout(lay, list(var.shape)))
+    return out
+
+
 def runs_in_graph(name: str) -> bool:
     """Local-domain implementations run eagerly only (inside tf.function they fall back to fused)."""
     return impl_registry.get(name).domain == "dtensor"
@@ -152,7 +166,7 @@ def check_subprocess(proc: subprocess.CompletedProcess) -> str:
 
 
 __all__ = [
-    "IMPLS", "DTENSOR_IMPLS", "impl_params", "require_impl", "unsupported", "runs_in_graph", "layout", "dvar",
+    "IMPLS", "DTENSOR_IMPLS", "impl_params", "allowed_slot_layouts", "require_impl", "unsupported", "runs_in_graph", "layout", "dvar",
     "dgrad", "value", "rounded", "randn", "assert_close", "layout_of", "run_subprocess", "check_subprocess",
     "U", "dsgd", "r64",
 ]

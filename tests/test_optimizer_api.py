@@ -12,9 +12,8 @@ import tensorflow as tf
 import tf_keras
 from tensorflow.experimental import dtensor
 
-from _helpers import (DTENSOR_IMPLS, U, assert_close, dgrad, dsgd, dvar, impl_params, layout, layout_of, r64, randn,
+from _helpers import (DTENSOR_IMPLS, U, allowed_slot_layouts, assert_close, dgrad, dsgd, dvar, impl_params, layout, layout_of, r64, randn,
                       require_impl, value)
-from dsgd import impl as impl_registry
 
 
 # -- the API doc's examples ---------------------------------------------------------------------
@@ -105,15 +104,12 @@ def test_slot_layouts_equal_variable_layouts(meshes, impl):
     variables.append(dvar(randn(rng, (8, 8)), mesh, ["model", U], dtype="bfloat16", name="half"))
     opt = dsgd.SGD(0.1, momentum=0.9, use_ema=True, mesh=mesh, implementation=impl)
     opt.build(variables)
-    cls = impl_registry.get(impl) if impl != "auto" else None
     assert len(opt.momentums) == len(variables) and len(opt._model_variables_moving_average) == len(variables)
     for v, m, a in zip(variables, opt.momentums, opt._model_variables_moving_average):
         for slot in (m, a):
             assert isinstance(slot, dtensor.DVariable), f"slot {slot.name} is not a DVariable"
             assert slot.shape == v.shape and slot.dtype == v.dtype
-            allowed = [layout_of(v)]
-            if cls is not None and hasattr(cls, "slot_layout"):  # e.g. ZeRO-1 shards state further, by design
-                allowed.append(cls.slot_layout(layout_of(v), list(v.shape)))
+            allowed = allowed_slot_layouts(impl, v)  # the variable's (or the impl's declared slot_layout)
             assert layout_of(slot) in allowed, (
                 f"{slot.name}: layout {layout_of(slot).sharding_specs} != variable's {layout_of(v).sharding_specs}")
         np.testing.assert_array_equal(value(a), value(v))  # the average starts as a copy

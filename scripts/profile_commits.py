@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Capture ``dsgd profile`` for one commit, several, or a range, each from its own source.
+
+    python scripts/profile_commits.py HEAD~1 HEAD -- --workload bert-mini --mesh batch=2,model=4
+    python scripts/profile_commits.py v0.1..HEAD --diff -- --xla on --steps 3
+
+For every commit: a temporary ``git worktree`` of it is made, ``import dsgd`` is checked there
+(the "build"), then ``python -m dsgd profile --commit <sha12> --out <OUT> <profile args>`` runs
+with ``PYTHONPATH`` pointing at that worktree, so the commit's own optimizer and harness are
+profiled; the worktree is removed afterwards.  A commit that does not import, has no
+``dsgd profile``, or whose capture fails is reported and the rest go on.  Everything lands in one
+``profiles/`` (default: ``<repo>/profiles``), its ledger and TensorBoard runs included; ``--diff``
+prints the first and last commits' summaries side by side at the end.
+
+Exit status: 0 when every commit was captured (runs already there are skipped unless ``--force``
+is passed on to ``dsgd profile``), 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def git(repo: str, *args: str, check: bool = True) -> str:
+    p = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise SystemExit(f"profile_commits: git {' '.join(args)} failed: {p.stderr.strip()}")
+    return p.stdout.strip()
+
+
+def resolve(repo: str, revs: list[str]) -> list[str]:
+    """Full SHAs, oldest first within a range, in the order given, without repeats."""
+    out: list[str] = []
+    for rev in revs or ["HEAD"]:
+        if ".." in rev:
+            shas = git(repo, "rev-list", "--reverse", rev).split()
+            if not shas:
+                print(f"profile_commits: range {rev} holds no commits", file=sys.stderr)
+        else:
+            shas = [git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}")]
+        out += [s for s in shas if s not in out]
+    return out
+
+
+def _tail(text: str, n: int = 6) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-n:])
+
+
+def profile_commit(repo: str, sha: str, out: str, profile_args: list[str], timeout: float,
+                   keep: bool = False) -> dict:
+    t0 = time.perf_counter()
+    res = _profile_commit(repo, sha, out, profile_args, timeout, keep)
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def _profile_commit(repo: str, sha: str, out: str, profile_args: list[str], timeout: float, keep: bool) -> dict:
+    short = sha[:12]
+    wt = tempfile.mkdtemp(prefix=f"dsgd-{short}-")
+    os.rmdir(wt)  # git worktree add wants to create it
+    res = {"commit": short, "status": "ok", "detail": ""}
+    try:
+        p = subprocess.run(["git", "-C", repo, "worktree", "add", "--detach", wt, sha], capture_output=True, text=True)
+        if p.returncode != 0:
+            return dict(res, status="failed", detail=f"git worktree add: {_tail(p.stderr)}")
+        env = dict(os.environ, PYTHONPATH=wt + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+                   TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
+        if not os.path.exists(os.path.join(wt, "dsgd", "__init__.py")):
+            return dict(res, status="failed", detail="this commit has no dsgd package (so no `dsgd profile`)")
+        check = subprocess.run(
+            [sys.executable, "-c", "import os, dsgd, dsgd.cli; print(os.path.dirname(os.path.dirname(dsgd.__file__)))"],
+            capture_output=True, text=True, env=env, cwd=wt, timeout=600)
+        if check.returncode != 0:
+            return dict(res, status="failed", detail=f"does not build/import: {_tail(check.stderr, 3)}")
+        if os.path.realpath(check.stdout.strip().splitlines()[-1]) != os.path.realpath(wt):
+            return dict(res, status="failed", detail=f"imported dsgd from {check.stdout.strip()}, not from the worktree")
+        if not os.path.exists(os.path.join(wt, "dsgd", "profile.py")):
+            return dict(res, status="failed", detail="this commit has no `dsgd profile`")
+        cmd = [sys.executable, "-m", "dsgd", "profile", "--commit", short, "--out", out, *profile_args]
+        print(f"\n=== {short} {git(repo, 'show', '-s', '--format=%s', sha)[:70]}\n$ {' '.join(cmd)}", flush=True)
+        try:
+            run = subprocess.run(cmd, env=env, cwd=wt, timeout=timeout, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        except subprocess.TimeoutExpired:
+            return dict(res, status="failed", detail=f"dsgd profile ran over {timeout:.0f} s")
+        for line in run.stdout.splitlines():
+            if line.startswith(("ok ", "FAILED ", "skipped ", "dsgd profile", "browse:")) or " captured, " in line:
+                print(f"  {line}", flush=True)
+        if run.returncode == 0:
+            return res
+        if run.returncode == 3:
+            return dict(res, status="partial", detail="some configs failed (see FAILED lines)")
+        return dict(res, status="failed", detail=f"dsgd profile exited {run.returncode}: {_tail(run.stdout, 4)}")
+    finally:
+        if not keep and os.path.isdir(wt):
+            subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", wt], capture_output=True)
+            shutil.rmtree(wt, ignore_errors=True)
+            subprocess.run(["git", "-C", repo, "worktree", "prune"], capture_output=True)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    profile_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, profile_args = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                usage="profile_commits.py [REV | A..B]... [options] [-- dsgd profile args]")
+    p.add_argument("revs", nargs="*", help="commits or ranges A..B (default HEAD)")
+    p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   help="git repository (default: this script's)")
+    p.add_argument("--out", help="profiles directory (default: <repo>/profiles)")
+    p.add_argument("--timeout", type=float, default=7200, help="seconds per commit (default 7200)")
+    p.add_argument("--keep-worktrees", action="store_true", help="leave the temporary worktrees in place")
+    p.add_argument("--diff", action="store_true", help="print the first and last commits' summary diff at the end")
+    a = p.parse_args(argv)
+    repo = git(a.repo, "rev-parse", "--show-toplevel")
+    out = os.path.abspath(a.out or os.path.join(repo, "profiles"))
+    shas = resolve(repo, a.revs)
+    if not shas:
+        print("profile_commits: no commits to profile", file=sys.stderr)
+        return 1
+    results = [profile_commit(repo, s, out, profile_args, a.timeout, a.keep_worktrees) for s in shas]
+    print("\ncommit        status   seconds  detail")
+    for r in results:
+        print(f"{r['commit']:<13} {r['status']:<8} {r['seconds']:7.0f}  {r['detail']}")
+    captured = [r["commit"] for r in results if r["status"] in ("ok", "partial")]
+    if a.diff and len(captured) >= 2:
+        print()
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=here + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
+        subprocess.run([sys.executable, "-m", "dsgd", "profile", "--out", out, "--diff", captured[0], captured[-1]],
+                       env=env, cwd=here)
+    print(f"\nbrowse: tensorboard --logdir {out}")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

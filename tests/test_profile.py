@@ -1,0 +1,181 @@
+"""``dsgd profile``: a tiny real capture (worker processes, TensorFlow profiler, xprof summaries),
+the ledger, ``--force``, bad configs reported and skipped, and the two-commit diff.
+
+One module-scoped capture of a 3-variable workload: XLA on (mesh 1, the ``xla`` implementation),
+XLA off (mesh ``batch=2,model=4``), and three bad configs — an unknown workload and a mesh too
+large (both refused before any worker starts), and the reference with ``--xla on``, which runs
+but executes no XLA (tf_keras and DTensor ignore ``jit_compile`` on CPU) and so must fail loudly.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+import pytest
+
+from dsgd import profile as prof
+from dsgd import profile_summary as ps
+from dsgd.measure import Case
+
+TINY = [{"name": "dense/kernel", "shape": [64, 32]}, {"name": "dense/bias", "shape": [32]},
+        {"name": "proj/kernel", "shape": [16, 16]}]
+COMMIT = "c0ffee000001"
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    root = tmp_path_factory.mktemp("profiles")
+    wl = str(root / "tiny.json")
+    with open(wl, "w") as f:
+        json.dump(TINY, f)
+    out = str(root / "profiles")
+    cases = [
+        Case(workload=wl, mesh="1", implementation="auto", xla=True),
+        Case(workload=wl, mesh="batch=2,model=4", implementation="auto", xla=False),
+        Case(workload="no-such-workload", mesh="1"),
+        Case(workload=wl, mesh="batch=16"),
+        Case(workload=wl, mesh="1", implementation="reference", xla=True),
+    ]
+    lines = []
+    rows = prof.capture(cases, out, commit=COMMIT, steps=2, time_steps=3, echo=lines.append, timeout=600)
+    return {"out": out, "wl": wl, "cases": cases, "rows": rows, "lines": lines}
+
+
+def _run_dir(captured, i):
+    return os.path.join(captured["out"], COMMIT, prof.config_name(captured["cases"][i]))
+
+
+def test_layout_on_disk(captured):
+    xla_dir, plain_dir = _run_dir(captured, 0), _run_dir(captured, 1)
+    assert os.path.basename(xla_dir) == "tiny_1dev_sharded_float32_auto_xla-on_momentum"
+    for d in (xla_dir, plain_dir):
+        assert glob.glob(os.path.join(d, "plugins", "profile", "*", "*.xplane.pb")), d
+        assert glob.glob(os.path.join(d, "events.out.tfevents.*")), "per-run scalars"
+        assert json.load(open(os.path.join(d, "summary.json")))["status"] == "ok"
+    hlo = glob.glob(os.path.join(xla_dir, "hlo", "*.hlo.txt"))
+    assert any("before_optimizations" in h for h in hlo) and any("after_optimizations" in h for h in hlo)
+    assert glob.glob(os.path.join(xla_dir, "hlo", "xla_dump", "*before_optimizations.txt"))
+    assert not glob.glob(os.path.join(plain_dir, "hlo", "*.hlo.txt"))
+    hist = os.path.join(captured["out"], "history", prof.config_name(captured["cases"][0]))
+    assert [f for f in os.listdir(hist) if f.endswith("." + COMMIT)], "history scalars"
+
+
+def test_summary_fields(captured):
+    xla, plain = captured["rows"][0], captured["rows"][1]
+    for r in (xla, plain):
+        assert r["status"] == "ok", r.get("error")
+        assert r["median_ms"] > 0 and r["p10_ms"] <= r["p90_ms"] and r["first_step_s"] > 0
+        assert r["ops_per_step"] > 0 and r["op_types"] >= 1 and r["top_ops"]
+        assert {"type", "name", "self_us_per_step", "pct"} <= set(r["top_ops"][0])
+        assert r["peak_rss_mib"] > 0
+    assert xla["impl_used"] == "xla"
+    assert xla["hlo_modules"] >= 1 and xla["fusions"] >= 1, "the XLA path ran HLO modules with fusions"
+    assert xla["hlo_modules_dumped"] >= 1 and xla["hlo_files"] >= 2
+    assert plain["hlo_modules"] == 0 and plain["impl_used"] != "xla"
+
+
+def test_bad_configs_reported_and_skipped(captured):
+    rows, lines = captured["rows"], captured["lines"]
+    unknown, too_big, ref_xla = rows[2], rows[3], rows[4]
+    assert unknown["status"] == "failed" and "unknown workload" in unknown["error"]
+    assert too_big["status"] == "failed" and "needs 16 devices" in too_big["error"]
+    assert ref_xla["status"] == "failed" and "claims XLA" in ref_xla["error"], ref_xla.get("error")
+    assert sum(line.startswith("FAILED") for line in lines) == 3
+    assert sum(line.startswith("ok") for line in lines) == 2  # the rest went on
+
+
+def test_ledger(captured):
+    df = ps.read_ledger(os.path.join(captured["out"], "ledger.csv"))
+    assert list(df.columns) == ps.LEDGER_COLUMNS
+    assert len(df) == 5 and set(df["commit"]) == {COMMIT}
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == 2 and (ok["median_ms"] > 0).all()
+    assert set(ok["xla"]) == {"on", "off"}
+
+
+def test_force_semantics(captured):
+    out, case = captured["out"], captured["cases"][1]
+    run = _run_dir(captured, 1)
+    trace = glob.glob(os.path.join(run, "plugins", "profile", "*", "*.xplane.pb"))[0]
+    mtime = os.path.getmtime(trace)
+    rows = prof.capture([case], out, commit=COMMIT, steps=1, time_steps=2, echo=lambda s: None)
+    assert rows[0]["status"] == "skipped" and "--force" in rows[0]["error"]
+    assert os.path.getmtime(trace) == mtime and os.path.exists(trace)
+    rows = prof.capture([case], out, commit=COMMIT, steps=1, time_steps=2, force=True, echo=lambda s: None)
+    assert rows[0]["status"] == "ok", rows[0].get("error")
+    assert not os.path.exists(trace), "--force replaced the run"
+    df = ps.read_ledger(os.path.join(out, "ledger.csv"))
+    mine = df[(df["commit"] == COMMIT) & (df["config"] == prof.config_name(case))]
+    assert len(mine) == 1 and int(mine["steps"].iloc[0]) == 1, "the ledger row was replaced, not duplicated"
+
+
+def _synthetic_ledger(path):
+    rows = []
+    for commit, ms, fus in (("aaaa11112222", 10.0, 4), ("bbbb33334444", 5.0, 2)):
+        for cfg in ("w_1dev_sharded_float32_auto_xla-on_momentum", "w_1dev_sharded_float32_auto_xla-off_momentum"):
+            rows.append({"commit": commit, "config": cfg, "status": "ok", "median_ms": ms, "first_step_s": 1.0,
+                         "ops_per_step": 12, "hlo_modules": 1 if "on" in cfg else 0, "fusions": fus, "xla": "on"})
+    rows.append({"commit": "bbbb33334444", "config": "only_in_b", "status": "failed", "error": "boom"})
+    ps.append_ledger(path, rows)
+
+
+def test_diff(tmp_path, capsys):
+    path = str(tmp_path / "ledger.csv")
+    _synthetic_ledger(path)
+    d = ps.diff_commits(ps.read_ledger(path), "aaaa", "bbbb")
+    row = d.set_index("config").loc["w_1dev_sharded_float32_auto_xla-on_momentum"]
+    assert row["median_ms_a"] == 10.0 and row["median_ms_b"] == 5.0 and row["median_ms_ratio"] == 0.5
+    assert d.set_index("config").loc["only_in_b", "status_a"] == "absent"
+    text = ps.render_diff(d)
+    assert "10 -> 5 (0.50x)" in text and "absent -> failed" in text
+    with pytest.raises(ValueError, match="not in the ledger"):
+        ps.diff_commits(ps.read_ledger(path), "cccc", "aaaa")
+    from dsgd.cli import main
+
+    assert main(["profile", "--out", str(tmp_path), "--diff", "aaaa11112222", "bbbb"]) == 0
+    assert "profile diff: A = aaaa11112222   B = bbbb33334444" in capsys.readouterr().out
+
+
+def test_config_names_and_commit_info():
+    assert prof.config_name(Case(workload="bert-mini", mesh="batch=2,model=4", xla=True)) == \
+        "bert-mini_batch=2,model=4_sharded_float32_auto_xla-on_momentum"
+    assert prof.config_name(Case(workload="/x/y/my_model.json", layout="/x/map.json")).startswith("my-model_1dev_map_")  # "_" separates fields
+    info = prof.commit_info()
+    assert info["commit"] and all(c.isalnum() or c in "._+-" for c in info["commit"])
+    with pytest.raises(ValueError):
+        prof.commit_info("bad/name")
+
+
+def test_profile_commits_reports_bad_commits_and_goes_on(tmp_path):
+    """scripts/profile_commits.py: a commit whose dsgd does not import and one without dsgd are
+    reported with the reason; the range goes on; the temporary worktrees are removed."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*a):
+        return subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (repo / "notes.txt").write_text("no package yet\n")
+    git("add", "-A")
+    git("commit", "-qm", "no dsgd")
+    (repo / "dsgd").mkdir()
+    (repo / "dsgd" / "__init__.py").write_text("this is not python(\n")
+    git("add", "-A")
+    git("commit", "-qm", "broken dsgd")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "profile_commits.py")
+    proc = subprocess.run([sys.executable, script, "HEAD~1", "HEAD", "--repo", str(repo), "--out", str(tmp_path / "p")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if ln[:1].isalnum() and " failed " in ln}
+    assert len(lines) == 2, proc.stdout
+    first, second = (lines[git("rev-parse", rev)[:12]] for rev in ("HEAD~1", "HEAD"))
+    assert "not from the worktree" in first or "no `dsgd profile`" in first, first
+    assert "does not build/import" in second and "SyntaxError" in second, second
+    assert git("worktree", "list").count("\n") == 0, "temporary worktrees removed"
