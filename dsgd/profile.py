@@ -193,9 +193,10 @@ def capture_config(payload: dict) -> dict:
     row.update(hlo_modules_dumped=dumped["modules"], hlo_files=len(hlo_files),
                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                trace=os.path.relpath(xplanes[0], payload["out"]))
-    if case.xla and row["hlo_modules"] == 0:
+    if (case.xla or _uses_xla(row["impl_used"])) and row["hlo_modules"] == 0:
         row.update(status="failed", error=(
-            f"claims XLA (xla=on) but no HLO module ran in the trace and {dumped['modules']} were dumped: "
+            f"claims XLA (xla={'on' if case.xla else 'off'}, ran {row['impl_used']}) but no HLO module ran in "
+            f"the trace and {dumped['modules']} were dumped: "
             f"implementation {case.implementation!r} ran {row['impl_used']!r}, which is not XLA here"))
     else:
         row["status"] = "ok"
