@@ -37,7 +37,7 @@ def clip_by_value(g: tf.Tensor, clipvalue: float) -> tf.Tensor:
 
 def weight_decay(w: tf.Tensor, lr: tf.Tensor, wd: float) -> tf.Tensor:
     """Decoupled weight decay, applied before the update: ``w - w * wd * lr``."""
-    return w - w * tf.cast(wd, w.dtype) * lr
+    return w - w * tf.constant(wd, w.dtype) * lr  # constant: no float32 rounding for float64
 
 
 def sgd(w: tf.Tensor, g: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:

@@ -335,7 +335,9 @@ def capture_hlo(obj, out_dir: str, per_device: bool = False) -> list[str]:
                 with open(os.path.join(out_dir, name), "w") as f:
                     f.write(text)
                 paths.append(os.path.join(out_dir, name))
-                manifest[name] = {"group": list(imp.group.key), "stage": suffix, "program": prog_label.split(".")[0],
+                mesh = imp.group.mesh
+                manifest[name] = {"mesh": ",".join(f"{n}={mesh.dim_size(n)}" for n in mesh.dim_names) if mesh else None,
+                                  "layout": imp.group.layout_spec, "dtype": imp.group.dtype.name, "stage": suffix, "program": prog_label.split(".")[0],
                                   "devices": [imp.devices[k] for k in devs], "variables": len(imp.group.entries),
                                   "fusions": count_fusions(text) if stage == "optimized_hlo" else None}
     if not paths:
