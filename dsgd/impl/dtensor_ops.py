@@ -75,7 +75,8 @@ def _ema_one(e: Entry, w: tf.Tensor, args: StepArgs) -> tf.Tensor:
 
 
 def _ema(items: Items, args: StepArgs) -> None:
-    """EMA after in-place updates: reads each variable after its update (control edge)."""
+    """EMA after in-place updates (``fused``, eagerly, where ops run in order): reads each
+    variable after its update.  Inside ``tf.function`` ``fused`` uses the data-flow path."""
     if args.ema_momentum is None:
         return
     for e, _ in items:
