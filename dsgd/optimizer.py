@@ -260,6 +260,7 @@ class SGD(keras_optimizer.Optimizer):
             ))
         self._entries = {e.key: e for e in entries}
         self._plan_groups = group_entries(entries)
+        self._group_of = {id(e): g for g in self._plan_groups for e in g.entries}
         self._built = True
 
     def _check_variable(self, v) -> None:
@@ -381,16 +382,12 @@ class SGD(keras_optimizer.Optimizer):
         reason = cls.unavailable_reason() or cls.supports(group, self)
         if reason:
             raise ValueError(f"implementation {cls.name!r} cannot run variables {[e.var.name for e in group.entries][:3]}...: {reason}")
-        cache = group.__dict__.setdefault("_impls", {})
-        if cls.name not in cache:
-            with tf.init_scope():
-                cache[cls.name] = cls(group, self)
-        return cache[cls.name]
+        return self._cached_impl(group, cls.name)
 
     def _run_groups(self, items, args: StepArgs, eager: bool) -> str:
         by_group: dict[int, list] = {}
         order: list[Group] = []
-        group_of = {id(e): g for g in self._plan_groups for e in g.entries}
+        group_of = self._group_of
         for e, g in items:
             grp = group_of[id(e)]
             if id(grp) not in by_group:
@@ -400,7 +397,7 @@ class SGD(keras_optimizer.Optimizer):
         impls = [self._implementation_for(grp, eager) for grp in order]
         domains = {i.domain for i in impls}
         if len(domains) > 1:  # keep one domain per step so the norm reduction is done once
-            impls = [self._implementation_for_domain(grp, "dtensor") for grp in order]
+            impls = [self._cached_impl(grp, "fused") for grp in order]
         domain = impls[0].domain
         if domain == "local" and self._mesh is not None:
             # the local domain needs plain host scalars
@@ -422,9 +419,9 @@ class SGD(keras_optimizer.Optimizer):
             imp.apply(by_group[id(grp)], args, sc)
         return domain
 
-    def _implementation_for_domain(self, group: Group, domain: str):
+    def _cached_impl(self, group: Group, name: str):
+        """The group's instance of implementation ``name``, created once (it unpacks handles)."""
         cache = group.__dict__.setdefault("_impls", {})
-        name = "fused"
         if name not in cache:
             with tf.init_scope():
                 cache[name] = impl_registry.get(name)(group, self)

@@ -37,7 +37,9 @@ def clip_by_value(g: tf.Tensor, clipvalue: float) -> tf.Tensor:
 
 def weight_decay(w: tf.Tensor, lr: tf.Tensor, wd: float) -> tf.Tensor:
     """Decoupled weight decay, applied before the update: ``w - w * wd * lr``."""
-    return w - w * tf.constant(wd, w.dtype) * lr  # constant: no float32 rounding for float64
+    # a Python float becomes a constant of w's dtype directly (no float32 rounding for float64)
+    wd = tf.cast(wd, w.dtype) if tf.is_tensor(wd) else tf.constant(wd, w.dtype)
+    return w - w * wd * lr
 
 
 def sgd(w: tf.Tensor, g: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:

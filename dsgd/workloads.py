@@ -104,15 +104,20 @@ class WorkloadError(ValueError):
     pass
 
 
+def _read_json(path: Path, what: str):
+    """Parse a JSON file; errors name the file and, for bad JSON, the line and column."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WorkloadError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise WorkloadError(f"{what} {path} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
 def load_json_workload(path: str | Path) -> list[VarSpec]:
     """A JSON list of ``{"name": str, "shape": [int, ...], "dtype": str}`` objects."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WorkloadError(f"workload file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise WorkloadError(f"workload file {path} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    data = _read_json(path, "workload file")
     if not isinstance(data, list) or not data:
         raise WorkloadError(f"workload file {path}: expected a non-empty JSON list of variables")
     out = []
@@ -163,12 +168,7 @@ def sharded_spec(spec: VarSpec, mesh_dims: Sequence[tuple[str, int]]) -> list[st
 def load_layout_map(path: str | Path) -> list[tuple[re.Pattern, str]]:
     """A layout-map file: JSON object {regex: layout spec}, in order."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WorkloadError(f"layout map {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise WorkloadError(f"layout map {path} is not valid JSON: line {e.lineno}: {e.msg}") from None
+    data = _read_json(path, "layout map")
     if not isinstance(data, dict):
         raise WorkloadError(f"layout map {path}: expected a JSON object mapping regex -> layout spec")
     if "layouts" in data and isinstance(data["layouts"], dict):
