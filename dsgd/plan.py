@@ -27,6 +27,8 @@ class Entry:
     decay: bool = True
     layout: Optional[dtensor.Layout] = None
     replication: int = 1
+    shape: tuple = ()  # the variable's static shape, for the per-step gradient check
+    layout_str: Optional[str] = None  # ``layout.to_string()``, compared with each gradient's
 
 
 @dataclass

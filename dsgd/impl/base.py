@@ -40,6 +40,14 @@ class Implementation:
         self.group = group
         self.options = options
 
+    def prepare(self, items: Items):
+        """The step's items in the form :meth:`partial_sumsq` and :meth:`apply` take.
+
+        ``dtensor`` domain: the items themselves.  ``local`` domain: each gradient split into
+        its per-device pieces, once per step.
+        """
+        return items
+
     # -- clipping support -------------------------------------------------------------
     def partial_sumsq(self, items: Items) -> list[tf.Tensor]:
         """Sum of squares of each item's gradient, counted once per element.

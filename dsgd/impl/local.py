@@ -13,7 +13,7 @@ from typing import Optional
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
-from dsgd import meshspec
+from dsgd import eager_dtensor, meshspec
 from dsgd.plan import Entry
 
 
@@ -68,7 +68,7 @@ def unpack_dense(g, le: LocalEntry) -> list[tf.Tensor]:
     """A dense gradient's per-device components, in the order of ``le.devices``."""
     if le.entry.layout is None:
         return [g]
-    return list(dtensor.unpack(g))
+    return eager_dtensor.components(g)
 
 
 def unpack_sparse(g: tf.IndexedSlices, le: LocalEntry) -> list[tf.IndexedSlices]:

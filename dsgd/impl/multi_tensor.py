@@ -129,8 +129,7 @@ class Grouped(LocalImplementation):
         return t
 
     # -- clipping support -------------------------------------------------------------------
-    def partial_sumsq(self, items: Items) -> list[tf.Tensor]:
-        split = self.split(items)
+    def partial_sumsq(self, split) -> list[tf.Tensor]:
         sumsq = self._ops.dsgd_multi_sum_sq
         out = []
         for k, dev in enumerate(self.devices):
@@ -141,11 +140,10 @@ class Grouped(LocalImplementation):
         return out
 
     # -- the step ------------------------------------------------------------------------------
-    def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
-        split = self.split(items)
-        self._split_cache.clear()
-        sparse = tuple(i for i, (_, g) in enumerate(items) if isinstance(g, tf.IndexedSlices))
-        calls = self._plan(tuple(id(e) for e, _ in items), sparse, [e for e, _ in items])
+    def apply(self, split, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
+        sparse = tuple(i for i, (_, parts) in enumerate(split) if isinstance(parts[0], tf.IndexedSlices))
+        entries = [le.entry for le, _ in split]
+        calls = self._plan(tuple(id(e) for e in entries), sparse, entries)
         use_momentum = calls[0].entries[0].momentum is not None
         use_ema = args.ema_momentum is not None
         overwrite = bool(args.ema_overwrite) and use_ema
@@ -154,7 +152,7 @@ class Grouped(LocalImplementation):
             if call.sparse:
                 call_scales, hyper = self._no_scales, self._hyper(args, clip=False)
             else:
-                call_scales, hyper = _scale_vector(scales, call.index, len(items), self._no_scales), self._hyper(args, True)
+                call_scales, hyper = _scale_vector(scales, call.index, len(split), self._no_scales), self._hyper(args, True)
             for k, dev in enumerate(self.devices):
                 with tf.device(dev):
                     if call.sparse:

@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
-from dsgd import rules
+from tensorflow.python.framework.ops import EagerTensor
+
+from dsgd import eager_dtensor, rules
 from dsgd.impl.base import Implementation, Items
 from dsgd.impl.local import LocalEntry, densify_local, local_entry, unpack_dense, unpack_sparse
 from dsgd.plan import Group, StepArgs
@@ -39,20 +41,16 @@ class LocalImplementation(Implementation):
         super().__init__(group, options)
         self.locals = {id(e): local_entry(e) for e in group.entries}
         self.devices = self.locals[id(group.entries[0])].devices if group.entries else []
-        self._split_cache: dict = {}
 
-    def split(self, items: Items) -> list[tuple[LocalEntry, list]]:
-        """Each item's gradient split into its per-device pieces (cached for this step)."""
-        key = tuple(id(g) for _, g in items)
-        cached = self._split_cache.get("key")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        out = [(self.locals[id(e)], split_gradient(g, self.locals[id(e)])) for e, g in items]
-        self._split_cache["key"] = (key, out)
-        return out
+    def prepare(self, items: Items) -> list[tuple[LocalEntry, list]]:
+        """Each item's gradient split into its per-device pieces."""
+        locs = self.locals
+        if all(type(g) is EagerTensor for _, g in items) and all(e.layout is not None for e, _ in items):
+            parts = eager_dtensor.components_many([g for _, g in items])  # the common case, batched
+            return [(locs[id(e)], p) for (e, _), p in zip(items, parts)]
+        return [(locs[id(e)], split_gradient(g, locs[id(e)])) for e, g in items]
 
-    def partial_sumsq(self, items: Items) -> list[tf.Tensor]:
-        split = self.split(items)
+    def partial_sumsq(self, split) -> list[tf.Tensor]:
         out = []
         for k, dev in enumerate(self.devices):
             with tf.device(dev):
@@ -64,9 +62,7 @@ class PerShard(LocalImplementation):
     name = "per_shard"
     description = "one fused training op per variable per device on the unpacked local shards (eager)"
 
-    def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
-        split = self.split(items)
-        self._split_cache.clear()
+    def apply(self, split, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
         dtype = self.group.dtype
         for k, dev in enumerate(self.devices):
             with tf.device(dev):

@@ -158,10 +158,9 @@ class XLA(LocalImplementation):
         return prog
 
     # -------------------------------------------------------------------- clipping
-    def partial_sumsq(self, items: Items) -> list[tf.Tensor]:
-        split = self.split(items)
+    def partial_sumsq(self, split) -> list[tf.Tensor]:
         if any(isinstance(parts[0], tf.IndexedSlices) for _, parts in split):
-            return super().partial_sumsq(items)
+            return super().partial_sumsq(split)
         key = (tuple(_local_shape_sig(le) for le, _ in split), tuple(le.inv_replication for le, _ in split))
         prog = self._sumsq_programs.get(key)
         if prog is None:
@@ -179,9 +178,7 @@ class XLA(LocalImplementation):
         return out
 
     # -------------------------------------------------------------------- the step
-    def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
-        split = self.split(items)
-        self._split_cache.clear()
+    def apply(self, split, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
         if not split:
             return
         scaled = scales is not None
