@@ -43,10 +43,6 @@ def rng():
 # Known defects, tracked in the closing note of session 1 (open in issue 3); xfail, not skip,
 # so that a fix shows up as XPASS.
 KNOWN_DEFECTS = {
-    "test_mesh_layout_dtype_grid[": (
-        "sharded_state-function",
-        "sharded_state inside tf.function drifts from float64 on the replicated variable from step 2 (eager is exact)",
-    ),
     "test_sparse_matches_reference[nesterov_clipvalue-xla-eager]": (
         "", "xla with clipvalue on sparse gradients: under investigation"),
 }

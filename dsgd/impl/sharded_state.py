@@ -20,7 +20,7 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from dsgd import meshspec, rules
-from dsgd.impl.dtensor_ops import OpsDTensor, _scaled, densify
+from dsgd.impl.dtensor_ops import OpsDTensor, _ema_one, _scaled, densify
 from dsgd.impl.base import Items
 from dsgd.plan import Group, StepArgs, variable_layout
 
@@ -54,7 +54,6 @@ class ShardedState(OpsDTensor):
         return state_layout(layout, shape)
 
     def apply(self, items: Items, args: StepArgs, scales) -> None:
-        overwrite = []  # graph mode: EMA overwrite decided by a tensor, applied after the updates
         for i, (e, g) in enumerate(items):
             dtype = e.var.dtype
             lr = tf.cast(args.lr, dtype)
@@ -74,21 +73,11 @@ class ShardedState(OpsDTensor):
             else:
                 w = rules.sgd(w, g, lr)
             if e.average is not None:
-                avg = rules.ema(e.average, w, tf.cast(args.ema_momentum, dtype))
-                e.average.assign(avg)
-                if isinstance(args.ema_overwrite, bool) and args.ema_overwrite:
-                    w = avg
-                elif not isinstance(args.ema_overwrite, bool):
-                    overwrite.append(e)
+                # The overwrite is selected in data flow and the weights assigned once: a later
+                # tf.cond assigning the average lost its ordering after this assign inside
+                # tf.function on a mesh (TF 2.21), so the un-overwritten weights won.
+                w = _ema_one(e, w, args)
             e.var.assign(dtensor.relayout(w, e.layout))
-        if overwrite:
-            # (tf.where on sharded DTensors with a scalar predicate crashes DTensor's SPMD pass)
-            def do_overwrite():
-                for e in overwrite:
-                    e.var.assign(dtensor.relayout(e.average.read_value(), e.layout))
-                return tf.constant(True)
-
-            tf.cond(args.ema_overwrite, do_overwrite, lambda: tf.constant(False))
 
 
 def _no_clip(args: StepArgs) -> StepArgs:
