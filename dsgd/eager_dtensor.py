@@ -41,6 +41,20 @@ def layout_string(t) -> Optional[str]:
     return layout.to_string() if layout is not None else None
 
 
+def layout_strings(ts: Sequence) -> list[Optional[str]]:
+    """:func:`layout_string` of each tensor of ``ts`` (the lookups done once)."""
+    if _RAW:
+        h, info, fetch = _context.context()._handle, _device_info(), _pd.FetchLayout
+        out = []
+        for t in ts:
+            try:
+                out.append(fetch(h, t, info))
+            except Exception:  # not a DTensor (or not a tensor)
+                out.append(None)
+        return out
+    return [layout_string(t) for t in ts]
+
+
 def components(t) -> Sequence[tf.Tensor]:
     """The per-local-device components of dense eager DTensor ``t``."""
     if _RAW:

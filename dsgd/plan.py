@@ -29,6 +29,8 @@ class Entry:
     replication: int = 1
     shape: tuple = ()  # the variable's static shape, for the per-step gradient check
     layout_str: Optional[str] = None  # ``layout.to_string()``, compared with each gradient's
+    dtype: Optional[tf.DType] = None  # the variable's dtype (read once: DVariable attributes are slow)
+    constrained: bool = False  # the variable has a constraint to apply after the update
 
 
 @dataclass

@@ -148,6 +148,7 @@ class Grouped(LocalImplementation):
         use_ema = args.ema_momentum is not None
         overwrite = bool(args.ema_overwrite) and use_ema
         run = self._ops.dsgd_multi_sgd
+        per_device = None if sparse else list(zip(*(p for _, p in split)))  # [device][item], transposed once
         for call in calls:
             if call.sparse:
                 call_scales, hyper = self._no_scales, self._hyper(args, clip=False)
@@ -159,7 +160,7 @@ class Grouped(LocalImplementation):
                         grads = [self._sparse_dense(split[i][1][k], le, scales, i, args)
                                  for i, le in zip(call.index, call.entries)]
                     else:
-                        grads = [split[i][1][k] for i in call.index] if sparse else [p[k] for _, p in split]
+                        grads = [split[i][1][k] for i in call.index] if sparse else list(per_device[k])
                     run(vars=call.vars[k], accums=call.accums[k], averages=call.averages[k], grads=grads,
                         lr=args.lr, scales=call_scales, decay=call.decay, hyper=hyper, Tmomentum=self._tmomentum,
                         use_momentum=use_momentum, nesterov=bool(args.nesterov), use_ema=use_ema,
