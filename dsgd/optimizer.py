@@ -31,7 +31,7 @@ from dsgd import impl as impl_registry
 from dsgd import eager_dtensor, meshspec, options as opt_checks, rules
 from dsgd.options import EMAOption, GradientsClipOption
 from dsgd.plan import Entry, Group, StepArgs, group_entries, variable_layout
-from dsgd.state import new_slot, to_layout, to_numpy
+from dsgd.state import named_dvariable, new_slot, to_layout, to_numpy
 
 log = logging.getLogger("dsgd")
 _EagerTensor = EagerTensor
@@ -221,7 +221,7 @@ class SGD(keras_optimizer.Optimizer):
                 return super().add_variable_from_reference(model_variable, variable_name, shape, initial_value)
             layout = dtensor.Layout.replicated(self._mesh, len(shape))
             init = to_layout(initial_value if initial_value is not None else tf.zeros(shape, model_variable.dtype), layout)
-            v = dtensor.DVariable(init, name=f"{variable_name}/{model_variable._shared_name}", trainable=False)
+            v = named_dvariable(init, f"{variable_name}/{model_variable._shared_name}")
         else:
             v = new_slot(model_variable, variable_name, initial_value=initial_value)
         self._variables.append(v)

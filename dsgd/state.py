@@ -5,6 +5,7 @@ from typing import Optional
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import ops
 from tensorflow.experimental import dtensor
 
 from dsgd.plan import variable_layout
@@ -65,4 +66,19 @@ def new_slot(model_variable, name: str, *, initial_value=None, dtype=None, layou
     vname = f"{name}/{model_variable._shared_name}"
     if layout is None:
         return tf.Variable(init, name=vname, dtype=dtype, trainable=False)
-    return dtensor.DVariable(init, name=vname, dtype=dtype, trainable=False)
+    return named_dvariable(init, vname, dtype)
+
+
+# DTensor caches the SPMD expansion of an eager op by its attributes, and a variable's name is
+# its VarHandleOp's ``debug_name``: a unique name per slot made DTensor expand every slot's
+# handle afresh (9.5 ms each on 8 devices, vs 0.95 ms with a shared one; TF 2.21).  So slots
+# are created under one op name and then given their own Python-visible name.
+_SLOT_OP_NAME = "dsgd_slot"
+
+
+def named_dvariable(init: tf.Tensor, name: str, dtype=None) -> dtensor.DVariable:
+    """A non-trainable DVariable holding ``init``, named ``name``, created at cached-op speed."""
+    v = dtensor.DVariable(init, name=_SLOT_OP_NAME, dtype=dtype, trainable=False)
+    v._handle_name = f"{name}:0"  # what .name, ._shared_name and Keras' slot lookups read
+    v._unique_id = f"{name}_{ops.uid()}"
+    return v
