@@ -184,8 +184,9 @@ def plot(df, path: str) -> None:
     ok = df[df["status"] == "ok"].copy()
     ok["config"] = ok["workload"] + "\n" + ok["mesh"] + " " + ok["layout"] + " " + ok["dtype"]
     pivot = ok.pivot_table(index="config", columns="implementation", values="median_ms", aggfunc="median")
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(pivot)), 4.5))
-    pivot.plot.bar(ax=ax, logy=True, rot=0)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(pivot)), 5.5))
+    pivot.plot.bar(ax=ax, logy=True, rot=45)
+    plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor", fontsize=8)
     roof = ok.groupby("config")["roofline_ms"].median().reindex(pivot.index)
     ax.scatter(range(len(roof)), roof.values, marker="_", s=600, color="k", label="roofline", zorder=3)
     ax.set_ylabel("median ms per step (log)")
