@@ -1,15 +1,16 @@
 """Peak memory (the process's max RSS, as asv's ``peakmem_`` measures it) of building a case
-(variables, gradients, optimizer and its slots) and of building and stepping it, for every
-implementation with plain momentum and with the full option set (EMA adds a slot).
-
+(variables, gradients, optimizer and its slots) and of building and stepping it, with plain
+momentum and with the full option set (EMA adds a slot).
 The process is forked from asv's server after TensorFlow's import, so every value includes
 the same import baseline: compare values across commits, not with the case's byte count.
 """
 from . import common
-from .common import BASE, IMPLEMENTATIONS, OPTIONS
+from .common import BASE, IMPLEMENTATIONS, OPTIONS, REFERENCE
 
 
 class PeakMemory:
+    """Build, then the first step (trace, kernels, XLA programs) and ten more: every implementation."""
+
     param_names = common.PARAM_NAMES
     params = [[BASE["mesh"]], [BASE["layout"]], [BASE["dtype"]], [BASE["device"]], [BASE["xla"]],
               IMPLEMENTATIONS, OPTIONS]
@@ -18,14 +19,30 @@ class PeakMemory:
     def setup(self, *params):
         common.check(*params)
 
-    def peakmem_build(self, *params):
-        """Variables, gradients and the optimizer, slots created by ``optimizer.build``."""
-        b = common.built(*params, warm=False)
-        b.optimizer.build(b.variables)
-
     def peakmem_step(self, *params):
-        """Build, then the first step (trace) and ten more."""
         b = common.built(*params)
         for _ in range(10):
             b.step()
         common.measure.sync()
+
+
+class PeakMemoryBuild:
+    """Variables, gradients and the optimizer, slots created by ``optimizer.build``.
+
+    Only the implementations whose build differs: tf_keras' reference, ``fused`` standing for
+    every dsgd path that keeps its slots in the variable's layout (their builds are the same;
+    kernels and XLA programs appear at the first step, which ``PeakMemory`` measures), and
+    ``sharded_state``, whose slots are sharded further (ZeRO-1).
+    """
+
+    param_names = common.PARAM_NAMES
+    params = [[BASE["mesh"]], [BASE["layout"]], [BASE["dtype"]], [BASE["device"]], [BASE["xla"]],
+              [i for i in IMPLEMENTATIONS if i in (REFERENCE, "fused", "sharded_state")], OPTIONS]
+    timeout = 300
+
+    def setup(self, *params):
+        common.check(*params)
+
+    def peakmem_build(self, *params):
+        b = common.built(*params, warm=False)
+        b.optimizer.build(b.variables)

@@ -4,6 +4,7 @@ all call these; none grows its own timing loop.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -74,15 +75,25 @@ class Built:
     first_step_s: float = 0.0
 
 
+@functools.lru_cache(maxsize=None)
+def _random_fn(shape: tuple, dtype: str):
+    import tensorflow as tf
+
+    # one trace per shape and dtype, the seed an input (a new tf.function per tensor cost ~0.1 s each)
+    return tf.function(lambda seed: tf.cast(tf.random.stateless_normal(shape, seed=seed), dtype))
+
+
 def random_dtensor(shape, dtype: str, layout, seed: int):
     """A fresh random DTensor (made inside a tf.function, as DTensor requires)."""
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
-    fn = tf.function(lambda: tf.cast(tf.random.stateless_normal(shape, seed=[seed, 7]), dtype))
+    fn = _random_fn(tuple(int(d) for d in shape), str(dtype))
+    seed_t = tf.constant([seed, 7], tf.int32)
     if layout is None:
-        return fn()
-    return dtensor.call_with_layout(fn, layout)
+        return fn(seed_t)
+    seed_t = dtensor.copy_to_mesh(seed_t, dtensor.Layout.replicated(layout.mesh, 1))
+    return dtensor.call_with_layout(fn, layout, seed_t)
 
 
 def case_layouts(specs: Sequence[VarSpec], mesh, policy: str) -> list:
@@ -113,7 +124,9 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
     specs = get_workload(case.workload, case.dtype)
     mesh = meshspec.make_mesh(case.mesh, case.device)
     layouts = case_layouts(specs, mesh, case.layout)
-    variables = [dtensor.DVariable(random_dtensor(s.shape, s.dtype, lay, seed + i), name=s.name.replace("/", "_"))
+    from dsgd.state import named_dvariable
+
+    variables = [named_dvariable(random_dtensor(s.shape, s.dtype, lay, seed + i), s.name.replace("/", "_"), trainable=True)
                  for i, (s, lay) in enumerate(zip(specs, layouts))]
     grads = [random_dtensor(s.shape, s.dtype, lay, grad_seed + i) for i, (s, lay) in enumerate(zip(specs, layouts))]
     opt = make_optimizer(case, mesh)

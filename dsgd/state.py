@@ -76,9 +76,9 @@ def new_slot(model_variable, name: str, *, initial_value=None, dtype=None, layou
 _SLOT_OP_NAME = "dsgd_slot"
 
 
-def named_dvariable(init: tf.Tensor, name: str, dtype=None) -> dtensor.DVariable:
-    """A non-trainable DVariable holding ``init``, named ``name``, created at cached-op speed."""
-    v = dtensor.DVariable(init, name=_SLOT_OP_NAME, dtype=dtype, trainable=False)
+def named_dvariable(init: tf.Tensor, name: str, dtype=None, trainable: bool = False) -> dtensor.DVariable:
+    """A DVariable holding ``init``, named ``name``, created at cached-op speed."""
+    v = dtensor.DVariable(init, name=_SLOT_OP_NAME, dtype=dtype, trainable=trainable)
     v._handle_name = f"{name}:0"  # what .name, ._shared_name and Keras' slot lookups read
     v._unique_id = f"{name}_{ops.uid()}"
     return v

@@ -40,12 +40,9 @@ def rng():
     return np.random.default_rng(1234)
 
 
-# Known defects, tracked in the closing note of session 1 (open in issue 3); xfail, not skip,
-# so that a fix shows up as XPASS.
-KNOWN_DEFECTS = {
-    "test_sparse_matches_reference[nesterov_clipvalue-xla-eager]": (
-        "", "xla with clipvalue on sparse gradients: under investigation"),
-}
+# Known defects: {nodeid prefix: (needle in the nodeid, reason)}, marked xfail (not skip) so
+# that a fix shows up as XPASS.  None open.
+KNOWN_DEFECTS: dict[str, tuple[str, str]] = {}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -114,6 +114,10 @@ def test_slot_layouts_equal_variable_layouts(meshes, impl):
                 f"{slot.name}: layout {layout_of(slot).sharding_specs} != variable's {layout_of(v).sharding_specs}")
         np.testing.assert_array_equal(value(a), value(v))  # the average starts as a copy
         np.testing.assert_array_equal(value(m), 0)
+        # slots are created under one op name (DTensor's expansion cache), then named after their variable
+        assert m.name == f"m/{v._shared_name}:0" and a.name == f"average/{v._shared_name}:0", (m.name, a.name)
+    ids = [s._unique_id for s in opt.momentums + opt._model_variables_moving_average]
+    assert len(set(ids)) == len(ids), "slots share a unique id"
 
 
 def test_iterations_and_learning_rate_replicated(meshes):

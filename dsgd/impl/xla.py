@@ -38,7 +38,7 @@ import tensorflow as tf
 from dsgd import rules
 from dsgd.impl.base import Items
 from dsgd.impl.local import LocalEntry, densify_local
-from dsgd.impl.per_shard import LocalImplementation
+from dsgd.impl.per_shard import LocalImplementation, PerShard
 from dsgd.plan import Group, StepArgs
 
 
@@ -49,20 +49,23 @@ class NoHLOError(RuntimeError):
 def _program(n: int, *, decay_mask: tuple, has_momentum: bool, has_ema: bool, momentum: float,
              nesterov: bool, weight_decay: Optional[float], clipvalue: Optional[float],
              ema_momentum: Optional[float], var_dtype: tf.DType, slot_dtype: tf.DType,
-             scaled: bool, name: str):
+             scaled: bool, name: str, clip_mask: Optional[tuple] = None):
     """The jit-compiled step of ``n`` variables on one device (handles and gradients as inputs).
 
     Hyperparameters that are Python constants are baked in (they key the program cache);
     the learning rate, the clip scales and the EMA overwrite flag are tensor inputs.
+    ``clip_mask[i]`` False: gradient ``i`` arrives already scaled and clipped (a sparse one,
+    clipped slice by slice before its duplicates were summed, as tf_keras does).
     """
 
     def step(var_h, mom_h, avg_h, grads, lr, scales, overwrite):
         for i in range(n):
             g = grads[i]
-            if scaled:
-                g = g * tf.cast(scales[i], var_dtype)
-            if clipvalue:
-                g = rules.clip_by_value(g, clipvalue)
+            if clip_mask is None or clip_mask[i]:
+                if scaled:
+                    g = g * tf.cast(scales[i], var_dtype)
+                if clipvalue:
+                    g = rules.clip_by_value(g, clipvalue)
             w = tf.raw_ops.ReadVariableOp(resource=var_h[i], dtype=var_dtype)
             # compute in the slot dtype (float32 momentum for bfloat16 weights), store in each own dtype
             cd = slot_dtype if has_momentum else var_dtype
@@ -140,6 +143,7 @@ class XLA(LocalImplementation):
             split[0][0].momentum is not None, args.ema_momentum is not None,
             float(args.momentum), bool(args.nesterov), args.weight_decay or None,
             args.clipvalue or None, args.ema_momentum, scaled,
+            tuple(not isinstance(parts[0], tf.IndexedSlices) for _, parts in split),
         )
 
     def _program_for(self, split, args: StepArgs, scaled: bool):
@@ -151,7 +155,7 @@ class XLA(LocalImplementation):
             prog = _program(
                 len(split), decay_mask=key[1], has_momentum=key[2], has_ema=key[3], momentum=key[4],
                 nesterov=key[5], weight_decay=key[6], clipvalue=key[7], ema_momentum=key[8],
-                var_dtype=self.group.dtype, slot_dtype=tf.as_dtype(slot_dtype), scaled=scaled,
+                var_dtype=self.group.dtype, slot_dtype=tf.as_dtype(slot_dtype), scaled=scaled, clip_mask=key[10],
                 name=f"dsgd_xla_step_{_sanitize(self.group.layout_spec)}_{self.group.dtype.name}_{len(self._programs)}",
             )
             self._programs[key] = prog
@@ -201,11 +205,12 @@ class XLA(LocalImplementation):
             mom_h = [le.momentum[k] for le, _ in split] if has_m else []
             avg_h = [le.average[k] for le, _ in split] if has_a else []
             grads = []
-            for le, parts in split:
+            for i, (le, parts) in enumerate(split):
                 g = parts[k]
                 if isinstance(g, tf.IndexedSlices):
-                    with tf.device(dev):
-                        g = densify_local(g, le.local_shape[0])
+                    with tf.device(dev):  # scaled and clipped per slice, then summed (clip_mask)
+                        values = PerShard._clip(g.values, scales, i, args, self.group.dtype)
+                        g = densify_local(tf.IndexedSlices(values, g.indices, g.dense_shape), le.local_shape[0])
                 grads.append(g)
             per_device.append((var_h, mom_h, avg_h, grads))
         for k, dev in enumerate(self.devices):  # serially: threads and one graph over all devices were slower
