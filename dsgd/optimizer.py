@@ -318,12 +318,13 @@ class SGD(keras_optimizer.Optimizer):
             items = [(self._check_pair(g, v, eager), g) for g, v in kept]
         with tf.name_scope(name or self.name or "optimizer"):
             order, by_group, impls, domain = self._resolve_groups(items, eager)
+            self._compute_current_learning_rate()  # may assign the lr variable through DTensor
             if domain == "local":
                 # DTensor runs each device's ops on its own async executor; the local ops below
-                # write the same buffers in place, so let pending DTensor work (slot creation,
-                # a user's assign or read of a weight) finish first.  ~2 µs when idle.
+                # read and write the same buffers directly, so let pending DTensor work (slot
+                # creation, a callable lr's assign, a user's assign or read of a weight) finish
+                # first.  ~2 µs when idle.
                 _context.async_wait()
-            self._compute_current_learning_rate()
             args = self._step_args(eager, local=domain == "local")
             self._run_groups(order, by_group, impls, domain, args)
             for e, _ in items:

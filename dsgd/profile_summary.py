@@ -99,6 +99,33 @@ def trace_hlo_modules(paths: Sequence[str]) -> list[tuple[str, int]]:
     return out
 
 
+def eager_op_rows(paths: Sequence[str]) -> list[dict]:
+    """framework_op_stats-like rows from the host plane's ``EagerLocalExecute: <op>`` events.
+
+    On CPU, xprof's op statistics leave out eagerly executed single ops; the host tracer still
+    records one event per op dispatch (its wall time includes the kernel, which runs inline).
+    """
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    prefix = "EagerLocalExecute: "
+    agg: dict[str, list[float]] = {}
+    for p in paths:
+        xs = xplane_pb2.XSpace()
+        with open(p, "rb") as f:
+            xs.ParseFromString(f.read())
+        for plane in xs.planes:
+            if not plane.name.startswith("/host:"):
+                continue
+            for line in plane.lines:
+                for ev in line.events:
+                    name = plane.event_metadata[ev.metadata_id].name
+                    if name.startswith(prefix):
+                        a = agg.setdefault(name[len(prefix):], [0.0, 0.0])
+                        a[0] += 1
+                        a[1] += ev.duration_ps / 1e6
+    return [{"type": op, "operation": op, "occurrences": n, "total_self_time": us} for op, (n, us) in agg.items()]
+
+
 def _program_name(module: str) -> str:
     """A module name without the per-executable ``(N)`` suffix: the program it compiles."""
     return re.sub(r"\(\d+\)$", "", module)
@@ -108,6 +135,8 @@ def summarize_xplane(paths: Sequence[str], steps: int, top: int = 5) -> dict:
     """Per-step numbers from a trace of ``steps`` annotated steps (xprof, headless)."""
     steps = max(int(steps), 1)
     rows = [r for r in xprof_table(paths, "framework_op_stats") if r.get("type") != "IDLE"]
+    if not rows:  # a step of eager single ops only (the local domain): xprof lists no framework ops
+        rows = eager_op_rows(paths)
     occurrences = sum(float(r.get("occurrences") or 0) for r in rows)
     self_us = sum(float(r.get("total_self_time") or 0) for r in rows)
     by_time = sorted(rows, key=lambda r: -float(r.get("total_self_time") or 0))[:top]
