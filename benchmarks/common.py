@@ -37,7 +37,6 @@ skipped, via ``NotImplementedError`` in ``setup``):
 from __future__ import annotations
 
 import functools
-import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -171,22 +170,10 @@ def built(*params, warm: bool = True):
 
 
 def state_bytes_per_device(optimizer) -> int:
-    """Bytes of optimizer state (slots, EMA averages) on the busiest device, read from the
-    optimizer's own variables and their layouts — not from what the plan intended."""
-    import tensorflow as tf
-
-    from dsgd.plan import variable_layout
-
-    total = 0
-    for v in getattr(optimizer, "variables", []):
-        v = v() if callable(v) and not isinstance(v, tf.Variable) else v
-        shape = list(v.shape)
-        if not shape:
-            continue  # iterations, learning rate: scalars
-        layout = variable_layout(v)
-        local = meshspec.local_shape(layout, shape) if layout is not None else shape
-        total += math.prod(local) * tf.as_dtype(v.dtype).size
-    return int(total)
+    """Bytes of optimizer state on the busiest device, read from the optimizer's own variables
+    (:func:`dsgd.measure.optimizer_state_bytes`; commits from before it get 0)."""
+    fn = getattr(measure, "optimizer_state_bytes", None)
+    return fn(optimizer) if fn is not None else 0
 
 
 @functools.lru_cache(maxsize=1)

@@ -61,7 +61,7 @@ def run_case(payload: dict) -> dict:
         min_ms=float(t.min()),
         params=b.params_total,
         param_bytes_per_device=b.params_per_device,
-        state_bytes_per_device=b.optimizer_state_per_device,
+        state_bytes_per_device=measure.optimizer_state_bytes(built.optimizer),  # what the slots hold (ZeRO-1 too)
         traffic_bytes=b.step_traffic_total,
         achieved_gbps=b.step_traffic_total / (median * 1e-3) / 1e9,
         copy_gbps=bw,

@@ -5,6 +5,7 @@ all call these; none grows its own timing loop.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -271,6 +272,25 @@ def count_bytes(specs: Sequence[VarSpec], layout_entries_list: Sequence[Sequence
         traffic += local * n_dev * b * elements_moved(opts)
         total += s.size
     return Bytes(p, m, e, traffic, total)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state (slots, EMA averages) on the busiest device, read from the
+    optimizer's own variables and their layouts — not from what the plan intended."""
+    import tensorflow as tf
+
+    from dsgd.plan import variable_layout
+
+    total = 0
+    for v in getattr(optimizer, "variables", []):
+        v = v() if callable(v) and not isinstance(v, tf.Variable) else v
+        shape = list(v.shape)
+        if not shape:
+            continue  # iterations, learning rate: scalars
+        layout = variable_layout(v)
+        local = meshspec.local_shape(layout, shape) if layout is not None else shape
+        total += math.prod(local) * tf.as_dtype(v.dtype).size
+    return int(total)
 
 
 def bytes_for_case(built: Built) -> Bytes:
