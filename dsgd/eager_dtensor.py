@@ -27,22 +27,16 @@ def _device_info():
     return _api._dtensor_device()._device_info
 
 
-def layout_string(t) -> Optional[str]:
-    """The layout of eager tensor ``t`` as DTensor's string, or None for a plain tensor."""
-    if _RAW:
-        try:
-            return _pd.FetchLayout(_context.context()._handle, t, _device_info())
-        except Exception:
-            return None
+def _layout_string(t) -> Optional[str]:
     try:
         layout = dtensor.fetch_layout(t)
-    except Exception:
+    except Exception:  # not a DTensor (or not a tensor)
         return None
     return layout.to_string() if layout is not None else None
 
 
 def layout_strings(ts: Sequence) -> list[Optional[str]]:
-    """:func:`layout_string` of each tensor of ``ts`` (the lookups done once)."""
+    """The layout of each eager tensor of ``ts`` as DTensor's string (None: a plain tensor)."""
     if _RAW:
         h, info, fetch = _context.context()._handle, _device_info(), _pd.FetchLayout
         out = []
@@ -52,7 +46,7 @@ def layout_strings(ts: Sequence) -> list[Optional[str]]:
             except Exception:  # not a DTensor (or not a tensor)
                 out.append(None)
         return out
-    return [layout_string(t) for t in ts]
+    return [_layout_string(t) for t in ts]
 
 
 def components(t) -> Sequence[tf.Tensor]:

@@ -34,7 +34,6 @@ from dsgd.plan import Entry, Group, StepArgs, group_entries, variable_layout
 from dsgd.state import named_dvariable, new_slot, to_layout, to_numpy
 
 log = logging.getLogger("dsgd")
-_EagerTensor = EagerTensor
 
 _Schedule = learning_rate_schedule.LearningRateSchedule
 _ACCEPTED_KWARGS = ("lr", "is_legacy_optimizer")
@@ -360,7 +359,7 @@ class SGD(keras_optimizer.Optimizer):
         items = []
         for (g, v), lay in zip(kept, layouts):
             e = by_id.get(id(v))
-            if (e is None or e.var is not v or type(g) is not _EagerTensor or lay != e.layout_str
+            if (e is None or e.var is not v or type(g) is not EagerTensor or lay != e.layout_str
                     or g.dtype != e.dtype or g._shape_tuple() != e.shape):
                 return None
             items.append((e, g))
