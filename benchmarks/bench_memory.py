@@ -8,16 +8,23 @@ from . import common
 from .common import BASE, IMPLEMENTATIONS, OPTIONS, REFERENCE
 
 
-class PeakMemory:
-    """Build, then the first step (trace, kernels, XLA programs) and ten more: every implementation."""
+def _baseline_params(implementations) -> list:
+    return [[BASE["mesh"]], [BASE["layout"]], [BASE["dtype"]], [BASE["device"]], [BASE["xla"]],
+            list(implementations), OPTIONS]
 
+
+class _MemoryBase:
     param_names = common.PARAM_NAMES
-    params = [[BASE["mesh"]], [BASE["layout"]], [BASE["dtype"]], [BASE["device"]], [BASE["xla"]],
-              IMPLEMENTATIONS, OPTIONS]
     timeout = 300
 
     def setup(self, *params):
         common.check(*params)
+
+
+class PeakMemory(_MemoryBase):
+    """Build, then the first step (trace, kernels, XLA programs) and ten more: every implementation."""
+
+    params = _baseline_params(IMPLEMENTATIONS)
 
     def peakmem_step(self, *params):
         b = common.built(*params)
@@ -26,7 +33,7 @@ class PeakMemory:
         common.measure.sync()
 
 
-class PeakMemoryBuild:
+class PeakMemoryBuild(_MemoryBase):
     """Variables, gradients and the optimizer, slots created by ``optimizer.build``.
 
     Only the implementations whose build differs: tf_keras' reference, ``fused`` standing for
@@ -35,13 +42,7 @@ class PeakMemoryBuild:
     ``sharded_state``, whose slots are sharded further (ZeRO-1).
     """
 
-    param_names = common.PARAM_NAMES
-    params = [[BASE["mesh"]], [BASE["layout"]], [BASE["dtype"]], [BASE["device"]], [BASE["xla"]],
-              [i for i in IMPLEMENTATIONS if i in (REFERENCE, "fused", "sharded_state")], OPTIONS]
-    timeout = 300
-
-    def setup(self, *params):
-        common.check(*params)
+    params = _baseline_params(i for i in IMPLEMENTATIONS if i in (REFERENCE, "fused", "sharded_state"))
 
     def peakmem_build(self, *params):
         b = common.built(*params, warm=False)

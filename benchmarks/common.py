@@ -169,11 +169,11 @@ def built(*params, warm: bool = True):
     return b
 
 
-def state_bytes_per_device(optimizer) -> int:
+def state_bytes_per_device(optimizer) -> Optional[int]:
     """Bytes of optimizer state on the busiest device, read from the optimizer's own variables
-    (:func:`dsgd.measure.optimizer_state_bytes`; commits from before it get 0)."""
+    (:func:`dsgd.measure.optimizer_state_bytes`); None (asv: n/a) on commits from before it."""
     fn = getattr(measure, "optimizer_state_bytes", None)
-    return fn(optimizer) if fn is not None else 0
+    return fn(optimizer) if fn is not None else None
 
 
 @functools.lru_cache(maxsize=1)

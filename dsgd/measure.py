@@ -118,15 +118,13 @@ def make_optimizer(case: Case, mesh, opts: Optional[dict] = None):
 def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
     """Create the mesh, variables (random), gradients (random) and the optimizer of a case."""
     import tensorflow as tf
-    from tensorflow.experimental import dtensor
 
+    from dsgd.state import named_dvariable
     from dsgd.workloads import get_workload
 
     specs = get_workload(case.workload, case.dtype)
     mesh = meshspec.make_mesh(case.mesh, case.device)
     layouts = case_layouts(specs, mesh, case.layout)
-    from dsgd.state import named_dvariable
-
     variables = [named_dvariable(random_dtensor(s.shape, s.dtype, lay, seed + i), s.name.replace("/", "_"), trainable=True)
                  for i, (s, lay) in enumerate(zip(specs, layouts))]
     grads = [random_dtensor(s.shape, s.dtype, lay, grad_seed + i) for i, (s, lay) in enumerate(zip(specs, layouts))]

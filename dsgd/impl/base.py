@@ -49,8 +49,8 @@ class Implementation:
         return items
 
     # -- clipping support -------------------------------------------------------------
-    def partial_sumsq(self, items: Items) -> list[tf.Tensor]:
-        """Sum of squares of each item's gradient, counted once per element.
+    def partial_sumsq(self, prepared) -> list[tf.Tensor]:
+        """Sum of squares of each gradient of ``prepared`` (from :meth:`prepare`), counted once per element.
 
         ``dtensor`` domain: one replicated DTensor vector ``[len(items)]``.
         ``local`` domain: one vector per local device, each already divided by the
@@ -60,6 +60,7 @@ class Implementation:
         raise NotImplementedError
 
     # -- the step -----------------------------------------------------------------------
-    def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
-        """Clip (by ``scales``: one coefficient per item, or None), decay, update, EMA."""
+    def apply(self, prepared, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
+        """Clip (by ``scales``: one coefficient per item, or None), decay, update, EMA, for the
+        items of ``prepared`` (from :meth:`prepare`)."""
         raise NotImplementedError

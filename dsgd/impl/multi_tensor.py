@@ -24,7 +24,6 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from dsgd import kernels
-from dsgd.impl.base import Items
 from dsgd.impl.local import LocalEntry, densify_local
 from dsgd.impl.per_shard import LocalImplementation, PerShard
 from dsgd.plan import Group, StepArgs

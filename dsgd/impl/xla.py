@@ -36,7 +36,6 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from dsgd import rules
-from dsgd.impl.base import Items
 from dsgd.impl.local import LocalEntry, densify_local
 from dsgd.impl.per_shard import LocalImplementation, PerShard
 from dsgd.plan import Group, StepArgs
