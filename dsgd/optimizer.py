@@ -458,7 +458,24 @@ class SGD(keras_optimizer.Optimizer):
         domains = {i.domain for i in impls}
         if len(domains) > 1:  # keep one domain per step so the norm reduction is done once
             impls = [self._cached_impl(grp, "fused") for grp in order]
+        if len(impls) > 1:
+            combined = self._combined_impl(order, impls)
+            if combined is not None:  # one implementation runs every group of the step at once
+                items_all = [it for grp in order for it in by_group[id(grp)]]
+                return [combined.group], {id(combined.group): items_all}, [combined], combined.domain
         return order, by_group, impls, impls[0].domain
+
+    def _combined_impl(self, order: list[Group], impls: list):
+        """One instance of the groups' implementation for all of them, if it can combine
+        them (``Implementation.combine``); cached per sequence of groups."""
+        cache = self.__dict__.setdefault("_combined_cache", {})
+        key = tuple(id(g) for g in order) + tuple(id(i) for i in impls)
+        if key not in cache:
+            if len(cache) > 32:
+                cache.clear()
+            with tf.init_scope():
+                cache[key] = type(impls[0]).combine(impls, self)
+        return cache[key]
 
     def _run_groups(self, order: list[Group], by_group: dict, impls: list, domain: str, args: StepArgs) -> None:
         scales_per_group: list = [None] * len(order)
@@ -471,7 +488,8 @@ class SGD(keras_optimizer.Optimizer):
                 norms = tf.sqrt(sumsq)
                 coeff = args.clipnorm / tf.maximum(norms, args.clipnorm)
                 parts = tf.split(coeff, sizes) if len(sizes) > 1 else [coeff]
-                scales_per_group = [tf.unstack(p) for p in parts]
+                scales_per_group = [p if getattr(imp, "vector_scales", False) else tf.unstack(p)
+                                    for imp, p in zip(impls, parts)]
             else:
                 scale = rules.global_clip_scale(tf.reduce_sum(sumsq), args.global_clipnorm)
                 scales_per_group = [[scale] * n for n in sizes]

@@ -25,6 +25,7 @@ class Implementation:
     name: ClassVar[str] = "base"
     domain: ClassVar[str] = "dtensor"
     description: ClassVar[str] = ""
+    vector_scales: ClassVar[bool] = False  # apply() takes clipnorm's coefficients as one vector
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
@@ -39,6 +40,12 @@ class Implementation:
     def __init__(self, group: Group, options) -> None:
         self.group = group
         self.options = options
+
+    @classmethod
+    def combine(cls, impls: Sequence["Implementation"], options) -> Optional["Implementation"]:
+        """One instance running all of ``impls``' groups together (their items concatenated in
+        order), or None (the default): each group then runs on its own instance."""
+        return None
 
     def prepare(self, items: Items):
         """The step's items in the form :meth:`partial_sumsq` and :meth:`apply` take.
@@ -61,6 +68,6 @@ class Implementation:
 
     # -- the step -----------------------------------------------------------------------
     def apply(self, prepared, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
-        """Clip (by ``scales``: one coefficient per item, or None), decay, update, EMA, for the
-        items of ``prepared`` (from :meth:`prepare`)."""
+        """Clip (by ``scales``: one coefficient per item, or None; a vector of them when the class
+        sets ``vector_scales``), decay, update, EMA, for the items of ``prepared`` (from :meth:`prepare`)."""
         raise NotImplementedError

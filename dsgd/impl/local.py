@@ -29,6 +29,10 @@ class LocalEntry:
     offsets: list[list[int]]  # per device, the global start index of its block in each dimension
     local_shape: list[int]
     inv_replication: float
+    # per device: it holds its shard's first replica (coordinate 0 on every mesh axis the
+    # layout does not shard), so a per-shard quantity summed over primaries counts each
+    # element exactly once, over all clients of the mesh
+    primary: list[bool]
 
 
 def _handles(v) -> list[tf.Tensor]:
@@ -47,20 +51,23 @@ def local_entry(entry: Entry) -> LocalEntry:
     if entry.layout is None:
         offsets = [[0] * len(shape)]
         lshape = shape
+        primary = [True]
     else:
         layout = entry.layout
         mesh = layout.mesh
         lshape = meshspec.local_shape(layout, shape)
-        offsets = []
+        replicated_axes = [a for a in mesh.dim_names if a not in layout.sharding_specs]
+        offsets, primary = [], []
         for loc in mesh.local_device_locations():
             off = []
             for d, spec in enumerate(layout.sharding_specs):
                 off.append(0 if spec == meshspec.UNSHARDED else loc[spec] * lshape[d])
             offsets.append(off)
+            primary.append(all(loc[a] == 0 for a in replicated_axes))
     return LocalEntry(
         entry=entry, devices=devices, var=var_h,
         momentum=_handles(entry.momentum), average=_handles(entry.average),
-        offsets=offsets, local_shape=lshape, inv_replication=1.0 / entry.replication,
+        offsets=offsets, local_shape=lshape, inv_replication=1.0 / entry.replication, primary=primary,
     )
 
 

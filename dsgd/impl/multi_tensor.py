@@ -1,15 +1,21 @@
-"""``grouped``: one multi-tensor C++ kernel call per device and group does the whole step.
+"""``grouped``: one multi-tensor C++ kernel call per device does the whole step.
 
 For each local device, one ``DsgdMultiSgd`` call (:mod:`dsgd.kernels`) clips, decays,
-updates (momentum / Nesterov / plain) and averages (EMA) every variable of the group in
-place, in one pass over each variable's memory, spread over the CPU thread pool across
-all the variables' elements.  Many small variables stop paying TensorFlow's per-op
-overhead (one op per device instead of one to four per variable), and large ones run at
-memory speed.  Clipping by norm adds one ``DsgdMultiSumSq`` call per device.
+updates (momentum / Nesterov / plain) and averages (EMA) every variable in place, in one
+pass over each variable's memory, spread over the CPU thread pool across all the
+variables' elements.  Many small variables stop paying TensorFlow's per-op overhead (one
+op per device instead of one to four per variable), and large ones run at memory speed.
+The kernel does not care about layouts, so the plan's groups (one per layout) that share
+a dtype are combined into one call per device (:meth:`Grouped.combine`).
+
+Clipping by norm adds one ``DsgdMultiSumSq`` call per device, over the gradients of which
+that device holds the first replica only (``LocalEntry.primary``): each element is read
+once per shard, not once per device copy (a batch-replicated model reads 1/8 of it on 8
+devices), and the sums need no rescaling by the replication factor.
 
 Everything constant is built once, when the plan first meets a set of gradients: each
-device's variable, momentum and EMA handles packed into one resource vector each
-(``DsgdPackHandles``), the weight-decay mask and the hyperparameters.  A step then is,
+device's variables, momentum and EMA slots, looked up once into a ref-counting variable
+set (``DsgdPackVars``), the weight-decay mask and the hyperparameters.  A step then is,
 per device, one gradient list and one op call.
 
 Sparse gradients (``tf.IndexedSlices``) keep ``per_shard``'s semantics: their values are
@@ -24,6 +30,7 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from dsgd import kernels
+from dsgd.impl.base import Implementation
 from dsgd.impl.local import LocalEntry, densify_local
 from dsgd.impl.per_shard import LocalImplementation, PerShard
 from dsgd.plan import Group, StepArgs
@@ -39,15 +46,23 @@ class _Call:
     index: list[int]  # positions in the step's items
     entries: list[LocalEntry]
     sparse: bool  # gradients are IndexedSlices (scaled and clipped before the call)
-    vars: list[tf.Tensor]  # per device: packed handles
-    accums: list[tf.Tensor]  # per device (the vars' when there is no momentum)
-    averages: list[tf.Tensor]  # per device (the vars' when there is no EMA)
+    varsets: list[tf.Tensor]  # per device: DsgdPackVars of the variables and their slots
     decay: tf.Tensor  # host bool [n], or [0]: every variable decays
+
+
+@dataclass
+class _SumSq:
+    """Per device: which of the step's items it sums (those it holds the first replica of)."""
+
+    index: list[list[int]]  # per device: positions in the step's items
+    slots: list[tf.Tensor]  # per device: host int32 copy of ``index`` (the kernel's input)
+    zeros: list[tf.Tensor]  # per device: float32 [n] zeros, for a device that sums nothing
 
 
 class Grouped(LocalImplementation):
     name = "grouped"
-    description = "one multi-tensor C++ kernel call per device and group on the local shards (eager)"
+    description = "one multi-tensor C++ kernel call per device on the local shards, all layouts together (eager)"
+    vector_scales = True  # apply() takes per-variable clip coefficients as one vector
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
@@ -70,21 +85,36 @@ class Grouped(LocalImplementation):
                         "variables' dtype, or in float32 for bfloat16/float16 variables")
         return None
 
-    def __init__(self, group: Group, options) -> None:
-        super().__init__(group, options)
+    def __init__(self, group: Group, options, locals_: Optional[dict] = None) -> None:
+        if locals_ is None:
+            super().__init__(group, options)
+        else:  # combined from other instances: their per-device handles are reused
+            Implementation.__init__(self, group, options)
+            self.locals = locals_
+            self.devices = locals_[id(group.entries[0])].devices
         self._ops = kernels.load()
-        first = group.entries[0]
-        self._tmomentum = first.momentum.dtype if first.momentum is not None else group.dtype
-        inv = {le.inv_replication for le in self.locals.values()}
-        if len(inv) != 1:  # groups share a layout, hence a replication factor
-            raise ValueError(f"grouped: variables of one group have different replication factors {sorted(inv)}")
-        self._inv_replication = inv.pop()
+        self._tmomentum = _momentum_dtype(group)
         self._plans: dict[tuple, list[_Call]] = {}
+        self._sumsq_plans: dict[tuple, _SumSq] = {}
         self._hypers: dict[tuple, tf.Tensor] = {}
         with tf.init_scope():
             self._no_mask = tf.zeros([0], tf.bool)
             self._no_scales = tf.zeros([0], tf.float32)
         self._plan(tuple(id(e) for e in group.entries), (), group.entries)
+
+    @classmethod
+    def combine(cls, impls: Sequence["Grouped"], options) -> Optional["Grouped"]:
+        """One instance for several groups' variables (one kernel call per device for all of
+        them), or None when they cannot share a call (dtype, momentum dtype or devices differ)."""
+        if len(impls) < 2 or any(type(i) is not cls for i in impls):
+            return None
+        first = impls[0]
+        if any(i.group.dtype != first.group.dtype or i._tmomentum != first._tmomentum
+               or i.devices != first.devices or i.group.mesh != first.group.mesh for i in impls):
+            return None
+        entries = [e for i in impls for e in i.group.entries]
+        group = Group("+".join(i.group.layout_spec for i in impls), first.group.dtype, first.group.mesh, entries)
+        return cls(group, options, locals_={k: v for i in impls for k, v in i.locals.items()})
 
     # -- constant inputs, built once per set of variables --------------------------------
     def _plan(self, key: tuple, sparse: tuple, entries) -> list[_Call]:
@@ -104,19 +134,16 @@ class Grouped(LocalImplementation):
         return calls
 
     def _make_call(self, index: list[int], les: list[LocalEntry], sparse: bool) -> _Call:
-        pack = self._ops.dsgd_pack_handles
-        packed = {"var": [], "momentum": [], "average": []}
+        pack = self._ops.dsgd_pack_vars
+        varsets = []
         for k, dev in enumerate(self.devices):
             with tf.device(dev):
-                for slot, out in packed.items():
-                    hs = [getattr(le, slot) for le in les]
-                    out.append(pack([h[k] for h in hs]) if hs[0] is not None else None)
+                slots = {s: [getattr(le, s)[k] for le in les] if getattr(les[0], s) is not None else []
+                         for s in ("var", "momentum", "average")}
+                varsets.append(pack(vars=slots["var"], accums=slots["momentum"], averages=slots["average"]))
         mask = [le.entry.decay for le in les]
         decay = self._no_mask if all(mask) else tf.constant(mask, tf.bool)
-        var = packed["var"]
-        return _Call(index=index, entries=les, sparse=sparse, vars=var,
-                     accums=packed["momentum"] if packed["momentum"][0] is not None else var,
-                     averages=packed["average"] if packed["average"][0] is not None else var, decay=decay)
+        return _Call(index=index, entries=les, sparse=sparse, varsets=varsets, decay=decay)
 
     def _hyper(self, args: StepArgs, clip: bool) -> tf.Tensor:
         key = (args.momentum or 0.0, args.weight_decay or 0.0, (args.clipvalue or 0.0) if clip else 0.0,
@@ -128,14 +155,37 @@ class Grouped(LocalImplementation):
         return t
 
     # -- clipping support -------------------------------------------------------------------
+    def _sumsq_plan(self, split) -> _SumSq:
+        key = tuple(id(le) for le, _ in split)
+        plan = self._sumsq_plans.get(key)
+        if plan is None:
+            if len(self._sumsq_plans) > 32:
+                self._sumsq_plans.clear()
+            index = [[i for i, (le, _) in enumerate(split) if le.primary[k]] for k in range(len(self.devices))]
+            with tf.init_scope():
+                slots, zeros = [], []
+                for k, dev in enumerate(self.devices):
+                    with tf.device(dev):
+                        slots.append(tf.constant(index[k], tf.int32))
+                        zeros.append(tf.zeros([len(split)], tf.float32))
+            plan = self._sumsq_plans[key] = _SumSq(index, slots, zeros)
+        return plan
+
     def partial_sumsq(self, split) -> list[tf.Tensor]:
+        """Per device, the sums of squares of the gradients it holds the first replica of
+        (zeros elsewhere): summed over every device of the mesh, each variable's exact sum."""
         sumsq = self._ops.dsgd_multi_sum_sq
+        plan = self._sumsq_plan(split)
         out = []
         for k, dev in enumerate(self.devices):
-            gs = [parts[k] for _, parts in split]
+            index = plan.index[k]
+            if not index:
+                out.append(plan.zeros[k])
+                continue
             with tf.device(dev):
+                gs = [split[i][1][k] for i in index]
                 gs = [_masked_values(g) if isinstance(g, tf.IndexedSlices) else g for g in gs]
-                out.append(sumsq(gs, scale=self._inv_replication))
+                out.append(sumsq(gs, plan.slots[k], size=len(split)))
         return out
 
     # -- the step ------------------------------------------------------------------------------
@@ -160,14 +210,18 @@ class Grouped(LocalImplementation):
                                  for i, le in zip(call.index, call.entries)]
                     else:
                         grads = [split[i][1][k] for i in call.index] if sparse else list(per_device[k])
-                    run(vars=call.vars[k], accums=call.accums[k], averages=call.averages[k], grads=grads,
-                        lr=args.lr, scales=call_scales, decay=call.decay, hyper=hyper, Tmomentum=self._tmomentum,
-                        use_momentum=use_momentum, nesterov=bool(args.nesterov), use_ema=use_ema,
-                        ema_overwrite=overwrite)
+                    run(varset=call.varsets[k], grads=grads, lr=args.lr, scales=call_scales, decay=call.decay,
+                        hyper=hyper, Tmomentum=self._tmomentum, use_momentum=use_momentum,
+                        nesterov=bool(args.nesterov), use_ema=use_ema, ema_overwrite=overwrite)
 
     def _sparse_dense(self, g: tf.IndexedSlices, le: LocalEntry, scales, i: int, args: StepArgs) -> tf.Tensor:
         values = PerShard._clip(g.values, scales, i, args, self.group.dtype)
         return densify_local(tf.IndexedSlices(values, g.indices, g.dense_shape), le.local_shape[0])
+
+
+def _momentum_dtype(group: Group) -> tf.DType:
+    first = group.entries[0]
+    return first.momentum.dtype if first.momentum is not None else group.dtype
 
 
 def _masked_values(g: tf.IndexedSlices) -> tf.Tensor:
