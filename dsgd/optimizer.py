@@ -15,6 +15,8 @@ The API is ``tf.keras.dtensor.experimental.optimizers.SGD``'s (every argument, t
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import numbers
 from typing import Any, Callable, Iterable, Optional
@@ -143,8 +145,7 @@ class SGD(keras_optimizer.Optimizer):
         self.momentum_dtype = momentum_dtype
         self._lr_callable: Optional[Callable[[], Any]] = None
         self._learning_rate = self._build_learning_rate(learning_rate)
-        self._plan_groups: list[Group] = []
-        self._entries: dict[Any, Entry] = {}
+        self.__dict__.update(_plan_groups=[], _entries={})  # untracked (see build)
         self._warned_graph_fallback = False
 
     # ------------------------------------------------------------------ learning rate
@@ -261,12 +262,15 @@ class SGD(keras_optimizer.Optimizer):
                 replication=meshspec.replication_factor(layout) if layout is not None else 1,
                 shape=tuple(var.shape.as_list()) if var.shape.is_fully_defined() else (),
                 layout_str=layout.to_string() if layout is not None else None,
-                dtype=var.dtype, constrained=getattr(var, "constraint", None) is not None,
+                dtype=var.dtype, dtype_enum=var.dtype.as_datatype_enum,
+                constrained=getattr(var, "constraint", None) is not None,
             ))
-        self._entries = {e.key: e for e in entries}
-        self._entry_by_id = {id(e.var): e for e in entries}
-        self._plan_groups = group_entries(entries)
-        self._group_of = {id(e): g for g in self._plan_groups for e in g.entries}
+        groups = group_entries(entries)
+        # Set through __dict__: a dict or list assigned to a trackable attribute is wrapped for
+        # checkpoint tracking (~1.5 µs per lookup through the wrapper); these hold no state.
+        self.__dict__.update(
+            _entries={e.key: e for e in entries}, _entry_by_id={id(e.var): e for e in entries},
+            _plan_groups=groups, _group_of={id(e): g for g in groups for e in g.entries})
         self._built = True
 
     def _check_variable(self, v) -> None:
@@ -295,6 +299,12 @@ class SGD(keras_optimizer.Optimizer):
         dispatched; one bad pair leaves every variable untouched.  ``None`` gradients are
         skipped with a warning; an empty list is a no-op.
         """
+        if not tf.executing_eagerly():
+            return self._apply_gradients(grads_and_vars, name)
+        with _collector_paused():
+            return self._apply_gradients(grads_and_vars, name)
+
+    def _apply_gradients(self, grads_and_vars: Iterable, name: Optional[str]):
         pairs = list(grads_and_vars)
         if not pairs:
             return self._iterations
@@ -360,7 +370,7 @@ class SGD(keras_optimizer.Optimizer):
         for (g, v), lay in zip(kept, layouts):
             e = by_id.get(id(v))
             if (e is None or e.var is not v or type(g) is not EagerTensor or lay != e.layout_str
-                    or g.dtype != e.dtype or g._shape_tuple() != e.shape):
+                    or g._datatype_enum() != e.dtype_enum or g._shape_tuple() != e.shape):
                 return None
             items.append((e, g))
         return items
@@ -618,6 +628,26 @@ def _check_learning_rate(learning_rate) -> None:
         return
     raise ValueError("`learning_rate` must be a float, a scalar tensor, a zero-argument callable or a "
                      f"LearningRateSchedule, got {learning_rate!r}")
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for one eager step, then back as it was.
+
+    An eager step on N gradients and D devices makes ~N*D short-lived tensor objects (the
+    unpacked components), freed again by the end of the step; their allocation alone trips
+    the collector, and a full collection over TensorFlow's ~0.5M live objects takes ~0.3 s
+    (many-small on 8 devices: one per ~40 steps, mean step 24.8 -> 16.9 ms with it paused,
+    measured).  Nothing the step makes is cyclic, so pausing defers no work.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _reduce_partials(partials: list[list[tf.Tensor]], domain: str) -> tf.Tensor:

@@ -30,6 +30,7 @@ class Entry:
     shape: tuple = ()  # the variable's static shape, for the per-step gradient check
     layout_str: Optional[str] = None  # ``layout.to_string()``, compared with each gradient's
     dtype: Optional[tf.DType] = None  # the variable's dtype (read once: DVariable attributes are slow)
+    dtype_enum: int = 0  # ``dtype.as_datatype_enum``, compared with each eager gradient's
     constrained: bool = False  # the variable has a constraint to apply after the update
 
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""The eager floor of one optimizer step on a DTensor mesh: what any local-shard update pays.
+
+An eager step on DTensor gradients has three costs no implementation of the update can
+avoid: getting each gradient's per-device components out of DTensor (``dtensor.unpack``),
+handing each component to an op on its device (TensorFlow's per-input cost of an eager op
+call), and streaming the bytes.  This script measures the first two in one process on the
+case's own gradients — unpacking them all, then passing every component to one
+``IdentityN`` per device (an op that does no work) — and the third as the case's traffic
+over the copy bandwidth measured in the same run.  Their sum is the floor; next to it the
+``dsgd`` step (``--implementation``, default ``auto``) and, unless ``--no-reference``, the
+tf_keras reference, so the best speed-up any eager implementation could reach is
+``reference / floor``.
+
+Usage::
+
+    python scripts/eager_floor.py --workload many-small --mesh batch=8 --layout replicated
+    python scripts/eager_floor.py --workload many-small --mesh 1 --mesh batch=8 --mesh batch=2,model=4
+
+Each case runs in a worker process with 8 logical CPU devices (as ``dsgd bench``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+
+def _time(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` in ms (DTensor's async work waited for each time)."""
+    from dsgd import measure
+
+    fn()
+    measure.sync()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        measure.sync()
+        out.append(time.perf_counter() - t0)
+    return float(np.median(out) * 1e3)
+
+
+def run_case(payload: dict) -> dict:
+    import tensorflow as tf
+
+    from dsgd import bench, eager_dtensor, measure
+
+    repeats = int(payload.pop("repeats"))
+    reference = bool(payload.pop("reference"))
+    case = measure.Case(**payload)
+    built = measure.build_case(case)
+    grads = built.grads
+    row = asdict(case)
+
+    unpack_ms = _time(lambda: eager_dtensor.components_many(grads), repeats)
+    parts = eager_dtensor.components_many(grads)
+    per_device = list(zip(*parts))
+    devices = [p.device for p in parts[0]]
+
+    def pass_inputs():
+        for dev, comps in zip(devices, per_device):
+            with tf.device(dev):
+                tf.raw_ops.IdentityN(input=list(comps))
+
+    inputs_ms = _time(pass_inputs, repeats)
+    b = measure.bytes_for_case(built)
+    gbps = bench.copy_gbps()
+    stream_ms = b.step_traffic_total / (gbps * 1e9) * 1e3
+    built.step()
+    measure.sync()
+    step_ms = float(np.median(measure.time_steps(built.step, steps=repeats, warmup=1)) * 1e3)
+    row.update(tensors=len(grads), devices=len(devices), unpack_ms=unpack_ms, inputs_ms=inputs_ms,
+               stream_ms=stream_ms, floor_ms=unpack_ms + inputs_ms + stream_ms, step_ms=step_ms,
+               impl_used=bench.resolved_implementations(built.optimizer), copy_gbps=gbps)
+    if reference:
+        ref = measure.build_case(measure.Case(**dict(payload, implementation=measure.REFERENCE)))
+        ref.step()
+        measure.sync()
+        row["reference_ms"] = float(np.median(measure.time_steps(ref.step, steps=repeats, warmup=1)) * 1e3)
+        row["max_speedup"] = row["reference_ms"] / row["floor_ms"]
+        row["speedup"] = row["reference_ms"] / step_ms
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", action="append", help="default: many-small")
+    p.add_argument("--mesh", action="append", help="default: 1, batch=8, batch=2,model=4")
+    p.add_argument("--layout", action="append", help="default: sharded, replicated")
+    p.add_argument("--options", default="momentum")
+    p.add_argument("--implementation", default="auto")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--no-reference", action="store_true", help="skip the tf_keras reference (its first step is slow)")
+    args = p.parse_args(argv)
+
+    import pandas as pd
+
+    from dsgd.isolate import run_isolated
+
+    payloads = []
+    for w in args.workload or ["many-small"]:
+        for m in args.mesh or ["1", "batch=8", "batch=2,model=4"]:
+            for lay in args.layout or ["sharded", "replicated"]:
+                payloads.append(dict(workload=w, mesh=m, layout=lay, options=args.options,
+                                     implementation=args.implementation, repeats=args.repeats,
+                                     reference=not args.no_reference))
+    rows: list[dict] = []
+
+    def got(i, res):
+        row = dict(payloads[i])
+        row.update(res)
+        rows.append(row)
+
+    run_isolated("scripts.eager_floor:run_case", payloads, devices=8, on_result=got)  # the repository root is on the path
+    df = pd.DataFrame(rows)
+    cols = [c for c in ("workload", "mesh", "layout", "options", "tensors", "unpack_ms", "inputs_ms", "stream_ms",
+                        "floor_ms", "step_ms", "reference_ms", "speedup", "max_speedup", "impl_used", "error")
+            if c in df]
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 2):
+        print(df[cols].to_string(index=False))
+    print(f"\nfloor = unpack (dtensor.unpack of every gradient) + inputs (every component passed to one op per "
+          f"device) + stream (traffic over {rows[0].get('copy_gbps', float('nan')):.1f} GB/s copy bandwidth)")
+    return 0 if "error" not in df or df["error"].isna().all() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
