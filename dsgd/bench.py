@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from dataclasses import asdict
 from typing import Iterable, Optional, Sequence
 
@@ -40,25 +41,21 @@ def resolved_implementations(opt) -> str:
     return "+".join(names) or "?"
 
 
-def run_case(payload: dict) -> dict:
-    """Measure one case (a :class:`Case` as a dict plus ``steps``); returns a result row."""
-    steps = int(payload.pop("steps", 10))
-    case = Case(**payload)
-    row = asdict(case)
-    built = measure.build_case(case)
-    row["first_step_s"] = measure.time_first_step(built)
-    t = measure.time_steps(built.step, steps=steps, warmup=1) * 1e3
+def _row(built, t_ms: np.ndarray) -> dict:
+    """The result row of one built case from its per-step times (ms)."""
+    row = asdict(built.case)
     b = measure.bytes_for_case(built)
     bw = copy_gbps()
-    median = float(np.median(t))
+    median = float(np.median(t_ms))
     row.update(
         status="ok",
+        first_step_s=built.first_step_s,
         impl_used=resolved_implementations(built.optimizer),
-        steps=len(t),
+        steps=len(t_ms),
         median_ms=median,
-        p10_ms=float(np.percentile(t, 10)),
-        p90_ms=float(np.percentile(t, 90)),
-        min_ms=float(t.min()),
+        p10_ms=float(np.percentile(t_ms, 10)),
+        p90_ms=float(np.percentile(t_ms, 90)),
+        min_ms=float(t_ms.min()),
         params=b.params_total,
         param_bytes_per_device=b.params_per_device,
         state_bytes_per_device=measure.optimizer_state_bytes(built.optimizer),  # what the slots hold (ZeRO-1 too)
@@ -71,6 +68,66 @@ def run_case(payload: dict) -> dict:
     return row
 
 
+def run_case(payload: dict) -> dict:
+    """Measure one case (a :class:`Case` as a dict plus ``steps``); returns a result row."""
+    steps = int(payload.pop("steps", 10))
+    built = measure.build_case(Case(**payload))
+    measure.time_first_step(built)
+    return _row(built, measure.time_steps(built.step, steps=steps, warmup=1) * 1e3)
+
+
+BLOCK = 4  # timed steps per implementation per round of run_paired
+
+
+def run_paired(payload: dict) -> dict:
+    """Measure several implementations of one configuration side by side, in one process.
+
+    ``payload``: a :class:`Case` as a dict whose ``implementation`` is a list, plus ``steps``.
+    Each implementation is built and its first step timed on its own; then their steps are
+    interleaved in rounds (every implementation once per round, in reverse order on odd
+    rounds), so a slow spell of the machine falls on all of them alike and their ratio holds.
+    In a round an implementation runs one untimed step, then :data:`BLOCK` timed ones: every
+    timed step follows a step of its own, as in a loop of steps (and as when measured alone),
+    not a step of another implementation that left the caches full of its own buffers.
+    Returns ``{"rows": [one row per implementation, in order]}``; an implementation that
+    fails is a failed row and the others are still measured.
+    """
+    steps = int(payload.pop("steps", 10))
+    impls = list(payload.pop("implementation"))
+    built: dict[int, measure.Built] = {}
+    rows: list[Optional[dict]] = [None] * len(impls)
+    for k, impl in enumerate(impls):
+        try:
+            b = measure.build_case(Case(**payload, implementation=impl))
+            measure.time_first_step(b)
+            b.step()  # warm-up
+            measure.sync()
+            built[k] = b
+        except Exception as e:  # noqa: BLE001 - recorded as failed; the others go on
+            rows[k] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    times: dict[int, list[float]] = {k: [] for k in built}
+    rounds = -(-steps // BLOCK)
+    for r in range(rounds):
+        for k in (list(built) if r % 2 == 0 else list(built)[::-1]):
+            if k not in times:
+                continue
+            try:
+                built[k].step()  # untimed: the caches were the other implementation's
+                measure.sync()
+                for _ in range(min(BLOCK, steps - len(times[k]))):
+                    t0 = time.perf_counter()
+                    built[k].step()
+                    measure.sync()
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # noqa: BLE001
+                rows[k] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                del times[k]
+    for k, t in times.items():
+        rows[k] = _row(built[k], np.asarray(t))
+        rows[k]["paired"] = True
+    return {"rows": rows}
+
+
 def make_cases(workloads: Sequence[str], meshes: Sequence[str], layouts: Sequence[str], dtypes: Sequence[str],
                implementations: Sequence[str], xla: Sequence[bool], options: Sequence[str],
                device: str = "CPU") -> list[Case]:
@@ -80,9 +137,38 @@ def make_cases(workloads: Sequence[str], meshes: Sequence[str], layouts: Sequenc
     return cases
 
 
+def _jobs(cases: Sequence[Case], steps: int, paired: bool) -> list[tuple[str, dict, list[int]]]:
+    """(worker function, payload, indices of the cases it measures) for each unit of work."""
+    if not paired:
+        return [("run_case", dict(asdict(c), steps=steps), [i]) for i, c in enumerate(cases)]
+    by_config: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cases):
+        config = tuple((k, v) for k, v in asdict(c).items() if k != "implementation")
+        by_config.setdefault(config, []).append(i)
+    jobs = []
+    for config, idx in by_config.items():
+        if len(idx) == 1:
+            jobs.append(("run_case", dict(asdict(cases[idx[0]]), steps=steps), idx))
+        else:
+            jobs.append(("run_paired", dict(config, implementation=[cases[i].implementation for i in idx],
+                                            steps=steps), idx))
+    return jobs
+
+
+def _split(res: dict, n: int) -> list[dict]:
+    """A job's result as one result per case (a failed job fails each of its cases)."""
+    if "rows" in res:
+        return [r if r is not None else {"status": "failed", "error": "not measured"} for r in res["rows"]]
+    return [res] * n if n > 1 else [res]
+
+
 def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bool = True,
-        progress: bool = True, on_row=None):
+        progress: bool = True, on_row=None, paired: bool = True):
     """Run cases; returns a pandas DataFrame with one row per case (failed ones included).
+
+    ``paired`` (the default): the implementations of one configuration are measured side by
+    side in one process, their steps interleaved (:func:`run_paired`), so the speed-up is a
+    ratio of times taken in the same moments; otherwise each case runs on its own.
 
     As a DTensor client (:mod:`dsgd.multiclient`) the cases run in this process, whatever
     ``isolate`` says: every client runs the same cases in the same order, each case's mesh
@@ -96,40 +182,51 @@ def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bo
     client = multiclient.is_client()
     if client:
         isolate = False
-    payloads = [dict(asdict(c), steps=steps) for c in cases]
+    jobs = _jobs(cases, steps, paired)
     rows: list[Optional[dict]] = [None] * len(cases)
     bar = tqdm(total=len(cases), desc="dsgd bench", unit="case", disable=not progress, leave=False)
 
-    def got(i, res):
-        row = dict(asdict(cases[i]))
-        row.update(res)
-        rows[i] = row
-        bar.update(1)
-        bar.set_postfix_str(cases[i].label[:60])
-        if on_row:
-            on_row(row)
+    def got(j, res):
+        idx = jobs[j][2]
+        for i, r in zip(idx, _split(res, len(idx))):
+            row = dict(asdict(cases[i]))
+            row.update(r)
+            rows[i] = row
+            bar.update(1)
+            bar.set_postfix_str(cases[i].label[:60])
+            if on_row:
+                on_row(row)
 
     if isolate:
         from dsgd.isolate import run_isolated
 
-        run_isolated("dsgd.bench:run_case", payloads, devices=devices, on_result=got,
+        # one worker function per sweep keeps run_isolated's one-func interface
+        payloads = [dict(p, _func=func) for func, p, _ in jobs]
+        run_isolated("dsgd.bench:run_job", payloads, devices=devices, on_result=got,
                      device_type=cases[0].device if cases else "CPU")
     else:
-        for i, p in enumerate(payloads):
+        for j, (func, p, idx) in enumerate(jobs):
             try:
-                res = run_case(dict(p))
+                res = run_job(dict(p, _func=func))
             except Exception as e:  # noqa: BLE001 - recorded as failed; the sweep goes on
                 res = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
             if client:  # a case failed on some clients only: the others may be stuck in it, stop all
-                oks = multiclient.agree(f"bench-case-{i}", res.get("status", "ok") == "ok")
+                ok = all(r.get("status", "ok") == "ok" for r in _split(res, len(idx)))
+                oks = multiclient.agree(f"bench-job-{j}", ok)
                 if len(set(oks)) > 1:
-                    bad = [k for k, ok in enumerate(oks) if not ok]
-                    msg = f"case {cases[i].label} failed on client(s) {bad} only: {res.get('error', '')}"
+                    bad = [k for k, o in enumerate(oks) if not o]
+                    msg = f"case {cases[idx[0]].label} failed on client(s) {bad} only: {res.get('error', '')}"
                     multiclient.report_error(msg)
                     raise RuntimeError(msg)
-            got(i, res)
+            got(j, res)
     bar.close()
     return add_ratios(pd.DataFrame(rows))
+
+
+def run_job(payload: dict) -> dict:
+    """A worker's entry point: ``payload["_func"]`` is ``run_case`` or ``run_paired``."""
+    func = payload.pop("_func", "run_case")
+    return {"run_case": run_case, "run_paired": run_paired}[func](payload)
 
 
 def add_ratios(df):
@@ -236,7 +333,7 @@ def main(args) -> int:
                        args.dtype or ["float32"], args.implementation or DEFAULT_IMPLEMENTATIONS, parse_xla(args.xla),
                        args.options or ["momentum"], device=args.device)
     df = run(cases, steps=args.steps, devices=args.devices, isolate=not args.no_isolate,
-             progress=not args.quiet and lead)
+             progress=not args.quiet and lead, paired=not args.sequential)
     if args.compare:
         df = merge_external(df, args.compare)
     code = 0 if (df["status"] == "ok").all() else 3
@@ -270,6 +367,9 @@ def add_arguments(p) -> None:
     p.add_argument("--output", "-o", help="also write results (csv for table) to this file")
     p.add_argument("--plot", help="write a bar chart PNG here")
     p.add_argument("--no-isolate", action="store_true", help="run cases in this process")
+    p.add_argument("--sequential", action="store_true",
+                   help="measure each case on its own (default: the implementations of one configuration "
+                        "side by side, their steps interleaved; needs all of them in memory at once)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--compare", action="append", metavar="CSV",
                    help="merge rows measured elsewhere, e.g. `python scripts/bench_jax.py --format csv -o jax.csv`")

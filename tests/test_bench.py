@@ -17,3 +17,29 @@ def test_state_bytes_are_what_the_slots_hold(tmp_path):
     momentum = 64 * 32 * 4  # one replicated float32 slot on each device
     assert rows["auto"]["state_bytes_per_device"] == momentum
     assert rows["sharded_state"]["state_bytes_per_device"] == momentum // 8  # ZeRO-1 over batch=8
+
+
+def test_paired_rows_one_per_implementation_and_a_failure_kept(tmp_path):
+    """Implementations of one configuration measured side by side: a row each, in order, with
+    the requested number of timed steps; one that cannot be built is a failed row, the others
+    are still measured."""
+    from dsgd.bench import BLOCK, _jobs, run_paired
+    from dsgd.measure import Case
+
+    wl = tmp_path / "two.json"
+    wl.write_text(json.dumps([{"name": "w", "shape": [64, 32]}, {"name": "b", "shape": [32]}]))
+    steps = BLOCK + 1  # a partial last round
+    res = run_paired(dict(workload=str(wl), mesh="batch=2,model=4", layout="sharded",
+                          implementation=["auto", "no-such-implementation", "reference"], steps=steps))
+    auto, bad, ref = res["rows"]
+    assert bad["status"] == "failed" and "no-such-implementation" in bad["error"]
+    for row, impl in ((auto, "auto"), (ref, "reference")):
+        assert row["status"] == "ok" and row["implementation"] == impl and row["paired"], row
+        assert row["steps"] == steps and 0 < row["min_ms"] <= row["median_ms"] and row["first_step_s"] > 0
+
+    cases = [Case(workload="one-big", mesh=m, implementation=i) for m in ("1", "batch=8") for i in ("auto", "reference")]
+    cases.append(Case(workload="one-big", mesh="1", implementation="auto", options="full"))
+    jobs = _jobs(cases, steps=3, paired=True)
+    assert [(f, idx) for f, _, idx in jobs] == [("run_paired", [0, 1]), ("run_paired", [2, 3]), ("run_case", [4])]
+    assert jobs[0][1]["implementation"] == ["auto", "reference"]
+    assert [idx for _, _, idx in _jobs(cases, steps=3, paired=False)] == [[i] for i in range(5)]
