@@ -231,3 +231,40 @@ def test_supports_and_unavailable_reason(meshes, tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-dsgd")
     with pytest.raises(kernels.KernelUnavailable, match="no C\\+\\+ compiler"):
         kernels.build()
+
+
+def test_one_call_per_device_for_all_layouts_and_norms_summed_once_per_shard(meshes, monkeypatch):
+    """batch=2,model=4 with five layouts (replication 8, 4, 2, 2, 8): the step is one
+    DsgdMultiSgd call per device for every variable, and the sums of squares behind the
+    global norm are taken only on the devices holding each shard's first replica (batch
+    coordinate 0 on the axes a layout does not shard), each element summed exactly once."""
+    mesh, variables, layouts = _model(meshes, "batch=2,model=4", "float32")
+    opt = dsgd.SGD(mesh=mesh, implementation="grouped", **OPTIONS["global_clipnorm"])
+    grads = _grads(variables, layouts, 0, "float32", scale=3.0)
+    opt.apply_gradients(zip(grads, variables))  # builds the plans
+    ops = kernels.load()
+    calls = {"sgd": [], "sumsq": []}
+    real_sgd, real_sumsq = ops.dsgd_multi_sgd, ops.dsgd_multi_sum_sq
+
+    def sgd(**kw):
+        calls["sgd"].append(len(kw["grads"]))
+        return real_sgd(**kw)
+
+    def sumsq(grads_, index, **kw):
+        out = real_sumsq(grads_, index, **kw)
+        calls["sumsq"].append((grads_[0].device, list(index.numpy()), out.numpy()))
+        return out
+
+    monkeypatch.setattr(ops, "dsgd_multi_sgd", sgd)
+    monkeypatch.setattr(ops, "dsgd_multi_sum_sq", sumsq)
+    opt.apply_gradients(zip(grads, variables))
+    assert calls["sgd"] == [len(variables)] * 8
+    # the per-variable sums over the calls are the gradients' exact sums of squares
+    total = np.zeros(len(variables))
+    for _, index, out in calls["sumsq"]:
+        total += out
+    want = [float(np.sum(to_numpy(g).astype(np.float64) ** 2)) for g in grads]
+    np.testing.assert_allclose(total, want, rtol=1e-5)
+    # each shard summed on one device only: as many (device, variable) sums as there are shards
+    shards = sum(8 // e.replication for g in opt.plan for e in g.entries)
+    assert sum(len(index) for _, index, _ in calls["sumsq"]) == shards < 8 * len(variables)
