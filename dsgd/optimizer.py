@@ -275,7 +275,7 @@ class SGD(keras_optimizer.Optimizer):
 
     def _check_variable(self, v) -> None:
         layout = variable_layout(v)
-        name = getattr(v, "name", repr(v))
+        name = v.name if hasattr(v, "name") else f"{v!r}"  # repr reads the value: only when nameless
         if self._mesh is None:
             if layout is not None:
                 raise ValueError(
@@ -480,12 +480,14 @@ class SGD(keras_optimizer.Optimizer):
         them (``Implementation.combine``); cached per sequence of groups."""
         cache = self.__dict__.setdefault("_combined_cache", {})
         key = tuple(id(g) for g in order) + tuple(id(i) for i in impls)
-        if key not in cache:
+        hit = cache.get(key)
+        if hit is None:
             if len(cache) > 32:
                 cache.clear()
             with tf.init_scope():
-                cache[key] = type(impls[0]).combine(impls, self)
-        return cache[key]
+                # the value keeps the groups and instances alive, so no id in the key is reused
+                hit = cache[key] = (tuple(order), tuple(impls), type(impls[0]).combine(impls, self))
+        return hit[2]
 
     def _run_groups(self, order: list[Group], by_group: dict, impls: list, domain: str, args: StepArgs) -> None:
         scales_per_group: list = [None] * len(order)

@@ -13,7 +13,7 @@ that device holds the first replica only (``LocalEntry.primary``): each element 
 once per shard, not once per device copy (a batch-replicated model reads 1/8 of it on 8
 devices), and the sums need no rescaling by the replication factor.
 
-Everything constant is built once, when the plan first meets a set of gradients: each
+Everything constant is built once, when the step first meets a set of gradients: each
 device's variables, momentum and EMA slots, looked up once into a ref-counting variable
 set (``DsgdPackVars``), the weight-decay mask and the hyperparameters.  A step then is,
 per device, one gradient list and one op call.
@@ -100,7 +100,8 @@ class Grouped(LocalImplementation):
         with tf.init_scope():
             self._no_mask = tf.zeros([0], tf.bool)
             self._no_scales = tf.zeros([0], tf.float32)
-        self._plan(tuple(id(e) for e in group.entries), (), group.entries)
+        # the variable sets are packed at the first step that needs them: an instance that is
+        # combined with others (combine) never packs its own
 
     @classmethod
     def combine(cls, impls: Sequence["Grouped"], options) -> Optional["Grouped"]:
