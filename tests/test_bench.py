@@ -43,3 +43,23 @@ def test_paired_rows_one_per_implementation_and_a_failure_kept(tmp_path):
     assert [(f, idx) for f, _, idx in jobs] == [("run_paired", [0, 1]), ("run_paired", [2, 3]), ("run_case", [4])]
     assert jobs[0][1]["implementation"] == ["auto", "reference"]
     assert [idx for _, _, idx in _jobs(cases, steps=3, paired=False)] == [[i] for i in range(5)]
+
+
+def test_eager_floor_script(tmp_path):
+    """scripts/eager_floor.py as a user runs it: a table with the floor's parts, which add up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    wl = tmp_path / "three.json"
+    wl.write_text(json.dumps([{"name": f"v{i}", "shape": [16, 8]} for i in range(3)]))
+    proc = subprocess.run([sys.executable, "scripts/eager_floor.py", "--workload", str(wl), "--mesh", "batch=8",
+                           "--layout", "replicated", "--repeats", "3", "--no-reference"],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    header, row = [line.split() for line in proc.stdout.splitlines()[:2]]
+    values = dict(zip(header, row))
+    assert values["tensors"] == "3" and values["impl_used"] in ("grouped", "per_shard")
+    parts = [float(values[k]) for k in ("unpack_ms", "inputs_ms", "stream_ms")]
+    assert all(p > 0 for p in parts) and abs(sum(parts) - float(values["floor_ms"])) < 0.02
