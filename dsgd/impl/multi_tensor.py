@@ -30,7 +30,6 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from dsgd import kernels
-from dsgd.impl.base import Implementation
 from dsgd.impl.local import LocalEntry, densify_local
 from dsgd.impl.per_shard import LocalImplementation, PerShard
 from dsgd.plan import Group, StepArgs
@@ -86,12 +85,7 @@ class Grouped(LocalImplementation):
         return None
 
     def __init__(self, group: Group, options, locals_: Optional[dict] = None) -> None:
-        if locals_ is None:
-            super().__init__(group, options)
-        else:  # combined from other instances: their per-device handles are reused
-            Implementation.__init__(self, group, options)
-            self.locals = locals_
-            self.devices = locals_[id(group.entries[0])].devices
+        super().__init__(group, options, locals_)
         self._ops = kernels.load()
         self._tmomentum = _momentum_dtype(group)
         self._plans: dict[tuple, list[_Call]] = {}

@@ -37,9 +37,11 @@ class LocalImplementation(Implementation):
 
     domain = "local"
 
-    def __init__(self, group: Group, options) -> None:
+    def __init__(self, group: Group, options, locals_: Optional[dict] = None) -> None:
+        """``locals_``: the entries' :class:`LocalEntry` by ``id(entry)``, when another instance
+        already unpacked them (see ``Grouped.combine``); else unpacked here."""
         super().__init__(group, options)
-        self.locals = {id(e): local_entry(e) for e in group.entries}
+        self.locals = locals_ if locals_ is not None else {id(e): local_entry(e) for e in group.entries}
         self.devices = self.locals[id(group.entries[0])].devices if group.entries else []
 
     def prepare(self, items: Items) -> list[tuple[LocalEntry, list]]:
