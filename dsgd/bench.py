@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from dataclasses import asdict
 from typing import Iterable, Optional, Sequence
 
@@ -111,14 +110,9 @@ def run_paired(payload: dict) -> dict:
         for k in (list(built) if r % 2 == 0 else list(built)[::-1]):
             if k not in times:
                 continue
-            try:
-                built[k].step()  # untimed: the caches were the other implementation's
-                measure.sync()
-                for _ in range(min(BLOCK, steps - len(times[k]))):
-                    t0 = time.perf_counter()
-                    built[k].step()
-                    measure.sync()
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+            try:  # the warm-up step is untimed: the caches were the other implementation's
+                n = min(BLOCK, steps - len(times[k]))
+                times[k].extend(measure.time_steps(built[k].step, steps=n, warmup=1) * 1e3)
             except Exception as e:  # noqa: BLE001
                 rows[k] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
                 del times[k]

@@ -60,9 +60,10 @@ class Implementation:
         """Sum of squares of each gradient of ``prepared`` (from :meth:`prepare`), counted once per element.
 
         ``dtensor`` domain: one replicated DTensor vector ``[len(items)]``.
-        ``local`` domain: one vector per local device, each already divided by the
-        variable's replication factor, so that summing the vectors over devices gives the
-        true per-variable sums.
+        ``local`` domain: one vector per local device such that summing the vectors over
+        every device of the mesh gives the true per-variable sums (``per_shard`` divides each
+        device's sums by the replication factor; ``grouped`` sums on each shard's first
+        replica only and gives zeros elsewhere).
         """
         raise NotImplementedError
 
