@@ -62,3 +62,66 @@ def components_many(ts: Sequence) -> list[Sequence[tf.Tensor]]:
         h, info, unpack = _context.context()._handle, _device_info(), _pd.Unpack
         return [unpack(h, t, info) for t in ts]
     return [dtensor.unpack(t) for t in ts]
+
+
+# -- components handed to ops from C++ (dsgd/kernels/dispatch.cc) ---------------------------
+_direct_state: dict = {}
+
+
+def direct(mesh) -> Optional[object]:
+    """The ``_dsgd_dispatch`` extension, ready to read dense DTensors' components, or None.
+
+    On first use it is built, told the dense DTensor class (from a tensor made here on
+    ``mesh``) and checked against ``dtensor.unpack`` on a sharded tensor (same devices,
+    same values); any failure makes it None for the rest of the process, with the reason
+    in :func:`direct_unavailable_reason`.
+    """
+    if "mod" in _direct_state:
+        return _direct_state["mod"]
+    from dsgd import kernels
+
+    mod = kernels.load_dispatch()
+    reason = kernels.dispatch_unavailable_reason()
+    if mod is not None:
+        try:
+            with tf.init_scope():
+                _self_check(mod, mesh)
+        except Exception as e:  # noqa: BLE001 - any disagreement disables the path
+            mod, reason = None, f"self-check failed: {type(e).__name__}: {e}"
+    _direct_state["mod"], _direct_state["reason"] = mod, reason
+    return mod
+
+
+def direct_unavailable_reason() -> Optional[str]:
+    return _direct_state.get("reason")
+
+
+def _self_check(mod, mesh) -> None:
+    """The extension must feed each device exactly the component ``dtensor.unpack`` gives."""
+    import numpy as np
+
+    from dsgd import kernels
+
+    kernels.load()  # registers DsgdMultiSumSq, the op the check runs
+    mod.init(dtensor.copy_to_mesh(tf.zeros([1]), dtensor.Layout.replicated(mesh, 1)))
+    dim = mesh.dim_names[0]
+    rows = mesh.dim_size(dim) * 3
+    x = dtensor.call_with_layout(
+        tf.function(lambda: tf.reshape(tf.range(rows * 2, dtype=tf.float32), [rows, 2])),
+        dtensor.Layout([dim, dtensor.UNSHARDED], mesh))
+    want = dtensor.unpack(x)
+    devices = [w.device for w in want]
+    comps = mod.components([x], devices)
+    index = tf.constant([0], tf.int32)
+    got = mod.run(_context.context()._handle, comps, None, "DsgdMultiSumSq", devices,
+                  [[] for _ in devices], [[index]] * len(devices), {"size": 1}, None, None, 1)
+    for k, (g, w) in enumerate(zip(got, want)):
+        expect = float(np.sum(np.square(w.numpy(), dtype=np.float64)))
+        if g is None or g.device != w.device or abs(float(g.numpy()[0]) - expect) > 1e-3 * max(expect, 1.0):
+            raise RuntimeError(f"device {k}: the component fed differs from dtensor.unpack's")
+    try:
+        mod.components([tf.zeros([1])], devices[:1])
+    except ValueError:
+        pass
+    else:
+        raise RuntimeError("a plain tensor was accepted as a DTensor")

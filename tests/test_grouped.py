@@ -233,11 +233,18 @@ def test_supports_and_unavailable_reason(meshes, tmp_path, monkeypatch):
         kernels.build()
 
 
-def test_one_call_per_device_for_all_layouts_and_norms_summed_once_per_shard(meshes, monkeypatch):
+@pytest.mark.parametrize("feed", ["direct", "unpack"])
+def test_one_call_per_device_for_all_layouts_and_norms_summed_once_per_shard(meshes, monkeypatch, feed):
     """batch=2,model=4 with five layouts (replication 8, 4, 2, 2, 8): the step is one
     DsgdMultiSgd call per device for every variable, and the sums of squares behind the
     global norm are taken only on the devices holding each shard's first replica (batch
-    coordinate 0 on the axes a layout does not shard), each element summed exactly once."""
+    coordinate 0 on the axes a layout does not shard), each element summed exactly once.
+    ``direct``: components fed from C++ (dsgd/kernels/dispatch.cc); ``unpack``: through
+    dtensor.unpack and the ops' Python wrappers."""
+    from dsgd import eager_dtensor
+
+    if feed == "unpack":
+        monkeypatch.setattr(eager_dtensor, "direct", lambda mesh: None)
     mesh, variables, layouts = _model(meshes, "batch=2,model=4", "float32")
     opt = dsgd.SGD(mesh=mesh, implementation="grouped", **OPTIONS["global_clipnorm"])
     grads = _grads(variables, layouts, 0, "float32", scale=3.0)
@@ -257,6 +264,21 @@ def test_one_call_per_device_for_all_layouts_and_norms_summed_once_per_shard(mes
 
     monkeypatch.setattr(ops, "dsgd_multi_sgd", sgd)
     monkeypatch.setattr(ops, "dsgd_multi_sum_sq", sumsq)
+    if feed == "direct":
+        mod = eager_dtensor.direct(mesh)
+        assert mod is not None, eager_dtensor.direct_unavailable_reason()
+        real_run = mod.run
+
+        def run(ctx, comps, select, op, devices, *rest):
+            out = real_run(ctx, comps, select, op, devices, *rest)
+            for k, dev in enumerate(devices):
+                if op == "DsgdMultiSgd":
+                    calls["sgd"].append(len(variables) if select is None else len(select[k]))
+                elif select[k]:
+                    calls["sumsq"].append((dev, list(select[k]), out[k].numpy()))
+            return out
+
+        monkeypatch.setattr(mod, "run", run)
     opt.apply_gradients(zip(grads, variables))
     assert calls["sgd"] == [len(variables)] * 8
     # the per-variable sums over the calls are the gradients' exact sums of squares

@@ -13,6 +13,11 @@ never load a half-written library.
 
 Nothing here raises at import: :func:`unavailable_reason` says why the kernels cannot be
 used (no compiler, a failed build with the compiler's last lines, a failed load).
+
+A second artifact, ``dispatch.cc``, is a small CPython extension (``_dsgd_dispatch``) built the
+same way: it hands the components of many DTensors to one op per device from C++, without
+a Python object per component (:func:`load_dispatch`; ``DSGD_DISABLE_DISPATCH=1`` turns it
+off, and then the kernels are fed through ``dtensor.unpack``).
 """
 from __future__ import annotations
 
@@ -27,9 +32,12 @@ from pathlib import Path
 from typing import Optional
 
 SOURCE = Path(__file__).with_name("multi_momentum.cc")
+DISPATCH_SOURCE = Path(__file__).with_name("dispatch.cc")
 _lock = threading.Lock()
 _module = None
 _error: Optional[str] = None
+_dispatch = None
+_dispatch_error: Optional[str] = None
 
 
 class KernelUnavailable(RuntimeError):
@@ -65,12 +73,30 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def build_command(cxx: str, out: str) -> list[str]:
+def build_command(cxx: str, out: str, source: Path = SOURCE) -> list[str]:
     import tensorflow as tf
 
+    if source == DISPATCH_SOURCE:
+        return _dispatch_command(cxx, out)
     # -ffp-contract=off: no fused multiply-adds, so float32 results equal TF's own training ops.
-    return [cxx, "-shared", "-fPIC", "-O3", "-w", "-ffp-contract=off", *cpu_flags(), str(SOURCE), "-o", out,
+    return [cxx, "-shared", "-fPIC", "-O3", "-w", "-ffp-contract=off", *cpu_flags(), str(source), "-o", out,
             *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+
+
+def _dispatch_command(cxx: str, out: str) -> list[str]:
+    """The extension links TensorFlow's C API (libtensorflow_cc) and its Python bindings'
+    EagerTensor helpers (lib_pywrap_tensorflow_common), both already loaded by ``import
+    tensorflow``; the rpath finds the same files."""
+    import sysconfig
+
+    import tensorflow as tf
+
+    tf_dir = Path(tf.sysconfig.get_lib())
+    py_dir = tf_dir / "python"
+    return [cxx, "-shared", "-fPIC", "-O2", "-w", str(DISPATCH_SOURCE), "-o", out,
+            f"-I{sysconfig.get_paths()['include']}", *tf.sysconfig.get_compile_flags(),
+            f"-L{tf_dir}", "-l:libtensorflow_cc.so.2", "-l:libtensorflow_framework.so.2",
+            f"-L{py_dir}", "-l:lib_pywrap_tensorflow_common.so", f"-Wl,-rpath,{tf_dir}", f"-Wl,-rpath,{py_dir}"]
 
 
 def _compiler_version(cxx: str) -> str:
@@ -80,27 +106,27 @@ def _compiler_version(cxx: str) -> str:
         return "?"
 
 
-def library_path(cxx: str) -> Path:
+def library_path(cxx: str, source: Path = SOURCE) -> Path:
     import tensorflow as tf
 
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), tf.__version__.encode(), _compiler_version(cxx).encode(),
-                 " ".join(build_command(cxx, "OUT")).encode(), sys.platform.encode()):
+    for part in (source.read_bytes(), tf.__version__.encode(), _compiler_version(cxx).encode(),
+                 " ".join(build_command(cxx, "OUT", source)).encode(), sys.platform.encode(), sys.version.encode()):
         h.update(part)
         h.update(b"\0")
-    return cache_dir() / f"{SOURCE.stem}-{h.hexdigest()[:20]}.so"
+    return cache_dir() / f"{source.stem}-{h.hexdigest()[:20]}.so"
 
 
-def build(force: bool = False) -> Path:
+def build(force: bool = False, source: Path = SOURCE) -> Path:
     """The compiled library's path (compiling it if it is not cached). Raises KernelUnavailable."""
     if os.environ.get("DSGD_DISABLE_KERNELS", "") not in ("", "0"):
         raise KernelUnavailable("disabled by DSGD_DISABLE_KERNELS")
     cxx = compiler()
     if cxx is None:
         raise KernelUnavailable(f"no C++ compiler found (looked for {os.environ.get('CXX') or 'g++'}; set CXX)")
-    if not SOURCE.exists():
-        raise KernelUnavailable(f"kernel source {SOURCE} is missing")
-    target = library_path(cxx)
+    if not source.exists():
+        raise KernelUnavailable(f"kernel source {source} is missing")
+    target = library_path(cxx, source)
     if target.exists() and not force:
         return target
     try:
@@ -113,14 +139,14 @@ def build(force: bool = False) -> Path:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
         os.close(fd)
         try:
-            cmd = build_command(cxx, tmp)
+            cmd = build_command(cxx, tmp, source)
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             except (OSError, subprocess.SubprocessError) as e:
                 raise KernelUnavailable(f"running the compiler failed: {e}") from None
             if res.returncode != 0:
                 tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-15:])
-                raise KernelUnavailable(f"compiling {SOURCE.name} failed (exit {res.returncode}):\n{tail}")
+                raise KernelUnavailable(f"compiling {source.name} failed (exit {res.returncode}):\n{tail}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -183,4 +209,37 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-__all__ = ["load", "build", "unavailable_reason", "KernelUnavailable", "cache_dir"]
+def load_dispatch():
+    """The ``_dsgd_dispatch`` extension (built on first use), or None with the reason in
+    :func:`dispatch_unavailable_reason`.  Never raises."""
+    global _dispatch, _dispatch_error
+    if _dispatch is not None or _dispatch_error is not None:
+        return _dispatch
+    with _lock:
+        if _dispatch is None and _dispatch_error is None:
+            try:
+                if os.environ.get("DSGD_DISABLE_DISPATCH", "") not in ("", "0"):
+                    raise KernelUnavailable("disabled by DSGD_DISABLE_DISPATCH")
+                path = build(source=DISPATCH_SOURCE)
+                import importlib.util
+
+                spec = importlib.util.spec_from_file_location("_dsgd_dispatch", path)
+                mod = importlib.util.module_from_spec(spec)
+                try:
+                    spec.loader.exec_module(mod)
+                except Exception as e:  # noqa: BLE001 - a missing symbol in another TF build
+                    raise KernelUnavailable(f"loading {path} failed: {type(e).__name__}: {e}") from None
+                _dispatch = mod  # dsgd.eager_dtensor.direct() checks it against dtensor.unpack before use
+            except KernelUnavailable as e:
+                _dispatch_error = str(e)
+    return _dispatch
+
+
+def dispatch_unavailable_reason() -> Optional[str]:
+    """None when the dispatch extension is usable in this process, else why not."""
+    load_dispatch()
+    return _dispatch_error
+
+
+__all__ = ["load", "build", "unavailable_reason", "KernelUnavailable", "cache_dir", "load_dispatch",
+           "dispatch_unavailable_reason"]
