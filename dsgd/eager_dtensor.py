@@ -102,7 +102,7 @@ def _self_check(mod, mesh) -> None:
 
     from dsgd import kernels
 
-    kernels.load()  # registers DsgdMultiSumSq, the op the check runs
+    kernels.load()  # registers DsgdMultiSumSqAt, the op the check runs
     mod.init(dtensor.copy_to_mesh(tf.zeros([1]), dtensor.Layout.replicated(mesh, 1)))
     dim = mesh.dim_names[0]
     rows = mesh.dim_size(dim) * 3
@@ -113,7 +113,7 @@ def _self_check(mod, mesh) -> None:
     devices = [w.device for w in want]
     comps = mod.components([x], devices)
     index = tf.constant([0], tf.int32)
-    got = mod.run(_context.context()._handle, comps, None, "DsgdMultiSumSq", devices,
+    got = mod.run(_context.context()._handle, comps, None, "DsgdMultiSumSqAt", devices,
                   [[] for _ in devices], [[index]] * len(devices), {"size": 1}, None, None, 1)
     for k, (g, w) in enumerate(zip(got, want)):
         expect = float(np.sum(np.square(w.numpy(), dtype=np.float64)))

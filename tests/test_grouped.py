@@ -272,7 +272,7 @@ def test_one_call_per_device_for_all_layouts_and_norms_summed_once_per_shard(mes
         def run(ctx, comps, select, op, devices, *rest):
             out = real_run(ctx, comps, select, op, devices, *rest)
             for k, dev in enumerate(devices):
-                if op == "DsgdMultiSgd":
+                if op == "DsgdMultiSgdAt":
                     calls["sgd"].append(len(variables) if select is None else len(select[k]))
                 elif select[k]:
                     calls["sumsq"].append((dev, list(select[k]), out[k].numpy()))

@@ -14,9 +14,10 @@ once per shard, not once per device copy (a batch-replicated model reads 1/8 of 
 devices), and the sums need no rescaling by the replication factor.
 
 The gradients' per-device components go to the kernel from C++ (``dsgd/kernels/dispatch.cc``,
-:func:`dsgd.eager_dtensor.direct`): the components DTensor already holds are borrowed and added
-to one op per device, with no ``dtensor.unpack`` and no Python object per component (400
-gradients on 8 devices: ~15 ms of unpacking and op inputs become ~3 ms).  Where the extension
+:func:`dsgd.eager_dtensor.direct`): the components DTensor already holds are borrowed and
+their buffers' addresses given to the kernels' ``*At`` variants, one int64 input per device,
+with no ``dtensor.unpack``, no Python object and no op input per component (400 gradients
+on 8 devices: ~15 ms of unpacking and op inputs become well under 1 ms).  Where the extension
 is unavailable or a gradient is not a plain dense DTensor, ``dtensor.unpack`` feeds the same calls.
 
 Everything constant is built once, when the step first meets a set of gradients: each
@@ -207,7 +208,7 @@ class Grouped(LocalImplementation):
         if isinstance(split, _Direct):
             plan = self._sumsq_plan(split.les)
             got = eager_dtensor.direct(self.group.mesh).run(
-                _context.context()._handle, split.comps, plan.index, "DsgdMultiSumSq", self.devices,
+                _context.context()._handle, split.comps, plan.index, "DsgdMultiSumSqAt", self.devices,
                 [[]] * len(self.devices), [[s] for s in plan.slots], {"size": len(split)}, None, None, 1)
             return [z if g is None else g for g, z in zip(got, plan.zeros)]
         plan = self._sumsq_plan([le for le, _ in split])
@@ -263,7 +264,7 @@ class Grouped(LocalImplementation):
         bools = {"use_momentum": use_momentum, "nesterov": bool(args.nesterov), "use_ema": use_ema,
                  "ema_overwrite": bool(args.ema_overwrite) and use_ema}
         eager_dtensor.direct(self.group.mesh).run(
-            _context.context()._handle, split.comps, None, "DsgdMultiSgd", self.devices,
+            _context.context()._handle, split.comps, None, "DsgdMultiSgdAt", self.devices,
             [[v] for v in call.varsets], [after] * len(self.devices), None, bools,
             {"Tmomentum": self._tmomentum.as_datatype_enum}, 0)
 
