@@ -61,5 +61,9 @@ def test_eager_floor_script(tmp_path):
     header, row = [line.split() for line in proc.stdout.splitlines()[:2]]
     values = dict(zip(header, row))
     assert values["tensors"] == "3" and values["impl_used"] in ("grouped", "per_shard")
-    parts = [float(values[k]) for k in ("unpack_ms", "inputs_ms", "stream_ms")]
-    assert all(p > 0 for p in parts) and abs(sum(parts) - float(values["floor_ms"])) < 0.02
+    feeds = [float(values["unpack_ms"]) + float(values["inputs_ms"])]
+    if "direct_ms" in values:  # dsgd's C++ dispatch is built here: the cheaper feed counts
+        feeds.append(float(values["direct_ms"]))
+    stream = float(values["stream_ms"])
+    assert all(f > 0 for f in feeds) and stream > 0
+    assert abs(min(feeds) + stream - float(values["floor_ms"])) < 0.02

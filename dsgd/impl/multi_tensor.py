@@ -254,7 +254,7 @@ class Grouped(LocalImplementation):
 
     def _apply_direct(self, split: _Direct, args: StepArgs, scales) -> None:
         """:meth:`apply` for dense gradients whose components are held in C++: the same
-        kernel calls, each device's inputs added there."""
+        kernel, one ``DsgdMultiSgdAt`` call per device given the components' addresses."""
         calls = self._plan(tuple(id(le.entry) for le in split.les), (), [le.entry for le in split.les])
         (call,) = calls  # all dense: one call per device
         use_momentum = call.entries[0].momentum is not None

@@ -16,7 +16,7 @@
 // vtable against a dense DTensor made by the caller (init), its component count and every
 // component's device against the devices given.  Anything else raises NotDense (Python then
 // takes the dtensor.unpack path).  The one TensorFlow-internal entry point used is the
-// exported TensorWithLayoutTf::get_tensor; dsgd.kernels builds this module per TensorFlow
+// exported TensorWithLayoutTf::get_tensor / num_tensors; dsgd.kernels builds this module per TensorFlow
 // version and self-checks it against dtensor.unpack before use.
 #include <Python.h>
 
@@ -39,6 +39,7 @@ namespace dtensor {
 class TensorWithLayoutTf {
  public:
   TFE_TensorHandle* get_tensor(size_t index) const;
+  size_t num_tensors() const;
 };
 }  // namespace dtensor
 }  // namespace tensorflow
@@ -139,6 +140,10 @@ PyObject* GetComponents(PyObject*, PyObject* args) {
       break;
     }
     auto* t = static_cast<const tensorflow::dtensor::TensorWithLayoutTf*>(obj);
+    if (t->num_tensors() != static_cast<size_t>(nd)) {
+      fault = "its number of components differs from the number of devices";
+      break;
+    }
     auto& row = c->comps[i];
     row.resize(nd);
     for (Py_ssize_t k = 0; k < nd; ++k) {
