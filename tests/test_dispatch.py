@@ -109,3 +109,29 @@ def test_disabled_by_environment():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout.splitlines()
     assert "DSGD_DISABLE_DISPATCH" in out[-2] and out[-1] == "[0.5, 0.5, 0.5, 0.5]"
+
+
+def test_all_devices_call_checks_its_inputs(meshes):
+    """DsgdMultiSgdAll refuses gradients that do not match its variable sets, before any write."""
+    import dsgd
+
+    mesh = meshes("batch=8")
+    mod = _direct(mesh)
+    lay = dtensor.Layout.replicated(mesh, 1)
+    from dsgd.state import named_dvariable, to_numpy
+
+    v = named_dvariable(to_layout(np.ones(4, np.float32), lay), "all_devices_v")
+    opt = dsgd.SGD(mesh=mesh, implementation="grouped", learning_rate=0.5, momentum=0.9)
+    g = to_layout(np.ones(4, np.float32), lay)
+    opt.apply_gradients([(g, v)])  # builds the plan: one DsgdMultiSgdAll call for 8 devices
+    (impl,) = [i for grp in opt.plan for i in grp.__dict__["_impls"].values()]
+    (call,) = [c for plan in impl._plans.values() for c in plan]
+    assert call.addresses is not None and call.addresses.shape == [8]
+    devices = impl.devices
+    two = mod.components([g, g], devices)  # 16 gradients for 8 sets of 1 variable
+    after = [tf.constant(0.5), tf.zeros([0]), tf.zeros([0], tf.bool), tf.constant([0.9, 0, 0, 0], tf.float64)]
+    before = to_numpy(v).copy()
+    with pytest.raises(RuntimeError, match="variable sets"):
+        mod.run_all(context.context()._handle, two, None, "DsgdMultiSgdAll", devices[0], [call.addresses], after,
+                    None, {"use_momentum": True}, {"Tmomentum": tf.float32.as_datatype_enum}, 0)
+    np.testing.assert_array_equal(to_numpy(v), before)

@@ -57,6 +57,7 @@ class _Call:
     sparse: bool  # gradients are IndexedSlices (scaled and clipped before the call)
     varsets: list[tf.Tensor]  # per device: DsgdPackVars of the variables and their slots
     decay: tf.Tensor  # host bool [n], or [0]: every variable decays
+    addresses: Optional[tf.Tensor] = None  # host int64 [devices]: the varsets, for DsgdMultiSgdAll
 
 
 @dataclass
@@ -77,6 +78,7 @@ class _SumSq:
     index: list[list[int]]  # per device: positions in the step's items
     slots: list[tf.Tensor]  # per device: host int32 copy of ``index`` (the kernel's input)
     zeros: list[tf.Tensor]  # per device: float32 [n] zeros, for a device that sums nothing
+    all_slots: Optional[tf.Tensor] = None  # ``index`` of every device concatenated (one call for all)
 
 
 class Grouped(LocalImplementation):
@@ -173,7 +175,15 @@ class Grouped(LocalImplementation):
                 varsets.append(pack(vars=slots["var"], accums=slots["momentum"], averages=slots["average"]))
         mask = [le.entry.decay for le in les]
         decay = self._no_mask if all(mask) else tf.constant(mask, tf.bool)
-        return _Call(index=index, entries=les, sparse=sparse, varsets=varsets, decay=decay)
+        addresses = None
+        if not sparse and len(self.devices) > 1:
+            parts = []
+            for dev, vs in zip(self.devices, varsets):
+                with tf.device(dev):
+                    parts.append(self._ops.dsgd_var_set_address(vs))
+            with tf.device(self.devices[0]):
+                addresses = tf.stack(parts)
+        return _Call(index=index, entries=les, sparse=sparse, varsets=varsets, decay=decay, addresses=addresses)
 
     def _hyper(self, args: StepArgs, clip: bool) -> tf.Tensor:
         key = (args.momentum or 0.0, args.weight_decay or 0.0, (args.clipvalue or 0.0) if clip else 0.0,
@@ -198,7 +208,9 @@ class Grouped(LocalImplementation):
                     with tf.device(dev):
                         slots.append(tf.constant(index[k], tf.int32))
                         zeros.append(tf.zeros([len(les)], tf.float32))
-            plan = self._sumsq_plans[key] = _SumSq(index, slots, zeros)
+                with tf.device(self.devices[0]):
+                    all_slots = tf.constant([i for ix in index for i in ix], tf.int32)
+            plan = self._sumsq_plans[key] = _SumSq(index, slots, zeros, all_slots)
         return plan
 
     def partial_sumsq(self, split) -> list[tf.Tensor]:
@@ -207,7 +219,12 @@ class Grouped(LocalImplementation):
         sumsq = self._ops.dsgd_multi_sum_sq
         if isinstance(split, _Direct):
             plan = self._sumsq_plan(split.les)
-            got = eager_dtensor.direct(self.group.mesh).run(
+            mod = eager_dtensor.direct(self.group.mesh)
+            if len(self.devices) > 1:  # one call sums every device's primaries: the totals on device 0
+                total = mod.run_all(_context.context()._handle, split.comps, plan.index, "DsgdMultiSumSqAt",
+                                    self.devices[0], [], [plan.all_slots], {"size": len(split)}, None, None, 1)
+                return [plan.zeros[0] if total is None else total] + plan.zeros[1:]
+            got = mod.run(
                 _context.context()._handle, split.comps, plan.index, "DsgdMultiSumSqAt", self.devices,
                 [[]] * len(self.devices), [[s] for s in plan.slots], {"size": len(split)}, None, None, 1)
             return [z if g is None else g for g, z in zip(got, plan.zeros)]
@@ -263,10 +280,14 @@ class Grouped(LocalImplementation):
         after = [args.lr, call_scales, call.decay, self._hyper(args, True)]
         bools = {"use_momentum": use_momentum, "nesterov": bool(args.nesterov), "use_ema": use_ema,
                  "ema_overwrite": bool(args.ema_overwrite) and use_ema}
-        eager_dtensor.direct(self.group.mesh).run(
-            _context.context()._handle, split.comps, None, "DsgdMultiSgdAt", self.devices,
-            [[v] for v in call.varsets], [after] * len(self.devices), None, bools,
-            {"Tmomentum": self._tmomentum.as_datatype_enum}, 0)
+        types = {"Tmomentum": self._tmomentum.as_datatype_enum}
+        mod = eager_dtensor.direct(self.group.mesh)
+        if call.addresses is not None:  # every device's update in one call (one thread-pool pass)
+            mod.run_all(_context.context()._handle, split.comps, None, "DsgdMultiSgdAll", self.devices[0],
+                        [call.addresses], after, None, bools, types, 0)
+            return
+        mod.run(_context.context()._handle, split.comps, None, "DsgdMultiSgdAt", self.devices,
+                [[v] for v in call.varsets], [after] * len(self.devices), None, bools, types, 0)
 
     def _sparse_dense(self, g: tf.IndexedSlices, le: LocalEntry, scales, i: int, args: StepArgs) -> tf.Tensor:
         values = PerShard._clip(g.values, scales, i, args, self.group.dtype)

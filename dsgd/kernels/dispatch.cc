@@ -345,11 +345,97 @@ PyObject* Run(PyObject*, PyObject* args) {
   return result;
 }
 
+// run_all(ctx, comps, select, op, device, before, after, ints, bools, types, outputs)
+//   One `op` (DsgdMultiSgdAll, DsgdMultiSumSqAt) on `device` for the components on every
+//   device: inputs before + [addresses and counts of comps[i][k], device-major, for i in
+//   select[k] (all when select is None)] + after; attribute T.  Returns the op's first
+//   output (None when outputs == 0).  Finished when it returns.
+PyObject* RunAll(PyObject*, PyObject* args) {
+  PyObject *ctx_cap, *cap, *select, *before, *after, *ints, *bools, *types;
+  const char *op_name, *device;
+  int outputs;
+  if (!PyArg_ParseTuple(args, "OOOssOOOOOi", &ctx_cap, &cap, &select, &op_name, &device, &before, &after, &ints,
+                        &bools, &types, &outputs))
+    return nullptr;
+  TFE_Context* ctx = ContextOf(ctx_cap);
+  auto* c = static_cast<Components*>(PyCapsule_GetPointer(cap, "dsgd.Components"));
+  if (ctx == nullptr || c == nullptr) return nullptr;
+  if (c->comps.empty()) return PyErr_Format(PyExc_ValueError, "no tensors");
+  const Py_ssize_t n = static_cast<Py_ssize_t>(c->comps.size());
+  const Py_ssize_t nd = static_cast<Py_ssize_t>(c->comps[0].size());
+  std::vector<TFE_TensorHandle*> parts, pre, post;
+  TF_DataType dtype = TF_FLOAT;
+  bool first = true;
+  for (Py_ssize_t k = 0; k < nd; ++k) {
+    PyObject* sel = nullptr;
+    if (select != Py_None) {
+      PyObject* item = PySequence_GetItem(select, k);
+      sel = item == nullptr ? nullptr : PySequence_Fast(item, "select[k] must be a sequence");
+      Py_XDECREF(item);
+      if (sel == nullptr) return nullptr;
+    }
+    const Py_ssize_t m = sel == nullptr ? n : PySequence_Fast_GET_SIZE(sel);
+    for (Py_ssize_t j = 0; j < m; ++j) {
+      const long i = sel == nullptr ? static_cast<long>(j) : PyLong_AsLong(PySequence_Fast_GET_ITEM(sel, j));
+      if (i < 0 || i >= n) {
+        Py_XDECREF(sel);
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_IndexError, "select[%zd] holds %ld, not in [0, %zd)", k, i, n);
+        return nullptr;
+      }
+      if (first) dtype = c->dtypes[i];
+      first = false;
+      if (c->dtypes[i] != dtype) {
+        Py_XDECREF(sel);
+        return PyErr_Format(PyExc_TypeError, "tensor %ld has another dtype than the first", i);
+      }
+      parts.push_back(c->comps[i][k]);
+    }
+    Py_XDECREF(sel);
+  }
+  if (parts.empty()) Py_RETURN_NONE;
+  if (!HandlesOf(before, &pre) || !HandlesOf(after, &post)) return nullptr;
+  Status st;
+  TFE_Executor* executor = TFE_ContextGetExecutorForThread(ctx);
+  TFE_TensorHandle* addresses = AddressTensor(parts, st.s);
+  TFE_Op* op = st.ok() ? TFE_NewOp(ctx, op_name, st.s) : nullptr;
+  if (st.ok()) TFE_OpSetDevice(op, device, st.s);
+  for (auto* h : pre) if (st.ok()) TFE_OpAddInput(op, h, st.s);
+  if (st.ok()) TFE_OpAddInput(op, addresses, st.s);
+  for (auto* h : post) if (st.ok()) TFE_OpAddInput(op, h, st.s);
+  bool failed = false;
+  if (st.ok()) {
+    TFE_OpSetAttrType(op, "T", dtype);
+    failed = !SetAttrs(op, ints, 'i') || !SetAttrs(op, bools, 'b') || !SetAttrs(op, types, 't');
+  }
+  TFE_TensorHandle* out = nullptr;
+  if (st.ok() && !failed) {
+    int num = outputs;
+    TFE_Execute(op, &out, &num, st.s);
+    if (num == 0) out = nullptr;
+  }
+  if (op != nullptr) TFE_DeleteOp(op);
+  if (addresses != nullptr) TFE_DeleteTensorHandle(addresses);
+  if (st.ok() && !failed && TFE_ExecutorIsAsync(executor)) TFE_ExecutorWaitForAllPendingNodes(executor, st.s);
+  TFE_DeleteExecutor(executor);
+  if (!st.ok() && !failed) {
+    PyErr_Format(PyExc_RuntimeError, "%s on %s: %s", op_name, device, TF_Message(st.s));
+    failed = true;
+  }
+  if (failed) {
+    if (out != nullptr) TFE_DeleteTensorHandle(out);
+    return nullptr;
+  }
+  if (out == nullptr) Py_RETURN_NONE;
+  return EagerTensorFromHandle(out, false);
+}
+
 PyMethodDef kMethods[] = {
     {"init", Init, METH_VARARGS, "init(reference_dense_dtensor): the DTensor device and dense class to accept"},
     {"components", GetComponents, METH_VARARGS, "components(tensors, devices) -> capsule of borrowed handles"},
     {"run", Run, METH_VARARGS,
      "run(ctx, comps, select, op, devices, before, after, ints, bools, types, outputs) -> per-device outputs"},
+    {"run_all", RunAll, METH_VARARGS,
+     "run_all(ctx, comps, select, op, device, before, after, ints, bools, types, outputs): one op for all devices"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_dsgd_dispatch", "dsgd's per-device op dispatch", -1, kMethods};

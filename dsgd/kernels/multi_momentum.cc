@@ -21,6 +21,12 @@
 // the components of DTensors it holds references to for the whole (synchronous) call, and
 // checks their dtype; the kernels check each count against the variable's.
 //
+// DsgdMultiSgdAll is DsgdMultiSgdAt for every local device at once: the variable sets of all
+// devices (by address, from DsgdVarSetAddress) and all their gradients in one call on one
+// device.  The logical CPU devices share the host's memory and one thread pool, and eight
+// calls in a row pay eight thread-pool start-ups and tails (measured: 8 devices x 8 calls
+// stream at ~30 GB/s where one call over the same bytes does ~35).
+//
 // DsgdPackVars looks the variables (and slots) up once and returns a ref-counting handle to
 // a DsgdVarSet that holds them and their mutexes in locking order: a step then costs no
 // ResourceMgr lookup (~1 us per variable per device, measured) and no sort.  Variables are
@@ -124,6 +130,30 @@ REGISTER_OP("DsgdMultiSumSqAt")
       return absl::OkStatus();
     })
     .Doc("DsgdMultiSumSq on gradients given by address (dsgd's C++ dispatch only).");
+
+REGISTER_OP("DsgdVarSetAddress")
+    .Input("varset: resource")
+    .Output("address: int64")
+    .SetIsStateful()
+    .SetShapeFn(shape_inference::ScalarShape)
+    .Doc("The address of a DsgdVarSet, for DsgdMultiSgdAll; valid while the varset handle lives.");
+
+REGISTER_OP("DsgdMultiSgdAll")
+    .Input("varsets: int64")  // [D]: DsgdVarSetAddress of each device's set (n variables each)
+    .Input("grads: int64")    // [2 D n]: addresses (device-major: set k's variable i at k n + i), then counts
+    .Input("lr: float")
+    .Input("scales: float")   // [n], [1] or [0]: per variable i, shared by the devices
+    .Input("decay: bool")     // [n] or [0]
+    .Input("hyper: double")
+    .Attr("T: {float, double, bfloat16, half}")
+    .Attr("Tmomentum: {float, double, bfloat16, half}")
+    .Attr("use_momentum: bool = true")
+    .Attr("nesterov: bool = false")
+    .Attr("use_ema: bool = false")
+    .Attr("ema_overwrite: bool = false")
+    .SetIsStateful()
+    .SetShapeFn(shape_inference::NoOutputs)
+    .Doc("DsgdMultiSgdAt over the variable sets of several devices in one call (dsgd's C++ dispatch only).");
 
 // Arithmetic type: double for double, float for everything else.
 template <typename T> struct Compute { using type = float; };
@@ -245,10 +275,17 @@ class VarSet : public ResourceBase {
   int n_, nm_, na_;
 };
 
-// Holds every mutex of a VarSet (locked in its order) until destroyed.
+// Holds every mutex of one or more VarSets (locked in address order, each once) until destroyed.
 class LockAll {
  public:
-  explicit LockAll(const VarSet& set) : mus_(set.mutexes()) {
+  explicit LockAll(const std::vector<core::RefCountPtr<VarSet>>& sets) {
+    if (sets.size() == 1) {
+      mus_ = sets[0]->mutexes();
+    } else {
+      for (const auto& s : sets) mus_.insert(mus_.end(), s->mutexes().begin(), s->mutexes().end());
+      std::sort(mus_.begin(), mus_.end());
+      mus_.erase(std::unique(mus_.begin(), mus_.end()), mus_.end());
+    }
     for (mutex* mu : mus_) mu->lock();
   }
   ~LockAll() {
@@ -256,7 +293,7 @@ class LockAll {
   }
 
  private:
-  const std::vector<mutex*>& mus_;
+  std::vector<mutex*> mus_;
 };
 
 // The variable's tensor, copied first if its buffer is shared (a read still holds it) or the
@@ -338,7 +375,8 @@ template <typename T, typename Tm>
 class MultiSgdOp : public OpKernel {
  public:
   explicit MultiSgdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    by_address_ = ctx->def().op() == "DsgdMultiSgdAt";
+    all_devices_ = ctx->def().op() == "DsgdMultiSgdAll";
+    by_address_ = all_devices_ || ctx->def().op() == "DsgdMultiSgdAt";
     OP_REQUIRES_OK(ctx, ctx->GetAttr("use_momentum", &use_momentum_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("nesterov", &nesterov_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("use_ema", &use_ema_));
@@ -355,18 +393,35 @@ class MultiSgdOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange("grads", &g0, &g1));
       OP_REQUIRES_OK(ctx, grads.Read(ctx, false, g0, g1 - g0));
     }
-    const int n = grads.n();
+    const int total = grads.n();
     const int g1 = grads.next_input;
-    VarSet* set_raw = nullptr;
-    OP_REQUIRES_OK(ctx, LookupResource<VarSet, false>(ctx, HandleFromInput(ctx, 0), &set_raw));
-    core::RefCountPtr<VarSet> set(set_raw);
-    OP_REQUIRES(ctx, set->n() == n,
-                absl::InvalidArgumentError(absl::StrCat("got ", set->n(), " variables for ", n, " gradients")));
+    std::vector<core::RefCountPtr<VarSet>> sets;
+    if (all_devices_) {  // addresses from DsgdVarSetAddress; the caller holds the handles
+      const Tensor& a = ctx->input(0);
+      OP_REQUIRES(ctx, a.dims() == 1 && a.NumElements() > 0,
+                  absl::InvalidArgumentError("varsets must be a non-empty int64 vector"));
+      for (int64_t k = 0; k < a.NumElements(); ++k) {
+        auto* p = reinterpret_cast<VarSet*>(static_cast<intptr_t>(a.flat<int64_t>()(k)));
+        OP_REQUIRES(ctx, p != nullptr, absl::InvalidArgumentError("a null variable set"));
+        p->Ref();
+        sets.emplace_back(p);
+      }
+    } else {
+      VarSet* set_raw = nullptr;
+      OP_REQUIRES_OK(ctx, LookupResource<VarSet, false>(ctx, HandleFromInput(ctx, 0), &set_raw));
+      sets.emplace_back(set_raw);
+    }
+    const int n = sets[0]->n();  // variables per set; item j is set j / n's variable j % n
     const bool has_m = use_momentum_, has_a = use_ema_;
-    OP_REQUIRES(ctx, !has_m || set->has_momentum(),
-                absl::InvalidArgumentError("use_momentum, but the variable set has no momentum slots"));
-    OP_REQUIRES(ctx, !has_a || set->has_average(),
-                absl::InvalidArgumentError("use_ema, but the variable set has no EMA slots"));
+    for (const auto& set : sets) {
+      OP_REQUIRES(ctx, set->n() == n && static_cast<int64_t>(n) * static_cast<int64_t>(sets.size()) == total,
+                  absl::InvalidArgumentError(absl::StrCat("got ", sets.size(), " variable sets of ", set->n(),
+                                                          " variables for ", total, " gradients")));
+      OP_REQUIRES(ctx, !has_m || set->has_momentum(),
+                  absl::InvalidArgumentError("use_momentum, but the variable set has no momentum slots"));
+      OP_REQUIRES(ctx, !has_a || set->has_average(),
+                  absl::InvalidArgumentError("use_ema, but the variable set has no EMA slots"));
+    }
 
     const Tensor& lr_t = ctx->input(g1);
     const Tensor& scales_t = ctx->input(g1 + 1);
@@ -394,7 +449,7 @@ class MultiSgdOp : public OpKernel {
     const Mom mom = !has_m ? Mom::kNone : (nesterov_ ? Mom::kNesterov : Mom::kHeavy);
     const bool overwrite = has_a && ema_overwrite_;
 
-    LockAll locked(*set);
+    LockAll locked(sets);
 
     struct Item {
       T* w;
@@ -404,19 +459,21 @@ class MultiSgdOp : public OpKernel {
       C scale;
       bool decay;
     };
-    std::vector<Item> items(n);
+    std::vector<Item> items(total);
     Slices slices;
-    slices.offsets.resize(n + 1);
+    slices.offsets.resize(total + 1);
     slices.offsets[0] = 0;
     const DataType t_dtype = DataTypeToEnum<T>::value, m_dtype = DataTypeToEnum<Tm>::value;
-    for (int i = 0; i < n; ++i) {
-      const TensorShape* gshape = grads.shape[i];
-      const int64_t gcount = grads.count[i];
+    for (int j = 0; j < total; ++j) {
+      const VarSet* set = sets[j / n].get();
+      const int i = j % n;
+      const TensorShape* gshape = grads.shape[j];
+      const int64_t gcount = grads.count[j];
       Tensor* w;
       OP_REQUIRES_OK(ctx, Writable(ctx, set->var(i), t_dtype, gshape, gcount, "variable", i, &w));
-      Item& it = items[i];
+      Item& it = items[j];
       it.w = Data<T>(w);
-      it.g = grads.data[i];
+      it.g = grads.data[j];
       it.m = nullptr;
       it.a = nullptr;
       if (has_m) {
@@ -431,12 +488,12 @@ class MultiSgdOp : public OpKernel {
       }
       it.scale = ns == 0 ? C(1) : static_cast<C>(scales[ns == 1 ? 0 : i]);
       it.decay = wd != C(0) && (nd == 0 || decay[i]);
-      slices.offsets[i + 1] = slices.offsets[i] + gcount;
+      slices.offsets[j + 1] = slices.offsets[j] + gcount;
     }
     const UpdateFn<T, Tm> with_decay = PickUpdate<T, Tm>(mom, true, has_a);
     const UpdateFn<T, Tm> without_decay = PickUpdate<T, Tm>(mom, false, has_a);
     const int64_t bytes_per_elem = (has_m ? 2 * sizeof(Tm) : 0) + (has_a ? 2 : 0) * sizeof(T) + 3 * sizeof(T);
-    ParallelRange(ctx, slices.offsets[n], bytes_per_elem, [&](int64_t begin, int64_t end) {
+    ParallelRange(ctx, slices.offsets[total], bytes_per_elem, [&](int64_t begin, int64_t end) {
       slices.ForEach(begin, end, [&](int i, int64_t b, int64_t e) {
         const Item& it = items[i];
         (it.decay ? with_decay : without_decay)(it.w, it.m, it.a, it.g, b, e, it.scale, clip, lr, mu, wdlr, ema,
@@ -446,6 +503,7 @@ class MultiSgdOp : public OpKernel {
   }
 
  private:
+  bool all_devices_;
   bool by_address_;
   bool use_momentum_;
   bool nesterov_;
@@ -492,6 +550,20 @@ class PackVarsOp : public OpKernel {
 
  private:
   int n_, nm_, na_;
+};
+
+class VarSetAddressOp : public OpKernel {
+ public:
+  explicit VarSetAddressOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    VarSet* set = nullptr;
+    OP_REQUIRES_OK(ctx, LookupResource<VarSet, false>(ctx, HandleFromInput(ctx, 0), &set));
+    core::RefCountPtr<VarSet> hold(set);  // the caller's handle keeps it alive after this
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<int64_t>()() = static_cast<int64_t>(reinterpret_cast<intptr_t>(set));
+  }
 };
 
 template <typename T>
@@ -578,6 +650,11 @@ class MultiSumSqOp : public OpKernel {
   REGISTER_KERNEL_BUILDER(                                                                         \
       Name("DsgdMultiSgdAt").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<TM>("Tmomentum") \
           .HostMemory("grads").HostMemory("lr").HostMemory("scales").HostMemory("decay").HostMemory("hyper"), \
+      MultiSgdOp<T, TM>);                                                                          \
+  REGISTER_KERNEL_BUILDER(                                                                         \
+      Name("DsgdMultiSgdAll").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<TM>("Tmomentum") \
+          .HostMemory("varsets").HostMemory("grads").HostMemory("lr").HostMemory("scales")          \
+          .HostMemory("decay").HostMemory("hyper"),                                               \
       MultiSgdOp<T, TM>);
 
 DSGD_REGISTER_SGD(float, float)
@@ -589,6 +666,7 @@ DSGD_REGISTER_SGD(Eigen::half, float)
 #undef DSGD_REGISTER_SGD
 
 REGISTER_KERNEL_BUILDER(Name("DsgdPackVars").Device(DEVICE_CPU), PackVarsOp);
+REGISTER_KERNEL_BUILDER(Name("DsgdVarSetAddress").Device(DEVICE_CPU).HostMemory("address"), VarSetAddressOp);
 
 #define DSGD_REGISTER_SUMSQ(T) \
   REGISTER_KERNEL_BUILDER(Name("DsgdMultiSumSq").Device(DEVICE_CPU).TypeConstraint<T>("T").HostMemory("index"), \
