@@ -1,29 +1,32 @@
-"""``grouped``: one multi-tensor C++ kernel call per device does the whole step.
+"""``grouped``: one multi-tensor C++ kernel call does the whole step.
 
-For each local device, one ``DsgdMultiSgd`` call (:mod:`dsgd.kernels`) clips, decays,
-updates (momentum / Nesterov / plain) and averages (EMA) every variable in place, in one
-pass over each variable's memory, spread over the CPU thread pool across all the
-variables' elements.  Many small variables stop paying TensorFlow's per-op overhead (one
-op per device instead of one to four per variable), and large ones run at memory speed.
-The kernel does not care about layouts, so the plan's groups (one per layout) that share
-a dtype are combined into one call per device (:meth:`Grouped.combine`).
+One ``DsgdMultiSgd`` call (:mod:`dsgd.kernels`) clips, decays, updates (momentum /
+Nesterov / plain) and averages (EMA) every variable in place, in one pass over each
+variable's memory, spread over the CPU thread pool across all the variables' elements.
+Many small variables stop paying TensorFlow's per-op overhead (one call instead of one to
+four ops per variable per device), and large ones run at memory speed.  The kernel does
+not care about layouts, so the plan's groups (one per layout) that share a dtype are
+combined into one call (:meth:`Grouped.combine`).
 
-Clipping by norm adds one ``DsgdMultiSumSq`` call per device, over the gradients of which
-that device holds the first replica only (``LocalEntry.primary``): each element is read
-once per shard, not once per device copy (a batch-replicated model reads 1/8 of it on 8
+Clipping by norm adds one ``DsgdMultiSumSq`` call, over the gradients of which each
+device holds the first replica only (``LocalEntry.primary``): each element is read once
+per shard, not once per device copy (a batch-replicated model reads 1/8 of it on 8
 devices), and the sums need no rescaling by the replication factor.
 
-The gradients' per-device components go to the kernel from C++ (``dsgd/kernels/dispatch.cc``,
-:func:`dsgd.eager_dtensor.direct`): the components DTensor already holds are borrowed and
-their buffers' addresses given to the kernels' ``*At`` variants, one int64 input per device,
-with no ``dtensor.unpack``, no Python object and no op input per component (400 gradients
-on 8 devices: ~15 ms of unpacking and op inputs become well under 1 ms).  Where the extension
-is unavailable or a gradient is not a plain dense DTensor, ``dtensor.unpack`` feeds the same calls.
+How the calls are fed.  The default is dsgd's C++ dispatch (``dsgd/kernels/dispatch.cc``,
+:func:`dsgd.eager_dtensor.direct`): the per-device components DTensor already holds are
+borrowed and their buffers' addresses handed to the kernels' by-address variants — one
+``DsgdMultiSgdAll`` call for every local device (the logical CPU devices share host memory
+and one thread pool, so one pass beats eight calls in a row) and one ``DsgdMultiSumSqAt``
+call for all devices' primary shards.  No ``dtensor.unpack``, no Python object and no op
+input per component (400 gradients on 8 devices: ~15 ms of unpacking and op inputs become
+well under 1 ms).  Where the extension is unavailable or a gradient is not a plain dense
+DTensor, ``dtensor.unpack`` feeds one call per device instead (same arithmetic).
 
 Everything constant is built once, when the step first meets a set of gradients: each
 device's variables, momentum and EMA slots, looked up once into a ref-counting variable
-set (``DsgdPackVars``), the weight-decay mask and the hyperparameters.  A step then is,
-per device, one gradient list and one op call.
+set (``DsgdPackVars``, and its address for ``DsgdMultiSgdAll``), the weight-decay mask and
+the hyperparameters.
 
 Sparse gradients (``tf.IndexedSlices``) keep ``per_shard``'s semantics: their values are
 scaled and clipped first, then densified on each device, and updated by a second kernel

@@ -1,4 +1,5 @@
-// dsgd multi-tensor SGD kernels: one op call updates every variable of a group on one device.
+// dsgd multi-tensor SGD kernels: one op call updates every variable of a group (on one device,
+// or with DsgdMultiSgdAll on every local device).
 //
 // DsgdMultiSgd: for each variable i (in one pass over its memory, in place):
 //   g = grad * scale[i]                        (scale: per variable, one for all, or none)
