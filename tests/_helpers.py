@@ -170,3 +170,17 @@ __all__ = [
     "dgrad", "value", "rounded", "randn", "assert_close", "layout_of", "run_subprocess", "check_subprocess",
     "U", "dsgd", "r64",
 ]
+
+
+def require_direct(mesh):
+    """dsgd's C++ dispatch extension; skips only where this machine cannot build a CPython
+    extension (no Python.h), fails for any other reason it is unavailable."""
+    from dsgd import eager_dtensor
+
+    mod = eager_dtensor.direct(mesh)
+    if mod is None:
+        reason = eager_dtensor.direct_unavailable_reason() or ""
+        if "Python.h" in reason:
+            pytest.skip(f"no Python headers to build the dispatch extension: {reason[-200:]}")
+        raise AssertionError(f"dispatch unavailable: {reason}")
+    return mod

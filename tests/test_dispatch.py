@@ -17,6 +17,7 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 from tensorflow.python.eager import context
 
+from _helpers import require_direct
 from dsgd import eager_dtensor, kernels, meshspec
 from dsgd.state import to_layout
 
@@ -26,9 +27,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"grouped kernel una
 
 
 def _direct(mesh):
-    mod = eager_dtensor.direct(mesh)
-    assert mod is not None, eager_dtensor.direct_unavailable_reason()
-    return mod
+    return require_direct(mesh)
 
 
 def _sums(mod, tensors, devices, select=None):

@@ -116,8 +116,9 @@ def test_direct_feed_equals_unpack_feed(meshes, mesh_spec, option, monkeypatch):
     double, not float, so results may differ in the last bit.  Float64-checked too."""
     from dsgd import eager_dtensor
 
-    mesh = meshes(mesh_spec)
-    assert eager_dtensor.direct(mesh) is not None, eager_dtensor.direct_unavailable_reason()
+    from _helpers import require_direct
+
+    require_direct(meshes(mesh_spec))
     opts = OPTIONS[option]
     opt, direct_vars, state = _run(meshes, mesh_spec, "grouped", opts)
     _check_against_float64(direct_vars, state, "float32")
@@ -290,8 +291,9 @@ def test_one_call_per_device_for_all_layouts_and_norms_summed_once_per_shard(mes
     monkeypatch.setattr(ops, "dsgd_multi_sgd", sgd)
     monkeypatch.setattr(ops, "dsgd_multi_sum_sq", sumsq)
     if feed == "direct":
-        mod = eager_dtensor.direct(mesh)
-        assert mod is not None, eager_dtensor.direct_unavailable_reason()
+        from _helpers import require_direct
+
+        mod = require_direct(mesh)
         real_run = mod.run
 
         def run(ctx, comps, select, op, devices, *rest):
