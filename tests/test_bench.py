@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dsgd.bench import run_case
 
 
@@ -67,3 +69,21 @@ def test_eager_floor_script(tmp_path):
     stream = float(values["stream_ms"])
     assert all(f > 0 for f in feeds) and stream > 0
     assert abs(min(feeds) + stream - float(values["floor_ms"])) < 0.02
+
+
+def test_kernel_bandwidth_script():
+    """scripts/kernel_bandwidth.py as a user runs it: three ways over the same bytes, and the copy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dsgd import kernels
+
+    if kernels.unavailable_reason() is not None:
+        pytest.skip(kernels.unavailable_reason())
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "scripts/kernel_bandwidth.py", "--params", "80000", "--rounds", "3"],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if "GB/s" in line]
+    assert len(lines) == 4 and all(float(line.split("GB/s")[0].split()[-1]) > 0 for line in lines)
