@@ -30,18 +30,21 @@ def _direct(mesh):
     return require_direct(mesh)
 
 
-def _sums(mod, tensors, devices, select=None):
+def _sums(mod, tensors, devices, select=None, slots=None, size=None):
+    """DsgdMultiSumSqAt in one call over every device's selected components (device-major),
+    each component's sum in its slot (default: k * len(tensors) + i, so [device, tensor])."""
     comps = mod.components(tensors, devices)
     n = len(tensors)
-    index = [tf.constant(list(range(n)) if select is None else select[k], tf.int32) for k in range(len(devices))]
-    return mod.run(context.context()._handle, comps, select, "DsgdMultiSumSqAt", devices, [[]] * len(devices),
-                   [[i] for i in index], {"size": n}, None, None, 1)
+    if slots is None:
+        slots, size = list(range(len(devices) * n)), len(devices) * n
+    return mod.run_all(context.context()._handle, comps, select, "DsgdMultiSumSqAt", devices[0], [],
+                       [tf.constant(slots, tf.int32)], {"size": size}, None, None, 1)
 
 
 @pytest.mark.parametrize("mesh_spec", ["1", "batch=8", "batch=2,model=4"])
 def test_each_device_gets_its_own_component(meshes, mesh_spec, rng):
-    """Per device, the sums of squares of the components fed equal those of dtensor.unpack's
-    components, for tensors sharded on different axes and dtypes; `select` picks per device."""
+    """The sums of squares of the components fed, per device, equal those of dtensor.unpack's
+    components, for tensors sharded on different axes; `select` picks per device."""
     mesh = meshes(mesh_spec)
     mod = _direct(mesh)
     axes = mesh.dim_names
@@ -49,19 +52,17 @@ def test_each_device_gets_its_own_component(meshes, mesh_spec, rng):
     tensors = [to_layout(rng.normal(size=(8, 16)).astype(np.float32), dtensor.Layout(s, mesh)) for s in specs]
     parts = [dtensor.unpack(t) for t in tensors]
     devices = [p.device for p in parts[0]]
-    got = _sums(mod, tensors, devices)
-    for k, g in enumerate(got):
+    got = _sums(mod, tensors, devices).numpy().reshape(len(devices), len(tensors))
+    for k in range(len(devices)):
         want = [float(np.sum(np.square(p[k].numpy().astype(np.float64)))) for p in parts]
-        assert g.device == devices[k]
-        np.testing.assert_allclose(g.numpy(), want, rtol=1e-6)
-    # a device given an empty selection is skipped (None), the others sum what they select
+        np.testing.assert_allclose(got[k], want, rtol=1e-6)
+    # `select` picks per device: here tensors 2 and 0 on the first device only, into slots 2 and 0
     select = [[2, 0]] + [[] for _ in devices[1:]]
-    got = _sums(mod, tensors, devices, select)
-    assert got[1:] == [None] * (len(devices) - 1)
-    # each selected tensor's sum lands in its own slot (index = its position), the rest are 0
+    got = _sums(mod, tensors, devices, select, slots=[2, 0], size=3).numpy()
     want0 = [float(np.sum(np.square(parts[i][0].numpy().astype(np.float64)))) if i in (2, 0) else 0.0
              for i in range(3)]
-    np.testing.assert_allclose(got[0].numpy(), want0, rtol=1e-6)
+    np.testing.assert_allclose(got, want0, rtol=1e-6)
+    assert _sums(mod, tensors, devices, [[] for _ in devices], slots=[], size=1) is None  # nothing selected
 
 
 def test_refuses_what_it_cannot_read(meshes):
@@ -82,8 +83,8 @@ def test_refuses_what_it_cannot_read(meshes):
     with pytest.raises(ValueError):
         mod.components([y], devices)
     with pytest.raises(TypeError):  # a non-tensor where the kernels' inputs go
-        mod.run(context.context()._handle, mod.components([x], devices), None, "DsgdMultiSumSqAt", devices,
-                [[]] * 8, [[1.0]] * 8, {"size": 1}, None, None, 1)
+        mod.run_all(context.context()._handle, mod.components([x], devices), None, "DsgdMultiSumSqAt", devices[0],
+                    [], [1.0], {"size": 8}, None, None, 1)
 
 
 def test_disabled_by_environment():

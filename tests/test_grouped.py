@@ -261,12 +261,12 @@ def test_supports_and_unavailable_reason(meshes, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("feed", ["direct", "unpack"])
 def test_one_call_per_device_for_all_layouts_and_norms_summed_once_per_shard(meshes, monkeypatch, feed):
-    """batch=2,model=4 with five layouts (replication 8, 4, 2, 2, 8): the step is one
-    DsgdMultiSgd call per device for every variable, and the sums of squares behind the
-    global norm are taken only on the devices holding each shard's first replica (batch
-    coordinate 0 on the axes a layout does not shard), each element summed exactly once.
-    ``direct``: components fed from C++ (dsgd/kernels/dispatch.cc); ``unpack``: through
-    dtensor.unpack and the ops' Python wrappers."""
+    """batch=2,model=4 with five layouts (replication 8, 4, 2, 2, 8): the step is one kernel
+    call for every variable (``direct``: components fed from C++, dsgd/kernels/dispatch.cc,
+    one DsgdMultiSgdAll for all devices; ``unpack``: dtensor.unpack and one DsgdMultiSgd per
+    device), and the sums of squares behind the global norm are taken only on the devices
+    holding each shard's first replica (batch coordinate 0 on the axes a layout does not
+    shard), each element summed exactly once."""
     from dsgd import eager_dtensor
 
     if feed == "unpack":
@@ -294,17 +294,6 @@ def test_one_call_per_device_for_all_layouts_and_norms_summed_once_per_shard(mes
         from _helpers import require_direct
 
         mod = require_direct(mesh)
-        real_run = mod.run
-
-        def run(ctx, comps, select, op, devices, *rest):
-            out = real_run(ctx, comps, select, op, devices, *rest)
-            for k, dev in enumerate(devices):
-                if op == "DsgdMultiSgdAt":
-                    calls["sgd"].append(len(variables) if select is None else len(select[k]))
-                elif select[k]:
-                    calls["sumsq"].append((dev, list(select[k]), out[k].numpy()))
-            return out
-
         real_run_all = mod.run_all
 
         def run_all(ctx, comps, select, op, device, *rest):  # every device's work in one call
@@ -315,10 +304,9 @@ def test_one_call_per_device_for_all_layouts_and_norms_summed_once_per_shard(mes
                 calls["sumsq"].append((device, [i for sel in select for i in sel], out.numpy()))
             return out
 
-        monkeypatch.setattr(mod, "run", run)
         monkeypatch.setattr(mod, "run_all", run_all)
     opt.apply_gradients(zip(grads, variables))
-    # one call per device, or (the C++ feed) one call for all eight devices' shards
+    # one call per device (unpack feed), or one call for all eight devices' shards (C++ feed)
     assert calls["sgd"] == ([8 * len(variables)] if feed == "direct" else [len(variables)] * 8)
     # the per-variable sums over the calls are the gradients' exact sums of squares
     total = np.zeros(len(variables))

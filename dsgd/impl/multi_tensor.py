@@ -60,7 +60,7 @@ class _Call:
     sparse: bool  # gradients are IndexedSlices (scaled and clipped before the call)
     varsets: list[tf.Tensor]  # per device: DsgdPackVars of the variables and their slots
     decay: tf.Tensor  # host bool [n], or [0]: every variable decays
-    addresses: Optional[tf.Tensor] = None  # host int64 [devices]: the varsets, for DsgdMultiSgdAll
+    addresses: Optional[tf.Tensor] = None  # host int64 [devices]: the varsets, for DsgdMultiSgdAll (dense)
 
 
 @dataclass
@@ -179,7 +179,7 @@ class Grouped(LocalImplementation):
         mask = [le.entry.decay for le in les]
         decay = self._no_mask if all(mask) else tf.constant(mask, tf.bool)
         addresses = None
-        if not sparse and len(self.devices) > 1:
+        if not sparse:
             parts = []
             for dev, vs in zip(self.devices, varsets):
                 with tf.device(dev):
@@ -220,17 +220,12 @@ class Grouped(LocalImplementation):
         """Per device, the sums of squares of the gradients it holds the first replica of
         (zeros elsewhere): summed over every device of the mesh, each variable's exact sum."""
         sumsq = self._ops.dsgd_multi_sum_sq
-        if isinstance(split, _Direct):
+        if isinstance(split, _Direct):  # one call sums every device's primaries: the totals on device 0
             plan = self._sumsq_plan(split.les)
-            mod = eager_dtensor.direct(self.group.mesh)
-            if len(self.devices) > 1:  # one call sums every device's primaries: the totals on device 0
-                total = mod.run_all(_context.context()._handle, split.comps, plan.index, "DsgdMultiSumSqAt",
-                                    self.devices[0], [], [plan.all_slots], {"size": len(split)}, None, None, 1)
-                return [plan.zeros[0] if total is None else total] + plan.zeros[1:]
-            got = mod.run(
-                _context.context()._handle, split.comps, plan.index, "DsgdMultiSumSqAt", self.devices,
-                [[]] * len(self.devices), [[s] for s in plan.slots], {"size": len(split)}, None, None, 1)
-            return [z if g is None else g for g, z in zip(got, plan.zeros)]
+            total = eager_dtensor.direct(self.group.mesh).run_all(
+                _context.context()._handle, split.comps, plan.index, "DsgdMultiSumSqAt", self.devices[0], [],
+                [plan.all_slots], {"size": len(split)}, None, None, 1)
+            return [plan.zeros[0] if total is None else total] + plan.zeros[1:]
         plan = self._sumsq_plan([le for le, _ in split])
         out = []
         for k, dev in enumerate(self.devices):
@@ -273,24 +268,19 @@ class Grouped(LocalImplementation):
                         nesterov=bool(args.nesterov), use_ema=use_ema, ema_overwrite=overwrite)
 
     def _apply_direct(self, split: _Direct, args: StepArgs, scales) -> None:
-        """:meth:`apply` for dense gradients whose components are held in C++: the same
-        kernel, one ``DsgdMultiSgdAt`` call per device given the components' addresses."""
+        """:meth:`apply` for dense gradients whose components are held in C++: one
+        ``DsgdMultiSgdAll`` call for every device, given the components' addresses."""
         calls = self._plan(tuple(id(le.entry) for le in split.les), (), [le.entry for le in split.les])
-        (call,) = calls  # all dense: one call per device
+        (call,) = calls  # all dense: one call
         use_momentum = call.entries[0].momentum is not None
         use_ema = args.ema_momentum is not None
         call_scales = _scale_vector(scales, call.index, len(split), self._no_scales)
         after = [args.lr, call_scales, call.decay, self._hyper(args, True)]
         bools = {"use_momentum": use_momentum, "nesterov": bool(args.nesterov), "use_ema": use_ema,
                  "ema_overwrite": bool(args.ema_overwrite) and use_ema}
-        types = {"Tmomentum": self._tmomentum.as_datatype_enum}
-        mod = eager_dtensor.direct(self.group.mesh)
-        if call.addresses is not None:  # every device's update in one call (one thread-pool pass)
-            mod.run_all(_context.context()._handle, split.comps, None, "DsgdMultiSgdAll", self.devices[0],
-                        [call.addresses], after, None, bools, types, 0)
-            return
-        mod.run(_context.context()._handle, split.comps, None, "DsgdMultiSgdAt", self.devices,
-                [[v] for v in call.varsets], [after] * len(self.devices), None, bools, types, 0)
+        eager_dtensor.direct(self.group.mesh).run_all(
+            _context.context()._handle, split.comps, None, "DsgdMultiSgdAll", self.devices[0], [call.addresses],
+            after, None, bools, {"Tmomentum": self._tmomentum.as_datatype_enum}, 0)
 
     def _sparse_dense(self, g: tf.IndexedSlices, le: LocalEntry, scales, i: int, args: StepArgs) -> tf.Tensor:
         values = PerShard._clip(g.values, scales, i, args, self.group.dtype)

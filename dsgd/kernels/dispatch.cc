@@ -1,4 +1,4 @@
-// _dsgd_dispatch: run one op per local device on the components of many DTensors, from C++.
+// _dsgd_dispatch: run one op on the components of many DTensors on every local device, from C++.
 //
 // An eager step of the grouped kernel needs, per device, the local component of every
 // gradient.  dtensor.unpack builds them one at a time: DTensor's Disassemble makes a new
@@ -6,11 +6,11 @@
 // EagerTensor, and the op call takes each back as an input (~1.3 us per input; 400
 // gradients on 8 devices: ~15 ms in all).  The components already exist inside the DTensor
 // (TensorWithLayoutTf holds one TFE_TensorHandle per local device), so this module borrows
-// them, reads each one's buffer address and element count, and runs the kernels' *At
-// variants (DsgdMultiSgdAt, DsgdMultiSumSqAt) with one int64 tensor of those per device:
-// no Python object, no copy and no op input per component.  The DTensors are referenced by
-// the Components capsule, and each call is waited for, so every address stays valid while
-// a kernel reads it.
+// them, reads each one's buffer address and element count, and runs the kernels'
+// by-address variants (DsgdMultiSgdAll, DsgdMultiSumSqAt) once for all local devices with
+// one int64 tensor of those: no Python object, no copy and no op input per component.  The
+// DTensors are referenced by the Components capsule, and each call is waited for, so every
+// address stays valid while a kernel reads it.
 //
 // Only a dense TensorWithLayoutTf is read this way: each gradient's class is checked by its
 // vtable against a dense DTensor made by the caller (init), its component count and every
@@ -224,127 +224,6 @@ TFE_TensorHandle* AddressTensor(const std::vector<TFE_TensorHandle*>& parts, TF_
   return h;
 }
 
-// run(ctx, comps, select, op, devices, before, after, ints, bools, types, outputs)
-//   For each device k (skipping those whose `select[k]` is empty): one `op` (an *At kernel)
-//   on devices[k] with inputs before[k] + [addresses and counts of comps[i][k] for i in
-//   select[k] (all when select is None)] + after[k]; attribute T = the components' dtype.
-//   Returns, per device, the op's first output (None for a device skipped, or when
-//   outputs == 0).  Every call has finished when it returns.
-PyObject* Run(PyObject*, PyObject* args) {
-  PyObject *ctx_cap, *cap, *select, *devs, *before, *after, *ints, *bools, *types;
-  const char* op_name;
-  int outputs;
-  if (!PyArg_ParseTuple(args, "OOOsOOOOOOi", &ctx_cap, &cap, &select, &op_name, &devs, &before, &after, &ints,
-                        &bools, &types, &outputs))
-    return nullptr;
-  TFE_Context* ctx = ContextOf(ctx_cap);
-  auto* c = static_cast<Components*>(PyCapsule_GetPointer(cap, "dsgd.Components"));
-  if (ctx == nullptr || c == nullptr) return nullptr;
-  PyObject* dev_fast = PySequence_Fast(devs, "devices must be a sequence");
-  if (dev_fast == nullptr) return nullptr;
-  const Py_ssize_t nd = PySequence_Fast_GET_SIZE(dev_fast);
-  const Py_ssize_t n = static_cast<Py_ssize_t>(c->comps.size());
-  PyObject* result = PyList_New(nd);
-  for (Py_ssize_t k = 0; k < nd; ++k) {
-    Py_INCREF(Py_None);
-    PyList_SET_ITEM(result, k, Py_None);
-  }
-  std::vector<TFE_TensorHandle*> pre, post, parts;
-  std::vector<long> index;
-  Status st;
-  TFE_Executor* executor = TFE_ContextGetExecutorForThread(ctx);
-  bool failed = false;
-  for (Py_ssize_t k = 0; k < nd && !failed; ++k) {
-    index.clear();
-    if (select == Py_None) {
-      for (Py_ssize_t i = 0; i < n; ++i) index.push_back(i);
-    } else {
-      PyObject* item = PySequence_GetItem(select, k);
-      PyObject* sel = item == nullptr ? nullptr : PySequence_Fast(item, "select[k] must be a sequence");
-      Py_XDECREF(item);
-      if (sel == nullptr) { failed = true; break; }
-      for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(sel); ++j) {
-        const long i = PyLong_AsLong(PySequence_Fast_GET_ITEM(sel, j));
-        if (i < 0 || i >= n) {
-          if (!PyErr_Occurred()) PyErr_Format(PyExc_IndexError, "select[%zd] holds %ld, not in [0, %zd)", k, i, n);
-          failed = true;
-          break;
-        }
-        index.push_back(i);
-      }
-      Py_DECREF(sel);
-      if (failed) break;
-    }
-    if (index.empty()) continue;
-    parts.clear();
-    const TF_DataType dtype = c->dtypes[index[0]];
-    for (long i : index) {
-      if (c->dtypes[i] != dtype) {
-        PyErr_Format(PyExc_TypeError, "tensor %ld has another dtype than tensor %ld", i, index[0]);
-        failed = true;
-        break;
-      }
-      parts.push_back(c->comps[i][k]);
-    }
-    if (failed) break;
-    PyObject* pre_k = PySequence_GetItem(before, k);
-    PyObject* post_k = pre_k == nullptr ? nullptr : PySequence_GetItem(after, k);
-    const bool got = post_k != nullptr && HandlesOf(pre_k, &pre) && HandlesOf(post_k, &post);
-    Py_XDECREF(pre_k);
-    Py_XDECREF(post_k);
-    if (!got) { failed = true; break; }
-    const char* device = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(dev_fast, k));
-    if (device == nullptr) { failed = true; break; }
-
-    TFE_TensorHandle* addresses = AddressTensor(parts, st.s);
-    TFE_Op* op = st.ok() ? TFE_NewOp(ctx, op_name, st.s) : nullptr;
-    if (st.ok()) TFE_OpSetDevice(op, device, st.s);
-    for (auto* h : pre) if (st.ok()) TFE_OpAddInput(op, h, st.s);
-    if (st.ok()) TFE_OpAddInput(op, addresses, st.s);
-    for (auto* h : post) if (st.ok()) TFE_OpAddInput(op, h, st.s);
-    if (st.ok()) {
-      TFE_OpSetAttrType(op, "T", dtype);
-      failed = !SetAttrs(op, ints, 'i') || !SetAttrs(op, bools, 'b') || !SetAttrs(op, types, 't');
-    }
-    if (st.ok() && !failed) {
-      std::vector<TFE_TensorHandle*> outs(outputs > 0 ? outputs : 1, nullptr);
-      int num = outputs;
-      TFE_Execute(op, outs.data(), &num, st.s);
-      if (st.ok() && outputs > 0 && num > 0) {
-        PyObject* t = EagerTensorFromHandle(outs[0], false);
-        for (int j = 1; j < num; ++j) TFE_DeleteTensorHandle(outs[j]);
-        if (t == nullptr) {
-          failed = true;
-        } else {
-          PyList_SetItem(result, k, t);  // steals t, releases the None
-        }
-      }
-    }
-    if (op != nullptr) TFE_DeleteOp(op);
-    if (addresses != nullptr) TFE_DeleteTensorHandle(addresses);
-    if (!st.ok()) {
-      PyErr_Format(PyExc_RuntimeError, "%s on %s: %s", op_name, device, TF_Message(st.s));
-      failed = true;
-    }
-  }
-  if (TFE_ExecutorIsAsync(executor)) {  // the kernels read the addresses: let them finish first
-    Status wait;
-    TFE_ExecutorWaitForAllPendingNodes(executor, wait.s);
-    if (!wait.ok() && !failed) {
-      PyErr_Format(PyExc_RuntimeError, "%s: %s", op_name, TF_Message(wait.s));
-      failed = true;
-    }
-  }
-  TFE_DeleteExecutor(executor);
-  Py_DECREF(dev_fast);
-  if (failed) {
-    Py_DECREF(result);
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "dispatch failed");
-    return nullptr;
-  }
-  return result;
-}
-
 // run_all(ctx, comps, select, op, device, before, after, ints, bools, types, outputs)
 //   One `op` (DsgdMultiSgdAll, DsgdMultiSumSqAt) on `device` for the components on every
 //   device: inputs before + [addresses and counts of comps[i][k], device-major, for i in
@@ -432,8 +311,6 @@ PyObject* RunAll(PyObject*, PyObject* args) {
 PyMethodDef kMethods[] = {
     {"init", Init, METH_VARARGS, "init(reference_dense_dtensor): the DTensor device and dense class to accept"},
     {"components", GetComponents, METH_VARARGS, "components(tensors, devices) -> capsule of borrowed handles"},
-    {"run", Run, METH_VARARGS,
-     "run(ctx, comps, select, op, devices, before, after, ints, bools, types, outputs) -> per-device outputs"},
     {"run_all", RunAll, METH_VARARGS,
      "run_all(ctx, comps, select, op, device, before, after, ints, bools, types, outputs): one op for all devices"},
     {nullptr, nullptr, 0, nullptr}};

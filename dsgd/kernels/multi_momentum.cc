@@ -15,18 +15,16 @@
 // DsgdMultiSumSq: sums of squares of the gradients, accumulated in double over fixed blocks
 // (the result does not depend on threading), each added into its slot of a float32 vector.
 //
-// DsgdMultiSgdAt / DsgdMultiSumSqAt are the same kernels fed one host int64 tensor of the
-// gradients' addresses and element counts instead of N tensor inputs: an eager op call costs
-// ~1.3 us per tensor input, so 400 gradients on 8 devices cost ~4 ms of inputs before any
-// arithmetic.  Only dsgd's C++ dispatch (dispatch.cc) calls them: it reads the addresses of
-// the components of DTensors it holds references to for the whole (synchronous) call, and
-// checks their dtype; the kernels check each count against the variable's.
-//
-// DsgdMultiSgdAll is DsgdMultiSgdAt for every local device at once: the variable sets of all
-// devices (by address, from DsgdVarSetAddress) and all their gradients in one call on one
-// device.  The logical CPU devices share the host's memory and one thread pool, and eight
-// calls in a row pay eight thread-pool start-ups and tails (measured: 8 devices x 8 calls
-// stream at ~30 GB/s where one call over the same bytes does ~35).
+// DsgdMultiSgdAll / DsgdMultiSumSqAt are the same kernels fed by address, for every local
+// device at once: one host int64 tensor of the gradients' addresses and element counts
+// instead of N tensor inputs (an eager op call costs ~1.3 us per tensor input: 400 gradients
+// on 8 devices, ~4 ms before any arithmetic), and DsgdMultiSgdAll takes the variable sets of
+// all devices (by address, from DsgdVarSetAddress).  The logical CPU devices share the host's
+// memory and one thread pool, and eight calls in a row pay eight thread-pool start-ups and
+// tails (scripts/kernel_bandwidth.py: ~12% of the bandwidth).  Only dsgd's C++ dispatch
+// (dispatch.cc) calls them: it reads the addresses of the components of DTensors it holds
+// for the whole (synchronous) call and checks their dtype; the kernels check each count
+// against the variable's.
 //
 // DsgdPackVars looks the variables (and slots) up once and returns a ref-counting handle to
 // a DsgdVarSet that holds them and their mutexes in locking order: a step then costs no
@@ -100,23 +98,6 @@ REGISTER_OP("DsgdMultiSumSq")
     })
     .Doc("Sums of squares (accumulated in double): sumsq[index[i]] += sum(grads[i]^2); other slots 0.");
 
-REGISTER_OP("DsgdMultiSgdAt")
-    .Input("varset: resource")
-    .Input("grads: int64")  // [2N]: N addresses of T buffers on this device, then their element counts
-    .Input("lr: float")
-    .Input("scales: float")
-    .Input("decay: bool")
-    .Input("hyper: double")
-    .Attr("T: {float, double, bfloat16, half}")
-    .Attr("Tmomentum: {float, double, bfloat16, half}")
-    .Attr("use_momentum: bool = true")
-    .Attr("nesterov: bool = false")
-    .Attr("use_ema: bool = false")
-    .Attr("ema_overwrite: bool = false")
-    .SetIsStateful()
-    .SetShapeFn(shape_inference::NoOutputs)
-    .Doc("DsgdMultiSgd on gradients given by address (dsgd's C++ dispatch only).");
-
 REGISTER_OP("DsgdMultiSumSqAt")
     .Input("grads: int64")  // [2N] addresses, then element counts
     .Input("index: int32")
@@ -154,7 +135,8 @@ REGISTER_OP("DsgdMultiSgdAll")
     .Attr("ema_overwrite: bool = false")
     .SetIsStateful()
     .SetShapeFn(shape_inference::NoOutputs)
-    .Doc("DsgdMultiSgdAt over the variable sets of several devices in one call (dsgd's C++ dispatch only).");
+    .Doc("DsgdMultiSgd over the variable sets of several devices in one call, gradients by address "
+         "(dsgd's C++ dispatch only).");
 
 // Arithmetic type: double for double, float for everything else.
 template <typename T> struct Compute { using type = float; };
@@ -376,8 +358,7 @@ template <typename T, typename Tm>
 class MultiSgdOp : public OpKernel {
  public:
   explicit MultiSgdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    all_devices_ = ctx->def().op() == "DsgdMultiSgdAll";
-    by_address_ = all_devices_ || ctx->def().op() == "DsgdMultiSgdAt";
+    by_address_ = ctx->def().op() == "DsgdMultiSgdAll";
     OP_REQUIRES_OK(ctx, ctx->GetAttr("use_momentum", &use_momentum_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("nesterov", &nesterov_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("use_ema", &use_ema_));
@@ -397,7 +378,7 @@ class MultiSgdOp : public OpKernel {
     const int total = grads.n();
     const int g1 = grads.next_input;
     std::vector<core::RefCountPtr<VarSet>> sets;
-    if (all_devices_) {  // addresses from DsgdVarSetAddress; the caller holds the handles
+    if (by_address_) {  // variable sets from DsgdVarSetAddress (the caller holds the handles)
       const Tensor& a = ctx->input(0);
       OP_REQUIRES(ctx, a.dims() == 1 && a.NumElements() > 0,
                   absl::InvalidArgumentError("varsets must be a non-empty int64 vector"));
@@ -504,7 +485,6 @@ class MultiSgdOp : public OpKernel {
   }
 
  private:
-  bool all_devices_;
   bool by_address_;
   bool use_momentum_;
   bool nesterov_;
@@ -647,10 +627,6 @@ class MultiSumSqOp : public OpKernel {
   REGISTER_KERNEL_BUILDER(                                                                         \
       Name("DsgdMultiSgd").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<TM>("Tmomentum") \
           .HostMemory("lr").HostMemory("scales").HostMemory("decay").HostMemory("hyper"),          \
-      MultiSgdOp<T, TM>);                                                                          \
-  REGISTER_KERNEL_BUILDER(                                                                         \
-      Name("DsgdMultiSgdAt").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<TM>("Tmomentum") \
-          .HostMemory("grads").HostMemory("lr").HostMemory("scales").HostMemory("decay").HostMemory("hyper"), \
       MultiSgdOp<T, TM>);                                                                          \
   REGISTER_KERNEL_BUILDER(                                                                         \
       Name("DsgdMultiSgdAll").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<TM>("Tmomentum") \
