@@ -69,6 +69,7 @@ class _Direct:
 
     les: list[LocalEntry]
     comps: object  # capsule of borrowed per-device handles; keeps the gradients alive
+    mod: object  # the _dsgd_dispatch module that holds them
 
     def __len__(self) -> int:
         return len(self.les)
@@ -148,7 +149,7 @@ class Grouped(LocalImplementation):
                 comps = None
             if comps is not None:
                 locs = self.locals
-                return _Direct([locs[id(e)] for e, _ in items], comps)
+                return _Direct([locs[id(e)] for e, _ in items], comps, mod)
         return super().prepare(items)
 
     # -- constant inputs, built once per set of variables --------------------------------
@@ -222,7 +223,7 @@ class Grouped(LocalImplementation):
         sumsq = self._ops.dsgd_multi_sum_sq
         if isinstance(split, _Direct):  # one call sums every device's primaries: the totals on device 0
             plan = self._sumsq_plan(split.les)
-            total = eager_dtensor.direct(self.group.mesh).run_all(
+            total = split.mod.run_all(
                 _context.context()._handle, split.comps, plan.index, "DsgdMultiSumSqAt", self.devices[0], [],
                 [plan.all_slots], {"size": len(split)}, None, None, 1)
             return [plan.zeros[0] if total is None else total] + plan.zeros[1:]
@@ -278,7 +279,7 @@ class Grouped(LocalImplementation):
         after = [args.lr, call_scales, call.decay, self._hyper(args, True)]
         bools = {"use_momentum": use_momentum, "nesterov": bool(args.nesterov), "use_ema": use_ema,
                  "ema_overwrite": bool(args.ema_overwrite) and use_ema}
-        eager_dtensor.direct(self.group.mesh).run_all(
+        split.mod.run_all(
             _context.context()._handle, split.comps, None, "DsgdMultiSgdAll", self.devices[0], [call.addresses],
             after, None, bools, {"Tmomentum": self._tmomentum.as_datatype_enum}, 0)
 

@@ -15,8 +15,8 @@ Nothing here raises at import: :func:`unavailable_reason` says why the kernels c
 used (no compiler, a failed build with the compiler's last lines, a failed load).
 
 A second artifact, ``dispatch.cc``, is a small CPython extension (``_dsgd_dispatch``) built the
-same way: it hands the components of many DTensors to one op per device from C++, without
-a Python object per component (:func:`load_dispatch`; ``DSGD_DISABLE_DISPATCH=1`` turns it
+same way: it hands the components of many DTensors on every local device to one kernel call
+from C++, by address, without a Python object per component (:func:`load_dispatch`; ``DSGD_DISABLE_DISPATCH=1`` turns it
 off, and then the kernels are fed through ``dtensor.unpack``).
 """
 from __future__ import annotations

@@ -83,6 +83,14 @@ REGISTER_OP("DsgdMultiSgd")
     .SetShapeFn(shape_inference::NoOutputs)
     .Doc("Multi-tensor SGD step (momentum, Nesterov, weight decay, clipping, EMA), in place.");
 
+// The sums of squares: a float vector of the `size` attribute's length.
+absl::Status SizeVectorShape(InferenceContext* c) {
+  int size;
+  TF_RETURN_IF_ERROR(c->GetAttr("size", &size));
+  c->set_output(0, c->Vector(size));
+  return absl::OkStatus();
+}
+
 REGISTER_OP("DsgdMultiSumSq")
     .Input("grads: N * T")
     .Input("index: int32")  // [N]: the output slot of each gradient's sum, in [0, size)
@@ -90,12 +98,7 @@ REGISTER_OP("DsgdMultiSumSq")
     .Attr("N: int >= 1")
     .Attr("T: {float, double, bfloat16, half}")
     .Attr("size: int >= 1")
-    .SetShapeFn([](InferenceContext* c) {
-      int size;
-      TF_RETURN_IF_ERROR(c->GetAttr("size", &size));
-      c->set_output(0, c->Vector(size));
-      return absl::OkStatus();
-    })
+    .SetShapeFn(SizeVectorShape)
     .Doc("Sums of squares (accumulated in double): sumsq[index[i]] += sum(grads[i]^2); other slots 0.");
 
 REGISTER_OP("DsgdMultiSumSqAt")
@@ -105,12 +108,7 @@ REGISTER_OP("DsgdMultiSumSqAt")
     .Attr("T: {float, double, bfloat16, half}")
     .Attr("size: int >= 1")
     .SetIsStateful()
-    .SetShapeFn([](InferenceContext* c) {
-      int size;
-      TF_RETURN_IF_ERROR(c->GetAttr("size", &size));
-      c->set_output(0, c->Vector(size));
-      return absl::OkStatus();
-    })
+    .SetShapeFn(SizeVectorShape)
     .Doc("DsgdMultiSumSq on gradients given by address (dsgd's C++ dispatch only).");
 
 REGISTER_OP("DsgdVarSetAddress")
