@@ -193,10 +193,26 @@ def leave_together(cfg: ClientConfig, timeout_s: float = EXIT_BARRIER_TIMEOUT_S)
     """
     from tensorflow.python.eager import context
 
+    import time
+
+    from tensorflow.python.framework import errors
+
     wait_for_all("dsgd-exit", timeout_s)
     ctx = context.context()
     if cfg.client_id != 0:
-        ctx.set_config_key_value(f"dsgd-exit/{cfg.client_id}", "1")
+        # Every client's work is done (the barrier passed).  The RPC that posts the key has
+        # been seen to fail once with a transient "Socket closed" (gRPC UNAVAILABLE) while
+        # client 0 still waited for it: retry briefly before giving up.
+        for attempt in range(5):
+            try:
+                ctx.set_config_key_value(f"dsgd-exit/{cfg.client_id}", "1")
+                return
+            except errors.AlreadyExistsError:  # an earlier attempt got there; its reply was lost
+                return
+            except errors.UnavailableError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         return
     for i in range(1, cfg.num_clients):
         ctx.get_config_key_value(f"dsgd-exit/{i}", int(timeout_s * 1000))
