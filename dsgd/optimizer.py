@@ -30,7 +30,7 @@ from tf_keras.src.optimizers import optimizer as keras_optimizer
 from tf_keras.src.optimizers.schedules import learning_rate_schedule
 
 from dsgd import impl as impl_registry
-from dsgd import eager_dtensor, meshspec, options as opt_checks, rules
+from dsgd import eager_dtensor, kernels, meshspec, options as opt_checks, rules
 from dsgd.options import EMAOption, GradientsClipOption
 from dsgd.plan import Entry, Group, StepArgs, group_entries, variable_layout
 from dsgd.state import named_dvariable, new_slot, to_layout, to_numpy
@@ -341,14 +341,29 @@ class SGD(keras_optimizer.Optimizer):
                     e.var.assign(e.var.constraint(e.var))
             if domain == "local" and self._mesh is not None:
                 # in place on each device's copy: no DTensor op (~0.3 ms each) on the hot path
-                one = self.__dict__.get("_one")
-                if one is None:
-                    with tf.init_scope():
-                        one = self._one = tf.constant(1, self._iterations.dtype)
-                for h in self._local_handles(self._iterations):
-                    tf.raw_ops.AssignAddVariableOp(resource=h, value=one)
+                self._local_increment()
                 return self._iterations
             return self._iterations.assign_add(1)
+
+    def _local_increment(self) -> None:
+        """Add 1 to each local copy of the iterations DVariable: one op when the grouped
+        kernels are loaded (:class:`dsgd.impl.multi_tensor.Counter`), else one per device."""
+        hit = self.__dict__.get("_increment")
+        if hit is None or hit[0] is not self._iterations:
+            handles = self._local_handles(self._iterations)
+            if kernels.loaded() is not None and self._iterations.dtype == tf.int64:
+                from dsgd.impl.multi_tensor import Counter
+
+                inc = Counter(handles)
+            else:
+                with tf.init_scope():
+                    one = tf.constant(1, self._iterations.dtype)
+
+                def inc():
+                    for h in handles:
+                        tf.raw_ops.AssignAddVariableOp(resource=h, value=one)
+            hit = self._increment = (self._iterations, inc)
+        hit[1]()
 
     def _local_handles(self, v) -> list:
         """Per-device resource handles of a replicated optimizer DVariable (cached)."""
@@ -503,7 +518,11 @@ class SGD(keras_optimizer.Optimizer):
                 scales_per_group = [p if getattr(imp, "vector_scales", False) else tf.unstack(p)
                                     for imp, p in zip(impls, parts)]
             else:
-                scale = rules.global_clip_scale(tf.reduce_sum(sumsq), args.global_clipnorm)
+                fused = [getattr(imp, "global_clip_scale", None) for imp in impls]
+                if all(fused):  # one op for the coefficient (grouped kernels)
+                    scale = fused[0](sumsq, args.global_clipnorm)
+                else:
+                    scale = rules.global_clip_scale(tf.reduce_sum(sumsq), args.global_clipnorm)
                 scales_per_group = [[scale] * n for n in sizes]
         for imp, p, sc in zip(impls, prepared, scales_per_group):
             imp.apply(p, args, sc)
@@ -655,8 +674,8 @@ def _collector_paused():
 def _reduce_partials(partials: list[list[tf.Tensor]], domain: str) -> tf.Tensor:
     """Per-variable sums of squares for all groups, with one cross-device reduction.
 
-    ``partials[g]`` is group ``g``'s list of per-device vectors (local domain) or its one
-    DTensor vector (dtensor domain).  Local: concatenate each device's vectors over the
+    ``partials[g]`` is group ``g``'s list of per-device vectors (local domain; devices
+    0..k, the rest zeros) or its one DTensor vector (dtensor domain).  Local: concatenate each device's vectors over the
     groups, then sum the devices' vectors once over every device of the run
     (:func:`dsgd.collectives.sum_over_devices`: ``add_n`` in one process, a DTensor
     all-reduce across clients in a multi-client run).
@@ -665,11 +684,14 @@ def _reduce_partials(partials: list[list[tf.Tensor]], domain: str) -> tf.Tensor:
         return tf.concat([p[0] for p in partials], 0) if len(partials) > 1 else partials[0][0]
     from dsgd.collectives import sum_over_devices
 
+    # A group may give fewer vectors than there are devices (the grouped kernels' one call
+    # sums every device's shards into device 0's): the others hold zeros for it.
     n_dev = max(len(p) for p in partials)
     per_device = []
     for k in range(n_dev):
-        vecs = [p[k] for p in partials]
-        with tf.device(vecs[0].device):
+        device = next(p[k].device for p in partials if len(p) > k)
+        with tf.device(device):
+            vecs = [p[k] if len(p) > k else tf.zeros_like(p[0]) for p in partials]
             per_device.append(tf.concat(vecs, 0) if len(vecs) > 1 else vecs[0])
     return sum_over_devices(per_device)
 

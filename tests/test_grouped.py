@@ -317,3 +317,31 @@ def test_one_call_per_device_for_all_layouts_and_norms_summed_once_per_shard(mes
     # each shard summed on one device only: as many (device, variable) sums as there are shards
     shards = sum(8 // e.replication for g in opt.plan for e in g.entries)
     assert sum(len(index) for _, index, _ in calls["sumsq"]) == shards < 8 * len(variables)
+
+
+@pytest.mark.parametrize("case", ["clips", "below", "zero", "nan", "inf"])
+def test_global_clip_scale_op_equals_rules(case):
+    """DsgdGlobalClipScale (one op for global_clipnorm's coefficient) equals the TF ops of
+    rules.global_clip_scale: within float32 rounding of the sum, NaN stays NaN, a zero norm
+    and a norm under the limit give clipnorm * float32(1 / clipnorm)."""
+    from dsgd import rules
+    from dsgd.impl.multi_tensor import Grouped
+
+    rng = np.random.default_rng(5)
+    clipnorm = 0.7
+    sumsq = {"clips": rng.uniform(1, 50, size=37), "below": rng.uniform(0, 0.01, size=5), "zero": np.zeros(3),
+             "nan": np.array([1.0, np.nan, 2.0]), "inf": np.array([1.0, np.inf])}[case].astype(np.float32)
+    fake = Grouped.__new__(Grouped)  # only the op handle and the cache it keeps
+    fake._ops, fake._inv_clipnorm = kernels.load(), {}
+    got = float(fake.global_clip_scale(tf.constant(sumsq), clipnorm).numpy())
+    want = float(rules.global_clip_scale(tf.reduce_sum(tf.constant(sumsq)), clipnorm).numpy())
+    if case == "nan":
+        assert np.isnan(got) and np.isnan(want)
+        return
+    assert np.isfinite(got)
+    if case == "clips":
+        exact = clipnorm / np.sqrt(sumsq.astype(np.float64).sum())
+        assert got == pytest.approx(exact, rel=3e-7) and got == pytest.approx(want, rel=3e-7) and got < 1
+    else:
+        assert got == want  # the same float32 steps, no rounding of a sum involved
+        assert got == pytest.approx(0.0 if case == "inf" else 1.0, abs=1e-7)

@@ -120,7 +120,16 @@ def test_slot_layouts_equal_variable_layouts(meshes, impl):
     assert len(set(ids)) == len(ids), "slots share a unique id"
 
 
-def test_iterations_and_learning_rate_replicated(meshes):
+@pytest.mark.parametrize("counter", ["one op", "per device"])
+def test_iterations_and_learning_rate_replicated(meshes, monkeypatch, counter):
+    """iterations counts steps on every device's copy, whether the grouped kernels' one op
+    (DsgdIncrementAll) or one AssignAddVariableOp per device increments it."""
+    from dsgd import kernels
+
+    if counter == "per device":
+        monkeypatch.setattr(kernels, "loaded", lambda: None)
+    elif kernels.unavailable_reason() is not None:
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
     mesh = meshes("batch=2,model=4")
     for lr in (0.1, tf_keras.optimizers.schedules.ExponentialDecay(0.1, 2, 0.5)):
         opt = dsgd.SGD(lr, momentum=0.9, mesh=mesh)
@@ -131,6 +140,8 @@ def test_iterations_and_learning_rate_replicated(meshes):
             lay = layout_of(state)
             assert lay is not None and lay.mesh == mesh and lay.is_fully_replicated() and lay.rank == 0
         assert int(value(opt.iterations)) == 2
+        assert [int(c) for c in dtensor.unpack(opt.iterations.read_value())] == [2] * 8
+        assert (opt.__dict__["_increment"][1].__class__.__name__ == "Counter") == (counter == "one op")
         # a schedule's current value is the one used by the last step (computed from iterations=1)
         expected = 0.1 if isinstance(lr, float) else 0.1 * 0.5 ** 0.5
         np.testing.assert_allclose(value(opt.learning_rate), expected, rtol=1e-6)

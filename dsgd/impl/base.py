@@ -63,7 +63,8 @@ class Implementation:
         ``local`` domain: one vector per local device such that summing the vectors over
         every device of the mesh gives the true per-variable sums (``per_shard`` divides each
         device's sums by the replication factor; ``grouped`` sums on each shard's first
-        replica only and gives zeros elsewhere).
+        replica only); a list shorter than the devices means zeros for the rest (``grouped``
+        fed by address gives one vector, every device's sums, on the first device).
         """
         raise NotImplementedError
 

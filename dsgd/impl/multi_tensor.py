@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from tensorflow.python.eager import context as _context
@@ -118,6 +119,7 @@ class Grouped(LocalImplementation):
         self._plans: dict[tuple, list[_Call]] = {}
         self._sumsq_plans: dict[tuple, _SumSq] = {}
         self._hypers: dict[tuple, tf.Tensor] = {}
+        self._inv_clipnorm: dict[float, float] = {}
         with tf.init_scope():
             self._no_mask = tf.zeros([0], tf.bool)
             self._no_scales = tf.zeros([0], tf.float32)
@@ -226,7 +228,7 @@ class Grouped(LocalImplementation):
             total = split.mod.run_all(
                 _context.context()._handle, split.comps, plan.index, "DsgdMultiSumSqAt", self.devices[0], [],
                 [plan.all_slots], {"size": len(split)}, None, None, 1)
-            return [plan.zeros[0] if total is None else total] + plan.zeros[1:]
+            return [plan.zeros[0] if total is None else total]  # no zeros to add for the other devices
         plan = self._sumsq_plan([le for le, _ in split])
         out = []
         for k, dev in enumerate(self.devices):
@@ -239,6 +241,14 @@ class Grouped(LocalImplementation):
                 gs = [_masked_values(g) if isinstance(g, tf.IndexedSlices) else g for g in gs]
                 out.append(sumsq(gs, plan.slots[k], size=len(split)))
         return out
+
+    def global_clip_scale(self, sumsq: tf.Tensor, clipnorm: float) -> tf.Tensor:
+        """``rules.global_clip_scale`` of the summed ``sumsq`` in one op (``DsgdGlobalClipScale``)."""
+        inv = self._inv_clipnorm.get(clipnorm)
+        if inv is None:
+            inv = self._inv_clipnorm[clipnorm] = float(np.float32(1.0 / clipnorm))  # as tf.constant(1 / c)
+        with tf.device(sumsq.device):
+            return self._ops.dsgd_global_clip_scale(sumsq, clipnorm=clipnorm, inv_clipnorm=inv)
 
     # -- the step ------------------------------------------------------------------------------
     def apply(self, split, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
@@ -286,6 +296,28 @@ class Grouped(LocalImplementation):
     def _sparse_dense(self, g: tf.IndexedSlices, le: LocalEntry, scales, i: int, args: StepArgs) -> tf.Tensor:
         values = PerShard._clip(g.values, scales, i, args, self.group.dtype)
         return densify_local(tf.IndexedSlices(values, g.indices, g.dense_shape), le.local_shape[0])
+
+
+class Counter:
+    """Adds 1 to every local copy of a replicated int64 variable in one op (``DsgdIncrementAll``):
+    the optimizer's iterations, once per step, instead of one ``AssignAddVariableOp`` per device."""
+
+    def __init__(self, handles: Sequence[tf.Tensor]) -> None:
+        ops = kernels.load()
+        with tf.init_scope():
+            self._sets, parts = [], []
+            for h in handles:
+                with tf.device(h.device):
+                    self._sets.append(ops.dsgd_pack_vars(vars=[h], accums=[], averages=[]))  # keeps them alive
+                    parts.append(ops.dsgd_var_set_address(self._sets[-1]))
+            with tf.device(handles[0].device):
+                self._addresses = tf.stack(parts)
+        self._device = handles[0].device
+        self._op = ops.dsgd_increment_all
+
+    def __call__(self) -> None:
+        with tf.device(self._device):
+            self._op(varsets=self._addresses)
 
 
 def _momentum_dtype(group: Group) -> tf.DType:

@@ -200,6 +200,11 @@ def load():
     return _module
 
 
+def loaded():
+    """The op library if this process has already loaded it, else None (never builds)."""
+    return _module
+
+
 def unavailable_reason() -> Optional[str]:
     """None when the kernels are usable in this process, else why not (builds on first call)."""
     try:
