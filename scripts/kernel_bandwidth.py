@@ -8,9 +8,12 @@ same bytes, alternating rounds in one process:
   a per-device dispatch does; each call pays the thread pool's start-up and tail);
 * eight variables on one device, one call.
 
-Next to them the copy bandwidth ``dsgd bench`` uses for its roofline.  Usage::
+Next to them the copy bandwidth ``dsgd bench`` uses for its roofline.  ``--ceiling`` adds
+the same update in plain C++ with raw threads and no TensorFlow (``scripts/stream_ceiling.cc``:
+a plain loop, prefetched as dsgd's kernels are, with non-temporal stores) and glibc's memcpy
+over the same bytes: how fast this machine lets an in-place update stream at all.  Usage::
 
-    python scripts/kernel_bandwidth.py [--params 33600000] [--rounds 12]
+    python scripts/kernel_bandwidth.py [--params 33600000] [--rounds 12] [--ceiling]
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--params", type=int, default=33_600_000, help="float32 parameters in all (default 33.6M)")
     p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--ceiling", action="store_true", help="also the update in plain C++ (no TensorFlow) and memcpy")
     args = p.parse_args(argv)
 
     from dsgd import devices
@@ -71,7 +75,34 @@ def main(argv=None) -> int:
         print(f"{name:24s} {nbytes / np.median(ts) / 1e9:6.1f} GB/s (median of {len(ts)}), "
               f"best {nbytes / min(ts) / 1e9:.1f}")
     print(f"{'copy (the roofline)':24s} {measure.copy_bandwidth_gbps():6.1f} GB/s")
+    if args.ceiling:
+        ceiling(n, args.rounds)
     return 0
+
+
+def ceiling(n: int, rounds: int) -> None:
+    """Build and run scripts/stream_ceiling.cc (the update in plain C++, raw threads)."""
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from dsgd import kernels
+
+    cxx = kernels.compiler()
+    if cxx is None:
+        print("no C++ compiler: --ceiling skipped")
+        return
+    src = Path(__file__).with_name("stream_ceiling.cc")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "stream_ceiling")
+        subprocess.run([cxx, "-O3", "-std=c++17", "-pthread", *kernels.cpu_flags(), str(src), "-o", exe], check=True)
+        threads = os.cpu_count() or 1
+        out = subprocess.run([exe, str(n), str(threads), str(rounds)], check=True, capture_output=True, text=True)
+    print(f"plain C++, {threads} threads, no TensorFlow, the same 20 bytes per parameter:")
+    for line in out.stdout.splitlines():
+        name, median, best = line.split("\t")
+        print(f"  {name:38s} {float(median):6.1f} GB/s (median of {max(1, rounds - 1)}), best {float(best):.1f}")
 
 
 if __name__ == "__main__":

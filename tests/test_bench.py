@@ -72,7 +72,8 @@ def test_eager_floor_script(tmp_path):
 
 
 def test_kernel_bandwidth_script():
-    """scripts/kernel_bandwidth.py as a user runs it: three ways over the same bytes, and the copy."""
+    """scripts/kernel_bandwidth.py as a user runs it: three ways over the same bytes, the copy, and
+    (--ceiling) the same update in plain C++ next to memcpy."""
     import subprocess
     import sys
     from pathlib import Path
@@ -82,8 +83,10 @@ def test_kernel_bandwidth_script():
     if kernels.unavailable_reason() is not None:
         pytest.skip(kernels.unavailable_reason())
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "scripts/kernel_bandwidth.py", "--params", "80000", "--rounds", "3"],
-                          capture_output=True, text=True, cwd=root, timeout=600)
+    proc = subprocess.run([sys.executable, "scripts/kernel_bandwidth.py", "--params", "80000", "--rounds", "3",
+                           "--ceiling"], capture_output=True, text=True, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if "GB/s" in line]
-    assert len(lines) == 4 and all(float(line.split("GB/s")[0].split()[-1]) > 0 for line in lines)
+    # 3 ways + the copy, then the plain C++ ceiling: 3 update loops (2 without AVX) + memcpy
+    assert len(lines) in (7, 8) and all(float(line.split("GB/s")[0].split()[-1]) > 0 for line in lines)
+    assert any("prefetch" in line for line in lines) and "memcpy" in lines[-1]
