@@ -674,9 +674,10 @@ def _collector_paused():
 def _reduce_partials(partials: list[list[tf.Tensor]], domain: str) -> tf.Tensor:
     """Per-variable sums of squares for all groups, with one cross-device reduction.
 
-    ``partials[g]`` is group ``g``'s list of per-device vectors (local domain; devices
-    0..k, the rest zeros) or its one DTensor vector (dtensor domain).  Local: concatenate each device's vectors over the
-    groups, then sum the devices' vectors once over every device of the run
+    ``partials[g]`` is group ``g``'s list of per-device vectors (local domain; the first
+    ``len(partials[g])`` devices, zeros on the rest) or its one DTensor vector (dtensor
+    domain).  Local: concatenate each device's vectors over the groups, then sum the
+    devices' vectors once over every device of the run
     (:func:`dsgd.collectives.sum_over_devices`: ``add_n`` in one process, a DTensor
     all-reduce across clients in a multi-client run).
     """

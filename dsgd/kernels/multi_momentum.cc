@@ -126,7 +126,7 @@ REGISTER_OP("DsgdIncrementAll")
     .SetIsStateful()
     .SetShapeFn(shape_inference::NoOutputs)
     .Doc("Adds 1 to every variable of the given variable sets (an optimizer's iterations on every "
-         "local device, in one call; dsgd's C++ dispatch only).");
+         "local device, in one call; the caller holds the sets' handles).");
 
 REGISTER_OP("DsgdVarSetAddress")
     .Input("varset: resource")
