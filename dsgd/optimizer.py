@@ -518,11 +518,7 @@ class SGD(keras_optimizer.Optimizer):
                 scales_per_group = [p if getattr(imp, "vector_scales", False) else tf.unstack(p)
                                     for imp, p in zip(impls, parts)]
             else:
-                fused = [getattr(imp, "global_clip_scale", None) for imp in impls]
-                if all(fused):  # one op for the coefficient (grouped kernels)
-                    scale = fused[0](sumsq, args.global_clipnorm)
-                else:
-                    scale = rules.global_clip_scale(tf.reduce_sum(sumsq), args.global_clipnorm)
+                scale = impls[0].global_clip_scale(sumsq, args.global_clipnorm)  # grouped: one op
                 scales_per_group = [[scale] * n for n in sizes]
         for imp, p, sc in zip(impls, prepared, scales_per_group):
             imp.apply(p, args, sc)

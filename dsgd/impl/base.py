@@ -16,6 +16,7 @@ from typing import ClassVar, Optional, Sequence
 
 import tensorflow as tf
 
+from dsgd import rules
 from dsgd.plan import Entry, Group, StepArgs
 
 Items = Sequence[tuple[Entry, object]]  # (entry, gradient) pairs; gradient dense or IndexedSlices
@@ -67,6 +68,11 @@ class Implementation:
         fed by address gives one vector, every device's sums, on the first device).
         """
         raise NotImplementedError
+
+    def global_clip_scale(self, sumsq: tf.Tensor, clipnorm: float) -> tf.Tensor:
+        """``global_clipnorm``'s one coefficient from the per-variable sums of squares (summed
+        over the devices), by :func:`dsgd.rules.global_clip_scale`."""
+        return rules.global_clip_scale(tf.reduce_sum(sumsq), clipnorm)
 
     # -- the step -----------------------------------------------------------------------
     def apply(self, prepared, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:

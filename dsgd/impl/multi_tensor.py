@@ -243,7 +243,7 @@ class Grouped(LocalImplementation):
         return out
 
     def global_clip_scale(self, sumsq: tf.Tensor, clipnorm: float) -> tf.Tensor:
-        """``rules.global_clip_scale`` of the summed ``sumsq`` in one op (``DsgdGlobalClipScale``)."""
+        """The base's coefficient in one op (``DsgdGlobalClipScale``) instead of five."""
         inv = self._inv_clipnorm.get(clipnorm)
         if inv is None:
             inv = self._inv_clipnorm[clipnorm] = float(np.float32(1.0 / clipnorm))  # as tf.constant(1 / c)

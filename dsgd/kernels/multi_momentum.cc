@@ -303,6 +303,21 @@ class VarSet : public ResourceBase {
   int n_, nm_, na_;
 };
 
+// Variable sets given by address (DsgdVarSetAddress; the caller holds their handles), each
+// referenced for the call.
+absl::Status SetsByAddress(const Tensor& a, std::vector<core::RefCountPtr<VarSet>>* sets) {
+  if (a.dims() != 1 || a.NumElements() == 0) {
+    return absl::InvalidArgumentError("varsets must be a non-empty int64 vector");
+  }
+  for (int64_t k = 0; k < a.NumElements(); ++k) {
+    auto* p = reinterpret_cast<VarSet*>(static_cast<intptr_t>(a.flat<int64_t>()(k)));
+    if (p == nullptr) return absl::InvalidArgumentError("a null variable set");
+    p->Ref();
+    sets->emplace_back(p);
+  }
+  return absl::OkStatus();
+}
+
 // Holds every mutex of one or more VarSets (locked in address order, each once) until destroyed.
 class LockAll {
  public:
@@ -424,15 +439,7 @@ class MultiSgdOp : public OpKernel {
     const int g1 = grads.next_input;
     std::vector<core::RefCountPtr<VarSet>> sets;
     if (by_address_) {  // variable sets from DsgdVarSetAddress (the caller holds the handles)
-      const Tensor& a = ctx->input(0);
-      OP_REQUIRES(ctx, a.dims() == 1 && a.NumElements() > 0,
-                  absl::InvalidArgumentError("varsets must be a non-empty int64 vector"));
-      for (int64_t k = 0; k < a.NumElements(); ++k) {
-        auto* p = reinterpret_cast<VarSet*>(static_cast<intptr_t>(a.flat<int64_t>()(k)));
-        OP_REQUIRES(ctx, p != nullptr, absl::InvalidArgumentError("a null variable set"));
-        p->Ref();
-        sets.emplace_back(p);
-      }
+      OP_REQUIRES_OK(ctx, SetsByAddress(ctx->input(0), &sets));
     } else {
       VarSet* set_raw = nullptr;
       OP_REQUIRES_OK(ctx, LookupResource<VarSet, false>(ctx, HandleFromInput(ctx, 0), &set_raw));
@@ -730,16 +737,8 @@ class IncrementAllOp : public OpKernel {
   explicit IncrementAllOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& a = ctx->input(0);
-    OP_REQUIRES(ctx, a.dims() == 1 && a.NumElements() > 0,
-                absl::InvalidArgumentError("varsets must be a non-empty int64 vector"));
     std::vector<core::RefCountPtr<VarSet>> sets;
-    for (int64_t k = 0; k < a.NumElements(); ++k) {
-      auto* p = reinterpret_cast<VarSet*>(static_cast<intptr_t>(a.flat<int64_t>()(k)));
-      OP_REQUIRES(ctx, p != nullptr, absl::InvalidArgumentError("a null variable set"));
-      p->Ref();
-      sets.emplace_back(p);
-    }
+    OP_REQUIRES_OK(ctx, SetsByAddress(ctx->input(0), &sets));
     LockAll locked(sets);
     std::vector<Tensor*> ts;  // all checked before any is changed
     for (const auto& set : sets) {
