@@ -119,7 +119,6 @@ class Grouped(LocalImplementation):
         self._plans: dict[tuple, list[_Call]] = {}
         self._sumsq_plans: dict[tuple, _SumSq] = {}
         self._hypers: dict[tuple, tf.Tensor] = {}
-        self._inv_clipnorm: dict[float, float] = {}
         with tf.init_scope():
             self._no_mask = tf.zeros([0], tf.bool)
             self._no_scales = tf.zeros([0], tf.float32)
@@ -181,14 +180,7 @@ class Grouped(LocalImplementation):
                 varsets.append(pack(vars=slots["var"], accums=slots["momentum"], averages=slots["average"]))
         mask = [le.entry.decay for le in les]
         decay = self._no_mask if all(mask) else tf.constant(mask, tf.bool)
-        addresses = None
-        if not sparse:
-            parts = []
-            for dev, vs in zip(self.devices, varsets):
-                with tf.device(dev):
-                    parts.append(self._ops.dsgd_var_set_address(vs))
-            with tf.device(self.devices[0]):
-                addresses = tf.stack(parts)
+        addresses = None if sparse else _set_addresses(self._ops, self.devices, varsets)
         return _Call(index=index, entries=les, sparse=sparse, varsets=varsets, decay=decay, addresses=addresses)
 
     def _hyper(self, args: StepArgs, clip: bool) -> tf.Tensor:
@@ -244,9 +236,7 @@ class Grouped(LocalImplementation):
 
     def global_clip_scale(self, sumsq: tf.Tensor, clipnorm: float) -> tf.Tensor:
         """The base's coefficient in one op (``DsgdGlobalClipScale``) instead of five."""
-        inv = self._inv_clipnorm.get(clipnorm)
-        if inv is None:
-            inv = self._inv_clipnorm[clipnorm] = float(np.float32(1.0 / clipnorm))  # as tf.constant(1 / c)
+        inv = float(np.float32(1.0 / clipnorm))  # as tf.constant(1 / clipnorm) rounds it
         with tf.device(sumsq.device):
             return self._ops.dsgd_global_clip_scale(sumsq, clipnorm=clipnorm, inv_clipnorm=inv)
 
@@ -304,20 +294,30 @@ class Counter:
 
     def __init__(self, handles: Sequence[tf.Tensor]) -> None:
         ops = kernels.load()
+        devices = [h.device for h in handles]
         with tf.init_scope():
-            self._sets, parts = [], []
+            self._sets = []  # keeps the sets alive while their addresses are used
             for h in handles:
                 with tf.device(h.device):
-                    self._sets.append(ops.dsgd_pack_vars(vars=[h], accums=[], averages=[]))  # keeps them alive
-                    parts.append(ops.dsgd_var_set_address(self._sets[-1]))
-            with tf.device(handles[0].device):
-                self._addresses = tf.stack(parts)
+                    self._sets.append(ops.dsgd_pack_vars(vars=[h], accums=[], averages=[]))
+            self._addresses = _set_addresses(ops, devices, self._sets)
         self._device = handles[0].device
         self._op = ops.dsgd_increment_all
 
     def __call__(self) -> None:
         with tf.device(self._device):
             self._op(varsets=self._addresses)
+
+
+def _set_addresses(ops, devices: Sequence[str], varsets: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Host int64 [devices]: each device's variable set by address (``DsgdVarSetAddress``), on
+    the first device, for the by-address ops; the caller keeps the sets' handles alive."""
+    parts = []
+    for dev, vs in zip(devices, varsets):
+        with tf.device(dev):
+            parts.append(ops.dsgd_var_set_address(vs))
+    with tf.device(devices[0]):
+        return tf.stack(parts)
 
 
 def _momentum_dtype(group: Group) -> tf.DType:
