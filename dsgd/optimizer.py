@@ -291,6 +291,7 @@ class SGD(keras_optimizer.Optimizer):
                 f"variable {name} is on mesh {layout.mesh}, not on the optimizer's mesh {self._mesh}")
 
     # ------------------------------------------------------------------ the step
+    @tf.autograph.experimental.do_not_convert  # plain Python: nothing here for autograph to convert
     def apply_gradients(self, grads_and_vars: Iterable, name: Optional[str] = None,
                         skip_gradients_aggregation: bool = False, **kwargs):
         """Apply ``(gradient, variable)`` pairs; returns the iterations variable.
@@ -456,10 +457,12 @@ class SGD(keras_optimizer.Optimizer):
         name = self.implementation
         if name == "auto":
             name = impl_registry.choose(group, self, eager)
-        cls = impl_registry.get(name)
-        if cls.domain == "local" and not eager:
+        cls = impl_registry.for_mode(name, eager)
+        if not eager and impl_registry.get(name).domain == "local" and not impl_registry.usable(cls, group, self):
+            # an eager-only implementation, or its in-graph form cannot run this group here
             if not self._warned_graph_fallback:
-                log.warning("implementation %r runs eagerly only; using 'fused' inside tf.function", name)
+                why = "it runs eagerly only" if cls is None else (cls.unavailable_reason() or cls.supports(group, self))
+                log.warning("implementation %r inside tf.function: %s; using 'fused' there", name, why)
                 self._warned_graph_fallback = True
             cls = impl_registry.get("fused")
         reason = cls.unavailable_reason() or cls.supports(group, self)

@@ -77,8 +77,9 @@ def allowed_slot_layouts(name: str, var) -> list:
 
 
 def runs_in_graph(name: str) -> bool:
-    """Local-domain implementations run eagerly only (inside tf.function they fall back to fused)."""
-    return impl_registry.get(name).domain == "dtensor"
+    """Whether ``name`` runs inside tf.function itself (DTensor-domain ones, and local ones with an
+    in-graph form such as ``grouped``); the others fall back to ``fused`` there."""
+    return impl_registry.for_mode(name, eager=False) is not None
 
 
 # -- values on meshes -----------------------------------------------------------------------

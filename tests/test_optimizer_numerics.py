@@ -28,6 +28,8 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
+from dsgd import impl as impl_registry
+
 from _helpers import (IMPLS, U, assert_close, dgrad, dsgd, dvar, impl_params, r64, randn, require_impl,
                       runs_in_graph, unsupported, value)
 
@@ -167,6 +169,8 @@ def run_case(mesh, var_specs, dtype, impl: str, case: Case, mode: str, seed: int
         assert int(value(opt.iterations)) == k + 1
     if mode == "function":
         assert fn.experimental_get_tracing_count() == 1, "the step retraced"
+        ran = {n for g in opt.plan for n in g.__dict__.get("_impls", {})}
+        assert ran == {impl_registry.for_mode(impl, eager=False).name}, f"inside tf.function {impl!r} ran as {ran}"
     if case.finalize:
         opt.finalize_variable_values(variables)
         for n, v, w in zip(names, variables, r64.finalize(state, o64)):

@@ -1,8 +1,11 @@
 """Registry of step implementations: add one by writing a module and one line below."""
 from __future__ import annotations
 
+from typing import Optional
+
 from dsgd.impl.base import Implementation
 from dsgd.impl.dtensor_ops import FusedDTensor, OpsDTensor
+from dsgd.impl.in_graph import GroupedInGraph
 from dsgd.impl.per_shard import PerShard
 
 REGISTRY: dict[str, type[Implementation]] = {
@@ -28,26 +31,48 @@ _register_optional()
 
 CHOICES = ("auto", *REGISTRY)
 
+# What an eager-only (local-domain) implementation runs as inside ``tf.function``; one that is
+# not listed falls back to ``fused`` there.
+IN_GRAPH: dict[str, type[Implementation]] = {"grouped": GroupedInGraph}
+
+
+def for_mode(name: str, eager: bool) -> Optional[type[Implementation]]:
+    """The class that runs implementation ``name`` in this mode, or None when it has no
+    counterpart inside ``tf.function`` (a local-domain one that is not in :data:`IN_GRAPH`)."""
+    cls = get(name)
+    if eager or cls.domain != "local":
+        return cls
+    return IN_GRAPH.get(name)
+
+
+def usable(cls: Optional[type[Implementation]], group, options) -> bool:
+    return cls is not None and cls.unavailable_reason() is None and cls.supports(group, options) is None
+
 
 def choose(group, options, eager: bool) -> str:
     """``implementation="auto"``'s rule, in order:
 
-    1. inside ``tf.function`` (graph mode, e.g. ``model.fit``): ``fused``;
-    2. ``jit_compile=True``: ``xla``;
-    3. ``grouped`` when its multi-tensor kernel is built and handles the group;
-    4. ``per_shard`` when it handles the group (same dtype for variable and momentum);
-    5. else ``ops``.
+    1. ``jit_compile=True``: ``xla`` (eagerly; inside ``tf.function``: ``fused``);
+    2. ``grouped`` when its multi-tensor kernel is built and handles the group (inside
+       ``tf.function``, e.g. ``model.fit``, its in-graph form: :mod:`dsgd.impl.in_graph`);
+    3. eagerly, ``per_shard`` when it handles the group (same dtype for variable and momentum);
+    4. inside ``tf.function``, ``fused``; eagerly, ``ops``.
     """
-    candidates = ["fused"] if not eager else (["xla"] if options.jit_compile else []) + ["grouped", "per_shard"]
+    if not eager:
+        candidates = ([] if options.jit_compile else ["grouped"]) + ["fused"]
+    else:
+        candidates = (["xla"] if options.jit_compile else []) + ["grouped", "per_shard"]
     for name in candidates:
-        cls = REGISTRY.get(name)
-        if cls is not None and cls.unavailable_reason() is None and cls.supports(group, options) is None:
+        if name in REGISTRY and usable(for_mode(name, eager), group, options):
             return name
     return "ops"
 
 
 def get(name: str) -> type[Implementation]:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"`implementation` must be one of {list(CHOICES)}, got {name!r}") from None
+    """The implementation class registered as ``name`` (or an in-graph counterpart's name)."""
+    cls = REGISTRY.get(name)
+    if cls is None:
+        cls = next((c for c in IN_GRAPH.values() if c.name == name), None)
+    if cls is None:
+        raise ValueError(f"`implementation` must be one of {list(CHOICES)}, got {name!r}")
+    return cls

@@ -414,6 +414,101 @@ struct Grads {
   int n() const { return static_cast<int>(data.size()); }
 };
 
+// The update of one call: the variables of `sets` (set j / n's variable j % n for gradient j),
+// in place, all checked before any is written.  Shared by DsgdMultiSgd(All) and the in-graph
+// step (GraphSgdOp).
+template <typename T, typename Tm>
+void SgdStep(OpKernelContext* ctx, const Grads<T>& grads, const std::vector<core::RefCountPtr<VarSet>>& sets,
+             const Tensor& lr_t, const Tensor& scales_t, const Tensor& decay_t, const Tensor& hyper_t,
+             bool use_momentum, bool nesterov, bool use_ema, bool ema_overwrite) {
+  using C = typename Compute<T>::type;
+  const int total = grads.n();
+  const int n = sets[0]->n();  // variables per set; item j is set j / n's variable j % n
+  const bool has_m = use_momentum, has_a = use_ema;
+  for (const auto& set : sets) {
+    OP_REQUIRES(ctx, set->n() == n && static_cast<int64_t>(n) * static_cast<int64_t>(sets.size()) == total,
+                absl::InvalidArgumentError(absl::StrCat("got ", sets.size(), " variable sets of ", set->n(),
+                                                        " variables for ", total, " gradients")));
+    OP_REQUIRES(ctx, !has_m || set->has_momentum(),
+                absl::InvalidArgumentError("use_momentum, but the variable set has no momentum slots"));
+    OP_REQUIRES(ctx, !has_a || set->has_average(),
+                absl::InvalidArgumentError("use_ema, but the variable set has no EMA slots"));
+  }
+  OP_REQUIRES(ctx, lr_t.NumElements() == 1, absl::InvalidArgumentError("lr must be a scalar"));
+  const int64_t ns = scales_t.NumElements();
+  OP_REQUIRES(ctx, ns == 0 || ns == 1 || ns == n,
+              absl::InvalidArgumentError(absl::StrCat("scales must have 0, 1 or ", n, " elements, got ", ns)));
+  const int64_t nd = decay_t.NumElements();
+  OP_REQUIRES(ctx, nd == 0 || nd == n,
+              absl::InvalidArgumentError(absl::StrCat("decay must have 0 or ", n, " elements, got ", nd)));
+  OP_REQUIRES(ctx, hyper_t.NumElements() == 4, absl::InvalidArgumentError("hyper must have 4 elements"));
+  const float* scales = scales_t.flat<float>().data();
+  const bool* decay = decay_t.flat<bool>().data();
+  const double* hyper = hyper_t.flat<double>().data();
+
+  const C lr = static_cast<C>(lr_t.flat<float>()(0));
+  const C mu = static_cast<C>(hyper[0]);
+  const C wd = static_cast<C>(hyper[1]);
+  const C wdlr = wd * lr;  // as per_shard: one coefficient, then w - w * coefficient
+  const C clip = hyper[2] > 0 ? static_cast<C>(hyper[2]) : std::numeric_limits<C>::infinity();
+  const C ema = static_cast<C>(hyper[3]);
+  const C one_minus_ema = C(1) - ema;
+  const Mom mom = !has_m ? Mom::kNone : (nesterov ? Mom::kNesterov : Mom::kHeavy);
+  const bool overwrite = has_a && ema_overwrite;
+
+  LockAll locked(sets);
+
+  struct Item {
+    T* w;
+    Tm* m;
+    T* a;
+    const T* g;
+    C scale;
+    bool decay;
+  };
+  std::vector<Item> items(total);
+  Slices slices;
+  slices.offsets.resize(total + 1);
+  slices.offsets[0] = 0;
+  const DataType t_dtype = DataTypeToEnum<T>::value, m_dtype = DataTypeToEnum<Tm>::value;
+  for (int j = 0; j < total; ++j) {
+    const VarSet* set = sets[j / n].get();
+    const int i = j % n;
+    const TensorShape* gshape = grads.shape[j];
+    const int64_t gcount = grads.count[j];
+    Tensor* w;
+    OP_REQUIRES_OK(ctx, Writable(ctx, set->var(i), t_dtype, gshape, gcount, "variable", i, &w));
+    Item& it = items[j];
+    it.w = Data<T>(w);
+    it.g = grads.data[j];
+    it.m = nullptr;
+    it.a = nullptr;
+    if (has_m) {
+      Tensor* m;
+      OP_REQUIRES_OK(ctx, Writable(ctx, set->momentum(i), m_dtype, gshape, gcount, "momentum slot", i, &m));
+      it.m = Data<Tm>(m);
+    }
+    if (has_a) {
+      Tensor* a;
+      OP_REQUIRES_OK(ctx, Writable(ctx, set->average(i), t_dtype, gshape, gcount, "EMA slot", i, &a));
+      it.a = Data<T>(a);
+    }
+    it.scale = ns == 0 ? C(1) : static_cast<C>(scales[ns == 1 ? 0 : i]);
+    it.decay = wd != C(0) && (nd == 0 || decay[i]);
+    slices.offsets[j + 1] = slices.offsets[j] + gcount;
+  }
+  const UpdateFn<T, Tm> with_decay = PickUpdate<T, Tm>(mom, true, has_a);
+  const UpdateFn<T, Tm> without_decay = PickUpdate<T, Tm>(mom, false, has_a);
+  const int64_t bytes_per_elem = (has_m ? 2 * sizeof(Tm) : 0) + (has_a ? 2 : 0) * sizeof(T) + 3 * sizeof(T);
+  ParallelRange(ctx, slices.offsets[total], bytes_per_elem, [&](int64_t begin, int64_t end) {
+    slices.ForEach(begin, end, [&](int i, int64_t b, int64_t e) {
+      const Item& it = items[i];
+      (it.decay ? with_decay : without_decay)(it.w, it.m, it.a, it.g, b, e, it.scale, clip, lr, mu, wdlr, ema,
+                                             one_minus_ema, overwrite);
+    });
+  });
+}
+
 template <typename T, typename Tm>
 class MultiSgdOp : public OpKernel {
  public:
@@ -426,7 +521,6 @@ class MultiSgdOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    using C = typename Compute<T>::type;
     Grads<T> grads;
     if (by_address_) {
       OP_REQUIRES_OK(ctx, grads.Read(ctx, true, 1, 0));
@@ -435,7 +529,6 @@ class MultiSgdOp : public OpKernel {
       OP_REQUIRES_OK(ctx, ctx->op_kernel().InputRange("grads", &g0, &g1));
       OP_REQUIRES_OK(ctx, grads.Read(ctx, false, g0, g1 - g0));
     }
-    const int total = grads.n();
     const int g1 = grads.next_input;
     std::vector<core::RefCountPtr<VarSet>> sets;
     if (by_address_) {  // variable sets from DsgdVarSetAddress (the caller holds the handles)
@@ -445,95 +538,8 @@ class MultiSgdOp : public OpKernel {
       OP_REQUIRES_OK(ctx, LookupResource<VarSet, false>(ctx, HandleFromInput(ctx, 0), &set_raw));
       sets.emplace_back(set_raw);
     }
-    const int n = sets[0]->n();  // variables per set; item j is set j / n's variable j % n
-    const bool has_m = use_momentum_, has_a = use_ema_;
-    for (const auto& set : sets) {
-      OP_REQUIRES(ctx, set->n() == n && static_cast<int64_t>(n) * static_cast<int64_t>(sets.size()) == total,
-                  absl::InvalidArgumentError(absl::StrCat("got ", sets.size(), " variable sets of ", set->n(),
-                                                          " variables for ", total, " gradients")));
-      OP_REQUIRES(ctx, !has_m || set->has_momentum(),
-                  absl::InvalidArgumentError("use_momentum, but the variable set has no momentum slots"));
-      OP_REQUIRES(ctx, !has_a || set->has_average(),
-                  absl::InvalidArgumentError("use_ema, but the variable set has no EMA slots"));
-    }
-
-    const Tensor& lr_t = ctx->input(g1);
-    const Tensor& scales_t = ctx->input(g1 + 1);
-    const Tensor& decay_t = ctx->input(g1 + 2);
-    const Tensor& hyper_t = ctx->input(g1 + 3);
-    OP_REQUIRES(ctx, lr_t.NumElements() == 1, absl::InvalidArgumentError("lr must be a scalar"));
-    const int64_t ns = scales_t.NumElements();
-    OP_REQUIRES(ctx, ns == 0 || ns == 1 || ns == n,
-                absl::InvalidArgumentError(absl::StrCat("scales must have 0, 1 or ", n, " elements, got ", ns)));
-    const int64_t nd = decay_t.NumElements();
-    OP_REQUIRES(ctx, nd == 0 || nd == n,
-                absl::InvalidArgumentError(absl::StrCat("decay must have 0 or ", n, " elements, got ", nd)));
-    OP_REQUIRES(ctx, hyper_t.NumElements() == 4, absl::InvalidArgumentError("hyper must have 4 elements"));
-    const float* scales = scales_t.flat<float>().data();
-    const bool* decay = decay_t.flat<bool>().data();
-    const double* hyper = hyper_t.flat<double>().data();
-
-    const C lr = static_cast<C>(lr_t.flat<float>()(0));
-    const C mu = static_cast<C>(hyper[0]);
-    const C wd = static_cast<C>(hyper[1]);
-    const C wdlr = wd * lr;  // as per_shard: one coefficient, then w - w * coefficient
-    const C clip = hyper[2] > 0 ? static_cast<C>(hyper[2]) : std::numeric_limits<C>::infinity();
-    const C ema = static_cast<C>(hyper[3]);
-    const C one_minus_ema = C(1) - ema;
-    const Mom mom = !has_m ? Mom::kNone : (nesterov_ ? Mom::kNesterov : Mom::kHeavy);
-    const bool overwrite = has_a && ema_overwrite_;
-
-    LockAll locked(sets);
-
-    struct Item {
-      T* w;
-      Tm* m;
-      T* a;
-      const T* g;
-      C scale;
-      bool decay;
-    };
-    std::vector<Item> items(total);
-    Slices slices;
-    slices.offsets.resize(total + 1);
-    slices.offsets[0] = 0;
-    const DataType t_dtype = DataTypeToEnum<T>::value, m_dtype = DataTypeToEnum<Tm>::value;
-    for (int j = 0; j < total; ++j) {
-      const VarSet* set = sets[j / n].get();
-      const int i = j % n;
-      const TensorShape* gshape = grads.shape[j];
-      const int64_t gcount = grads.count[j];
-      Tensor* w;
-      OP_REQUIRES_OK(ctx, Writable(ctx, set->var(i), t_dtype, gshape, gcount, "variable", i, &w));
-      Item& it = items[j];
-      it.w = Data<T>(w);
-      it.g = grads.data[j];
-      it.m = nullptr;
-      it.a = nullptr;
-      if (has_m) {
-        Tensor* m;
-        OP_REQUIRES_OK(ctx, Writable(ctx, set->momentum(i), m_dtype, gshape, gcount, "momentum slot", i, &m));
-        it.m = Data<Tm>(m);
-      }
-      if (has_a) {
-        Tensor* a;
-        OP_REQUIRES_OK(ctx, Writable(ctx, set->average(i), t_dtype, gshape, gcount, "EMA slot", i, &a));
-        it.a = Data<T>(a);
-      }
-      it.scale = ns == 0 ? C(1) : static_cast<C>(scales[ns == 1 ? 0 : i]);
-      it.decay = wd != C(0) && (nd == 0 || decay[i]);
-      slices.offsets[j + 1] = slices.offsets[j] + gcount;
-    }
-    const UpdateFn<T, Tm> with_decay = PickUpdate<T, Tm>(mom, true, has_a);
-    const UpdateFn<T, Tm> without_decay = PickUpdate<T, Tm>(mom, false, has_a);
-    const int64_t bytes_per_elem = (has_m ? 2 * sizeof(Tm) : 0) + (has_a ? 2 : 0) * sizeof(T) + 3 * sizeof(T);
-    ParallelRange(ctx, slices.offsets[total], bytes_per_elem, [&](int64_t begin, int64_t end) {
-      slices.ForEach(begin, end, [&](int i, int64_t b, int64_t e) {
-        const Item& it = items[i];
-        (it.decay ? with_decay : without_decay)(it.w, it.m, it.a, it.g, b, e, it.scale, clip, lr, mu, wdlr, ema,
-                                               one_minus_ema, overwrite);
-      });
-    });
+    SgdStep<T, Tm>(ctx, grads, sets, ctx->input(g1), ctx->input(g1 + 1), ctx->input(g1 + 2), ctx->input(g1 + 3),
+                   use_momentum_, nesterov_, use_ema_, ema_overwrite_);
   }
 
  private:
@@ -543,6 +549,76 @@ class MultiSgdOp : public OpKernel {
   bool use_ema_;
   bool ema_overwrite_;
 };
+
+// The whole step inside a tf.function (on a DTensor mesh or plain variables): an `Assert` node
+// whose `_kernel` attribute is "dsgd_sgd" runs this kernel instead of TensorFlow's.  Why Assert:
+// custom ops have no DTensor SPMD expander (DTensor refuses them, or all-gathers their resource
+// inputs), while Assert's expander is a no-op that keeps every input's layout, so on each device
+// this kernel gets that device's shards of the gradients and its own variable handles; Assert is
+// stateful (never pruned) and takes a list of any types.  The condition is ignored.
+// data (inputs 1...):
+//   meta int64 [6]: n, use_momentum, nesterov, use_ema, T (DataType), Tmomentum (DataType)
+//   lr float [], scales float [n|1|0], decay bool [n|0], hyper double [4], ema_overwrite bool [],
+//   grads n * T, vars n * resource, momentum slots (n|0) * resource, EMA slots (n|0) * resource
+class GraphSgdOp : public OpKernel {
+ public:
+  explicit GraphSgdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    OP_REQUIRES(ctx, ctx->num_inputs() >= 8,
+                absl::InvalidArgumentError("dsgd_sgd: too few inputs (this Assert was not built by dsgd)"));
+    const Tensor& meta_t = ctx->input(1);
+    OP_REQUIRES(ctx, meta_t.dtype() == DT_INT64 && meta_t.NumElements() == 6,
+                absl::InvalidArgumentError("dsgd_sgd: meta must be int64 [6]"));
+    const auto meta = meta_t.flat<int64_t>();
+    const int n = static_cast<int>(meta(0));
+    const bool use_m = meta(1) != 0, nesterov = meta(2) != 0, use_ema = meta(3) != 0;
+    const DataType t = static_cast<DataType>(meta(4)), tm = static_cast<DataType>(meta(5));
+    constexpr int kGrads = 7;  // input index of the first gradient
+    const int nm = use_m ? n : 0, na = use_ema ? n : 0;
+    OP_REQUIRES(ctx, n >= 1 && ctx->num_inputs() == kGrads + 2 * n + nm + na,
+                absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: ", ctx->num_inputs(), " inputs for ", n,
+                                                        " variables")));
+    for (int i = 0; i < n; ++i) {
+      OP_REQUIRES(ctx, ctx->input_dtype(kGrads + i) == t,
+                  absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: gradient ", i, " has dtype ",
+                                                          DataTypeString(ctx->input_dtype(kGrads + i)), ", expected ",
+                                                          DataTypeString(t))));
+    }
+    std::vector<core::RefCountPtr<Var>> vars;
+    vars.reserve(n + nm + na);
+    for (int i = kGrads + n; i < ctx->num_inputs(); ++i) {
+      OP_REQUIRES(ctx, ctx->input_dtype(i) == DT_RESOURCE,
+                  absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: input ", i, " must be a variable handle")));
+      core::RefCountPtr<Var> v;
+      OP_REQUIRES_OK(ctx, LookupResource(ctx, HandleFromInput(ctx, i), &v));
+      vars.push_back(std::move(v));
+    }
+    std::vector<core::RefCountPtr<VarSet>> sets;
+    sets.emplace_back(new VarSet(std::move(vars), n, nm, na));
+    OP_REQUIRES_OK(ctx, sets[0]->Init());
+    const bool overwrite = ctx->input(6).NumElements() == 1 && ctx->input(6).flat<bool>()(0);
+#define DSGD_GRAPH_CASE(TT, TM)                                                                              \
+  if (t == DataTypeToEnum<TT>::value && tm == DataTypeToEnum<TM>::value) {                                   \
+    Grads<TT> grads;                                                                                         \
+    OP_REQUIRES_OK(ctx, grads.Read(ctx, false, kGrads, n));                                                  \
+    SgdStep<TT, TM>(ctx, grads, sets, ctx->input(2), ctx->input(3), ctx->input(4), ctx->input(5), use_m,     \
+                    nesterov, use_ema, overwrite);                                                           \
+    return;                                                                                                  \
+  }
+    DSGD_GRAPH_CASE(float, float)
+    DSGD_GRAPH_CASE(double, double)
+    DSGD_GRAPH_CASE(Eigen::bfloat16, Eigen::bfloat16)
+    DSGD_GRAPH_CASE(Eigen::bfloat16, float)
+    DSGD_GRAPH_CASE(Eigen::half, Eigen::half)
+    DSGD_GRAPH_CASE(Eigen::half, float)
+#undef DSGD_GRAPH_CASE
+    ctx->SetStatus(absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: unsupported dtypes ", DataTypeString(t), " / ",
+                                                           DataTypeString(tm))));
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("Assert").Device(DEVICE_CPU).Label("dsgd_sgd"), GraphSgdOp);
 
 class PackVarsOp : public OpKernel {
  public:

@@ -1,0 +1,126 @@
+"""``grouped`` inside ``tf.function``: the whole step as one kernel call per device, in the graph.
+
+Eagerly, ``grouped`` feeds its kernel each device's shards from outside DTensor
+(:mod:`dsgd.impl.multi_tensor`).  Inside a ``tf.function`` (a custom train step,
+``model.fit``) there is no outside: every op goes through DTensor's SPMD expansion, and a
+custom op has no expander (DTensor refuses it, or all-gathers its resource inputs).  So the
+step is an ``Assert`` node whose ``_kernel`` attribute is ``"dsgd_sgd"``:
+
+* DTensor expands ``Assert`` with a no-op expander that keeps every input's layout, so each
+  device's copy of the node gets that device's shards of the gradients and its own handles
+  of the variables and slots;
+* TensorFlow picks a node's kernel by its ``_kernel`` label, so that copy runs dsgd's
+  ``GraphSgdOp`` (``dsgd/kernels/multi_momentum.cc``: the same update code as ``grouped``'s
+  eager calls, in place, one pass over each variable's memory) instead of TensorFlow's Assert;
+* ``Assert`` is stateful, so the function always runs it, and it takes a list of any types.
+
+Nothing is silently dropped: without dsgd's kernel library loaded TensorFlow finds no
+kernel for the label and fails, and TensorFlow's own Assert would fail on the false
+condition.  XLA would compile ``Assert`` to nothing, so the node is marked
+``_XlaCompile=False`` (auto-clustering leaves it out) and an XLA-compiled function
+(``jit_compile=True``) never gets this implementation (``fused`` runs there).
+
+Norm clipping's sums of squares go through DTensor ops (one reduction per gradient, as
+``fused``); sparse gradients are densified with the variable's layout first, as ``fused``
+does.  Momentum dtypes, decay masks, EMA and its overwrite are the kernel's, as eagerly.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2
+from tensorflow.python.ops import control_flow_util
+
+from dsgd import kernels
+from dsgd.impl.dtensor_ops import OpsDTensor, _scaled, densify
+from dsgd.impl.base import Items
+from dsgd.impl.multi_tensor import DTYPES, Grouped, _momentum_dtype
+from dsgd.plan import Group, StepArgs
+
+KERNEL_LABEL = "dsgd_sgd"  # GraphSgdOp's label in multi_momentum.cc
+
+
+def in_xla_context() -> bool:
+    """True while tracing a function that XLA compiles (``jit_compile=True`` or an XLA context)."""
+    graph = tf.compat.v1.get_default_graph()
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+class GroupedInGraph(OpsDTensor):
+    """``grouped`` inside ``tf.function``: one labelled ``Assert`` per dtype runs the step in place."""
+
+    name = "grouped_graph"
+    domain = "dtensor"
+    description = "one multi-tensor kernel call per device inside tf.function (an Assert node with dsgd's kernel label)"
+    vector_scales = True
+
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        return kernels.unavailable_reason()
+
+    @classmethod
+    def supports(cls, group: Group, options) -> Optional[str]:
+        reason = Grouped.supports(group, options)
+        if reason is None and not tf.executing_eagerly() and in_xla_context():
+            return "inside an XLA-compiled function (XLA compiles Assert to nothing)"
+        return reason
+
+    @classmethod
+    def combine(cls, impls: Sequence["GroupedInGraph"], options) -> Optional["GroupedInGraph"]:
+        """One node for several layout groups that share a dtype (the kernel ignores layouts)."""
+        if len(impls) < 2 or any(type(i) is not cls for i in impls):
+            return None
+        first = impls[0]
+        if any(i.group.dtype != first.group.dtype or i._tmomentum != first._tmomentum
+               or i.group.mesh != first.group.mesh for i in impls):
+            return None
+        entries = [e for i in impls for e in i.group.entries]
+        group = Group("+".join(i.group.layout_spec for i in impls), first.group.dtype, first.group.mesh, entries)
+        return cls(group, options)
+
+    def __init__(self, group: Group, options) -> None:
+        super().__init__(group, options)
+        kernels.load()  # registers the labelled kernel in this process
+        self._tmomentum = _momentum_dtype(group)
+
+    def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
+        if not items:
+            return
+        entries = [e for e, _ in items]
+        n = len(items)
+        use_momentum = entries[0].momentum is not None
+        use_ema = args.ema_momentum is not None
+        clipvalue = args.clipvalue
+        if any(isinstance(g, tf.IndexedSlices) for _, g in items):
+            # as fused: scale and clip the slices before duplicated rows are summed, so the
+            # kernel's own scaling and clipping are off for this step
+            grads = [densify(_scaled(g, None if scales is None else scales[i], clipvalue, e.var.dtype), e)
+                     for i, (e, g) in enumerate(items)]
+            scales, clipvalue = None, None
+        else:
+            grads = [densify(g, e) for e, g in items]
+        if scales is None:
+            scale_t = tf.zeros([0], tf.float32)
+        elif tf.is_tensor(scales):
+            scale_t = tf.cast(scales, tf.float32)
+        else:
+            scale_t = tf.reshape(tf.cast(scales[0], tf.float32), [1])  # global_clipnorm: one for all
+        mask = [e.decay for e in entries]
+        decay = tf.zeros([0], tf.bool) if all(mask) else tf.constant(mask, tf.bool)
+        hyper = tf.constant([args.momentum or 0.0, args.weight_decay or 0.0, clipvalue or 0.0,
+                             args.ema_momentum if use_ema else 0.0], tf.float64)
+        overwrite = args.ema_overwrite if tf.is_tensor(args.ema_overwrite) else tf.constant(bool(args.ema_overwrite))
+        meta = tf.constant([n, int(use_momentum), int(bool(args.nesterov)), int(use_ema),
+                            self.group.dtype.as_datatype_enum, self._tmomentum.as_datatype_enum], tf.int64)
+        data = [meta, tf.cast(args.lr, tf.float32), scale_t, decay, hyper, tf.cast(overwrite, tf.bool), *grads]
+        data += [e.var.handle for e in entries]
+        if use_momentum:
+            data += [e.momentum.handle for e in entries]
+        if use_ema:
+            data += [e.average.handle for e in entries]
+        graph = tf.compat.v1.get_default_graph()
+        no_xla = {"_XlaCompile": attr_value_pb2.AttrValue(b=False)}
+        with graph._kernel_label_map({"Assert": KERNEL_LABEL}), graph._attr_scope(no_xla):
+            # the condition is ignored by dsgd's kernel; TensorFlow's own Assert would fail on it
+            tf.raw_ops.Assert(condition=tf.constant(False), data=data, summarize=0, name="dsgd_sgd_step")
