@@ -6,7 +6,7 @@ option set one at a time on the baseline mesh and layout; and GPU where one is v
 every implementation (tf_keras' reference and each dsgd path) in each.
 """
 from . import common
-from .common import BASE, DTYPES, IMPLEMENTATIONS, LAYOUTS, MESHES, OPTIONS, XLA
+from .common import BASE, DTYPES, IMPLEMENTATIONS, LAYOUTS, MESHES, MODES, NO_UPDATE, OPTIONS, REFERENCE, XLA
 
 
 class _StepBase:
@@ -50,3 +50,20 @@ class TimeStepGPU(_StepBase):
 
     params = [["1", BASE["mesh"]], ["replicated", BASE["layout"]], [BASE["dtype"]], ["GPU"], [BASE["xla"]],
               IMPLEMENTATIONS, [BASE["options"]]]
+
+
+class TimeStepModes(_StepBase):
+    """The step where users run it, on the baseline configuration: ``apply_gradients`` eagerly and
+    inside a ``tf.function`` (the workload), a whole custom ``tf.function`` training step and a
+    ``model.fit`` step (the residual MLP of ``dsgd.models``, with the ``no-update`` floor: the same
+    step applying nothing).  tf_keras' reference, ``auto`` and ``fused`` (the DTensor path)."""
+
+    param_names = common.PARAM_NAMES + ["mode"]
+    params = [[BASE["mesh"]], [BASE["layout"]], [BASE["dtype"]], [BASE["device"]], [BASE["xla"]],
+              [REFERENCE, "auto", "fused", NO_UPDATE], [BASE["options"]], MODES]
+
+    def setup(self, *params):
+        reason = common.mode_skip_reason(*params)
+        if reason:
+            raise NotImplementedError(reason)
+        self.built = common.built(*params)

@@ -89,6 +89,14 @@ KNOWN_IMPLEMENTATIONS = ("ops", "fused", "per_shard", "grouped", "xla", "sharded
 IMPLEMENTATIONS = [REFERENCE, *KNOWN_IMPLEMENTATIONS, *(n for n in REGISTRY if n not in KNOWN_IMPLEMENTATIONS)]
 OPTIONS = ["momentum", "full"]  # full: weight decay + global_clipnorm + EMA
 
+#: Where the step runs (``dsgd.measure.MODES``; fixed here, so older commits without modes
+#: still get the ``eager`` rows): apply_gradients eagerly or inside a tf.function, a whole
+#: custom tf.function training step, or a model.fit step of :data:`MODEL`.
+MODES = ["eager", "graph", "train_step", "fit"]
+MODEL_MODES = ("train_step", "fit")
+MODEL = "resmlp"  # dsgd.models: residual MLP, 8.7M parameters, global batch 16
+NO_UPDATE = "no-update"  # the whole-step modes' floor: gradients computed, nothing applied
+
 PARAM_NAMES = ["mesh", "layout", "dtype", "device", "xla", "implementation", "options"]
 BASE = {"mesh": "batch=2,model=4", "layout": "sharded", "dtype": "float32", "device": "CPU",
         "xla": "off", "options": "momentum"}
@@ -121,7 +129,7 @@ def skip_reason(mesh, layout, dtype, device, xla, implementation, options, *,
             return f"mesh {mesh!r} needs {need} GPUs, {have} visible"
     elif need > NUM_DEVICES:
         return f"mesh {mesh!r} needs {need} devices, {NUM_DEVICES} configured"
-    if implementation != REFERENCE and implementation not in REGISTRY:
+    if implementation not in (REFERENCE, "auto") and implementation not in REGISTRY:
         return f"implementation {implementation!r} is not registered in this commit"
     one_d = len(meshspec.parse_mesh_spec(mesh)) < 2
     if one_d and layout != "replicated":
@@ -147,9 +155,26 @@ def check(*params, only_off_baseline: bool = False) -> None:
         raise NotImplementedError(reason)
 
 
-def case(mesh, layout, dtype, device, xla, implementation, options) -> "measure.Case":
-    return measure.Case(workload=WORKLOAD, mesh=mesh, layout=LAYOUTS[layout], dtype=dtype,
-                        implementation=implementation, xla=(xla == "on"), options=options, device=device)
+def mode_skip_reason(*params) -> Optional[str]:
+    """:func:`skip_reason` for a parameter set with a trailing ``mode``."""
+    *base, mode = params
+    implementation = base[5]
+    if _IMPORT_ERROR:
+        return _IMPORT_ERROR
+    if mode != "eager" and mode not in getattr(measure, "MODES", ()):
+        return f"mode {mode!r} is not in this commit of dsgd"
+    if implementation == NO_UPDATE:
+        return None if mode in MODEL_MODES else f"{NO_UPDATE!r} is the floor of the whole-step modes only"
+    return skip_reason(*base)
+
+
+def case(mesh, layout, dtype, device, xla, implementation, options, mode: str = "eager") -> "measure.Case":
+    """The measure.Case of a parameter set; ``mode`` (a trailing eighth parameter where a class
+    sweeps it) runs a whole training step of :data:`MODEL` in the ``train_step``/``fit`` modes."""
+    extra = {} if mode == "eager" else {"mode": mode}
+    workload = MODEL if mode in MODEL_MODES else WORKLOAD
+    return measure.Case(workload=workload, mesh=mesh, layout=LAYOUTS[layout], dtype=dtype,
+                        implementation=implementation, xla=(xla == "on"), options=options, device=device, **extra)
 
 
 # One build per process and parameter set: asv's timer re-runs ``setup`` before every

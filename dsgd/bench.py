@@ -14,12 +14,13 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from dsgd import measure
-from dsgd.measure import REFERENCE, Case
+from dsgd.measure import MODEL_MODES, MODES, NO_UPDATE, REFERENCE, Case
 
 DEFAULT_WORKLOADS = ("one-big", "bert-mini", "many-small")
 DEFAULT_MESHES = ("1", "batch=8", "batch=2,model=4")
 DEFAULT_IMPLEMENTATIONS = ("auto", REFERENCE)
-KEY = ["workload", "mesh", "layout", "dtype", "xla", "options"]
+DEFAULT_MODELS = ("resmlp",)  # the train_step and fit modes' models (dsgd.models)
+KEY = ["workload", "mesh", "layout", "dtype", "xla", "options", "mode"]
 
 _COPY_GBPS: Optional[float] = None
 
@@ -49,7 +50,7 @@ def _row(built, t_ms: np.ndarray) -> dict:
     row.update(
         status="ok",
         first_step_s=built.first_step_s,
-        impl_used=resolved_implementations(built.optimizer),
+        impl_used=NO_UPDATE if built.case.implementation == NO_UPDATE else resolved_implementations(built.optimizer),
         steps=len(t_ms),
         median_ms=median,
         p10_ms=float(np.percentile(t_ms, 10)),
@@ -124,10 +125,20 @@ def run_paired(payload: dict) -> dict:
 
 def make_cases(workloads: Sequence[str], meshes: Sequence[str], layouts: Sequence[str], dtypes: Sequence[str],
                implementations: Sequence[str], xla: Sequence[bool], options: Sequence[str],
-               device: str = "CPU") -> list[Case]:
+               device: str = "CPU", modes: Sequence[str] = ("eager",),
+               models: Sequence[str] = DEFAULT_MODELS) -> list[Case]:
+    """The grid.  ``eager``/``graph`` modes run the workloads; ``train_step``/``fit`` run the
+    models (:mod:`dsgd.models`), each with a :data:`NO_UPDATE` row beside the implementations:
+    the same step with gradients computed and nothing applied, the floor of the optimizer's share."""
     cases = []
-    for w, m, l, d, o, x, i in itertools.product(workloads, meshes, layouts, dtypes, options, xla, implementations):
-        cases.append(Case(workload=w, mesh=m, layout=l, dtype=d, implementation=i, xla=x, options=o, device=device))
+    for mode in modes:
+        names, impls = workloads, list(implementations)
+        if mode in MODEL_MODES:
+            names = models
+            impls = impls + ([NO_UPDATE] if NO_UPDATE not in impls else [])
+        for w, m, l, d, o, x, i in itertools.product(names, meshes, layouts, dtypes, options, xla, impls):
+            cases.append(Case(workload=w, mesh=m, layout=l, dtype=d, implementation=i, xla=x, options=o,
+                              device=device, mode=mode))
     return cases
 
 
@@ -224,21 +235,37 @@ def run_job(payload: dict) -> dict:
 
 
 def add_ratios(df):
-    """``speedup`` = reference median / this median, for the same workload, mesh, layout, dtype, xla, options."""
+    """``speedup`` = reference median / this median, for the same configuration (:data:`KEY`).
+
+    Whole-step modes (``train_step``, ``fit``) also get the optimizer's *share* of the step:
+    ``share_ms`` = this median - the :data:`NO_UPDATE` median of the same configuration (the
+    forward and backward pass alone), and ``share_speedup`` = the reference's share / this share.
+    """
     if df.empty or "median_ms" not in df:
         return df
-    ok = df[(df["implementation"] == REFERENCE) & (df["status"] == "ok")]
+    if "mode" not in df:
+        df["mode"] = "eager"
+    ok_all = df[df["status"] == "ok"]
+    ok = ok_all[ok_all["implementation"] == REFERENCE]
     ref = ok.set_index(KEY)["median_ms"].to_dict()
     ref_first = ok.set_index(KEY)["first_step_s"].to_dict()
     keys = list(zip(*(df[k] for k in KEY)))
     df["speedup"] = [ref.get(k, np.nan) / m if m == m else np.nan for k, m in zip(keys, df["median_ms"])]
     df["first_step_speedup"] = [ref_first.get(k, np.nan) / f if f == f else np.nan
                                 for k, f in zip(keys, df.get("first_step_s", np.nan))]
+    floor = ok_all[ok_all["implementation"] == NO_UPDATE].set_index(KEY)["median_ms"].to_dict()
+    if floor:
+        df["floor_ms"] = [floor.get(k, np.nan) for k in keys]
+        df["share_ms"] = df["median_ms"] - df["floor_ms"]
+        ref_share = {k: ref[k] - f for k, f in floor.items() if k in ref}
+        df["share_speedup"] = [ref_share.get(k, np.nan) / sh if sh == sh and sh > 0 else np.nan
+                               for k, sh in zip(keys, df["share_ms"])]
+        df.loc[df["implementation"] == NO_UPDATE, ["speedup", "share_ms", "share_speedup"]] = np.nan
     return df
 
 
-TABLE_COLUMNS = ["workload", "mesh", "layout", "dtype", "options", "xla", "implementation", "impl_used", "median_ms",
-                 "p10_ms", "p90_ms", "speedup", "first_step_s", "achieved_gbps", "roofline_ms", "roofline_frac",
+TABLE_COLUMNS = ["mode", "workload", "mesh", "layout", "dtype", "options", "xla", "implementation", "impl_used",
+                 "median_ms", "p10_ms", "p90_ms", "speedup", "share_ms", "share_speedup", "first_step_s", "achieved_gbps", "roofline_ms", "roofline_frac",
                  "state_bytes_per_device", "status"]
 
 
@@ -325,7 +352,8 @@ def main(args) -> int:
     lead = client is None or client.client_id == 0  # only client 0 reports
     cases = make_cases(args.workload or DEFAULT_WORKLOADS, meshes, args.layout or ["sharded"],
                        args.dtype or ["float32"], args.implementation or DEFAULT_IMPLEMENTATIONS, parse_xla(args.xla),
-                       args.options or ["momentum"], device=args.device)
+                       args.options or ["momentum"], device=args.device, modes=args.mode or MODES,
+                       models=args.model or DEFAULT_MODELS)
     df = run(cases, steps=args.steps, devices=args.devices, isolate=not args.no_isolate,
              progress=not args.quiet and lead, paired=not args.sequential)
     if args.compare:
@@ -353,6 +381,14 @@ def add_arguments(p) -> None:
                    help="auto | reference (tf_keras) | ops | fused | per_shard | grouped | xla | sharded_state (repeatable)")
     p.add_argument("--options", action="append", choices=sorted(measure.OPTION_PRESETS),
                    help="optimizer options preset (repeatable; default momentum)")
+    p.add_argument("--mode", action="append", choices=list(MODES),
+                   help="where the step runs (repeatable; default: all): eager = apply_gradients called eagerly "
+                        "(tf_keras' reference in a tf.function, its faster mode); graph = apply_gradients inside a "
+                        "tf.function for both; train_step = a whole custom tf.function training step of --model; "
+                        "fit = one model.fit step of --model (both with a no-update floor row)")
+    p.add_argument("--model", action="append",
+                   help=f"model of the train_step and fit modes (repeatable; default {DEFAULT_MODELS[0]}: a residual "
+                        "MLP, 8.7M parameters, global batch 16; resmlp-small: a tiny one)")
     p.add_argument("--xla", choices=["on", "off", "both"], default="off")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--devices", type=int, default=8, help="logical devices in the worker (default 8)")

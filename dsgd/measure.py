@@ -16,6 +16,16 @@ from dsgd import meshspec
 from dsgd.workloads import VarSpec, layout_entries
 
 REFERENCE = "reference"  # the tf_keras DTensor SGD, the baseline every speed-up is measured against
+NO_UPDATE = "no-update"  # train_step / fit modes: the same step with an optimizer that applies nothing (the floor)
+
+#: Where a step runs, as users run it:
+#: ``eager``: ``apply_gradients`` called eagerly on a workload's variables (tf_keras' reference
+#: inside a ``tf.function``, its faster mode); ``graph``: ``apply_gradients`` inside a
+#: ``tf.function`` for both; ``train_step``: a whole custom ``tf.function`` training step
+#: (forward, backward, update) of a named model (:mod:`dsgd.models`); ``fit``: one step of
+#: ``model.fit`` on that model (its ``train_function``).
+MODES = ("eager", "graph", "train_step", "fit")
+MODEL_MODES = ("train_step", "fit")  # modes whose workload is a model of dsgd.models
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 # Optimizer option presets: what the benchmarks sweep.
@@ -53,12 +63,12 @@ class Case:
     xla: bool = False
     options: str = "momentum"
     device: str = "CPU"
-    graph: bool = False  # call dsgd's apply_gradients inside a tf.function (as model.fit does)
+    mode: str = "eager"  # one of MODES: where the step runs (see MODES)
 
     @property
     def label(self) -> str:
         return (f"{self.workload}|{self.mesh}|{self.layout}|{self.dtype}|{self.implementation}|"
-                f"xla={'on' if self.xla else 'off'}|{self.options}" + ("|graph" if self.graph else ""))
+                f"xla={'on' if self.xla else 'off'}|{self.options}" + (f"|{self.mode}" if self.mode != "eager" else ""))
 
 
 @dataclass
@@ -122,6 +132,10 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
     from dsgd.state import named_dvariable
     from dsgd.workloads import get_workload
 
+    if case.mode in MODEL_MODES:
+        return _build_model_case(case)
+    if case.implementation == NO_UPDATE:
+        raise ValueError(f"{NO_UPDATE!r} is the floor of the {'/'.join(MODEL_MODES)} modes, not of mode {case.mode!r}")
     specs = get_workload(case.workload, case.dtype)
     mesh = meshspec.make_mesh(case.mesh, case.device)
     layouts = case_layouts(specs, mesh, case.layout)
@@ -130,7 +144,7 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
     grads = [random_dtensor(s.shape, s.dtype, lay, grad_seed + i) for i, (s, lay) in enumerate(zip(specs, layouts))]
     opt = make_optimizer(case, mesh)
     pairs = list(zip(grads, variables))
-    if case.implementation == REFERENCE or case.graph:
+    if case.implementation == REFERENCE or case.mode == "graph":
         # The reference as users run it: its step inside one tf.function (eagerly it dispatches
         # every DTensor op separately and is 20x slower still). jit_compile as asked.
         fn = tf.function(lambda: opt.apply_gradients(pairs), jit_compile=bool(case.xla))
@@ -141,6 +155,24 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
         def step():
             return opt.apply_gradients(pairs)
     return Built(case, specs, mesh, layouts, variables, grads, opt, step)
+
+
+def _build_model_case(case: Case) -> Built:
+    """A whole training step of a named model (``train_step`` or ``fit`` mode)."""
+    from dsgd import models
+    from dsgd.workloads import VarSpec
+
+    spec = models.get_model_spec(case.workload)
+    mesh = meshspec.make_mesh(case.mesh, case.device)
+    if case.implementation == NO_UPDATE:
+        opt = models.no_update_optimizer(mesh)
+    else:
+        opt = make_optimizer(case, mesh)
+    ts = models.build_training_step(spec, mesh, opt, case.mode, policy=case.layout, jit_compile=case.xla)
+    variables = list(ts.model.trainable_variables)
+    specs = [VarSpec(v.name, tuple(v.shape.as_list()), v.dtype.name) for v in variables]
+    layouts = [getattr(v, "layout", None) for v in variables]
+    return Built(case, specs, mesh, layouts, variables, [], opt, ts.step)
 
 
 def sync() -> None:

@@ -115,14 +115,15 @@ def test_grid_is_pruned_as_documented(suite):
     assert set(REGISTRY) <= set(common.IMPLEMENTATIONS)  # every registered one, read at import
     total = kept = 0
     for cls in _classes(modules):
-        assert cls.param_names == common.PARAM_NAMES
+        moded = cls.param_names == common.PARAM_NAMES + ["mode"]  # TimeStepModes: a trailing mode
+        assert moded or cls.param_names == common.PARAM_NAMES
         assert len(cls.params) == len(cls.param_names)
         combos = list(itertools.product(*cls.params))
-        ok = [c for c in combos if not common.skip_reason(*c)]
+        ok = [c for c in combos if not (common.mode_skip_reason if moded else common.skip_reason)(*c)]
         total += len(combos)
         kept += len(ok)
         for c in ok:  # the star: at most one of dtype/device/xla/options off the baseline
-            p = dict(zip(common.PARAM_NAMES, c))
+            p = dict(zip(cls.param_names, c))
             assert sum(p[a] != common.BASE[a] for a in ("dtype", "xla", "options")) <= 1, c
     assert 0 < kept < total / 2
     r = common.skip_reason
@@ -135,6 +136,22 @@ def test_grid_is_pruned_as_documented(suite):
         assert r("1", "replicated", "float32", "GPU", "off", "reference", "momentum") == "no GPU visible"
     with pytest.raises(NotImplementedError):
         common.check(*PRUNED)
+    m = common.mode_skip_reason
+    assert "floor" in m(*ONE_CASE[:5], "no-update", "momentum", "graph")
+    assert m(*ONE_CASE[:5], "no-update", "momentum", "fit") is None
+    assert m(*ONE_CASE[:5], "auto", "momentum", "train_step") is None
+    assert "not in this commit" in m(*ONE_CASE, "no-such-mode")
+
+
+def test_modes_class_steps_in_graph(suite):
+    """TimeStepModes as asv calls it: apply_gradients inside a tf.function runs the in-graph path."""
+    common, (bench_step, *_) = suite
+    params = ("batch=2,model=4", "sharded", "float32", "CPU", "off", "auto", "momentum", "graph")
+    b = bench_step.TimeStepModes()
+    b.setup(*params)
+    assert b.built.case.mode == "graph" and b.built.first_step_s > 0
+    b.time_step(*params)
+    assert {n for g in b.built.optimizer.plan for n in g.__dict__.get("_impls", {})} == {"grouped_graph"}
 
 
 def test_step_and_state_bytes_in_process(suite):

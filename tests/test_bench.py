@@ -90,3 +90,39 @@ def test_kernel_bandwidth_script():
     # 3 ways + the copy, then the plain C++ ceiling: 3 update loops (2 without AVX) + memcpy
     assert len(lines) in (7, 8) and all(float(line.split("GB/s")[0].split()[-1]) > 0 for line in lines)
     assert any("prefetch" in line for line in lines) and "memcpy" in lines[-1]
+
+
+def test_modes_graph_and_fit_side_by_side(tmp_path):
+    """``--mode graph``: apply_gradients in a tf.function for dsgd (its in-graph kernel) and tf_keras;
+    ``--mode fit``: one model.fit step of a model, beside the no-update floor, and the optimizer's
+    share of the step (step - floor) with its speed-up over tf_keras' share."""
+    import numpy as np
+    import pandas as pd
+
+    from dsgd.bench import add_ratios, make_cases, run_paired
+    from dsgd.measure import NO_UPDATE
+
+    cases = make_cases(["one-big"], ["1"], ["sharded"], ["float32"], ["auto", "reference"], [False], ["momentum"],
+                       modes=["eager", "graph", "fit"], models=["resmlp-small"])
+    assert [(c.mode, c.workload, c.implementation) for c in cases] == [
+        ("eager", "one-big", "auto"), ("eager", "one-big", "reference"), ("graph", "one-big", "auto"),
+        ("graph", "one-big", "reference"), ("fit", "resmlp-small", "auto"), ("fit", "resmlp-small", "reference"),
+        ("fit", "resmlp-small", NO_UPDATE)]
+
+    wl = tmp_path / "two.json"
+    wl.write_text(json.dumps([{"name": "w", "shape": [64, 32]}, {"name": "b", "shape": [32]}]))
+    graph = run_paired(dict(workload=str(wl), mesh="batch=2,model=4", mode="graph", steps=2,
+                            implementation=["auto", "reference"]))["rows"]
+    fit = run_paired(dict(workload="resmlp-small", mesh="1", mode="fit", steps=2,
+                          implementation=["auto", "reference", NO_UPDATE]))["rows"]
+    assert [r["status"] for r in graph + fit] == ["ok"] * 5, graph + fit
+    assert graph[0]["impl_used"] == "grouped_graph" and fit[0]["impl_used"] == "grouped_graph"
+    assert fit[2]["impl_used"] == NO_UPDATE
+    base = dict(workload="w", mesh="m", layout="sharded", dtype="float32", xla=False, options="momentum",
+                mode="fit", status="ok", first_step_s=1.0)
+    df = add_ratios(pd.DataFrame([dict(base, implementation="auto", median_ms=12.0),
+                                  dict(base, implementation="reference", median_ms=30.0),
+                                  dict(base, implementation=NO_UPDATE, median_ms=10.0)]))
+    auto, ref, floor = df.to_dict("records")
+    assert auto["share_ms"] == 2.0 and ref["share_ms"] == 20.0 and auto["share_speedup"] == 10.0
+    assert np.isnan(floor["share_ms"]) and np.isnan(floor["speedup"]) and auto["speedup"] == 2.5

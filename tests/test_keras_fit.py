@@ -117,3 +117,53 @@ def test_reference_fit_graph_defect(meshes, reference_runs):
     _, _, weights = _fit(mesh, ref)
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(weights, reference_runs["nesterov"][1]))
     assert diff > 1e-3, "tf_keras' fit on a mesh now matches its eager run: the module docstring is stale"
+
+
+def _fit_with_everything(mesh, optimizer, tmp_path, run_eagerly=False, loops=True):
+    """fit with what users add: metrics and a later initial epoch and, with ``loops``, validation
+    data, two steps per execution and callbacks (checkpoint, TensorBoard, early stopping); then
+    evaluate and a prediction.  (DTensor names every traced while loop ``while_cond``, and a second
+    model's loop in the same process then fails: only one graph-mode run per process loops.)"""
+    model = _model(mesh, optimizer, run_eagerly)
+    model.compile(optimizer=optimizer, loss="mse", metrics=["mae"], run_eagerly=run_eagerly,
+                  steps_per_execution=2 if loops else 1)
+    extra = {}
+    if loops:
+        extra = dict(validation_data=_dataset(mesh), validation_steps=2, callbacks=[
+            tf_keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt-{epoch}"), save_weights_only=True),
+            tf_keras.callbacks.TensorBoard(log_dir=str(tmp_path / "tb")),
+            tf_keras.callbacks.EarlyStopping(monitor="loss", patience=10)])
+    hist = model.fit(_dataset(mesh), epochs=EPOCHS + 1, initial_epoch=1, steps_per_epoch=STEPS_PER_EPOCH,
+                     verbose=0, **extra)
+    evaluated = model.evaluate(_dataset(mesh), steps=2, verbose=0, return_dict=True)
+    # the model called on a batch (tf_keras' predict on a DTensorDataset fails in TF 2.21 whatever
+    # the optimizer: a batch-sharded prediction cannot become NumPy, a replicated one ends early)
+    x, _ = next(iter(_dataset(mesh)))
+    predicted = value(model(x, training=False))
+    return model, hist.history, evaluated, np.asarray(predicted), [value(v) for v in model.trainable_variables]
+
+
+def test_fit_features_run_grouped_in_graph(meshes, tmp_path):
+    """``auto`` under fit runs the in-graph grouped kernel, with everything fit does around it,
+    and gives exactly the weights of ``fused`` (the DTensor path) and of dsgd run eagerly."""
+    require_impl("grouped")
+    mesh = meshes("batch=2,model=4")
+    kw = dict(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+    runs = {}
+    for name, impl, eagerly, loops in (("auto", "auto", False, True), ("fused", "fused", False, False),
+                                       ("eager", "auto", True, False)):
+        opt = dsgd.SGD(mesh=mesh, implementation=impl, **kw)
+        runs[name] = (opt,) + _fit_with_everything(mesh, opt, tmp_path, run_eagerly=eagerly, loops=loops)
+    opt, model, hist, evaluated, predicted, weights = runs["auto"]
+    assert {n for g in opt.plan for n in g.__dict__.get("_impls", {})} == {"grouped_graph"}
+    assert int(value(opt.iterations)) == EPOCHS * STEPS_PER_EPOCH
+    assert set(hist) >= {"loss", "mae", "val_loss", "val_mae"} and len(hist["loss"]) == EPOCHS
+    assert all(np.isfinite(v).all() for v in hist.values())
+    assert np.isfinite(evaluated["loss"]) and predicted.shape == (GLOBAL_BATCH, 4)
+    assert (tmp_path / f"ckpt-{EPOCHS + 1}.index").exists(), "ModelCheckpoint wrote no checkpoint"
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
+    for other in ("fused", "eager"):
+        _, _, o_hist, o_eval, o_pred, o_weights = runs[other]
+        for v, w, o in zip(model.trainable_variables, weights, o_weights):
+            np.testing.assert_array_equal(w, o, err_msg=f"{v.name}: in-graph grouped differs from {other}")
+        np.testing.assert_allclose(predicted, o_pred, rtol=1e-6)
