@@ -486,11 +486,25 @@ class SGD(keras_optimizer.Optimizer):
         domains = {i.domain for i in impls}
         if len(domains) > 1:  # keep one domain per step so the norm reduction is done once
             impls = [self._cached_impl(grp, "fused") for grp in order]
-        if len(impls) > 1:
-            combined = self._combined_impl(order, impls)
-            if combined is not None:  # one implementation runs every group of the step at once
-                items_all = [it for grp in order for it in by_group[id(grp)]]
-                return [combined.group], {id(combined.group): items_all}, [combined], combined.domain
+        if len(impls) > 1:  # groups whose implementations can share a call run as one (per dtype)
+            parts: dict = {}
+            for grp, imp in zip(order, impls):
+                key = imp.combine_key()
+                parts.setdefault(("alone", id(grp)) if key is None else key, []).append((grp, imp))
+            if len(parts) < len(order):
+                order_c, by_group_c, impls_c = [], {}, []
+                for members in parts.values():
+                    grps, ims = [g for g, _ in members], [i for _, i in members]
+                    combined = self._combined_impl(grps, ims) if len(members) > 1 else None
+                    if combined is None:
+                        order_c += grps
+                        impls_c += ims
+                        by_group_c.update((id(g), by_group[id(g)]) for g in grps)
+                    else:
+                        order_c.append(combined.group)
+                        impls_c.append(combined)
+                        by_group_c[id(combined.group)] = [it for g in grps for it in by_group[id(g)]]
+                order, by_group, impls = order_c, by_group_c, impls_c
         return order, by_group, impls, impls[0].domain
 
     def _combined_impl(self, order: list[Group], impls: list):

@@ -42,6 +42,11 @@ class Implementation:
         self.group = group
         self.options = options
 
+    def combine_key(self) -> Optional[tuple]:
+        """Instances with the same key (not None) can run their groups in one instance
+        (:meth:`combine`); None (the default): this one runs alone."""
+        return None
+
     @classmethod
     def combine(cls, impls: Sequence["Implementation"], options) -> Optional["Implementation"]:
         """One instance running all of ``impls``' groups together (their items concatenated in

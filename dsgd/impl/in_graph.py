@@ -66,6 +66,9 @@ class GroupedInGraph(OpsDTensor):
             return "inside an XLA-compiled function (XLA compiles Assert to nothing)"
         return reason
 
+    def combine_key(self) -> tuple:
+        return (type(self), self.group.dtype, self._tmomentum, str(self.group.mesh))
+
     @classmethod
     def combine(cls, impls: Sequence["GroupedInGraph"], options) -> Optional["GroupedInGraph"]:
         """One node for several layout groups that share a dtype (the kernel ignores layouts)."""

@@ -125,6 +125,9 @@ class Grouped(LocalImplementation):
         # the variable sets are packed at the first step that needs them: an instance that is
         # combined with others (combine) never packs its own
 
+    def combine_key(self) -> tuple:
+        return (type(self), self.group.dtype, self._tmomentum, tuple(self.devices), str(self.group.mesh))
+
     @classmethod
     def combine(cls, impls: Sequence["Grouped"], options) -> Optional["Grouped"]:
         """One instance for several groups' variables (one kernel call per device for all of

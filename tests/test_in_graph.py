@@ -1,0 +1,113 @@
+"""``grouped`` inside ``tf.function``: the labelled ``Assert`` node (:mod:`dsgd.impl.in_graph`).
+
+The float64 grids (``test_optimizer_numerics``, ``test_sparse``) run it in their ``function``
+mode and ``test_keras_fit`` under ``model.fit``; here: what is particular to the node — one
+node per dtype per step, whatever the number of variables and layouts; mixed dtypes; a whole
+custom training step whose gradients come back in another layout than their variables; and
+XLA, which compiles ``Assert`` to nothing, so the node must never reach it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from _helpers import U, assert_close, check_subprocess, dgrad, dsgd, dvar, r64, randn, require_impl, run_subprocess, value
+from dsgd.impl.in_graph import KERNEL_LABEL
+
+
+def _ran(opt) -> set:
+    return {n for g in opt.plan for n in g.__dict__.get("_impls", {})}
+
+
+def _labelled_nodes(concrete) -> int:
+    return sum(1 for op in concrete.graph.get_operations()
+               if op.type == "Assert" and op.node_def.attr["_kernel"].s.decode() == KERNEL_LABEL)
+
+
+def test_one_node_per_dtype_mixed_dtypes_and_layouts(meshes):
+    """Four layouts in float32 and one bfloat16 variable: two nodes per step (one per dtype), and
+    every variable matches float64 after three steps."""
+    require_impl("grouped")
+    mesh = meshes("batch=2,model=4")
+    rng = np.random.default_rng(5)
+    specs = [((8, 4), [U, U], "float32"), ((8, 4), ["model", U], "float32"), ((4, 8), [U, "batch"], "float32"),
+             ((8,), ["model"], "float32"), ((8, 4), [U, "model"], "bfloat16")]
+    w0 = [randn(rng, s, d) for s, _, d in specs]
+    vs = [dvar(w, mesh, spec, d, name=f"v{i}") for i, (w, (_, spec, d)) in enumerate(zip(w0, specs))]
+    opt = dsgd.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=0.01, mesh=mesh)
+    o64 = r64.Options64(learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+    states = [r64.init_state([w], o64) for w in w0]
+    fn = tf.function(lambda gs: opt.apply_gradients(zip(gs, vs)))
+    for _ in range(3):
+        gs = [randn(rng, s, d) for s, _, d in specs]
+        fn([dgrad(g, v) for g, v in zip(gs, vs)])
+        for st, g in zip(states, gs):
+            r64.step(st, [g], o64)
+    for v, st, (_, _, d) in zip(vs, states, specs):
+        assert_close(value(v), st.weights[0], d, f"in-graph grouped, {v.name}")
+    assert _ran(opt) == {"grouped_graph"}
+    assert _labelled_nodes(fn.get_concrete_function([dgrad(w, v) for w, v in zip(w0, vs)])) == 2
+
+
+def test_custom_train_step_relayouts_gradients(meshes):
+    """A whole custom tf.function step (GradientTape, then apply_gradients) on a LayoutMap model:
+    gradients may come back replicated for sharded kernels; the in-graph path relayouts them, and
+    its weights equal the fused DTensor path's bit for bit."""
+    require_impl("grouped")
+    from dsgd import models
+
+    mesh = meshes("batch=2,model=4")
+    spec = models.get_model_spec("resmlp-small")
+    out = {}
+    for impl in ("auto", "fused"):
+        opt = dsgd.SGD(0.05, momentum=0.9, mesh=mesh, implementation=impl)
+        ts = models.build_training_step(spec, mesh, opt, "train_step")
+        for _ in range(3):
+            ts.step()
+        out[impl] = [value(v) for v in ts.model.trainable_variables]
+        if impl == "auto":
+            assert _ran(opt) == {"grouped_graph"}
+    for a, f in zip(out["auto"], out["fused"]):
+        np.testing.assert_array_equal(a, f)
+
+
+def test_xla_compiled_function_runs_fused(meshes):
+    """Inside ``tf.function(jit_compile=True)`` XLA would drop an Assert: ``auto`` runs ``fused`` there
+    (on one device: XLA compiles DTensor functions on a single-device mesh)."""
+    require_impl("grouped")
+    rng = np.random.default_rng(2)
+    w0 = randn(rng, (6, 5))
+    v = tf.Variable(w0, dtype=tf.float32)
+    opt = dsgd.SGD(0.1, momentum=0.9)
+    o64 = r64.Options64(learning_rate=0.1, momentum=0.9)
+    state = r64.init_state([w0], o64)
+    fn = tf.function(lambda g: opt.apply_gradients([(g, v)]), jit_compile=True)
+    for _ in range(3):
+        g = randn(rng, (6, 5))
+        fn(tf.constant(g, tf.float32))
+        r64.step(state, [g], o64)
+    assert_close(v.numpy(), state.weights[0], "float32", "auto under jit_compile=True")
+    assert _ran(opt) == {"fused"}
+
+
+@pytest.mark.slow
+def test_xla_auto_clustering_leaves_the_node_alone():
+    """With XLA auto-clustering on for the whole process (TF_XLA_FLAGS, as users set it for speed),
+    the labelled node is kept out of XLA clusters (``_XlaCompile=False``): the update still happens."""
+    require_impl("grouped")
+    out = check_subprocess(run_subprocess("""
+        import numpy as np, tensorflow as tf, dsgd
+        from _helpers import dvar, dgrad, value, U
+        from dsgd.meshspec import make_mesh
+        mesh = make_mesh("1")  # auto-clustering breaks DTensor's own relayouts on several CPU devices
+        v = dvar(np.ones((8, 4)), mesh, ["batch", U])
+        opt = dsgd.SGD(0.5, mesh=mesh)
+        fn = tf.function(lambda g: opt.apply_gradients([(g, v)]))
+        for _ in range(2):
+            fn(dgrad(np.ones((8, 4)), v))
+        print("RESULT", float(value(v).max()), float(value(v).min()),
+              sorted({n for g in opt.plan for n in g.__dict__.get("_impls", {})}))
+    """, env={"TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"}, timeout=600))
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
+    assert line == "RESULT 0.0 0.0 ['grouped_graph']", line  # 1 - 2 * 0.5 * 1
