@@ -357,7 +357,8 @@ def check_launch(args, command: Sequence[str]) -> None:
         return
     from dsgd.cli import build_parser
 
-    sub = build_parser().parse_args(list(command))  # a bad option: argparse's one-line error, exit 2
+    # a bad option: argparse's one-line error ("dsgd launch -- dsgd bench: error: ..."), exit 2
+    sub = build_parser("dsgd launch -- dsgd").parse_args(list(command))
     devices = Devices(args.clients * args.devices_per_client, True,
                       f"--clients {args.clients} x --devices-per-client {args.devices_per_client}")
     if sub.command == "bench":

@@ -439,7 +439,7 @@ def verdict(c, *, run_s: Optional[float] = None) -> list[str]:
     if not out:
         out.append("verdict: no configuration has both dsgd and tf_keras measured, so no speed-up")
     failed = int((c["status"] != "ok").sum())
-    tail = [f"{failed} failed (below)"] if failed else []
+    tail = [f"{failed} row{'s' if failed != 1 else ''} with a failed case (below)"] if failed else []
     if run_s is not None:
         tail.append(f"run time {_duration(run_s)}")
     if tail:
@@ -460,7 +460,7 @@ def render_table(df, *, run_s: Optional[float] = None, width: int = WIDTH) -> st
     notes.append(
         "A row: one optimizer step (apply_gradients of random gradients to every variable of the workload, on the "
         f"mesh), median ms of {steps or 'the'} timed steps"
-        + (", dsgd and tf_keras' DTensor SGD (in a tf.function) interleaved in one worker" if paired else "")
+        + (", dsgd and tf_keras' DTensor SGD (in a tf.function) interleaved in one process" if paired else "")
         + "; speed-up = tf_keras ms / dsgd ms; spread = (p90 - p10) / median; roofline = the step's ideal memory "
         "traffic at the copy bandwidth" + (f" measured in this run ({bw:.1f} GB/s)" if bw else "")
         + " / the step time (1 = memory-bound); first step = trace + compile + one step.")
@@ -475,13 +475,14 @@ def render_table(df, *, run_s: Optional[float] = None, width: int = WIDTH) -> st
                      "in first-step times (cached for later runs).")
     for n in notes:
         lines += textwrap.wrap(n, width)
-    failed = c[c["status"] != "ok"]
-    if len(failed):
+    failed = df[df["status"] != "ok"]
+    if len(failed):  # each failed case once (a failed reference is shared by its configuration's rows)
+        keys = config_columns(df)
+        varying = [k for k in keys if df[k].astype(str).nunique() > 1]
         lines += ["", "failed:"]
-        for r in failed.itertuples(index=False):
-            d = r._asdict()
-            label = " ".join(_text(k, d[k]) for k in config_columns(c)) + f" {_text('', d['implementation'])}"
-            lines += textwrap.wrap(f"{label}: {d['error'][:300]}", width, initial_indent="  ",
+        for _, r in failed.iterrows():
+            label = " ".join(_text(k, r[k]) for k in varying + ["implementation"])
+            lines += textwrap.wrap(f"{label}: {str(r.get('error'))[:300]}", width, initial_indent="  ",
                                    subsequent_indent="    ")
     return "\n".join(lines)
 

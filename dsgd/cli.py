@@ -19,11 +19,12 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (the value, what is allowed, where to read more), exit 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # prog is "dsgd launch -- dsgd bench" for a launched command: its help is dsgd bench's
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split(' -- ')[-1]} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="dsgd", description="Tuned mesh-aware SGD for DTensor, and its harness.")
+def build_parser(prog: str = "dsgd") -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description="Tuned mesh-aware SGD for DTensor, and its harness.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, (mod, helptext) in COMMANDS.items():
         try:

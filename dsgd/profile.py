@@ -321,7 +321,8 @@ def add_arguments(p) -> None:
                    help=f"one-big | bert-mini | many-small | resnet-ish | FILE.json (repeatable; default {list(DEFAULT_WORKLOADS)})")
     p.add_argument("--mesh", action="append", help=f"e.g. 1, batch=8, batch=2,model=4 (repeatable; default {list(DEFAULT_MESHES)})")
     p.add_argument("--layout", action="append", help="replicated | sharded | LAYOUT_MAP.json (repeatable; default sharded)")
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="dtype of variables and gradients (repeatable; default float32)")
     p.add_argument("--implementation", action="append",
                    help="auto | reference | ops | fused | per_shard | grouped | xla | sharded_state (repeatable; default auto)")
     p.add_argument("--options", action="append", choices=["momentum", "sgd", "full"],
@@ -332,8 +333,8 @@ def add_arguments(p) -> None:
     p.add_argument("--time-steps", type=int, default=10, help="steps timed by the harness before profiling (default 10)")
     p.add_argument("--force", action="store_true", help="replace runs already captured for this commit")
     p.add_argument("--commit", help="name the runs after this commit (default: the source tree's HEAD, +dirty if modified)")
-    p.add_argument("--devices", type=int, default=8, help="logical devices per worker (default 8)")
-    p.add_argument("--device", default="CPU", choices=["CPU", "GPU"])
+    p.add_argument("--devices", type=int, default=8, help="logical devices per worker; every --mesh must fit (default 8)")
+    p.add_argument("--device", default="CPU", choices=["CPU", "GPU"], help="where the mesh lives (default CPU)")
     p.add_argument("--allocator", choices=["default", "bfc"], default="default",
                    help="CPU allocator of the workers; 'bfc' also records the memory profile (peak bytes in use)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per config before its worker is killed")

@@ -71,6 +71,9 @@ def test_two_clients_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_bench_table_through_the_launcher(tmp_path):
+    """A bench table from 2 clients, where client 1 is slow (it waits DELAY ms before each step
+    ends): the step time reported is the whole mesh's -- at least DELAY -- not client 0's own."""
+    delay_ms = 150
     workload = tmp_path / "small.json"
     workload.write_text(json.dumps([{"name": "a/kernel", "shape": [64, 32]}, {"name": "a/bias", "shape": [32]},
                                     {"name": "b/kernel", "shape": [32, 16]}]))
@@ -80,14 +83,18 @@ def test_bench_table_through_the_launcher(tmp_path):
          "--", "dsgd", "bench", "--workload", str(workload), "--mesh", "batch=2,model=4",
          "--implementation", "auto", "--implementation", "reference", "--options", "full", "--steps", "2",
          "--format", "csv", "--quiet"],
-        capture_output=True, text=True, cwd=ROOT, env=_cli_env(), timeout=500)
+        capture_output=True, text=True, cwd=ROOT, timeout=500,
+        env=_cli_env(**{mc.ENV_FAULT_CLIENT: "1", mc.ENV_FAULT_STEP_DELAY_MS: str(delay_ms)}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     import pandas as pd
 
     df = pd.read_csv(io.StringIO(proc.stdout))
     assert len(df) == 2 and (df["status"] == "ok").all(), proc.stdout
     assert set(df["implementation"]) == {"auto", "reference"}
-    assert (df["mesh"] == "batch=2,model=4").all() and (df["median_ms"] > 0).all()
+    assert (df["mesh"] == "batch=2,model=4").all()
+    # client 0's own step takes ~1 ms; the mesh's step waits for client 1
+    assert (df["min_ms"] >= delay_ms).all(), df[["implementation", "min_ms", "median_ms"]]
+    assert (df["clients"] == 2).all() and (df["barrier_ms"] < delay_ms).all()
     print(f"bench through the launcher: {time.monotonic() - t0:.1f} s")
 
 
