@@ -255,7 +255,10 @@ def check_profile(args) -> None:
     from dsgd import profile
 
     if args.diff:
-        check_input_file(args.ledger or os.path.join(args.out, "ledger.csv"), "--ledger")
+        ledger = args.ledger or os.path.join(args.out, "ledger.csv")
+        if not os.path.isfile(ledger):
+            raise UsageError(f"--diff: no ledger at {ledger!r}; capture profiles first (dsgd profile), or give "
+                             "--ledger FILE / --out DIR")
         return
     _common(args)
     check_int(args.time_steps, "--time-steps")

@@ -373,8 +373,9 @@ _OPTIONAL = ("spread", "first", "roofline")
 
 def format_compact(c, *, width: int = WIDTH) -> list[str]:
     """The lines of the default table from :func:`compact`'s frame: configuration values that
-    are the same on every row go in one line above it; no line is wider than ``width``."""
-    keys = [k for k in config_columns(c)]
+    are the same on every row go in one line above it; to keep lines within ``width``, the
+    optional columns are dropped (:data:`_OPTIONAL`, in order), then long values shortened."""
+    keys = config_columns(c)
     c = c.copy()
     c["dsgd"] = [("-" if i != i else str(i)) + (f" ({u})" if u == u and u and u != i else "")
                  for i, u in zip(c["implementation"], c["impl_used"])]
@@ -384,7 +385,7 @@ def format_compact(c, *, width: int = WIDTH) -> list[str]:
     shown = [k for k in keys if k not in same] + ([] if "dsgd" in same else ["dsgd"])
 
     lines = []
-    if len(c):
+    if len(c) and same:
         lines += textwrap.wrap("every row: " + ", ".join(f"{k} {_text(k, c[k].iloc[0])}" for k in same), width)
     drop: list[str] = []
     limit = 40  # longest configuration value shown; shortened further if the table is still too wide
@@ -456,7 +457,7 @@ def render_table(df, *, run_s: Optional[float] = None, width: int = WIDTH) -> st
     notes = verdict(c, run_s=run_s)
     steps = int(df["steps"].max()) if "steps" in df and df["steps"].notna().any() else None
     bw = df["copy_gbps"].dropna().median() if "copy_gbps" in df and df["copy_gbps"].notna().any() else None
-    paired = "paired" in df and df["paired"].fillna(False).astype(bool).any()
+    paired = "paired" in df and bool(df["paired"].eq(True).any())
     notes.append(
         "A row: one optimizer step (apply_gradients of random gradients to every variable of the workload, on the "
         f"mesh), median ms of {steps or 'the'} timed steps"
