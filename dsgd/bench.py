@@ -434,8 +434,9 @@ def verdict(c, *, run_s: Optional[float] = None) -> list[str]:
         geo = math.exp(float(np.log(sp).mean()))
         w = g.loc[sp.idxmin()]
         where = ", ".join(f"{k} {_text(k, w[k])}" for k in varying) or "the one configuration"
-        word = "faster" if geo >= 1 else "slower"
-        out.append(f"verdict: dsgd ({impl}) {geo:.2f}x {word} than tf_keras, geometric mean of {len(g)} "
+        how = f"{geo:.2f}x faster than tf_keras" if geo >= 1 else \
+            f"{1 / geo:.2f}x slower than tf_keras (speed-up {geo:.2f}x)"
+        out.append(f"verdict: dsgd ({impl}) {how}, geometric mean of {len(g)} "
                    f"configuration{'s' if len(g) != 1 else ''}; worst {sp.min():.2f}x ({where}), best {sp.max():.2f}x")
     if not out:
         out.append("verdict: no configuration has both dsgd and tf_keras measured, so no speed-up")

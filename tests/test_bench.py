@@ -199,3 +199,11 @@ def test_kernel_build_is_not_a_first_step(monkeypatch, tmp_path):
     row = bench.run_job(dict(_func="run_case", workload=str(wl), mesh="1", implementation="auto", steps=2))
     assert row["status"] == "ok" and row["build_s"] == 1.5 and row["first_step_s"] < 1.5
     assert bench.prepare_kernels(["reference"]) == 0.0  # the reference needs no kernels
+
+
+def test_verdict_says_slower_when_slower():
+    from dsgd.bench import compact, verdict
+
+    df = _frame(workloads=("one-big",), meshes=("1",))
+    df.loc[df["implementation"] == "auto", "median_ms"] = 40.0  # the reference takes 20
+    assert "2.00x slower than tf_keras (speed-up 0.50x)" in verdict(compact(df))[0]
