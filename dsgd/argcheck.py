@@ -175,8 +175,9 @@ def check_plot_file(path: Optional[str], flag: str = "--plot") -> None:
 
     kinds = sorted(FigureCanvasBase.get_supported_filetypes())
     if ext not in kinds:
-        raise UsageError(f"{flag} {path!r}: matplotlib cannot write {('.' + ext) if ext else 'a file without an extension'}; "
-                         f"end the name with one of: {_names('.' + k for k in kinds)}")
+        what = f".{ext} files" if ext else "a file without an extension"
+        raise UsageError(f"{flag} {path!r}: matplotlib cannot write {what}; end the name with one of: "
+                         f"{_names('.' + k for k in kinds)}")
 
 
 def check_input_file(path: Optional[str], flag: str) -> None:

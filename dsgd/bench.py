@@ -10,7 +10,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import textwrap
 import time
 from dataclasses import asdict, fields
