@@ -15,8 +15,16 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsgd", description="Tuned mesh-aware SGD for DTensor, and its harness.")
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the value, what is allowed, where to read more), exit 2."""
+
+    def error(self, message: str):
+        # prog is "dsgd launch -- dsgd bench" for a launched command: its help is dsgd bench's
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split(' -- ')[-1]} --help)\n")
+
+
+def build_parser(prog: str = "dsgd") -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description="Tuned mesh-aware SGD for DTensor, and its harness.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, (mod, helptext) in COMMANDS.items():
         try:
@@ -36,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     try:
         return int(args._main(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # argcheck.UsageError and the libraries' own input errors
         print(f"dsgd {args.command}: error: {e}", file=sys.stderr)
         return 2
 

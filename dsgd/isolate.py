@@ -39,6 +39,23 @@ def child_env(extra: Optional[dict] = None) -> dict:
     return env
 
 
+NOTE = "dsgd: "  # a worker's stderr lines starting so are notes for the user (dsgd.kernels.note), passed on
+
+
+def _read_stderr(stream, lines: list[str]) -> None:
+    """Keep a worker's stderr (its tail goes into failure messages); pass its notes on to ours."""
+    for line in stream:
+        lines.append(line)
+        if line.startswith(NOTE):
+            try:  # above a progress bar, which tqdm redraws
+                from tqdm.auto import tqdm
+
+                tqdm.write(line.rstrip("\n"), file=sys.stderr)
+            except ImportError:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+
 def run_isolated(func: str, payloads: list[dict], *, devices: int = 8, device_type: str = "CPU",
                  timeout: Optional[float] = None, on_result: Optional[Callable[[int, dict], None]] = None,
                  env: Optional[dict] = None) -> list[dict]:
@@ -63,7 +80,7 @@ def run_isolated(func: str, payloads: list[dict], *, devices: int = 8, device_ty
             import threading
 
             stderr_lines: list[str] = []
-            t = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)
+            t = threading.Thread(target=_read_stderr, args=(proc.stderr, stderr_lines), daemon=True)
             t.start()
             timer = None
             if timeout:

@@ -176,10 +176,19 @@ def _build_model_case(case: Case) -> Built:
 
 
 def sync() -> None:
-    """Wait for DTensor's asynchronous eager work (it returns before the work is done)."""
+    """Wait for DTensor's asynchronous eager work (it returns before the work is done).
+
+    In a multi-client run (:mod:`dsgd.multiclient`) it then waits for every client to get
+    here too (:func:`dsgd.multiclient.step_barrier`), so a step timed around it is the whole
+    mesh's step -- done on every client -- not this client's share of it.
+    """
     from tensorflow.python.eager import context
 
+    from dsgd import multiclient
+
     context.async_wait()
+    if multiclient.is_client():
+        multiclient.step_barrier()
 
 
 def time_first_step(built: Built) -> float:

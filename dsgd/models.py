@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 GLOBAL_BATCH = 16
+LAYOUT_POLICIES = ("sharded", "replicated")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ def layout_map(mesh, policy: str = "sharded"):
     import tf_keras
     from tensorflow.experimental import dtensor
 
+    if policy not in LAYOUT_POLICIES:
+        raise ValueError(f"layout policy must be one of {LAYOUT_POLICIES} for a model of dsgd.models, got {policy!r}")
     u = "unsharded"
     lm = tf_keras.dtensor.experimental.LayoutMap(mesh=mesh)
     if policy == "sharded" and "model" in mesh.dim_names:

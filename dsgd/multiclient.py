@@ -44,6 +44,9 @@ ENV_LAUNCHED = "DSGD_LAUNCHED"
 ENV_FAULT_CLIENT = "DSGD_FAULT_CLIENT"
 ENV_FAULT_AT = "DSGD_FAULT_AT"
 FAULT_EXIT_CODE = 17
+# A slow client, for tests: client DSGD_FAULT_CLIENT sleeps this many ms before each step barrier.
+ENV_FAULT_STEP_DELAY_MS = "DSGD_FAULT_STEP_DELAY_MS"
+STEP_BARRIER_TIMEOUT_S = 300  # one step (a first step compiles: tens of seconds under load)
 READY_MARKER = "@@dsgd-client-ready"  # on stderr, once the cluster is up (launched clients only)
 DONE_MARKER = "@@dsgd-client-done"  # on stderr, after the exit barrier: this client's result is complete
 DEFAULT_JOB_NAME = "worker"
@@ -180,6 +183,38 @@ def wait_for_all(name: str = "dsgd-exit", timeout_s: float = EXIT_BARRIER_TIMEOU
 
     context.async_wait()
     context.context().wait_at_barrier(name, int(timeout_s * 1000))
+
+
+_STEP_BARRIERS = 0
+
+
+def step_barrier(timeout_s: float = STEP_BARRIER_TIMEOUT_S, *, fault: bool = True) -> None:
+    """Wait until every client has finished its local work up to here (all clients call it
+    in the same order; each call is its own barrier).  :func:`dsgd.measure.sync` calls it, so
+    a multi-client step time is the time of the slowest client's step, not client 0's own."""
+    from tensorflow.python.eager import context
+
+    global _STEP_BARRIERS
+    _STEP_BARRIERS += 1
+    delay = os.environ.get(ENV_FAULT_STEP_DELAY_MS)
+    if fault and delay and os.environ.get(ENV_FAULT_CLIENT) == os.environ.get(ENV_CLIENT_ID):
+        time.sleep(float(delay) / 1e3)
+    try:
+        context.context().wait_at_barrier(f"dsgd-step/{_STEP_BARRIERS}", int(timeout_s * 1000))
+    except Exception as e:  # noqa: BLE001 - a client failed or fell out of step: fail the cluster fast
+        msg = f"client {os.environ.get(ENV_CLIENT_ID)}: step barrier {_STEP_BARRIERS} failed: {type(e).__name__}: {e}"
+        report_error(msg)
+        raise RuntimeError(msg) from None
+
+
+def barrier_ms(repeats: int = 5) -> float:
+    """The median cost of :func:`step_barrier` alone, in ms (every client must call it together)."""
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step_barrier(fault=False)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return sorted(out)[len(out) // 2]
 
 
 def leave_together(cfg: ClientConfig, timeout_s: float = EXIT_BARRIER_TIMEOUT_S) -> None:

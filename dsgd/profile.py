@@ -18,8 +18,10 @@ captures the HLO of XLA paths (:func:`dsgd.impl.xla.capture_hlo`).  Layout on di
       history/<config>/events.out.tfevents.*.<commit>   step time per commit (Scalars tab)
 
 so ``tensorboard --logdir profiles`` lists runs as ``<commit>/<config>``.  A config that claims
-XLA (``--xla on``) but whose trace holds no HLO module fails loudly; a bad config (unknown
-workload, a mesh that does not fit, an error in the worker) is reported and skipped, and the rest
+XLA (``--xla on``) but whose trace holds no HLO module fails loudly.  ``dsgd profile`` refuses a
+bad value (unknown workload, a mesh that does not fit, ...) before anything starts (exit 2,
+:mod:`dsgd.argcheck`); :func:`capture` called directly reports such a config and skips it without
+writing it to the ledger, and a config whose worker fails is recorded as failed; the rest
 go on.  Runs already captured are never overwritten without ``--force``.
 
 ``dsgd profile --diff A B`` prints the ledger's summaries of two commits side by side.
@@ -150,6 +152,10 @@ def capture_config(payload: dict) -> dict:
         phases[name] = round(now - clock[0], 2)
         clock[0] = now
 
+    from dsgd.bench import prepare_kernels
+
+    row["build_s"] = prepare_kernels([case.implementation])  # the one-time kernel build: not the first step's
+    phase("kernels")
     built = measure.build_case(case)
     measure.sync()
     phase("build")
@@ -277,11 +283,10 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
             rows.append(row)
             continue
         why = precheck(case, devices)
-        if why:
+        if why:  # reported, not written: a typo must not enter the per-commit history
             row = dict(base, status="failed", error=why)
             echo(f"FAILED   {info['commit']}/{name}: {why}")
             rows.append(row)
-            ps.append_ledger(ledger, [row])
             continue
         if os.path.isdir(run_dir):
             shutil.rmtree(run_dir)  # --force, or an earlier failed capture
@@ -316,7 +321,8 @@ def add_arguments(p) -> None:
                    help=f"one-big | bert-mini | many-small | resnet-ish | FILE.json (repeatable; default {list(DEFAULT_WORKLOADS)})")
     p.add_argument("--mesh", action="append", help=f"e.g. 1, batch=8, batch=2,model=4 (repeatable; default {list(DEFAULT_MESHES)})")
     p.add_argument("--layout", action="append", help="replicated | sharded | LAYOUT_MAP.json (repeatable; default sharded)")
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"],
+                   help="dtype of variables and gradients (repeatable; default float32)")
     p.add_argument("--implementation", action="append",
                    help="auto | reference | ops | fused | per_shard | grouped | xla | sharded_state (repeatable; default auto)")
     p.add_argument("--options", action="append", choices=["momentum", "sgd", "full"],
@@ -327,8 +333,8 @@ def add_arguments(p) -> None:
     p.add_argument("--time-steps", type=int, default=10, help="steps timed by the harness before profiling (default 10)")
     p.add_argument("--force", action="store_true", help="replace runs already captured for this commit")
     p.add_argument("--commit", help="name the runs after this commit (default: the source tree's HEAD, +dirty if modified)")
-    p.add_argument("--devices", type=int, default=8, help="logical devices per worker (default 8)")
-    p.add_argument("--device", default="CPU", choices=["CPU", "GPU"])
+    p.add_argument("--devices", type=int, default=8, help="logical devices per worker; every --mesh must fit (default 8)")
+    p.add_argument("--device", default="CPU", choices=["CPU", "GPU"], help="where the mesh lives (default CPU)")
     p.add_argument("--allocator", choices=["default", "bfc"], default="default",
                    help="CPU allocator of the workers; 'bfc' also records the memory profile (peak bytes in use)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per config before its worker is killed")
@@ -353,9 +359,10 @@ def _ledger_commit(df, name: str) -> str:
 
 
 def main(args) -> int:
-    from dsgd import profile_summary as ps
+    from dsgd import argcheck, profile_summary as ps
     from dsgd.bench import make_cases, parse_xla
 
+    argcheck.check_profile(args)  # before any worker starts or anything is written
     ledger = args.ledger or os.path.join(args.out, "ledger.csv")
     if args.diff:
         df = ps.read_ledger(ledger)

@@ -126,3 +126,125 @@ def test_modes_graph_and_fit_side_by_side(tmp_path):
     auto, ref, floor = df.to_dict("records")
     assert auto["share_ms"] == 2.0 and ref["share_ms"] == 20.0 and auto["share_speedup"] == 10.0
     assert np.isnan(floor["share_ms"]) and np.isnan(floor["speedup"]) and auto["speedup"] == 2.5
+    from dsgd.bench import render
+
+    text = render(df.assign(p10_ms=df["median_ms"], p90_ms=df["median_ms"], impl_used="grouped_graph"))
+    assert "floor" in text and "10.00x" in text and "(optimizer's share of a whole training step)" in text
+    assert max(map(len, text.splitlines())) <= 120
+
+
+# ------------------------------------------------------------------------------- the output
+def _frame(workloads=("one-big", "bert-mini", "many-small"), meshes=("1", "batch=8", "batch=2,model=4"),
+           layouts=("sharded",), impls=("auto",), extra=None):
+    """Rows as dsgd.bench.run makes them (plain data): dsgd k times faster than the reference."""
+    import pandas as pd
+
+    from dsgd.bench import add_ratios
+    from dsgd.measure import Case
+
+    rows = []
+    k = 1
+    for w in workloads:
+        for m in meshes:
+            for lay in layouts:
+                k += 1
+                for impl in (*impls, "reference"):
+                    ms = 10.0 * k if impl == "reference" else 10.0
+                    row = dict(vars(Case(workload=w, mesh=m, layout=lay, implementation=impl)), **(extra or {}))
+                    row.update(status="ok", impl_used="grouped" if impl == "auto" else impl, median_ms=ms,
+                               p10_ms=0.9 * ms, p90_ms=1.2 * ms, steps=10, first_step_s=0.5, roofline_frac=0.9 / k,
+                               copy_gbps=30.0, build_s=21.0 if not rows else 0.0, paired=True, error=None)
+                    rows.append(row)
+    return add_ratios(pd.DataFrame(rows))
+
+
+def test_compact_frame_puts_dsgd_and_the_reference_side_by_side():
+    from dsgd.bench import compact
+
+    df = _frame()
+    c = compact(df)
+    assert len(c) == 9 and (c["implementation"] == "auto").all()  # one row per configuration
+    assert list(c["speedup"]) == [float(k) for k in range(2, 11)]
+    assert (c["reference_ms"] == c["median_ms"] * c["speedup"]).all()
+    assert c["spread"].round(6).eq(0.3).all() and (c["status"] == "ok").all()
+    # every Case field but the implementation is part of the configuration: one added later (e.g. a
+    # mode) splits configurations by itself
+    df2 = _frame(extra={"mode": "graph"})
+    both = compact(df.__class__(list(df.to_dict("records")) + list(df2.to_dict("records"))))
+    assert len(both) == 18 and set(both["mode"]) == {"eager", "graph"}
+
+
+def test_default_table_fits_120_columns_and_ends_with_the_verdict():
+    from dsgd.bench import render
+
+    df = _frame()
+    text = render(df, "table", run_s=372)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 120
+    assert lines[0].startswith("every row: layout sharded")  # constant values hoisted above the table
+    assert sum(ln.split(" ")[0] in ("one-big", "bert-mini", "many-small") for ln in lines) == 9
+    flat = " ".join(text.split())  # the notes are wrapped to 120 columns
+    v = flat[flat.index("verdict:"):]
+    geo = (2 * 3 * 4 * 5 * 6 * 7 * 8 * 9 * 10) ** (1 / 9)
+    assert f"{geo:.2f}x faster" in v and "worst 2.00x (workload one-big, mesh 1)" in v
+    assert "run time 6 min 12 s" in flat
+    assert any(ln.startswith("A row: one optimizer step") for ln in lines)
+    assert "21.0 s before the first step" in flat  # the one-time build, reported on its own
+    assert "batch=2,model=4" in render(df, "wide") and len(render(df, "wide").splitlines()[0]) > 120
+
+
+def test_table_stays_within_120_columns_when_everything_varies():
+    """Every key varying, long JSON workload names, several implementations, a failure: still <= 120."""
+    from dsgd.bench import render
+
+    import pandas as pd
+
+    kw = dict(workloads=("a-really-long-workload-file-name-for-testing.json", "one-big"),
+              meshes=("batch=2,model=4", "batch=4,model=2"), layouts=("replicated", "sharded"),
+              impls=("auto", "fused", "sharded_state"))
+    df = pd.concat([_frame(**kw, extra={"dtype": d, "xla": x}) for d in ("float32", "bfloat16") for x in (False, True)],
+                   ignore_index=True)
+    df.loc[3, ["status", "error", "median_ms"]] = ["failed", "ValueError: " + "x" * 500, float("nan")]  # a reference
+    text = render(df, "table", run_s=5)
+    assert max(map(len, text.splitlines())) <= 120, text
+    assert "3 rows with a failed case (below)" in text  # auto, fused and sharded_state lack their reference
+    assert text.count("ValueError") == 1  # the failure itself, once
+    assert text.count("verdict: dsgd") == 3  # one per dsgd implementation
+
+
+def test_json_and_csv_keep_every_field():
+    import io
+
+    import pandas as pd
+
+    from dsgd.bench import render
+
+    df = _frame(workloads=("one-big",), meshes=("1",))
+    assert json.loads(render(df, "json"))[0]["build_s"] == 21.0
+    assert list(pd.read_csv(io.StringIO(render(df, "csv"))).columns) == list(df.columns)
+
+
+def test_kernel_build_is_not_a_first_step(monkeypatch, tmp_path):
+    """run_job builds/loads the kernels before the case is built and timed, and reports that time as build_s."""
+    import time
+
+    from dsgd import bench, kernels
+
+    def slow_prepare():
+        time.sleep(1.5)
+        return 1.5
+
+    monkeypatch.setattr(kernels, "prepare", slow_prepare)
+    wl = tmp_path / "one.json"
+    wl.write_text(json.dumps([{"name": "w", "shape": [8, 4]}]))
+    row = bench.run_job(dict(_func="run_case", workload=str(wl), mesh="1", implementation="auto", steps=2))
+    assert row["status"] == "ok" and row["build_s"] == 1.5 and row["first_step_s"] < 1.5
+    assert bench.prepare_kernels(["reference"]) == 0.0  # the reference needs no kernels
+
+
+def test_verdict_says_slower_when_slower():
+    from dsgd.bench import compact, verdict
+
+    df = _frame(workloads=("one-big",), meshes=("1",))
+    df.loc[df["implementation"] == "auto", "median_ms"] = 40.0  # the reference takes 20
+    assert "2.00x slower than tf_keras (speed-up 0.50x)" in verdict(compact(df))[0]

@@ -71,23 +71,37 @@ def test_two_clients_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_bench_table_through_the_launcher(tmp_path):
+    """A bench table from 2 clients, where client 1 is slow (it waits DELAY ms before each step
+    ends): the step time reported is the whole mesh's -- at least DELAY -- not client 0's own."""
+    delay_ms = 150
     workload = tmp_path / "small.json"
     workload.write_text(json.dumps([{"name": "a/kernel", "shape": [64, 32]}, {"name": "a/bias", "shape": [32]},
                                     {"name": "b/kernel", "shape": [32, 16]}]))
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "dsgd", "launch", "--clients", "2", "--devices-per-client", "4", "--timeout", "400",
+         "--log-dir", str(tmp_path / "logs"),
          "--", "dsgd", "bench", "--workload", str(workload), "--mesh", "batch=2,model=4",
          "--implementation", "auto", "--implementation", "reference", "--options", "full", "--steps", "2",
          "--format", "csv", "--quiet"],
-        capture_output=True, text=True, cwd=ROOT, env=_cli_env(), timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        capture_output=True, text=True, cwd=ROOT, timeout=500,
+        env=_cli_env(**{mc.ENV_FAULT_CLIENT: "1", mc.ENV_FAULT_STEP_DELAY_MS: str(delay_ms)}))
+    # the launcher shows the failing client's stderr; client 0's too, for a failure in the exit handshake
+    client0 = (tmp_path / "logs" / "client0.err")
+    assert proc.returncode == 0, proc.stderr[-3000:] + "\n--- client 0:\n" + (
+        client0.read_text()[-2000:] if client0.exists() else "(no log)")
     import pandas as pd
 
     df = pd.read_csv(io.StringIO(proc.stdout))
     assert len(df) == 2 and (df["status"] == "ok").all(), proc.stdout
     assert set(df["implementation"]) == {"auto", "reference"}
-    assert (df["mesh"] == "batch=2,model=4").all() and (df["median_ms"] > 0).all()
+    assert (df["mesh"] == "batch=2,model=4").all()
+    # client 0's own step takes ~1-3 ms; the mesh's step waits for client 1.  Client 0 starts its
+    # clock when it leaves the previous step's barrier, which under load can be a few tens of ms
+    # after client 1 left it (and started sleeping): hence the margin.
+    times = df[["implementation", "min_ms", "median_ms"]]
+    assert (df["median_ms"] >= 0.8 * delay_ms).all() and (df["min_ms"] >= 0.5 * delay_ms).all(), times
+    assert (df["clients"] == 2).all() and (df["barrier_ms"] < delay_ms).all()
     print(f"bench through the launcher: {time.monotonic() - t0:.1f} s")
 
 

@@ -14,6 +14,12 @@ never load a half-written library.
 Nothing here raises at import: :func:`unavailable_reason` says why the kernels cannot be
 used (no compiler, a failed build with the compiler's last lines, a failed load).
 
+A build (a cache miss: the first use on a machine, or after a change of TensorFlow, compiler
+or source) takes ~20 s of g++; the first one in a process announces itself on stderr, once,
+with a line starting ``dsgd: `` (what, why, how long, where it is cached), and each compile
+says how long it took.  :func:`prepare` builds and loads both libraries up front, so that a
+harness can keep that time out of a step's first-call time (``dsgd bench``'s ``build_s``).
+
 A second artifact, ``dispatch.cc``, is a small CPython extension (``_dsgd_dispatch``) built the
 same way: it hands the components of many DTensors on every local device to one kernel call
 from C++, by address, without a Python object per component (:func:`load_dispatch`; ``DSGD_DISABLE_DISPATCH=1`` turns it
@@ -28,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +45,8 @@ _module = None
 _error: Optional[str] = None
 _dispatch = None
 _dispatch_error: Optional[str] = None
+_announced = False
+NOTE = "dsgd: "  # stderr lines with this prefix are notes a worker's parent passes on (dsgd.isolate)
 
 
 class KernelUnavailable(RuntimeError):
@@ -136,6 +145,8 @@ def build(force: bool = False, source: Path = SOURCE) -> Path:
     with _file_lock(target.with_suffix(".lock")):
         if target.exists() and not force:  # another process built it while we waited
             return target
+        _announce(target.parent)
+        t0 = time.perf_counter()
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
         os.close(fd)
         try:
@@ -148,10 +159,38 @@ def build(force: bool = False, source: Path = SOURCE) -> Path:
                 tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-15:])
                 raise KernelUnavailable(f"compiling {source.name} failed (exit {res.returncode}):\n{tail}")
             os.replace(tmp, target)
+            note(f"compiled {source.name} in {time.perf_counter() - t0:.1f} s -> {target}")
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return target
+
+
+def note(text: str) -> None:
+    """One line on stderr for the user (a worker's parent passes ``dsgd: `` lines on)."""
+    print(NOTE + text, file=sys.stderr, flush=True)
+
+
+def _announce(where: Path) -> None:
+    """Say once per process that the one-time build is starting: what, why, how long, where."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    note(f"building dsgd's C++ kernels ({SOURCE.name}, {DISPATCH_SOURCE.name}) with {compiler()}: needed once per "
+         f"machine and TensorFlow/compiler version, ~20 s; cached in {where} (DSGD_KERNEL_CACHE moves it)")
+
+
+def prepare() -> float:
+    """Build (on a cache miss) and load the kernels and the dispatch extension now; the seconds
+    it took (0 when this process already has them).  Never raises: what is unavailable says so
+    through :func:`unavailable_reason` / :func:`dispatch_unavailable_reason`, as on first use."""
+    if (_module is not None or _error is not None) and (_dispatch is not None or _dispatch_error is not None):
+        return 0.0  # this process already built/loaded them, or knows why not
+    t0 = time.perf_counter()
+    if unavailable_reason() is None:
+        load_dispatch()
+    return time.perf_counter() - t0
 
 
 class _file_lock:
@@ -246,5 +285,5 @@ def dispatch_unavailable_reason() -> Optional[str]:
     return _dispatch_error
 
 
-__all__ = ["load", "build", "unavailable_reason", "KernelUnavailable", "cache_dir", "load_dispatch",
+__all__ = ["load", "build", "prepare", "unavailable_reason", "KernelUnavailable", "cache_dir", "load_dispatch",
            "dispatch_unavailable_reason"]
