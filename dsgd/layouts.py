@@ -314,6 +314,9 @@ class Advice:
     devices_per_host: int = 8
     failed: list = field(default_factory=list)
     statistic: str = "median"
+    plan_search: Any = None  # plans.PlanSearch of the local mesh: what was considered, and why not
+    target_plan_search: Any = None
+    measured_meshes: list = field(default_factory=list)  # [{"mesh", "plans", "why"}]: what was measured, and why
 
     def recommended(self, where: str = "local"):
         df = self.local if where == "local" else self.target
@@ -438,17 +441,29 @@ def advise(model: str, mesh: str, *, target_mesh: Optional[str] = None, options:
                                  f"(--devices {devices}); give a smaller mesh or run with --devices {need}")
     tdims = meshspec.parse_mesh_spec(target_mesh) if target_mesh else None
     specs = list(specs) if specs is not None else load_model(model)
-    plan_list = plans_mod.enumerate_plans(specs, dims, min_shard_bytes=min_shard_bytes, coverage=coverage,
-                                          force=force, max_plans=max_plans)
+    search = plans_mod.search_plans(specs, dims, min_shard_bytes=min_shard_bytes, coverage=coverage,
+                                    force=force, max_plans=max_plans)
+    plan_list = search.plans
     impls = [implementation] + ([REFERENCE] if reference and implementation != REFERENCE else [])
+    who = f"dsgd {implementation!r}" + (" and the tf_keras reference" if REFERENCE in impls and implementation != REFERENCE else "")
+    measured = [{"mesh": meshspec.format_mesh_spec(dims), "plans": [p.name for p in plan_list],
+                 "why": f"the mesh to advise on (--mesh): every candidate plan, {who}"}]
     jobs = [Job(model, meshspec.format_mesh_spec(dims), p, specs, i, options) for p in plan_list for i in impls]
     # calibration points on smaller meshes (vary the device count for the cost model)
     for cm in calibration_meshes or ():
         cdims = meshspec.parse_mesh_spec(cm)
+        cname = meshspec.format_mesh_spec(cdims)
         if meshspec.mesh_size(cdims) >= need or meshspec.mesh_size(cdims) > devices:
+            measured.append({"mesh": cname, "plans": [], "why": (
+                f"not measured: a calibration mesh (--calibration-meshes) must have fewer devices than "
+                f"{meshspec.format_mesh_spec(dims)} ({need})")})
             continue
         cplans = costmodel.validation_plans(specs, cdims)
-        jobs += [Job(model, meshspec.format_mesh_spec(cdims), p, specs, i, options, {"calibration": True})
+        measured.append({"mesh": cname, "plans": [p.name for p in cplans], "why": (
+            f"calibration for the cost model only (--calibration-meshes, default '1'; '' skips it): with "
+            f"{meshspec.mesh_size(cdims)} device(s) next to {need}, the model can tell per-device costs from fixed "
+            f"ones; its steps are not ranked")})
+        jobs += [Job(model, cname, p, specs, i, options, {"calibration": True})
                  for p in cplans for i in impls]
     rows = run_jobs(jobs, devices=devices, steps=steps, progress=progress)
     failed = [r for r in rows if r.get("status") != "ok"]
@@ -485,10 +500,13 @@ def advise(model: str, mesh: str, *, target_mesh: Optional[str] = None, options:
     daxes = data_axes_of(dims, data_axes)
     local = rank(pd.DataFrame(table), "step_ms", data_axes=daxes, allow_fsdp=allow_fsdp, memory_budget=memory_budget)
     advice = Advice(model, meshspec.format_mesh_spec(dims), options, implementation, specs, plan_list, local, rows,
-                    model_fit, devices_per_host=dph, statistic=statistic)
+                    model_fit, devices_per_host=dph, statistic=statistic, plan_search=search,
+                    measured_meshes=measured)
     if tdims:
-        tplans = plans_mod.enumerate_plans(specs, tdims, min_shard_bytes=min_shard_bytes, coverage=coverage,
-                                           force=force, max_plans=max_plans)
+        tsearch = plans_mod.search_plans(specs, tdims, min_shard_bytes=min_shard_bytes, coverage=coverage,
+                                         force=force, max_plans=max_plans)
+        advice.target_plan_search = tsearch
+        tplans = tsearch.plans
         trows = []
         for p in tplans:
             f = costmodel.features(specs, p.layouts, tdims, OPTION_PRESETS[options], implementation, dph)
@@ -527,8 +545,10 @@ def _ms(x) -> str:
 def render_table(advice: Advice, *, reasons: bool = True) -> str:
     lines = [f"dsgd layouts: {advice.model} ({len(advice.specs)} variables, "
              f"{sum(s.size for s in advice.specs):,} parameters), options {advice.options!r}"]
-    lines.append(f"\nmeasured on mesh {advice.mesh} (implementation {advice.implementation!r} vs tf_keras reference; "
-                 f"{advice.statistic} of the timed steps; 'spread': their interquartile range / median):")
+    lines += render_considered(advice)
+    lines.append(f"\nstep times measured on mesh {advice.mesh} (implementation {advice.implementation!r} vs tf_keras reference; "
+                 f"{advice.statistic} of the timed steps; 'spread': their interquartile range / median; "
+                 "'model ms': the cost model's fit):")
     df = advice.local
     view = df[["rank", "plan", "axes", "sharded_vars", "bytes_per_device", "state_bytes_per_device", "step_ms",
                "spread", "reference_ms", "speedup", "model_ms", "n_collectives"]].copy()
@@ -562,6 +582,9 @@ def render_table(advice: Advice, *, reasons: bool = True) -> str:
                                 "sharded_vars": "sharded"})
         tv.insert(1, " ", ["*" if r else "" for r in t["recommended"]])
         lines.append(tv.to_string(index=False, float_format=lambda x: f"{x:.3g}", na_rep="-"))
+        if advice.target_plan_search is not None and advice.target_plan_search.left_out():
+            lines.append(f"not candidates on {advice.target_mesh}:")
+            lines += [f"  - {n.name}: {n.why}" for n in advice.target_plan_search.left_out()]
         trec = advice.recommended("target")
         if trec is not None:
             lines.append(f"\nrecommended on {advice.target_mesh}: {trec['plan']} -- {trec['description']}")
@@ -571,6 +594,27 @@ def render_table(advice: Advice, *, reasons: bool = True) -> str:
         lines.append("\ncost model (fitted here by non-negative least squares on relative error):")
         lines.append(coef.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     return "\n".join(lines)
+
+
+def render_considered(advice: Advice) -> list[str]:
+    """Which plans were candidates and why others were not; which meshes were measured and why."""
+    lines = []
+    search = advice.plan_search
+    if search is not None:
+        names = [p.name for p in search.plans]
+        lines.append(f"\ncandidate plans on {advice.mesh} ({len(names)}, built by rules; see `dsgd layouts --help`): "
+                     + ", ".join(names))
+        lines += [f"  - {g}" for g in search.general]
+        left = search.left_out()
+        if left:
+            lines.append("not candidates:")
+            lines += [f"  - {n.name}: {n.why}" for n in left]
+    if advice.measured_meshes:
+        lines.append("meshes measured:")
+        for m in advice.measured_meshes:
+            plans_txt = f" [{', '.join(m['plans'])}]" if m["plans"] else ""
+            lines.append(f"  - {m['mesh']}{plans_txt}: {m['why']}")
+    return lines
 
 
 def _records(df) -> list[dict]:
@@ -598,6 +642,13 @@ def _jsonable(v):
     return v
 
 
+def _search_dict(search) -> Optional[dict]:
+    if search is None:
+        return None
+    return {"plans": [p.name for p in search.plans], "general": list(search.general),
+            "considered": [{"plan": n.name, "status": n.status, "why": n.why} for n in search.notes]}
+
+
 def advice_dict(advice: Advice) -> dict:
     def plan_map(where):
         p = advice.recommended_plan(where)
@@ -612,6 +663,9 @@ def advice_dict(advice: Advice) -> dict:
         "target_mesh": advice.target_mesh, "target": _records(advice.target),
         "target_recommended": plan_map("target") if advice.target is not None else None,
         "devices_per_host": advice.devices_per_host,
+        "candidates": _search_dict(advice.plan_search),
+        "target_candidates": _search_dict(advice.target_plan_search),
+        "measured_meshes": advice.measured_meshes,
         "cost_model": _records(advice.cost_model.coefficients_table()),
     }
 
