@@ -34,6 +34,7 @@ from dsgd import costmodel, meshspec, plans as plans_mod
 from dsgd.measure import OPTION_PRESETS, REFERENCE
 from dsgd.workloads import WORKLOADS, VarSpec, WorkloadError, get_workload, load_json_workload
 
+MIN_TIMED_S = 0.25  # timed seconds per measurement at least (up to 10x --steps steps)
 NOISE_TOLERANCE = 0.10  # plans within this of the fastest count as equally fast (shared-machine noise)
 DEFAULT_DATA_AXES = ("batch", "data")
 
@@ -203,7 +204,9 @@ def measure_plan(payload: dict) -> dict:
                         implementation=p["implementation"], options=p["options"])
     built = measure.build_case(case)
     first = measure.time_first_step(built)
-    t = measure.time_steps(built.step, steps=steps, warmup=1) * 1e3
+    # short steps get more samples (up to 10x steps, for MIN_TIMED_S): a burst of other work on a
+    # shared machine then moves their median and minimum less (8 samples of a 1.5 ms step are 12 ms)
+    t = measure.time_steps(built.step, steps=steps, warmup=1, min_time=MIN_TIMED_S) * 1e3
     # bytes actually held: every device's components of variables and (rank >= 1) optimizer variables
     per_dev: dict[str, int] = {}
     state_dev: dict[str, int] = {}
