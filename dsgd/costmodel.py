@@ -10,7 +10,12 @@ What it predicts for a plan (one layout per variable) on a mesh:
 
       t = c_const                                     fixed cost of a step
         + c_byte  * host_bytes                        bytes one host moves (all its devices' shards x passes)
-        + c_op    * n_vars * local_devices            one kernel per variable per local device
+        + c_var   * variables                         per variable, whatever the devices (Python, DTensor's
+                                                      per-op SPMD work: paid once per variable)
+        + c_op    * n_vars * local_devices            per variable per local device, serial (handing each
+                                                      device's component to the kernel)
+        + c_par   * n_vars * local_devices / lanes    per variable per local device, spread over the host's
+                                                      cores: lanes = min(local_devices, host_cores)
         + c_dev   * local_devices                     per-device fixed cost (per-device scalars, dispatch)
         + c_coll  * collective_steps                  sum over collectives of ceil(log2(group size))
 
@@ -21,6 +26,15 @@ What it predicts for a plan (one layout per variable) on a mesh:
   the per-device shards the target mesh gives; collectives across hosts are modelled with
   the per-step cost measured between devices of this host (the weakest term: a real network
   is slower and its cost grows with the group).
+
+  Why these terms (what the validation grid showed on 2 cores): logical CPU devices share
+  the host's cores, so per-device kernels of different devices run side by side only up to
+  the number of cores -- tf_keras' step on one device runs its small per-variable kernels
+  one after another, on two devices two at a time, on eight still two at a time
+  (``c_par``); and tf_keras pays DTensor's per-op cost once per variable, not per device
+  (``c_var``), which a per-(variable, device) term alone over-charged on sharded 8-device
+  steps and under-charged on 1-device ones.  ``host_cores`` is this host's (recorded in
+  each measurement; a target host is assumed to have as many).
 
 Coefficients are fitted separately per (implementation, options preset), by non-negative
 least squares (numpy) on relative residuals (rows weighted by 1 / measured time), so that a
@@ -40,7 +54,20 @@ from dsgd.measure import DTYPE_BYTES, OPTION_PRESETS, REFERENCE, Bytes, count_by
 from dsgd.workloads import VarSpec
 
 UNSHARDED = meshspec.UNSHARDED
-FEATURES = ("const", "host_bytes", "var_device_ops", "local_devices", "collective_steps")
+FEATURES = ("const", "host_bytes", "variables", "var_device_ops", "parallel_var_device_ops", "local_devices",
+            "collective_steps")
+# features a measurement saved by an older dsgd lacks: recomputed from its layouts (named workloads)
+DERIVED = ("variables", "parallel_var_device_ops")
+
+
+def host_cores() -> int:
+    """Cores this process may run on (the logical devices of a CPU mesh share them)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 # ------------------------------------------------------------------------------- bytes
@@ -141,17 +168,24 @@ def step_collectives(specs: Sequence[VarSpec], layouts: Sequence[Sequence[str]],
 
 # ------------------------------------------------------------------------------- features
 def features(specs: Sequence[VarSpec], layouts: Sequence[Sequence[str]], mesh_dims, opts: dict,
-             implementation: str = "auto", devices_per_host: Optional[int] = None) -> dict:
-    """The counts the step-time model is linear in, plus the exact bytes and the collectives."""
+             implementation: str = "auto", devices_per_host: Optional[int] = None,
+             cores: Optional[int] = None) -> dict:
+    """The counts the step-time model is linear in, plus the exact bytes and the collectives.
+
+    ``cores``: the host's cores (default: this host's, :func:`host_cores`).
+    """
     n_dev = meshspec.mesh_size(mesh_dims)
     local = n_dev if devices_per_host is None else max(1, min(n_dev, int(devices_per_host)))
+    cores = int(cores) if cores else host_cores()
     b = plan_bytes(specs, layouts, mesh_dims, opts, implementation)
     per_device_traffic = b.step_traffic_total // n_dev
     colls = step_collectives(specs, layouts, mesh_dims, opts, implementation)
     return {
         "const": 1.0,
         "host_bytes": float(per_device_traffic * local),
+        "variables": float(len(specs)),
         "var_device_ops": float(len(specs) * local),
+        "parallel_var_device_ops": float(len(specs) * local) / min(local, cores),
         "local_devices": float(local),
         "collective_steps": float(sum(c.count * c.steps for c in colls)),
         # not features: what the model reports beside the time
@@ -162,6 +196,7 @@ def features(specs: Sequence[VarSpec], layouts: Sequence[Sequence[str]], mesh_di
         "collectives": [asdict(c) | {"text": c.describe()} for c in colls],
         "n_collectives": sum(c.count for c in colls),
         "mesh_devices": n_dev,
+        "host_cores": cores,
     }
 
 
@@ -225,6 +260,8 @@ class CostModel:
         for r in rows:
             if r.get("status", "ok") != "ok" or not (r.get(y) or 0) > 0:
                 continue
+            if any(k not in r for k in FEATURES):  # saved by an older dsgd and not refreshable
+                continue
             by.setdefault((r["implementation"], r["options"]), []).append(r)
         model = cls()
         for key, rs in by.items():
@@ -247,7 +284,9 @@ class CostModel:
             c = fit.coef
             rows.append({"implementation": impl, "options": opt, "rows": fit.n,
                          "const_ms": c["const"], "ms_per_GB": c["host_bytes"] * 1e9,
-                         "us_per_var_device": c["var_device_ops"] * 1e3, "us_per_device": c["local_devices"] * 1e3,
+                         "us_per_var": c["variables"] * 1e3, "us_per_var_device": c["var_device_ops"] * 1e3,
+                         "us_per_var_device_per_lane": c["parallel_var_device_ops"] * 1e3,
+                         "us_per_device": c["local_devices"] * 1e3,
                          "us_per_collective_step": c["collective_steps"] * 1e3, "fit_rel_rmse": fit.rel_rmse})
         return pd.DataFrame(rows)
 
@@ -270,6 +309,7 @@ def fit_coefficients(X: np.ndarray, t: np.ndarray, key=("?", "?")) -> Fit:
 FIT_MESHES = ("1", "batch=2", "model=2", "batch=4", "model=4", "batch=2,model=2")
 TEST_MESHES = ("batch=8", "batch=2,model=4", "batch=4,model=2")
 VALIDATION_WORKLOADS = ("one-big", "bert-mini", "resnet-ish", "many-small")
+GOAL_MEAN_PCT, GOAL_MAX_PCT = 15.0, 30.0  # per workload x implementation, on the 8-device predictions
 
 
 def validation_plans(specs: Sequence[VarSpec], mesh_dims) -> list:
@@ -330,7 +370,7 @@ def validate(rows: Sequence[dict], fit_sizes=(1, 2, 4), test_sizes=(8,), y: str 
                     max_abs_error_pct=("abs_error_pct", "max"), noise_pct=("noise_pct", "mean"),
                     vs_consensus_pct=("error_vs_consensus_pct", "mean"), bytes_exact=("bytes_exact", "all"))
                .reset_index())
-    summary["within_20pct"] = summary["max_abs_error_pct"] <= 20.0
+    summary["goal_met"] = (summary["mean_abs_error_pct"] <= GOAL_MEAN_PCT) & (summary["max_abs_error_pct"] <= GOAL_MAX_PCT)
     return per_row, summary, model
 
 

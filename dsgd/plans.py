@@ -245,17 +245,43 @@ def _apply(specs, groups, chosen_groups: set[int], axes, dim_rule, forced, min_s
     return tuple(out)
 
 
-def enumerate_plans(specs: Sequence[VarSpec], mesh_dims: Sequence[tuple[str, int]], *,
-                    min_shard_bytes: int = DEFAULT_MIN_SHARD_BYTES, coverage: float = DEFAULT_COVERAGE,
-                    force: Optional[Sequence[str]] = None, max_plans: int = 12,
-                    dim_rules: Sequence[str] = ("largest",)) -> list[Plan]:
-    """Whole-model plans for ``specs`` on a mesh, built by the module's rules, de-duplicated.
+@dataclass
+class PlanNote:
+    """One whole-model plan the rules considered: kept as a candidate, or why not."""
+
+    name: str
+    status: str  # "candidate" | "same as another" | "over --max-plans" | "not built"
+    why: str = ""
+
+
+@dataclass
+class PlanSearch:
+    """The candidate plans and, as plain data, what was considered and why some were left out."""
+
+    plans: list[Plan]
+    notes: list[PlanNote] = field(default_factory=list)
+    general: list[str] = field(default_factory=list)  # facts that hold for every plan
+
+    def left_out(self) -> list[PlanNote]:
+        return [n for n in self.notes if n.status != "candidate"]
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} B"
+
+
+def search_plans(specs: Sequence[VarSpec], mesh_dims: Sequence[tuple[str, int]], *,
+                 min_shard_bytes: int = DEFAULT_MIN_SHARD_BYTES, coverage: float = DEFAULT_COVERAGE,
+                 force: Optional[Sequence[str]] = None, max_plans: int = 12,
+                 dim_rules: Sequence[str] = ("largest",)) -> PlanSearch:
+    """Whole-model plans for ``specs`` on a mesh, built by the module's rules, de-duplicated,
+    with a note for every plan considered (kept, or why not).
 
     For each set of mesh axes (each axis alone, and every pair for 2-D) and each dimension
     rule: shard every tied group at or above the threshold (``all``), and shard only the
     largest groups until ``coverage`` of the bytes are sharded (``top``).  Plus the
-    all-replicated plan.  At most ``max_plans`` are returned (replicated first, then by
-    the number of devices the largest variables are split over).
+    all-replicated plan.  At most ``max_plans`` are kept (replicated first, then by the
+    number of devices the largest variables are split over).
     """
     if not specs:
         raise PlanError("the model has no variables")
@@ -276,23 +302,58 @@ def enumerate_plans(specs: Sequence[VarSpec], mesh_dims: Sequence[tuple[str, int
         top.append(g)
         acc += gbytes[g]
 
-    plans: list[Plan] = []
-    seen: dict[tuple, int] = {}
+    search = PlanSearch([])
+    plans = search.plans
+    seen: dict[tuple, str] = {}
 
     def add(plan: Plan) -> None:
         if plan.layouts in seen:
+            other = seen[plan.layouts]
+            why = (f"the same layouts as {other!r}" if other != "replicated" else
+                   "the same layouts as 'replicated': no variable it would shard has a dimension that divides"
+                   f" by {' x '.join(plan.axes)}" if plan.axes else "the same layouts as 'replicated'")
+            search.notes.append(PlanNote(plan.name, "same as another", why))
             return
-        seen[plan.layouts] = len(plans)
+        seen[plan.layouts] = plan.name
         plans.append(plan)
+        search.notes.append(PlanNote(plan.name, "candidate", plan.description))
+
+    # facts that hold for every plan (what a reader asks first when a plan is missing)
+    biggest = max(specs, key=var_bytes)
+    small = [s for s in specs if var_bytes(s) < min_shard_bytes]
+    if small:
+        frac = sum(var_bytes(s) for s in small) / total
+        share = f"{frac:.0%}" if frac >= 0.01 or frac == 0 else f"{frac:.2%}"
+        search.general.append(f"{len(small)} of {len(specs)} variables ({share} of the bytes) are under "
+                              f"--min-shard-bytes ({_kib(min_shard_bytes)}) and stay replicated in every plan")
+    n_forced = sum(f is not None for f in forced)
+    if n_forced:
+        search.general.append(f"{n_forced} variable(s) have a layout forced by --force in every plan")
+    one = [a for a, n in mesh_dims if n == 1]
+    if one:
+        search.general.append(f"mesh axis {', '.join(map(repr, one))} has size 1: sharding on it changes nothing, "
+                              "so no plan uses it")
 
     thresh = f"variables under {min_shard_bytes} bytes stay replicated"
     tied = "tied variables (same shape and name stem) share one layout"
     add(Plan("replicated", tuple(forced[i] or replicated(s) for i, s in enumerate(specs)),
              "every variable replicated on every device (pure data parallelism)", ("baseline",), ()))
     axes = [(a, n) for a, n in mesh_dims if n > 1]
+    if not axes:
+        search.notes.append(PlanNote("(any sharded plan)", "not built",
+                                     f"the mesh {meshspec.format_mesh_spec(mesh_dims)} has one device: "
+                                     "there is nothing to shard over"))
+    elif not eligible:
+        search.notes.append(PlanNote(
+            "(any sharded plan)", "not built",
+            f"no variable reaches --min-shard-bytes ({_kib(min_shard_bytes)}; the largest, {biggest.name!r}, "
+            f"is {_kib(var_bytes(biggest))}), so every sharded plan would equal 'replicated'; "
+            f"give --min-shard-bytes {var_bytes(biggest)} or less to consider sharding"))
     axis_sets = [[ax] for ax in axes] + [list(c) for c in itertools.combinations(axes, 2)]
     axis_sets.sort(key=lambda c: -_prod(n for _, n in c))  # most sharding first
     for rule in dim_rules:
+        if not eligible:
+            break
         for aset in axis_sets:
             names = tuple(a for a, _ in aset)
             label = "+".join(names)
@@ -305,15 +366,34 @@ def enumerate_plans(specs: Sequence[VarSpec], mesh_dims: Sequence[tuple[str, int
                      if len(aset) > 1 else f"every variable >= {min_shard_bytes} B {how}",
                      (thresh, tied, "largest dimension that divides" if rule == "largest" else f"{rule} dimension"),
                      names))
+            top_name = f"{label}{suffix}/top{int(round(coverage * 100))}"
             if len(top) < len(eligible):
-                add(Plan(f"{label}{suffix}/top{int(round(coverage * 100))}",
-                         _apply(specs, groups, set(top), aset, rule, forced, min_shard_bytes),
+                add(Plan(top_name, _apply(specs, groups, set(top), aset, rule, forced, min_shard_bytes),
                          f"only the largest variables, {len(top)} tied groups covering >= {coverage:.0%} of the "
                          f"bytes, {how}; the rest replicated",
                          ("shard the largest matrices first", thresh, tied), names))
+            else:
+                search.notes.append(PlanNote(
+                    top_name, "not built",
+                    f"covering {coverage:.0%} of the bytes (--coverage) takes every variable over the threshold: "
+                    f"it would equal {label + suffix!r}"))
     if len(plans) > max_plans:
-        plans = plans[:max_plans]
-    return plans
+        cut = {p.name for p in plans[max_plans:]}
+        del plans[max_plans:]
+        for n in search.notes:
+            if n.name in cut:
+                n.status, n.why = "over --max-plans", f"--max-plans {max_plans} keeps the first {max_plans} (" \
+                                                       "replicated, then the most sharded)"
+    return search
+
+
+def enumerate_plans(specs: Sequence[VarSpec], mesh_dims: Sequence[tuple[str, int]], *,
+                    min_shard_bytes: int = DEFAULT_MIN_SHARD_BYTES, coverage: float = DEFAULT_COVERAGE,
+                    force: Optional[Sequence[str]] = None, max_plans: int = 12,
+                    dim_rules: Sequence[str] = ("largest",)) -> list[Plan]:
+    """The candidate plans of :func:`search_plans` (without its notes)."""
+    return search_plans(specs, mesh_dims, min_shard_bytes=min_shard_bytes, coverage=coverage, force=force,
+                        max_plans=max_plans, dim_rules=dim_rules).plans
 
 
 def plan_from_policy(specs: Sequence[VarSpec], mesh_dims, policy: str, name: Optional[str] = None) -> Plan:
@@ -385,5 +465,5 @@ def layouts_from_map(specs: Sequence[VarSpec], layout_map: dict[str, str]) -> tu
     return tuple(out)
 
 
-__all__ = ["Plan", "PlanError", "candidates", "enumerate_plans", "tie_groups", "plan_layout_map",
+__all__ = ["Plan", "PlanError", "PlanNote", "PlanSearch", "candidates", "enumerate_plans", "search_plans", "tie_groups", "plan_layout_map",
            "layouts_from_map", "plan_from_policy", "check_layout", "layout_str", "parse_force"]

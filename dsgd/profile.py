@@ -9,7 +9,7 @@ captures the HLO of XLA paths (:func:`dsgd.impl.xla.capture_hlo`).  Layout on di
 
     profiles/
       ledger.csv                          one row per (commit, config): the summary numbers
-      <commit>/<config>/
+      <config>/<commit>/
         plugins/profile/<session>/*.xplane.pb   the trace (TensorBoard's Profile tab)
         events.out.tfevents.*              per-step times of this run (Scalars tab)
         hlo/*.hlo.txt, hlo/hlo_programs.json    HLO per device program, before/after optimisation
@@ -17,11 +17,12 @@ captures the HLO of XLA paths (:func:`dsgd.impl.xla.capture_hlo`).  Layout on di
         summary.json                       the run's summary (also in the ledger)
       history/<config>/events.out.tfevents.*.<commit>   step time per commit (Scalars tab)
 
-so ``tensorboard --logdir profiles`` lists runs as ``<commit>/<config>``.  A config that claims
-XLA (``--xla on``) but whose trace holds no HLO module fails loudly.  ``dsgd profile`` refuses a
-bad value (unknown workload, a mesh that does not fit, ...) before anything starts (exit 2,
-:mod:`dsgd.argcheck`); :func:`capture` called directly reports such a config and skips it without
-writing it to the ledger, and a config whose worker fails is recorded as failed; the rest
+so ``tensorboard --logdir profiles`` lists runs as ``<config>/<commit>`` (what tells runs apart first,
+see :func:`config_name`).  A config that claims XLA (``--xla on``) but whose trace holds no HLO module
+fails loudly.  ``dsgd profile`` refuses a bad value (unknown workload, a mesh that does not fit, ...)
+before anything starts (exit 2, :mod:`dsgd.argcheck`); :func:`capture` called directly reports such a
+config and skips it without writing it to the ledger, and a config whose worker fails is recorded as
+failed; the rest
 go on.  Runs already captured are never overwritten without ``--force``.
 
 ``dsgd profile --diff A B`` prints the ledger's summaries of two commits side by side.
@@ -52,12 +53,49 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9=,.+-]+", "-", s).strip("-") or "x"
 
 
+def mesh_tag(mesh: str) -> str:
+    """A short mesh name for run names: ``1dev``, ``b8``, ``b2m4`` (axis initial + size).
+
+    Axes sharing an initial keep their whole name (``data2dcn4``); the full spec is in the
+    run's ``summary.json`` and the ledger.
+    """
+    from dsgd import meshspec
+
+    try:
+        dims = meshspec.parse_mesh_spec(mesh)
+    except ValueError:
+        return _slug(mesh)
+    if meshspec.mesh_size(dims) == 1:
+        return "1dev"
+    initials = [a[0] for a, _ in dims]
+    unique = len(set(initials)) == len(initials)
+    return "".join(f"{a[0] if unique else a}{n}" for a, n in dims)
+
+
 def config_name(case: Case) -> str:
-    """The run directory name of a case: readable in TensorBoard's run selector."""
-    parts = [case.workload, case.mesh if case.mesh not in ("", "1") else "1dev", case.layout, case.dtype,
-             case.implementation, "xla-on" if case.xla else "xla-off", case.options]
-    name = "_".join(_slug(p) for p in parts)
-    return name + ("_graph" if case.graph else "") + ("" if case.device.upper() == "CPU" else f"_{case.device.lower()}")
+    """The run name of a case, as TensorBoard's session picker shows it (about 28 characters).
+
+    What tells configurations apart comes first: workload, mesh (:func:`mesh_tag`), XLA on or
+    off, implementation; then only the fields that differ from ``dsgd profile``'s defaults
+    (layout ``sharded``, dtype ``float32``, options ``momentum``, eager, CPU), e.g.
+    ``bert-mini_b2m4_xla-on_auto`` or ``many-small_1dev_xla-off_auto_replicated_full``.
+    """
+    parts = [_slug(case.workload), mesh_tag(case.mesh), "xla-on" if case.xla else "xla-off",
+             _slug(case.implementation)]
+    if case.layout != "sharded":
+        parts.append(_slug(case.layout))
+    if case.dtype not in (None, "float32"):
+        parts.append(_slug(case.dtype))
+    if case.options != "momentum":
+        parts.append(_slug(case.options))
+    if case.graph:
+        parts.append("graph")
+    if case.device.upper() != "CPU":
+        parts.append(case.device.lower())
+    return "_".join(parts)
+
+
+COMMIT_CHARS = 7  # git's own short form: leaves room for the config in TensorBoard's picker
 
 
 def _git(repo: str, *args: str) -> Optional[str]:
@@ -88,7 +126,7 @@ def commit_info(commit: Optional[str] = None, repo: Optional[str] = None) -> dic
         full = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
         if full:
             if commit is None:
-                name = full[:12]
+                name = full[:COMMIT_CHARS]
                 if _git(repo, "status", "--porcelain", "--untracked-files=no"):
                     name += "+dirty"
             cnt = _git(repo, "rev-list", "--count", full)
@@ -175,6 +213,9 @@ def capture_config(payload: dict) -> dict:
                 measure.sync()
     finally:
         tf.profiler.experimental.stop()
+    # xprof counts only TensorFlow ops: label the eager op executions so that framework op stats
+    # and the overview see dsgd's custom-kernel calls (profile_summary.annotate_eager_ops)
+    ps.annotate_eager_ops(ps.find_xplanes(run_dir))
     phase("profile")
 
     hlo_dir = os.path.join(run_dir, "hlo")
@@ -207,11 +248,25 @@ def capture_config(payload: dict) -> dict:
     else:
         row["status"] = "ok"
 
+    # XLA on CPU: xprof's HLO op stats / op profile stay empty (they read device planes only), so
+    # the same table from the host-thread events goes next to the trace and into the Text tab
+    hlo_ops = ps.hlo_op_rows(xplanes)
+    if hlo_ops:
+        import pandas as pd
+
+        pd.DataFrame(hlo_ops).to_csv(os.path.join(run_dir, "hlo_op_stats.csv"), index=False)
+
     # TensorBoard scalars: this run's step times, and the per-commit history of each config
     with tf.summary.create_file_writer(run_dir).as_default():
         for i, ms in enumerate(t):
             tf.summary.scalar("step_ms", float(ms), step=i)
         tf.summary.scalar("first_step_s", row["first_step_s"], step=0)
+        tf.summary.text("framework_ops", ps.markdown_table(
+            row["top_ops"], ["type", "name", "self_us_per_step", "pct"]), step=0)
+        if hlo_ops:
+            tf.summary.text("hlo_op_stats", ps.markdown_table(
+                [dict(r, us_per_step=round(r["total_us"] / steps, 1)) for r in hlo_ops[:25]],
+                ["module", "hlo_op", "occurrences", "us_per_step", "avg_us", "pct"]), step=0)
     order = row["commit_order"] if row["commit_order"] is not None else int(time.time())
     hist = os.path.join(payload["out"], HISTORY, payload["config"])
     os.makedirs(hist, exist_ok=True)
@@ -262,7 +317,7 @@ def precheck(case: Case, devices: int) -> Optional[str]:
 def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, steps: int = 3,
             time_steps: int = 10, force: bool = False, devices: int = 8, timeout: Optional[float] = 900,
             ledger: Optional[str] = None, echo=print, allocator: str = "default") -> list[dict]:
-    """Capture every case into ``out/<commit>/<config>``; append the ledger; return one row per case.
+    """Capture every case into ``out/<config>/<commit>``; append the ledger; return one row per case.
 
     Rows have ``status`` ``ok``, ``failed`` (with ``error``) or ``skipped`` (already captured).
     """
@@ -275,17 +330,17 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
     rows = []
     for case in cases:
         name = config_name(case)
-        run_dir = os.path.join(out, info["commit"], name)
+        run_dir = os.path.join(out, name, info["commit"])
         base = dict(asdict(case), config=name, **info)
         if os.path.isdir(run_dir) and _existing_ok(run_dir) and not force:
             row = dict(base, status="skipped", error=f"{os.path.relpath(run_dir, out)} exists (use --force to replace it)")
-            echo(f"skipped  {info['commit']}/{name}: already captured (use --force to replace)")
+            echo(f"skipped  {name}/{info['commit']}: already captured (use --force to replace)")
             rows.append(row)
             continue
         why = precheck(case, devices)
         if why:  # reported, not written: a typo must not enter the per-commit history
             row = dict(base, status="failed", error=why)
-            echo(f"FAILED   {info['commit']}/{name}: {why}")
+            echo(f"FAILED   {name}/{info['commit']}: {why}")
             rows.append(row)
             continue
         if os.path.isdir(run_dir):
@@ -301,12 +356,12 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
                            device_type=case.device)[0]
         row = dict(base, **{k: v for k, v in res.items() if k != "traceback"})
         if row.get("status") == "ok":
-            echo(f"ok       {info['commit']}/{name}: step {row['median_ms']:.3g} ms (first {row['first_step_s']:.2f} s), "
+            echo(f"ok       {name}/{info['commit']}: step {row['median_ms']:.3g} ms (first {row['first_step_s']:.2f} s), "
                  f"{row['ops_per_step']:.0f} ops/step, {row['hlo_modules']} HLO modules, {row['fusions']} fusions "
                  f"[{row['impl_used']}] ({time.perf_counter() - t0:.0f} s)")
         else:
             row["status"] = "failed"
-            echo(f"FAILED   {info['commit']}/{name}: {str(row.get('error'))[:500]}")
+            echo(f"FAILED   {name}/{info['commit']}: {str(row.get('error'))[:500]}")
             with open(os.path.join(run_dir, "summary.json"), "w") as f:
                 json.dump(row, f, indent=1, default=str)
         rows.append(row)
@@ -351,10 +406,10 @@ def _ledger_commit(df, name: str) -> str:
     repo = source_repo()
     full = _git(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}") if repo else None
     if full:
-        hits = [c for c in known if c.split("+")[0] == full[:12]]
+        hits = [c for c in known if full.startswith(c.split("+")[0])]
         if hits:
             return sorted(hits, key=len)[0]  # the clean capture before a +dirty one
-        return full[:12]
+        return full[:COMMIT_CHARS]
     return name
 
 

@@ -28,7 +28,7 @@ LEDGER_COLUMNS = [
     "workload", "mesh", "layout", "dtype", "implementation", "impl_used", "xla", "options", "device",
     "steps", "median_ms", "p10_ms", "p90_ms", "first_step_s",
     "ops_per_step", "op_types", "kernels_per_step", "host_op_ms_per_step", "top_ops",
-    "hlo_modules", "hlo_programs", "fusions", "hlo_modules_dumped", "hlo_files",
+    "hlo_modules", "hlo_programs", "fusions", "hlo_modules_dumped", "hlo_files", "hlo_ops_per_step", "top_hlo_ops",
     "peak_bytes_in_use", "peak_rss_mib", "trace", "error",
 ]
 KEY = ["commit", "config"]
@@ -99,6 +99,116 @@ def trace_hlo_modules(paths: Sequence[str]) -> list[tuple[str, int]]:
     return out
 
 
+EAGER_PREFIX = "EagerLocalExecute: "
+FUNCTION_PREFIXES = ("__inference_", "__forward_", "__backward_")  # tf.functions: their op already is a TF op
+
+
+def annotate_eager_ops(paths: Sequence[str]) -> int:
+    """Make xprof count eagerly executed single ops; returns how many events were annotated.
+
+    On CPU the host tracer records an eager op as ``EagerLocalExecute: <op>`` (dispatch and the
+    kernel, which runs inline) with no ``<name>:<type>`` event inside -- so xprof's framework op
+    stats and overview, which count only TensorFlow ops, see nothing but idle time in an eager
+    step (dsgd's default: a few custom-kernel calls).  xprof also counts any host event that
+    carries a ``tf_op`` stat (``name:type``); this adds that stat, ``<op>:<op>``, to every
+    ``EagerLocalExecute`` event of a single op (tf.function calls already hold a TensorFlow op
+    event and are left alone).  Nothing else in the trace changes; a file already annotated is
+    left as it is.
+    """
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    total = 0
+    for p in paths:
+        xs = xplane_pb2.XSpace()
+        with open(p, "rb") as f:
+            xs.ParseFromString(f.read())
+        changed = 0
+        for plane in xs.planes:
+            if not plane.name.startswith("/host:"):
+                continue
+            sid = next((k for k, v in plane.stat_metadata.items() if v.name == "tf_op"), None)
+            if sid is None:
+                sid = max(list(plane.stat_metadata.keys()) + [0]) + 1
+                plane.stat_metadata[sid].id = sid
+                plane.stat_metadata[sid].name = "tf_op"
+            for line in plane.lines:
+                for ev in line.events:
+                    name = plane.event_metadata[ev.metadata_id].name
+                    if not name.startswith(EAGER_PREFIX) or any(st.metadata_id == sid for st in ev.stats):
+                        continue
+                    op = name[len(EAGER_PREFIX):]
+                    if not op or op.startswith(FUNCTION_PREFIXES):
+                        continue
+                    st = ev.stats.add()
+                    st.metadata_id = sid
+                    st.str_value = f"{op}:{op}"
+                    changed += 1
+        if changed:
+            tmp = p + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(xs.SerializeToString())
+            os.replace(tmp, p)
+        total += changed
+    return total
+
+
+def hlo_op_rows(paths: Sequence[str]) -> list[dict]:
+    """Per HLO instruction: occurrences and time, from the XLA CPU runtime's host-thread events.
+
+    XLA on CPU runs its thunks on host threads and the profiler records each as an event with
+    ``hlo_op`` / ``hlo_module`` / ``program_id`` stats; xprof's HLO op stats and op profile read
+    only device planes (GPU, TPU), so on CPU they stay empty.  This is the same table from the
+    host events: ``module``, ``hlo_op``, ``occurrences``, ``total_us``, ``avg_us``, ``pct``.
+    """
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    agg: dict[tuple[str, str], list[float]] = {}
+    for p in paths:
+        xs = xplane_pb2.XSpace()
+        with open(p, "rb") as f:
+            xs.ParseFromString(f.read())
+        for plane in xs.planes:
+            if not plane.name.startswith("/host:"):
+                continue
+            names = {k: v.name for k, v in plane.stat_metadata.items()}
+            ids = {v: k for k, v in names.items()}
+            op_id, mod_id = ids.get("hlo_op"), ids.get("hlo_module")
+            if op_id is None:
+                continue
+
+            def text(st) -> str:
+                # stats hold a string, or a reference to a stat metadata whose name is the string
+                return st.str_value or (names.get(st.ref_value, "") if st.ref_value else str(st.int64_value))
+
+            for line in plane.lines:
+                for ev in line.events:
+                    md = plane.event_metadata[ev.metadata_id]
+                    stats = {st.metadata_id: st for st in list(md.stats) + list(ev.stats)}
+                    if op_id not in stats:
+                        continue
+                    module = short_module(text(stats[mod_id])) if mod_id in stats else "?"
+                    a = agg.setdefault((module, md.name), [0.0, 0.0])
+                    a[0] += 1
+                    a[1] += ev.duration_ps / 1e6
+    total = sum(t for _, t in agg.values()) or 1.0
+    rows = [{"module": m, "hlo_op": op, "occurrences": int(n), "total_us": round(t, 3),
+             "avg_us": round(t / n, 3) if n else 0.0, "pct": round(100.0 * t / total, 2)}
+            for (m, op), (n, t) in agg.items()]
+    return sorted(rows, key=lambda r: -r["total_us"])
+
+
+def short_module(name: str) -> str:
+    """An XLA module name without TensorFlow's compile-options suffix (``__XlaMustCompile_...``)."""
+    return re.sub(r"__XlaMustCompile.*$", "", name)
+
+
+def markdown_table(rows: Sequence[dict], cols: Sequence[str]) -> str:
+    """Rows as a Markdown table (TensorBoard's Text tab renders it)."""
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
 def eager_op_rows(paths: Sequence[str]) -> list[dict]:
     """framework_op_stats-like rows from the host plane's ``EagerLocalExecute: <op>`` events.
 
@@ -156,6 +266,7 @@ def summarize_xplane(paths: Sequence[str], steps: int, top: int = 5) -> dict:
     except Exception:  # noqa: BLE001 - memory events are recorded only by tracking allocators
         peak = None
     modules = trace_hlo_modules(paths)
+    hlo_ops = hlo_op_rows(paths)
     return {
         "ops_per_step": occurrences / steps,
         "op_types": len({r["type"] for r in rows}),
@@ -165,6 +276,8 @@ def summarize_xplane(paths: Sequence[str], steps: int, top: int = 5) -> dict:
         "hlo_modules": len(modules),
         "hlo_programs": len({_program_name(m) for m, _ in modules}),
         "fusions": sum(f for _, f in modules),
+        "hlo_ops_per_step": sum(r["occurrences"] for r in hlo_ops) / steps,
+        "top_hlo_ops": [dict(r, us_per_step=round(r["total_us"] / steps, 1)) for r in hlo_ops[:top]],
         "peak_bytes_in_use": peak,
     }
 
@@ -207,6 +320,8 @@ def ledger_row(row: dict) -> dict:
         v = row.get(c)
         if c == "top_ops" and isinstance(v, list):
             v = "; ".join(f"{o['type']} {o['self_us_per_step']:.0f}us ({o['pct']:.0f}%)" for o in v)
+        elif c == "top_hlo_ops" and isinstance(v, list):
+            v = "; ".join(f"{o['hlo_op']} {o['us_per_step']:.0f}us ({o['pct']:.0f}%)" for o in v)
         elif isinstance(v, (list, dict)):
             v = json.dumps(v)
         elif c == "xla" and isinstance(v, bool):
@@ -251,13 +366,35 @@ def resolve_commit(df, name: str) -> str:
     raise ValueError(f"commit {name!r} is ambiguous in the ledger: {hits}")
 
 
+def config_key(row) -> str:
+    """The run name of a ledger row, recomputed from its fields by today's naming
+    (:func:`dsgd.profile.config_name`), so that rows written under an older naming
+    (``<workload>_<mesh>_<layout>_..._xla-on_<options>``) still meet their counterparts."""
+    from dsgd.measure import Case
+    from dsgd.profile import config_name
+
+    fields = ("workload", "mesh", "layout", "dtype", "implementation", "xla", "options")
+    vals = {f: row.get(f) for f in fields}
+    if any(v is None or v != v for v in vals.values()):
+        return str(row.get("config"))
+    xla = vals.pop("xla")
+    device = row.get("device")
+    case = Case(**{k: str(v) for k, v in vals.items()}, xla=str(xla).lower() in ("on", "true", "1"),
+                device=str(device) if isinstance(device, str) else "CPU",
+                graph=str(row.get("config", "")).split("_")[-1] == "graph")
+    return config_name(case)
+
+
 def diff_commits(df, a: str, b: str):
-    """Configs of commits ``a`` and ``b`` side by side: metrics of each and ``b/a`` ratios."""
+    """Configs of commits ``a`` and ``b`` side by side: metrics of each and ``b/a`` ratios.
+
+    Configs are matched by :func:`config_key` (today's run name, from the row's fields)."""
     import pandas as pd
 
     a, b = resolve_commit(df, a), resolve_commit(df, b)
-    left = df[df["commit"].astype(str) == a].set_index("config")
-    right = df[df["commit"].astype(str) == b].set_index("config")
+    df = df.assign(config=[config_key(r) for r in df.to_dict(orient="records")])
+    left = df[df["commit"].astype(str) == a].drop_duplicates("config", keep="last").set_index("config")
+    right = df[df["commit"].astype(str) == b].drop_duplicates("config", keep="last").set_index("config")
     configs = sorted(set(left.index) | set(right.index))
     rows = []
     for c in configs:

@@ -5,7 +5,7 @@
     python scripts/profile_commits.py v0.1..HEAD --diff -- --xla on --steps 3
 
 For every commit: a temporary ``git worktree`` of it is made, ``import dsgd`` is checked there
-(the "build"), then ``python -m dsgd profile --commit <sha12> --out <OUT> <profile args>`` runs
+(the "build"), then ``python -m dsgd profile --commit <sha7> --out <OUT> <profile args>`` runs
 with ``PYTHONPATH`` pointing at that worktree, so the commit's own optimizer and harness are
 profiled; the worktree is removed afterwards.  A commit that does not import, has no
 ``dsgd profile``, or whose capture fails is reported and the rest go on.  Everything lands in one
@@ -61,7 +61,7 @@ def profile_commit(repo: str, sha: str, out: str, profile_args: list[str], timeo
 
 
 def _profile_commit(repo: str, sha: str, out: str, profile_args: list[str], timeout: float, keep: bool) -> dict:
-    short = sha[:12]
+    short = sha[:7]  # git's short form, as dsgd profile names commits
     wt = tempfile.mkdtemp(prefix=f"dsgd-{short}-")
     os.rmdir(wt)  # git worktree add wants to create it
     res = {"commit": short, "status": "ok", "detail": ""}

@@ -62,6 +62,43 @@ def test_enumerate_plans_bert_mini_rules():
     assert by["model/top90"]["embeddings/word_embeddings"] == (U, "model")
 
 
+def test_plan_search_says_why_plans_are_not_candidates():
+    # many-small: every variable is under --min-shard-bytes, so only 'replicated' is a candidate -- and it says so
+    s = plans.search_plans(get_workload("many-small"), MESH)
+    assert [p.name for p in s.plans] == ["replicated"]
+    (note,) = s.left_out()
+    assert note.status == "not built" and "--min-shard-bytes" in note.why and "16384" in note.why, note
+    assert any("400 of 400 variables" in g for g in s.general)
+    # one device: nothing to shard over
+    one = plans.search_plans(get_workload("bert-mini"), [("batch", 1)])
+    assert [p.name for p in one.plans] == ["replicated"] and "one device" in one.left_out()[0].why
+    # one-big: covering 90% takes its only variable, so no '/top90' plans; --max-plans cuts the rest
+    big = plans.search_plans(get_workload("one-big"), MESH, max_plans=2)
+    why = {n.name: (n.status, n.why) for n in big.notes}
+    assert why["replicated"][0] == why["batch+model"][0] == "candidate"
+    assert why["model/top90"][0] == "not built" and "would equal 'model'" in why["model/top90"][1]
+    assert why["model"][0] == why["batch"][0] == "over --max-plans"
+    # a plan that comes out the same as another is merged, and named
+    same = plans.search_plans([VarSpec("w", (1024, 6))], [("model", 4)], min_shard_bytes=0)
+    assert [p.name for p in same.plans] == ["replicated", "model"]
+    assert plans.enumerate_plans(get_workload("bert-mini"), MESH) == plans.search_plans(get_workload("bert-mini"), MESH).plans
+
+
+def test_render_says_what_was_considered_and_why_each_mesh_was_measured():
+    specs = get_workload("many-small")
+    search = plans.search_plans(specs, MESH)
+    advice = layouts.Advice("many-small", "batch=2,model=4", "momentum", "auto", specs, search.plans, None, [], None,
+                            plan_search=search, measured_meshes=[
+                                {"mesh": "batch=2,model=4", "plans": ["replicated"], "why": "the mesh to advise on (--mesh)"},
+                                {"mesh": "batch=1", "plans": ["replicated"], "why": "calibration for the cost model only"}])
+    text = "\n".join(layouts.render_considered(advice))
+    assert "candidate plans on batch=2,model=4 (1, built by rules" in text
+    assert "not candidates:\n  - (any sharded plan): no variable reaches --min-shard-bytes" in text
+    assert "  - batch=1 [replicated]: calibration for the cost model only" in text
+    doc = layouts._search_dict(search)
+    assert doc["plans"] == ["replicated"] and doc["considered"][-1]["status"] == "not built"
+
+
 def test_tie_groups_by_shape_and_stem():
     specs = [VarSpec("l0/q/kernel", (8, 8)), VarSpec("l1/q/kernel", (8, 8)), VarSpec("l2/q/kernel", (8, 4)),
              VarSpec("l0/k/kernel", (8, 8))]
@@ -227,6 +264,8 @@ def test_cli_end_to_end_tiny_json(tmp_path):
     assert local["replicated"]["bytes_per_device"] == (512 * 64 + 2 * 64 * 128 + 128) * 4 * 2
     assert sum(r["recommended"] for r in doc["local"]) == 1
     assert doc["target_mesh"] == "batch=4,model=8" and doc["target"]
+    assert doc["candidates"]["plans"] == ["replicated", "model"] and doc["target_candidates"]["considered"]
+    assert [m["mesh"] for m in doc["measured_meshes"]] == ["model=2"]  # --calibration-meshes '': no calibration mesh
     assert all(r["predicted_ms"] is not None and r["predicted_ms"] > 0 for r in doc["target"])
     assert out_png.stat().st_size > 1000 and out_png.read_bytes()[:4] == b"\x89PNG"
     emitted = json.loads(out_map.read_text())

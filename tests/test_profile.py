@@ -44,12 +44,12 @@ def captured(tmp_path_factory):
 
 
 def _run_dir(captured, i):
-    return os.path.join(captured["out"], COMMIT, prof.config_name(captured["cases"][i]))
+    return os.path.join(captured["out"], prof.config_name(captured["cases"][i]), COMMIT)
 
 
 def test_layout_on_disk(captured):
     xla_dir, plain_dir = _run_dir(captured, 0), _run_dir(captured, 1)
-    assert os.path.basename(xla_dir) == "tiny_1dev_sharded_float32_auto_xla-on_momentum"
+    assert os.path.relpath(xla_dir, captured["out"]) == os.path.join("tiny_1dev_xla-on_auto", COMMIT)
     for d in (xla_dir, plain_dir):
         assert glob.glob(os.path.join(d, "plugins", "profile", "*", "*.xplane.pb")), d
         assert glob.glob(os.path.join(d, "events.out.tfevents.*")), "per-run scalars"
@@ -74,6 +74,29 @@ def test_summary_fields(captured):
     assert xla["hlo_modules"] >= 1 and xla["fusions"] >= 1, "the XLA path ran HLO modules with fusions"
     assert xla["hlo_modules_dumped"] >= 1 and xla["hlo_files"] >= 2
     assert plain["hlo_modules"] == 0 and plain["impl_used"] != "xla"
+
+
+def test_dashboards_have_data_on_cpu(captured):
+    """xprof's framework op stats (and so the overview) count the eager kernel calls of the default
+    (XLA off) run, not only idle time; the XLA run's HLO ops are tabulated from the host trace."""
+    xla_dir, plain_dir = _run_dir(captured, 0), _run_dir(captured, 1)
+    plain = captured["rows"][1]
+    rows = [r for r in ps.xprof_table(ps.find_xplanes(plain_dir), "framework_op_stats") if r["type"] != "IDLE"]
+    assert rows and all(r["occurrences"] > 0 for r in rows), rows
+    if plain["impl_used"] == "grouped":  # the default: one custom-kernel call for every variable and device
+        assert "DsgdMultiSgdAll" in {r["type"] for r in rows}
+    assert ps.annotate_eager_ops(ps.find_xplanes(plain_dir)) == 0, "annotated once, at capture"
+    overview = ps.xprof_json(ps.find_xplanes(plain_dir), "overview_page")
+    tf_op_pct = float(overview[0]["p"]["host_tf_op_percent"].rstrip("%"))
+    assert tf_op_pct > 0, overview[0]["p"]
+    xla = captured["rows"][0]
+    assert xla["top_hlo_ops"] and xla["hlo_ops_per_step"] > 0
+    assert {"module", "hlo_op", "occurrences", "us_per_step", "pct"} <= set(xla["top_hlo_ops"][0])
+    import pandas as pd
+
+    table = pd.read_csv(os.path.join(xla_dir, "hlo_op_stats.csv"))
+    assert len(table) >= 1 and (table["occurrences"] > 0).all() and table["module"].str.contains("dsgd_xla_step").all()
+    assert not os.path.exists(os.path.join(plain_dir, "hlo_op_stats.csv"))
 
 
 def test_bad_configs_reported_and_skipped(captured):
@@ -141,11 +164,21 @@ def test_diff(tmp_path, capsys):
 
 
 def test_config_names_and_commit_info():
-    assert prof.config_name(Case(workload="bert-mini", mesh="batch=2,model=4", xla=True)) == \
-        "bert-mini_batch=2,model=4_sharded_float32_auto_xla-on_momentum"
-    assert prof.config_name(Case(workload="/x/y/my_model.json", layout="/x/map.json")).startswith("my-model_1dev_map_")  # "_" separates fields
+    # what tells runs apart comes first (TensorBoard's session picker shows ~28 characters)
+    assert prof.config_name(Case(workload="bert-mini", mesh="batch=2,model=4", xla=True)) == "bert-mini_b2m4_xla-on_auto"
+    assert prof.config_name(Case(workload="many-small", mesh="1", implementation="per_shard")) == \
+        "many-small_1dev_xla-off_per-shard"
+    # non-default fields are appended; "_" separates fields
+    assert prof.config_name(Case(workload="/x/y/my_model.json", mesh="batch=8", layout="/x/map.json", dtype="bfloat16",
+                                 options="full", graph=True)) == "my-model_b8_xla-off_auto_map_bfloat16_full_graph"
+    assert prof.mesh_tag("data=2,dcn=4") == "data2dcn4"  # shared initials: whole axis names
+    names = {prof.config_name(Case(workload=w, mesh=m, xla=x, implementation=i))
+             for w in ("bert-mini", "many-small") for m in ("1", "batch=2,model=4") for x in (True, False)
+             for i in ("auto", "reference")}
+    assert len({n[:27] for n in names}) == len(names) == 16, "distinct within what the picker shows"
     info = prof.commit_info()
     assert info["commit"] and all(c.isalnum() or c in "._+-" for c in info["commit"])
+    assert len(info["commit"].split("+")[0]) == prof.COMMIT_CHARS
     with pytest.raises(ValueError):
         prof.commit_info("bad/name")
 
@@ -177,7 +210,7 @@ def test_profile_commits_reports_bad_commits_and_goes_on(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if ln[:1].isalnum() and " failed " in ln}
     assert len(lines) == 2, proc.stdout
-    first, second = (lines[git("rev-parse", rev)[:12]] for rev in ("HEAD~1", "HEAD"))
+    first, second = (lines[git("rev-parse", rev)[:7]] for rev in ("HEAD~1", "HEAD"))
     assert "not from the worktree" in first or "no `dsgd profile`" in first, first
     assert "does not build/import" in second and "SyntaxError" in second, second
     assert git("worktree", "list").count("\n") == 0, "temporary worktrees removed"

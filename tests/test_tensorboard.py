@@ -101,15 +101,17 @@ def server(profiles):
             proc.wait(timeout=15)
 
 
-XLA_RUN = f"{COMMIT}/tiny_1dev_sharded_float32_auto_xla-on_momentum"
-PLAIN_RUN = f"{COMMIT}/tiny_1dev_sharded_float32_auto_xla-off_momentum"
+XLA_RUN = f"tiny_1dev_xla-on_auto/{COMMIT}"
+PLAIN_RUN = f"tiny_1dev_xla-off_auto/{COMMIT}"
 
 
-def test_profile_runs_are_commit_slash_config(server):
+def test_profile_runs_are_config_slash_commit(server):
     runs, encoding = _get(server, "/data/plugin/profile/runs")
     assert encoding == "gzip"
-    bases = {r.rsplit("/", 1)[0] for r in runs}  # "<commit>/<config>/<session>"
+    bases = {r.rsplit("/", 1)[0] for r in runs}  # "<config>/<commit>/<session>"
     assert bases == {XLA_RUN, PLAIN_RUN}, runs
+    # the session picker shows about 28 characters: the runs differ within them
+    assert len({r[:20] for r in runs}) == len(runs), runs
 
 
 def test_tools_and_hlo_modules_of_a_run(server):
@@ -126,10 +128,20 @@ def test_tools_and_hlo_modules_of_a_run(server):
     assert any("dsgd_xla_step" in json.dumps(row) for row in table["rows"])
 
 
+def test_framework_op_stats_of_the_eager_run_are_not_only_idle(server):
+    runs, _ = _get(server, "/data/plugin/profile/runs")
+    plain = [r for r in runs if r.startswith(PLAIN_RUN + "/")][0]
+    q = urllib.parse.quote(plain, safe="")
+    stats, _ = _get(server, f"/data/plugin/profile/data?run={q}&tag=framework_op_stats&host=")
+    table = stats[0] if isinstance(stats, list) else stats
+    types = [row["c"][2]["v"] for row in table["rows"]]  # column 2: operation type
+    assert [t for t in types if t != "IDLE"], types
+
+
 def test_scalars_history(server):
     runs, _ = _get(server, "/data/runs")
     assert XLA_RUN in runs and PLAIN_RUN in runs
-    hist = "history/tiny_1dev_sharded_float32_auto_xla-on_momentum"
+    hist = "history/tiny_1dev_xla-on_auto"
     assert hist in runs, runs
     tags, _ = _get(server, "/data/plugin/scalars/tags")
     assert "step_ms/median" in tags[hist] and "step_ms" in tags[XLA_RUN]
