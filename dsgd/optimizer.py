@@ -30,7 +30,7 @@ from tf_keras.src.optimizers import optimizer as keras_optimizer
 from tf_keras.src.optimizers.schedules import learning_rate_schedule
 
 from dsgd import impl as impl_registry
-from dsgd import eager_dtensor, kernels, meshspec, options as opt_checks, rules
+from dsgd import eager_dtensor, kernels, meshspec, options as opt_checks, rules, traced
 from dsgd.options import EMAOption, GradientsClipOption
 from dsgd.plan import Entry, Group, StepArgs, group_entries, variable_layout
 from dsgd.state import named_dvariable, new_slot, to_layout, to_numpy
@@ -340,6 +340,8 @@ class SGD(keras_optimizer.Optimizer):
         items = self._fast_items(kept) if eager else None
         if items is None:
             items = [self._check_pair(g, v, eager) for g, v in kept]
+        if not eager and self._mesh is not None:
+            items = self._guarded(items)
         with tf.name_scope(scope):
             order, by_group, impls, domain = self._resolve_groups(items, eager)
             self._compute_current_learning_rate()  # may assign the lr variable through DTensor
@@ -359,6 +361,19 @@ class SGD(keras_optimizer.Optimizer):
                 self._local_increment()
                 return self._iterations
             return self._iterations.assign_add(1)
+
+    def _guarded(self, items: list) -> list:
+        """Inside ``tf.function`` on a mesh: every dense gradient through one same-mesh guard
+        (:func:`dsgd.traced.same_mesh_guard`), so that a gradient on another mesh is refused
+        by DTensor when the function is called, on every call, instead of blocking."""
+        dense = [k for k, (_, g) in enumerate(items) if not isinstance(g, tf.IndexedSlices)]
+        if not dense:
+            return items
+        guarded = traced.same_mesh_guard([items[k][1] for k in dense], self._iterations.handle)
+        items = list(items)
+        for k, g in zip(dense, guarded):
+            items[k] = (items[k][0], g)
+        return items
 
     def _local_increment(self) -> None:
         """Add 1 to each local copy of the iterations DVariable: one op when the grouped
@@ -434,31 +449,51 @@ class SGD(keras_optimizer.Optimizer):
             gdtype = g.dtype
         if gdtype != v.dtype:
             raise ValueError(f"gradient for variable {v.name} has dtype {gdtype.name}, expected {v.dtype.name}")
-        if eager and self._mesh is not None and not isinstance(g, tf.IndexedSlices):
-            glayout = variable_layout(g)
-            if glayout is None:
-                raise ValueError(
-                    f"gradient for variable {v.name} is not a DTensor; on mesh {self._mesh.dim_names} gradients "
-                    f"must be DTensors with the variable's layout {entry.layout.sharding_specs}")
-            if glayout.mesh != self._mesh:
-                raise ValueError(f"gradient for variable {v.name} is on mesh {glayout.mesh}, expected {self._mesh}")
-            if broadcast:
-                # a lower-rank gradient cannot have the variable's layout: it must be replicated
-                if not glayout.is_fully_replicated():
-                    raise ValueError(
-                        f"gradient for variable {v.name} has shape {g.shape} (broadcast to {v.shape}) and layout "
-                        f"{glayout.sharding_specs}; a broadcast gradient must be fully replicated")
-            elif glayout != entry.layout:
-                raise ValueError(
-                    f"gradient for variable {v.name} has layout {glayout.sharding_specs}, expected the "
-                    f"variable's layout {entry.layout.sharding_specs}")
-        if eager and self._mesh is None and tf.is_tensor(g) and variable_layout(g) is not None:
-            raise ValueError(f"gradient for variable {v.name} is a DTensor, but this optimizer has no mesh")
+        if not isinstance(g, tf.IndexedSlices):
+            self._check_gradient_layout(g, v, entry, eager, broadcast)
         if broadcast:
             g = tf.broadcast_to(g, v.shape)
             if entry.layout is not None:
                 g = dtensor.relayout(g, entry.layout)
         return entry, g
+
+    def _check_gradient_layout(self, g, v, entry: Entry, eager: bool, broadcast: bool) -> None:
+        """The gradient's mesh and layout against the variable's, where they are known: always
+        eagerly; inside ``tf.function`` for arguments, captures and relayouts
+        (:func:`dsgd.traced.traced_layout`).  A gradient computed in the function has the
+        layout DTensor's propagation gives it, and is relaid out to the variable's."""
+        if eager:
+            glayout = variable_layout(g)
+            how = f"layout {glayout.sharding_specs}" if glayout is not None else None
+        else:
+            known = traced.traced_layout(g)
+            if known is None:
+                return
+            glayout = None if known is traced.PLAIN else known
+            how = traced.describe(known)
+        where = "" if eager else " (as traced: a function argument, a capture or a relayout)"
+        if self._mesh is None:
+            if glayout is not None:
+                raise ValueError(f"gradient for variable {v.name} is a DTensor{where}, but this optimizer has no mesh; "
+                                 "create it with mesh=<the gradients' mesh> to train DVariables")
+            return
+        if glayout is None:
+            raise ValueError(
+                f"gradient for variable {v.name} is not a DTensor{where}; on mesh {self._mesh.dim_names} gradients "
+                f"must be DTensors with the variable's layout {entry.layout.sharding_specs}")
+        if glayout.mesh != self._mesh:
+            raise ValueError(f"gradient for variable {v.name} is on mesh {glayout.mesh}{where}, expected the "
+                             f"optimizer's mesh {self._mesh}")
+        if broadcast:
+            # a lower-rank gradient cannot have the variable's layout: it must be replicated
+            if not glayout.is_fully_replicated():
+                raise ValueError(
+                    f"gradient for variable {v.name} has shape {g.shape} (broadcast to {v.shape}) and {how}{where}; "
+                    "a broadcast gradient must be fully replicated")
+        elif glayout != entry.layout:
+            raise ValueError(
+                f"gradient for variable {v.name} has {how}{where}, expected the variable's layout "
+                f"{entry.layout.sharding_specs}")
 
     def _step_args(self, eager: bool, local: bool = False) -> StepArgs:
         lr = self._learning_rate
