@@ -30,7 +30,7 @@ from tf_keras.src.optimizers import optimizer as keras_optimizer
 from tf_keras.src.optimizers.schedules import learning_rate_schedule
 
 from dsgd import impl as impl_registry
-from dsgd import eager_dtensor, kernels, meshspec, options as opt_checks, rules
+from dsgd import eager_dtensor, kernels, meshspec, options as opt_checks, rules, traced
 from dsgd.options import EMAOption, GradientsClipOption
 from dsgd.plan import Entry, Group, StepArgs, group_entries, variable_layout
 from dsgd.state import named_dvariable, new_slot, to_layout, to_numpy
@@ -39,6 +39,12 @@ log = logging.getLogger("dsgd")
 
 _Schedule = learning_rate_schedule.LearningRateSchedule
 _ACCEPTED_KWARGS = ("lr", "is_legacy_optimizer")
+# tf_keras' new optimizer refuses these with a ValueError saying they are deprecated
+_LEGACY_KWARGS = ("decay", "gradient_aggregator", "gradient_transformers")
+_ALLOWED_ARGS = (
+    "learning_rate (or lr), momentum, nesterov, amsgrad, gradients_clip_option, ema_option, jit_compile, name, "
+    "mesh, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency, "
+    "implementation, momentum_dtype")
 
 
 @tf_keras.saving.register_keras_serializable(package="dsgd")
@@ -103,21 +109,22 @@ class SGD(keras_optimizer.Optimizer):
         **kwargs,
     ):
         # --- validate everything before any TensorFlow state exists ---------------------
+        for k in kwargs:
+            if k in _LEGACY_KWARGS:  # tf_keras' ValueError and text, plus what is allowed
+                raise ValueError(
+                    f"{k} is deprecated in the new TF-Keras optimizer, please check the docstring for valid "
+                    "arguments, or use the legacy optimizer, e.g., tf.keras.optimizers.legacy.SGD. "
+                    f"dsgd.SGD's allowed arguments are {_ALLOWED_ARGS}")
         unknown = [k for k in kwargs if k not in _ACCEPTED_KWARGS]
         if unknown:
-            raise TypeError(
-                f"SGD got unexpected keyword argument(s) {unknown}; allowed arguments are "
-                "learning_rate, momentum, nesterov, amsgrad, gradients_clip_option, ema_option, "
-                "jit_compile, name, mesh, weight_decay, clipnorm, clipvalue, global_clipnorm, "
-                "use_ema, ema_momentum, ema_overwrite_frequency, implementation, momentum_dtype"
-            )
+            raise TypeError(f"SGD got unexpected keyword argument(s) {unknown}; allowed arguments are {_ALLOWED_ARGS}")
         if kwargs.get("lr") is not None:
             learning_rate = kwargs["lr"]
         if mesh is not None and not isinstance(mesh, dtensor.Mesh):
             raise TypeError(f"`mesh` must be a tf.experimental.dtensor.Mesh or None, got {type(mesh).__name__}")
         _check_learning_rate(learning_rate)
-        if isinstance(momentum, tf.Tensor):
-            momentum = float(momentum.numpy())
+        if isinstance(momentum, (tf.Tensor, tf.Variable)):
+            momentum = _constant_momentum(momentum)
         opt_checks.check_unit_interval("momentum", momentum)
         opt_checks.check_nonneg_finite("weight_decay", weight_decay)
         clipnorm, clipvalue, global_clipnorm = opt_checks.merge_clip_options(
@@ -314,19 +321,28 @@ class SGD(keras_optimizer.Optimizer):
                 raise TypeError(f"`grads_and_vars` must hold (gradient, variable) pairs, got {p!r}")
         all_vars = [v for _, v in pairs]
         kept = [(g, v) for g, v in pairs if g is not None]
-        if len(kept) < len(pairs):
-            missing = [v.name for g, v in pairs if g is None]
-            log.warning("Gradients do not exist for variables %s when minimizing the loss.", missing)
         if not kept:
-            return self._iterations
+            # tf_keras' error (and its start of message); silently training nothing is worse
+            raise ValueError(
+                f"No gradients provided for any variable: {[_name_of(v) for v in all_vars]}. Every gradient is "
+                "None: the loss does not depend on these variables (check `var_list`, or give model.compile() "
+                "a `loss`)")
+        if len(kept) < len(pairs):
+            missing = [_name_of(v) for g, v in pairs if g is None]
+            log.warning("Gradients do not exist for variables %s when minimizing the loss. If you're using "
+                        "`model.compile()`, did you forget to provide a `loss` argument?", missing)
+        scope = name or self.name or "optimizer"
         if not getattr(self, "_built", False):
-            with tf.init_scope():
+            # as tf_keras: slots are named under the step's name scope (``SGD/m/<var>``)
+            with tf.name_scope(scope), tf.init_scope():
                 self.build(all_vars)
         eager = tf.executing_eagerly()
         items = self._fast_items(kept) if eager else None
         if items is None:
-            items = [(self._check_pair(g, v, eager), g) for g, v in kept]
-        with tf.name_scope(name or self.name or "optimizer"):
+            items = [self._check_pair(g, v, eager) for g, v in kept]
+        if not eager and self._mesh is not None:
+            items = self._guarded(items)
+        with tf.name_scope(scope):
             order, by_group, impls, domain = self._resolve_groups(items, eager)
             self._compute_current_learning_rate()  # may assign the lr variable through DTensor
             if domain == "local":
@@ -345,6 +361,19 @@ class SGD(keras_optimizer.Optimizer):
                 self._local_increment()
                 return self._iterations
             return self._iterations.assign_add(1)
+
+    def _guarded(self, items: list) -> list:
+        """Inside ``tf.function`` on a mesh: every dense gradient through one same-mesh guard
+        (:func:`dsgd.traced.same_mesh_guard`), so that a gradient on another mesh is refused
+        by DTensor when the function is called, on every call, instead of blocking."""
+        dense = [k for k, (_, g) in enumerate(items) if not isinstance(g, tf.IndexedSlices)]
+        if not dense:
+            return items
+        guarded = traced.same_mesh_guard([items[k][1] for k in dense], self._iterations.handle)
+        items = list(items)
+        for k, g in zip(dense, guarded):
+            items[k] = (items[k][0], g)
+        return items
 
     def _local_increment(self) -> None:
         """Add 1 to each local copy of the iterations DVariable: one op when the grouped
@@ -391,12 +420,17 @@ class SGD(keras_optimizer.Optimizer):
             items.append((e, g))
         return items
 
-    def _check_pair(self, g, v, eager: bool) -> Entry:
+    def _check_pair(self, g, v, eager: bool) -> tuple[Entry, Any]:
+        """``(entry, gradient)`` for one pair, or a ValueError naming the variable and what is
+        wrong.  A gradient given as a Python list or NumPy array is converted; one whose shape
+        broadcasts to the variable's (``(1,)`` for a ``(1, 1)`` kernel) is broadcast, as
+        tf_keras' update arithmetic does."""
         entry = self._entries.get(self._var_key(v))
         if entry is None:
             raise ValueError(
                 f"variable {v.name} is not among the variables this optimizer was built with; call "
                 "build() with the full list of trainable variables first")
+        broadcast = False
         if isinstance(g, tf.IndexedSlices):
             gshape = g.values.shape[1:]
             if gshape.rank is not None and list(gshape) != list(v.shape[1:]):
@@ -405,27 +439,61 @@ class SGD(keras_optimizer.Optimizer):
             gdtype = g.values.dtype
         else:
             if not tf.is_tensor(g):
-                g = tf.convert_to_tensor(g)
+                g = tf.convert_to_tensor(g, dtype_hint=v.dtype)
             if g.shape.rank is not None and g.shape.is_fully_defined() and g.shape != v.shape:
-                raise ValueError(f"gradient for variable {v.name} has shape {g.shape}, expected {v.shape}")
+                if not _broadcasts_to(g.shape, v.shape):
+                    raise ValueError(
+                        f"gradient for variable {v.name} has shape {g.shape}, expected {v.shape} (or a shape "
+                        "that broadcasts to it)")
+                broadcast = True
             gdtype = g.dtype
         if gdtype != v.dtype:
             raise ValueError(f"gradient for variable {v.name} has dtype {gdtype.name}, expected {v.dtype.name}")
-        if eager and self._mesh is not None and not isinstance(g, tf.IndexedSlices):
+        if not isinstance(g, tf.IndexedSlices):
+            self._check_gradient_layout(g, v, entry, eager, broadcast)
+        if broadcast:
+            g = tf.broadcast_to(g, v.shape)
+            if entry.layout is not None:
+                g = dtensor.relayout(g, entry.layout)
+        return entry, g
+
+    def _check_gradient_layout(self, g, v, entry: Entry, eager: bool, broadcast: bool) -> None:
+        """The gradient's mesh and layout against the variable's, where they are known: always
+        eagerly; inside ``tf.function`` for arguments, captures and relayouts
+        (:func:`dsgd.traced.traced_layout`).  A gradient computed in the function has the
+        layout DTensor's propagation gives it, and is relaid out to the variable's."""
+        if eager:
             glayout = variable_layout(g)
-            if glayout is None:
+            how = f"layout {glayout.sharding_specs}" if glayout is not None else None
+        else:
+            known = traced.traced_layout(g)
+            if known is None:
+                return
+            glayout = None if known is traced.PLAIN else known
+            how = traced.describe(known)
+        where = "" if eager else " (as traced: a function argument, a capture or a relayout)"
+        if self._mesh is None:
+            if glayout is not None:
+                raise ValueError(f"gradient for variable {v.name} is a DTensor{where}, but this optimizer has no mesh; "
+                                 "create it with mesh=<the gradients' mesh> to train DVariables")
+            return
+        if glayout is None:
+            raise ValueError(
+                f"gradient for variable {v.name} is not a DTensor{where}; on mesh {self._mesh.dim_names} gradients "
+                f"must be DTensors with the variable's layout {entry.layout.sharding_specs}")
+        if glayout.mesh != self._mesh:
+            raise ValueError(f"gradient for variable {v.name} is on mesh {glayout.mesh}{where}, expected the "
+                             f"optimizer's mesh {self._mesh}")
+        if broadcast:
+            # a lower-rank gradient cannot have the variable's layout: it must be replicated
+            if not glayout.is_fully_replicated():
                 raise ValueError(
-                    f"gradient for variable {v.name} is not a DTensor; on mesh {self._mesh.dim_names} gradients "
-                    f"must be DTensors with the variable's layout {entry.layout.sharding_specs}")
-            if glayout.mesh != self._mesh:
-                raise ValueError(f"gradient for variable {v.name} is on mesh {glayout.mesh}, expected {self._mesh}")
-            if glayout != entry.layout:
-                raise ValueError(
-                    f"gradient for variable {v.name} has layout {glayout.sharding_specs}, expected the "
-                    f"variable's layout {entry.layout.sharding_specs}")
-        if eager and self._mesh is None and tf.is_tensor(g) and variable_layout(g) is not None:
-            raise ValueError(f"gradient for variable {v.name} is a DTensor, but this optimizer has no mesh")
-        return entry
+                    f"gradient for variable {v.name} has shape {g.shape} (broadcast to {v.shape}) and {how}{where}; "
+                    "a broadcast gradient must be fully replicated")
+        elif glayout != entry.layout:
+            raise ValueError(
+                f"gradient for variable {v.name} has {how}{where}, expected the variable's layout "
+                f"{entry.layout.sharding_specs}")
 
     def _step_args(self, eager: bool, local: bool = False) -> StepArgs:
         lr = self._learning_rate
@@ -644,6 +712,30 @@ class SGD(keras_optimizer.Optimizer):
     def plan(self) -> list[Group]:
         """The variable groups of the built plan (for benchmarks and the advisor)."""
         return list(self._plan_groups)
+
+
+def _broadcasts_to(shape: tf.TensorShape, target: tf.TensorShape) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (NumPy rules)."""
+    if shape.rank > target.rank:
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape.as_list()), reversed(target.as_list())))
+
+
+def _name_of(v) -> str:
+    """A variable's name without reading its value (a DVariable's repr reads it)."""
+    return getattr(v, "name", None) or type(v).__name__
+
+
+def _constant_momentum(momentum) -> Any:
+    """A tensor or variable ``momentum`` as a float: its value eagerly, its constant value
+    under a v1 ``tf.Graph()`` or while tracing (the step's rule is fixed when it is built)."""
+    if isinstance(momentum, tf.Variable):
+        return float(to_numpy(momentum)) if tf.executing_eagerly() else momentum
+    value = tf.get_static_value(momentum)
+    if value is None or getattr(value, "ndim", 0) != 0:
+        # returned as is: check_unit_interval refuses it with the allowed values
+        return momentum
+    return float(value)
 
 
 def _check_learning_rate(learning_rate) -> None:

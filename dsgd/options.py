@@ -63,7 +63,8 @@ def check_nonneg_finite(name: str, value: Any, *, allow_none: bool = True) -> No
 def check_unit_interval(name: str, value: Any) -> None:
     if _is_number(value) and 0.0 <= float(value) <= 1.0:
         return
-    raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
+    # "must be between [0, 1]" is tf_keras' wording, which users and tests match on
+    raise ValueError(f"`{name}` must be between [0, 1] (a number from 0 to 1, both included), got {value!r}")
 
 
 def check_learning_rate_value(value: Any) -> None:

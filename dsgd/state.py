@@ -77,7 +77,12 @@ _SLOT_OP_NAME = "dsgd_slot"
 
 
 def named_dvariable(init: tf.Tensor, name: str, dtype=None, trainable: bool = False) -> dtensor.DVariable:
-    """A DVariable holding ``init``, named ``name``, created at cached-op speed."""
+    """A DVariable holding ``init``, named ``name`` under the current name scope (as a
+    ``tf.Variable`` would be: ``SGD/m/<var>`` inside the optimizer's step), created at
+    cached-op speed."""
+    scope = tf.get_current_name_scope()
+    if scope:
+        name = f"{scope.rstrip('/')}/{name}"
     v = dtensor.DVariable(init, name=_SLOT_OP_NAME, dtype=dtype, trainable=trainable)
     v._handle_name = f"{name}:0"  # what .name, ._shared_name and Keras' slot lookups read
     v._unique_id = f"{name}_{ops.uid()}"

@@ -453,7 +453,7 @@ def test_amsgrad_and_jit_compile_accepted(meshes):
     np.testing.assert_allclose(value(v), 0.9, rtol=1e-6)
 
 
-def test_none_gradients_skipped_with_warning_and_empty_list(meshes, caplog):
+def test_none_gradients_warned_all_none_refused_empty_list_noop(meshes, caplog):
     mesh = meshes("batch=2,model=4")
     a = dvar(np.ones((8, 4), np.float32), mesh, ["model", U], name="a")
     b = dvar(np.ones((8, 4), np.float32), mesh, [U, U], name="b")
@@ -466,6 +466,8 @@ def test_none_gradients_skipped_with_warning_and_empty_list(meshes, caplog):
     np.testing.assert_allclose(value(a), 1.0)
     np.testing.assert_allclose(value(b), 0.9, rtol=1e-6)
     assert int(value(opt.iterations)) == 1
-    opt.apply_gradients([(None, a), (None, b)])  # all None: nothing happens
+    # all None: tf_keras' ValueError (silently training nothing is worse), and nothing changes
+    with pytest.raises(ValueError, match="No gradients provided for any variable.*'a:0', 'b:0'"):
+        opt.apply_gradients([(None, a), (None, b)])
     assert int(value(opt.iterations)) == 1
     np.testing.assert_allclose(value(b), 0.9, rtol=1e-6)
