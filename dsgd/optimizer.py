@@ -369,7 +369,9 @@ class SGD(keras_optimizer.Optimizer):
         dense = [k for k, (_, g) in enumerate(items) if not isinstance(g, tf.IndexedSlices)]
         if not dense:
             return items
-        guarded = traced.same_mesh_guard([items[k][1] for k in dense], self._iterations.handle)
+        # the anchor is a value, not the resource handle: a handle in the IdentityN broke DTensor's
+        # collectives under fit with steps_per_execution > 1 ('operand does not dominate this use')
+        guarded = traced.same_mesh_guard([items[k][1] for k in dense], self._iterations.read_value())
         items = list(items)
         for k, g in zip(dense, guarded):
             items[k] = (items[k][0], g)
