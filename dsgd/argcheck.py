@@ -330,7 +330,8 @@ def check_layouts(args) -> None:
     if args.validate:
         for w in args.validate_workloads or ():
             check_choice(w, sorted(WORKLOADS), "--validate-workloads")
-        check_input_file(args.from_measurements, "--from-measurements")
+        for path in args.from_measurements or ():  # repeatable: several saved grids re-fit together
+            check_input_file(path, "--from-measurements")
         check_output_file(args.save_measurements, "--save-measurements")
         if not args.from_measurements and args.devices < 8:
             raise UsageError(f"--validate measures the 8-device meshes but --devices is {args.devices}; "

@@ -24,6 +24,9 @@ DEFAULT_WORKLOADS = ("one-big", "bert-mini", "many-small")
 DEFAULT_MESHES = ("1", "batch=8", "batch=2,model=4")
 DEFAULT_IMPLEMENTATIONS = ("auto", REFERENCE)
 DEFAULT_MODELS = ("resmlp",)  # the train_step and fit modes' models (dsgd.models)
+# where users train: eagerly, in a tf.function, under model.fit (train_step on request: a custom
+# tf.function step measures like fit's, and the default run stays a few minutes)
+DEFAULT_MODES = ("eager", "graph", "fit")
 KEY = ["workload", "mesh", "layout", "dtype", "xla", "options", "mode"]
 
 _COPY_GBPS: Optional[float] = None
@@ -286,9 +289,8 @@ def add_ratios(df):
     if floor:
         df["floor_ms"] = [floor.get(k, np.nan) for k in keys]
         df["share_ms"] = df["median_ms"] - df["floor_ms"]
-        ref_share = {k: ref[k] - f for k, f in floor.items() if k in ref}
-        df["share_speedup"] = [ref_share.get(k, np.nan) / sh if sh == sh and sh > 0 else np.nan
-                               for k, sh in zip(keys, df["share_ms"])]
+        df["share_speedup"] = [_share_ratio(ref.get(k, np.nan), m, floor.get(k, np.nan))
+                               for k, m in zip(keys, df["median_ms"])]
         df.loc[df["implementation"] == NO_UPDATE, ["speedup", "share_ms", "share_speedup"]] = np.nan
         # a whole step's roofline is its update's: compare it with the optimizer's share, not the step
         whole = df["floor_ms"].notna()
@@ -351,7 +353,7 @@ def compact(df):
                 reference_roofline_frac=get(ref, "roofline_frac") if ref_ok else np.nan,
                 first_step_s=get(r, "first_step_s") if ok else np.nan,
                 reference_first_step_s=get(ref, "first_step_s") if ref_ok else np.nan,
-                floor_ms=floor_ms, share_speedup=(ref_med - floor_ms) / (med - floor_ms) if ok and ref_ok else np.nan)
+                floor_ms=floor_ms, share_speedup=_share_ratio(ref_med, med, floor_ms) if ok and ref_ok else np.nan)
             bad = [x for x in (r, ref) if x is not None and get(x, "status") != "ok"]
             row["status"] = "ok" if not bad else "failed"
             row["error"] = str(get(bad[0], "error")) if bad else ""
@@ -359,6 +361,13 @@ def compact(df):
                 row["error"] = "reference: " + row["error"]
             out.append(row)
     return pd.DataFrame(out)
+
+
+def _share_ratio(ref_ms: float, ms: float, floor_ms: float) -> float:
+    """(reference - floor) / (dsgd - floor); NaN when a share is not positive (the floor, measured
+    beside them, was as slow as the step: noise larger than the share, no ratio to report)."""
+    mine, ref = ms - floor_ms, ref_ms - floor_ms
+    return ref / mine if mine > 0 and ref > 0 else np.nan
 
 
 def _num(x) -> str:
@@ -637,7 +646,7 @@ def main(args) -> int:
     lead = client is None or client.client_id == 0  # only client 0 reports
     cases = make_cases(args.workload or DEFAULT_WORKLOADS, meshes, args.layout or ["sharded"],
                        args.dtype or ["float32"], args.implementation or DEFAULT_IMPLEMENTATIONS, parse_xla(args.xla),
-                       args.options or ["momentum"], device=args.device, modes=args.mode or MODES,
+                       args.options or ["momentum"], device=args.device, modes=args.mode or DEFAULT_MODES,
                        models=args.model or DEFAULT_MODELS)
     t0 = time.perf_counter()
     df = run(cases, steps=args.steps, devices=args.devices, isolate=not args.no_isolate,
@@ -703,7 +712,7 @@ def add_arguments(p) -> None:
                    help="optimizer options: momentum (lr 0.01, momentum 0.9), sgd (no momentum), full (momentum + "
                         "weight_decay 1e-4 + global_clipnorm 1.0 + EMA) (repeatable; default: momentum)")
     p.add_argument("--mode", action="append", choices=list(MODES),
-                   help="where the step runs (repeatable; default: all): eager = apply_gradients called eagerly "
+                   help="where the step runs (repeatable; default: eager, graph, fit): eager = apply_gradients called eagerly "
                         "(tf_keras' reference in a tf.function, its faster mode); graph = apply_gradients inside a "
                         "tf.function for both; train_step = a whole custom tf.function training step of --model; "
                         "fit = one model.fit step of --model (both with a no-update floor row)")
