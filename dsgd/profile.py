@@ -88,8 +88,8 @@ def config_name(case: Case) -> str:
         parts.append(_slug(case.dtype))
     if case.options != "momentum":
         parts.append(_slug(case.options))
-    if case.graph:
-        parts.append("graph")
+    if case.mode != "eager":
+        parts.append(_slug(case.mode))
     if case.device.upper() != "CPU":
         parts.append(case.device.lower())
     return "_".join(parts)

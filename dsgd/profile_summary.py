@@ -69,6 +69,17 @@ def xprof_json(paths: Sequence[str], tool: str) -> dict:
     return json.loads(data) if data else {}
 
 
+def _xspaces(paths: Sequence[str]):
+    """``(path, XSpace)`` of each trace file, parsed (one reader for every summary below)."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    for p in paths:
+        xs = xplane_pb2.XSpace()
+        with open(p, "rb") as f:
+            xs.ParseFromString(f.read())
+        yield p, xs
+
+
 def trace_hlo_modules(paths: Sequence[str]) -> list[tuple[str, int]]:
     """``(module name, fusion count)`` of every HLO module the profiler stored in the trace.
 
@@ -76,13 +87,9 @@ def trace_hlo_modules(paths: Sequence[str]) -> list[tuple[str, int]]:
     ran during the trace into the ``/host:metadata`` plane; a path that executes no XLA has none.
     """
     from tensorflow.compiler.xla.service import hlo_pb2
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     out = []
-    for p in paths:
-        xs = xplane_pb2.XSpace()
-        with open(p, "rb") as f:
-            xs.ParseFromString(f.read())
+    for p, xs in _xspaces(paths):
         for plane in xs.planes:
             if plane.name != "/host:metadata":
                 continue
@@ -115,13 +122,8 @@ def annotate_eager_ops(paths: Sequence[str]) -> int:
     event and are left alone).  Nothing else in the trace changes; a file already annotated is
     left as it is.
     """
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
     total = 0
-    for p in paths:
-        xs = xplane_pb2.XSpace()
-        with open(p, "rb") as f:
-            xs.ParseFromString(f.read())
+    for p, xs in _xspaces(paths):
         changed = 0
         for plane in xs.planes:
             if not plane.name.startswith("/host:"):
@@ -160,13 +162,8 @@ def hlo_op_rows(paths: Sequence[str]) -> list[dict]:
     only device planes (GPU, TPU), so on CPU they stay empty.  This is the same table from the
     host events: ``module``, ``hlo_op``, ``occurrences``, ``total_us``, ``avg_us``, ``pct``.
     """
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
     agg: dict[tuple[str, str], list[float]] = {}
-    for p in paths:
-        xs = xplane_pb2.XSpace()
-        with open(p, "rb") as f:
-            xs.ParseFromString(f.read())
+    for p, xs in _xspaces(paths):
         for plane in xs.planes:
             if not plane.name.startswith("/host:"):
                 continue
@@ -215,22 +212,16 @@ def eager_op_rows(paths: Sequence[str]) -> list[dict]:
     On CPU, xprof's op statistics leave out eagerly executed single ops; the host tracer still
     records one event per op dispatch (its wall time includes the kernel, which runs inline).
     """
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    prefix = "EagerLocalExecute: "
     agg: dict[str, list[float]] = {}
-    for p in paths:
-        xs = xplane_pb2.XSpace()
-        with open(p, "rb") as f:
-            xs.ParseFromString(f.read())
+    for p, xs in _xspaces(paths):
         for plane in xs.planes:
             if not plane.name.startswith("/host:"):
                 continue
             for line in plane.lines:
                 for ev in line.events:
                     name = plane.event_metadata[ev.metadata_id].name
-                    if name.startswith(prefix):
-                        a = agg.setdefault(name[len(prefix):], [0.0, 0.0])
+                    if name.startswith(EAGER_PREFIX):
+                        a = agg.setdefault(name[len(EAGER_PREFIX):], [0.0, 0.0])
                         a[0] += 1
                         a[1] += ev.duration_ps / 1e6
     return [{"type": op, "operation": op, "occurrences": n, "total_self_time": us} for op, (n, us) in agg.items()]

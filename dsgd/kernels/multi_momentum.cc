@@ -414,6 +414,12 @@ struct Grads {
   int n() const { return static_cast<int>(data.size()); }
 };
 
+// The (variable, momentum) dtype pairs of the SGD kernels: X(T, Tmomentum) for each (the
+// registrations and the in-graph kernel's runtime dispatch both expand it).
+#define DSGD_SGD_DTYPES(X)                                                           \
+  X(float, float) X(double, double) X(Eigen::bfloat16, Eigen::bfloat16) X(Eigen::bfloat16, float) \
+  X(Eigen::half, Eigen::half) X(Eigen::half, float)
+
 // The update of one call: the variables of `sets` (set j / n's variable j % n for gradient j),
 // in place, all checked before any is written.  Shared by DsgdMultiSgd(All) and the in-graph
 // step (GraphSgdOp).
@@ -606,12 +612,7 @@ class GraphSgdOp : public OpKernel {
                     nesterov, use_ema, overwrite);                                                           \
     return;                                                                                                  \
   }
-    DSGD_GRAPH_CASE(float, float)
-    DSGD_GRAPH_CASE(double, double)
-    DSGD_GRAPH_CASE(Eigen::bfloat16, Eigen::bfloat16)
-    DSGD_GRAPH_CASE(Eigen::bfloat16, float)
-    DSGD_GRAPH_CASE(Eigen::half, Eigen::half)
-    DSGD_GRAPH_CASE(Eigen::half, float)
+    DSGD_SGD_DTYPES(DSGD_GRAPH_CASE)
 #undef DSGD_GRAPH_CASE
     ctx->SetStatus(absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: unsupported dtypes ", DataTypeString(t), " / ",
                                                            DataTypeString(tm))));
@@ -774,12 +775,7 @@ class MultiSumSqOp : public OpKernel {
           .HostMemory("decay").HostMemory("hyper"),                                               \
       MultiSgdOp<T, TM>);
 
-DSGD_REGISTER_SGD(float, float)
-DSGD_REGISTER_SGD(double, double)
-DSGD_REGISTER_SGD(Eigen::bfloat16, Eigen::bfloat16)
-DSGD_REGISTER_SGD(Eigen::bfloat16, float)
-DSGD_REGISTER_SGD(Eigen::half, Eigen::half)
-DSGD_REGISTER_SGD(Eigen::half, float)
+DSGD_SGD_DTYPES(DSGD_REGISTER_SGD)
 #undef DSGD_REGISTER_SGD
 
 // One op for the global-norm coefficient instead of five (reduce_sum, sqrt, reciprocal,
