@@ -1,4 +1,5 @@
-"""Registry of step implementations: add one by writing a module and one line below."""
+"""The registry of step implementations (add one: write its module, list its class below),
+``auto``'s choice among them, and the iteration counter the local domain uses (:func:`counter`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,28 +7,17 @@ from typing import Optional
 from dsgd.impl.base import Implementation
 from dsgd.impl.dtensor_ops import FusedDTensor, OpsDTensor
 from dsgd.impl.in_graph import GroupedInGraph
+from dsgd.impl.multi_tensor import Grouped
 from dsgd.impl.per_shard import PerShard
+from dsgd.impl.sharded_state import ShardedState
+from dsgd.impl.xla import XLA
 
+# Imported plainly: a broken module fails here, loudly, instead of ``auto`` quietly choosing a
+# slower path.  Whether one can run in this process (its kernel built) is its
+# ``unavailable_reason()``.
 REGISTRY: dict[str, type[Implementation]] = {
-    OpsDTensor.name: OpsDTensor,
-    FusedDTensor.name: FusedDTensor,
-    PerShard.name: PerShard,
+    cls.name: cls for cls in (OpsDTensor, FusedDTensor, PerShard, Grouped, XLA, ShardedState)
 }
-
-
-def _register_optional() -> None:
-    # Implementations whose modules need extra machinery register themselves if importable.
-    for modname in ("dsgd.impl.multi_tensor", "dsgd.impl.xla", "dsgd.impl.sharded_state"):
-        try:
-            mod = __import__(modname, fromlist=["IMPLEMENTATION"])
-        except ImportError:
-            continue
-        cls = getattr(mod, "IMPLEMENTATION", None)
-        if cls is not None:
-            REGISTRY[cls.name] = cls
-
-
-_register_optional()
 
 CHOICES = ("auto", *REGISTRY)
 
