@@ -49,6 +49,29 @@ class EMAOption:
         return asdict(self)
 
 
+_ACCEPTED_KWARGS = ("lr", "is_legacy_optimizer")
+# tf_keras' new optimizer refuses these with a ValueError saying they are deprecated
+_LEGACY_KWARGS = ("decay", "gradient_aggregator", "gradient_transformers")
+ALLOWED_ARGS = (
+    "learning_rate (or lr), momentum, nesterov, amsgrad, gradients_clip_option, ema_option, jit_compile, name, "
+    "mesh, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency, "
+    "implementation, momentum_dtype")
+
+
+def check_extra_kwargs(kwargs: dict) -> None:
+    """The constructor's ``**kwargs``: only ``lr`` and ``is_legacy_optimizer``; tf_keras'
+    deprecated ones are refused with its ValueError and text, plus what is allowed."""
+    for k in kwargs:
+        if k in _LEGACY_KWARGS:
+            raise ValueError(
+                f"{k} is deprecated in the new TF-Keras optimizer, please check the docstring for valid "
+                "arguments, or use the legacy optimizer, e.g., tf.keras.optimizers.legacy.SGD. "
+                f"dsgd.SGD's allowed arguments are {ALLOWED_ARGS}")
+    unknown = [k for k in kwargs if k not in _ACCEPTED_KWARGS]
+    if unknown:
+        raise TypeError(f"SGD got unexpected keyword argument(s) {unknown}; allowed arguments are {ALLOWED_ARGS}")
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 

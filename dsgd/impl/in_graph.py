@@ -35,7 +35,7 @@ from tensorflow.python.ops import control_flow_util
 from dsgd import kernels, rules
 from dsgd.impl.dtensor_ops import OpsDTensor, densify
 from dsgd.impl.base import Items
-from dsgd.impl.multi_tensor import DTYPES, Grouped, _momentum_dtype
+from dsgd.impl.multi_tensor import Grouped, _momentum_dtype
 from dsgd.plan import Group, StepArgs
 
 KERNEL_LABEL = "dsgd_sgd"  # GraphSgdOp's label in multi_momentum.cc

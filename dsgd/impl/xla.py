@@ -294,10 +294,10 @@ def xla_impls(obj) -> list[XLA]:
     """The :class:`XLA` instances behind an optimizer (its plan's groups), or ``[obj]`` for one."""
     if isinstance(obj, XLA):
         return [obj]
-    groups = getattr(obj, "plan", None)
-    if groups is None:
+    instances = getattr(obj, "implementation_instances", None)
+    if instances is None:
         raise TypeError(f"expected a dsgd.SGD or an XLA implementation, got {type(obj).__name__}")
-    return [imp for g in groups for imp in g.__dict__.get("_impls", {}).values() if isinstance(imp, XLA)]
+    return [imp for imp in instances() if isinstance(imp, XLA)]
 
 
 FUSION_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*[^=]*?\bfusion\(", re.M)
