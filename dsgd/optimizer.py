@@ -16,12 +16,13 @@ The API is ``tf.keras.dtensor.experimental.optimizers.SGD``'s (every argument, t
 
 This module owns the Keras surface: the constructor and its checks, the learning rate,
 the optimizer's variables and slots, ``build``, ``apply_gradients``' argument handling,
-EMA's finalize, the config and the weights.  How a step runs is :mod:`dsgd.step`'s.
+EMA's finalize, the config and the weights.  How a step runs is :mod:`dsgd.step`'s.  (It is
+~450 lines because that surface is wide: every tf_keras argument, property and method, each
+mesh-aware, with the tf_keras docstring of the class.)
 """
 from __future__ import annotations
 
 import logging
-import numbers
 from typing import Any, Callable, Iterable, Optional
 
 import tensorflow as tf
@@ -113,9 +114,9 @@ class SGD(keras_optimizer.Optimizer):
             learning_rate = kwargs["lr"]
         if mesh is not None and not isinstance(mesh, dtensor.Mesh):
             raise TypeError(f"`mesh` must be a tf.experimental.dtensor.Mesh or None, got {type(mesh).__name__}")
-        _check_learning_rate(learning_rate)
+        opt_checks.check_learning_rate(learning_rate)
         if isinstance(momentum, (tf.Tensor, tf.Variable)):
-            momentum = _constant_momentum(momentum)
+            momentum = opt_checks.constant_momentum(momentum)
         opt_checks.check_unit_interval("momentum", momentum)
         opt_checks.check_nonneg_finite("weight_decay", weight_decay)
         clipnorm, clipvalue, global_clipnorm = opt_checks.merge_clip_options(
@@ -149,7 +150,7 @@ class SGD(keras_optimizer.Optimizer):
         if callable(learning_rate) and not isinstance(learning_rate, (_Schedule, tf.Variable)):
             self._lr_callable = learning_rate
             learning_rate = float(learning_rate())
-            _check_learning_rate(learning_rate)
+            opt_checks.check_learning_rate(learning_rate)
         if isinstance(learning_rate, tf.Variable) and self._mesh is not None and variable_layout(learning_rate) is None:
             learning_rate = learning_rate.numpy()
         return super()._build_learning_rate(learning_rate)
@@ -162,11 +163,11 @@ class SGD(keras_optimizer.Optimizer):
     def learning_rate(self, learning_rate):
         if callable(learning_rate) and not isinstance(learning_rate, (_Schedule, tf.Variable)):
             value = learning_rate()
-            _check_learning_rate(value)
+            opt_checks.check_learning_rate(value)
             self._lr_callable = learning_rate
             learning_rate = value
         elif not isinstance(learning_rate, _Schedule):
-            _check_learning_rate(learning_rate)
+            opt_checks.check_learning_rate(learning_rate)
             self._lr_callable = None
         if isinstance(learning_rate, _Schedule):
             self._learning_rate = learning_rate
@@ -190,7 +191,7 @@ class SGD(keras_optimizer.Optimizer):
         if self._lr_callable is not None:
             value = self._lr_callable()
             if tf.executing_eagerly():
-                _check_learning_rate(value)
+                opt_checks.check_learning_rate(value)
             self._learning_rate.assign(to_layout(tf.cast(value, self._learning_rate.dtype),
                                                  variable_layout(self._learning_rate)))
             return
@@ -456,36 +457,6 @@ class SGD(keras_optimizer.Optimizer):
         """The implementation instances that have run this optimizer's groups, in plan order
         (e.g. the ``xla`` ones whose HLO :func:`dsgd.impl.xla.capture_hlo` writes)."""
         return self._engine.implementations() if self._engine is not None else []
-
-
-def _constant_momentum(momentum) -> Any:
-    """A tensor or variable ``momentum`` as a float: its value eagerly, its constant value
-    under a v1 ``tf.Graph()`` or while tracing (the step's rule is fixed when it is built)."""
-    if isinstance(momentum, tf.Variable):
-        return float(to_numpy(momentum)) if tf.executing_eagerly() else momentum
-    value = tf.get_static_value(momentum)
-    if value is None or getattr(value, "ndim", 0) != 0:
-        # returned as is: check_unit_interval refuses it with the allowed values
-        return momentum
-    return float(value)
-
-
-def _check_learning_rate(learning_rate) -> None:
-    if isinstance(learning_rate, _Schedule) or (callable(learning_rate) and not isinstance(learning_rate, tf.Variable)):
-        return
-    if isinstance(learning_rate, tf.Variable):
-        learning_rate = to_numpy(learning_rate)
-    if tf.is_tensor(learning_rate):
-        if not tf.executing_eagerly():
-            return
-        if learning_rate.shape.rank not in (0, None):
-            raise ValueError(f"`learning_rate` must be a scalar, got shape {learning_rate.shape}")
-        learning_rate = to_numpy(learning_rate)
-    if isinstance(learning_rate, numbers.Real) or hasattr(learning_rate, "dtype"):
-        opt_checks.check_learning_rate_value(learning_rate)
-        return
-    raise ValueError("`learning_rate` must be a float, a scalar tensor, a zero-argument callable or a "
-                     f"LearningRateSchedule, got {learning_rate!r}")
 
 
 __all__ = ["SGD", "GradientsClipOption", "EMAOption"]
