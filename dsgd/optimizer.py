@@ -304,7 +304,9 @@ class SGD(keras_optimizer.Optimizer):
         engine = self._engine
         items = engine.items(kept, eager)
         if not eager and self._mesh is not None:
-            items = guarded(items, self._iterations.handle)
+            # anchored on the iterations' value: its resource handle as the anchor made DTensor's
+            # MLIR pass fail inside fit's while loop ("operand #0 does not dominate this use")
+            items = guarded(items, self._iterations.read_value())
         with tf.name_scope(scope):
             step = engine.resolve(items, eager)
             self._compute_current_learning_rate()  # may assign the lr variable through DTensor
