@@ -41,11 +41,10 @@ def copy_gbps() -> float:
 
 def resolved_implementations(opt) -> str:
     """Which implementation(s) actually ran each group (for ``auto``)."""
-    groups = getattr(opt, "plan", None)
-    if groups is None:
+    used = getattr(opt, "implementations_used", None)
+    if used is None:  # tf_keras' optimizer
         return REFERENCE
-    names = sorted({n for g in groups for n in g.__dict__.get("_impls", {})})
-    return "+".join(names) or "?"
+    return "+".join(used()) or "?"
 
 
 def _row(built, t_ms: np.ndarray) -> dict:

@@ -1,8 +1,10 @@
-"""Hyperparameter containers and their validation.
+"""Hyperparameter containers and the validation of every constructor argument.
 
 ``GradientsClipOption`` and ``EMAOption`` are the older (TF 2.9/2.10 DTensor optimizer)
 way of passing clipping and EMA settings; :class:`dsgd.SGD` accepts them and the newer
-flat keywords alike.  Every check here runs before any TensorFlow state is created.
+flat keywords alike.  The constructor runs every check here before any TensorFlow state
+is created (a callable learning rate's values are checked again when it is called).  Only
+the checks that take tensors import TensorFlow, so the containers work without it.
 """
 from __future__ import annotations
 
@@ -49,6 +51,29 @@ class EMAOption:
         return asdict(self)
 
 
+_ACCEPTED_KWARGS = ("lr", "is_legacy_optimizer")
+# tf_keras' new optimizer refuses these with a ValueError saying they are deprecated
+_LEGACY_KWARGS = ("decay", "gradient_aggregator", "gradient_transformers")
+ALLOWED_ARGS = (
+    "learning_rate (or lr), momentum, nesterov, amsgrad, gradients_clip_option, ema_option, jit_compile, name, "
+    "mesh, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency, "
+    "implementation, momentum_dtype")
+
+
+def check_extra_kwargs(kwargs: dict) -> None:
+    """The constructor's ``**kwargs``: only ``lr`` and ``is_legacy_optimizer``; tf_keras'
+    deprecated ones are refused with its ValueError and text, plus what is allowed."""
+    for k in kwargs:
+        if k in _LEGACY_KWARGS:
+            raise ValueError(
+                f"{k} is deprecated in the new TF-Keras optimizer, please check the docstring for valid "
+                "arguments, or use the legacy optimizer, e.g., tf.keras.optimizers.legacy.SGD. "
+                f"dsgd.SGD's allowed arguments are {ALLOWED_ARGS}")
+    unknown = [k for k in kwargs if k not in _ACCEPTED_KWARGS]
+    if unknown:
+        raise TypeError(f"SGD got unexpected keyword argument(s) {unknown}; allowed arguments are {ALLOWED_ARGS}")
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
@@ -78,6 +103,50 @@ def check_learning_rate_value(value: Any) -> None:
         ) from None
     if not math.isfinite(v) or v < 0:
         raise ValueError(f"`learning_rate` must be finite and >= 0, got {v!r}")
+
+
+def check_learning_rate(learning_rate: Any) -> None:
+    """Checks any ``learning_rate`` the optimizer accepts: a schedule or a callable passes (a
+    callable's values are checked when it is called), a variable or eager tensor must be a
+    valid scalar, a tensor being traced passes."""
+    # imported here: the option containers above are usable without TensorFlow
+    import tensorflow as tf
+    from tf_keras.src.optimizers.schedules.learning_rate_schedule import LearningRateSchedule
+
+    from dsgd.state import to_numpy
+
+    if isinstance(learning_rate, LearningRateSchedule) or (
+            callable(learning_rate) and not isinstance(learning_rate, tf.Variable)):
+        return
+    if isinstance(learning_rate, tf.Variable):
+        learning_rate = to_numpy(learning_rate)
+    if tf.is_tensor(learning_rate):
+        if not tf.executing_eagerly():
+            return
+        if learning_rate.shape.rank not in (0, None):
+            raise ValueError(f"`learning_rate` must be a scalar, got shape {learning_rate.shape}")
+        learning_rate = to_numpy(learning_rate)
+    if isinstance(learning_rate, numbers.Real) or hasattr(learning_rate, "dtype"):
+        check_learning_rate_value(learning_rate)
+        return
+    raise ValueError("`learning_rate` must be a float, a scalar tensor, a zero-argument callable or a "
+                     f"LearningRateSchedule, got {learning_rate!r}")
+
+
+def constant_momentum(momentum: Any) -> Any:
+    """A tensor or variable ``momentum`` as a float: its value eagerly, its constant value
+    under a v1 ``tf.Graph()`` or while tracing (the step's rule is fixed when it is built)."""
+    import tensorflow as tf  # only ever given a tensor or a variable
+
+    from dsgd.state import to_numpy
+
+    if isinstance(momentum, tf.Variable):
+        return float(to_numpy(momentum)) if tf.executing_eagerly() else momentum
+    value = tf.get_static_value(momentum)
+    if value is None or getattr(value, "ndim", 0) != 0:
+        # returned as is: check_unit_interval refuses it with the allowed values
+        return momentum
+    return float(value)
 
 
 def merge_clip_options(clipnorm, clipvalue, global_clipnorm, option: Optional[GradientsClipOption]):

@@ -1,8 +1,11 @@
 """The plan: built once per variable set, it groups variables and holds their slots.
 
-Everything that can be decided before the first step is decided here (grouping by
-mesh, layout and dtype; which variables decay; each variable's replication factor;
-which implementation runs each group), so the step does no Python-side searching.
+Everything about the variables that can be decided before the first step is decided here
+(grouping by mesh, layout and dtype; which variables decay; each variable's replication
+factor, shape, layout string and dtype for the per-step checks), so the step does no
+Python-side searching.  Which implementation runs a group depends on the mode (eagerly or
+inside ``tf.function``), so :class:`dsgd.step.StepEngine` chooses it at the first step that
+meets the group in that mode, and caches it.  Also here: :class:`StepArgs`, one step's values.
 """
 from __future__ import annotations
 
@@ -42,7 +45,6 @@ class Group:
     dtype: tf.DType
     mesh: Optional[dtensor.Mesh]
     entries: list[Entry] = field(default_factory=list)
-    impl: Any = None  # an Implementation instance, set by the optimizer
 
     @property
     def key(self) -> tuple:
@@ -84,7 +86,21 @@ def variable_layout(x) -> Optional[dtensor.Layout]:
         return None
 
 
+def new_entry(index: int, var: tf.Variable, key: Any, momentum: Optional[tf.Variable],
+              average: Optional[tf.Variable], decay: bool, layout: Optional[dtensor.Layout]) -> Entry:
+    """The entry of ``var`` (with ``layout``, its :func:`variable_layout`) and its slots."""
+    return Entry(
+        index=index, var=var, key=key, momentum=momentum, average=average, decay=decay, layout=layout,
+        replication=meshspec.replication_factor(layout) if layout is not None else 1,
+        shape=tuple(var.shape.as_list()) if var.shape.is_fully_defined() else (),
+        layout_str=layout.to_string() if layout is not None else None,
+        dtype=var.dtype, dtype_enum=var.dtype.as_datatype_enum,
+        constrained=getattr(var, "constraint", None) is not None,
+    )
+
+
 def group_entries(entries: list[Entry]) -> list[Group]:
+    """The entries grouped by mesh, layout and dtype, in order of first appearance."""
     groups: dict[tuple, Group] = {}
     for e in entries:
         layout = e.layout

@@ -35,6 +35,19 @@ def clip_by_value(g: tf.Tensor, clipvalue: float) -> tf.Tensor:
     return tf.clip_by_value(g, -clipvalue, clipvalue)
 
 
+def scale_and_clip(g, scale, clipvalue, dtype: tf.DType):
+    """Step 1 for one gradient, dense or ``tf.IndexedSlices`` (its values): times its norm-clip
+    coefficient ``scale`` cast to ``dtype`` (None: no norm clipping), then clipped to
+    ``[-clipvalue, clipvalue]`` (falsy: no value clipping).  Every implementation clips here."""
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(scale_and_clip(g.values, scale, clipvalue, dtype), g.indices, g.dense_shape)
+    if scale is not None:
+        g = g * tf.cast(scale, dtype)
+    if clipvalue:
+        g = clip_by_value(g, clipvalue)
+    return g
+
+
 def weight_decay(w: tf.Tensor, lr: tf.Tensor, wd: float) -> tf.Tensor:
     """Decoupled weight decay, applied before the update: ``w - w * wd * lr``."""
     # a Python float becomes a constant of w's dtype directly (no float32 rounding for float64)

@@ -135,3 +135,15 @@ def test_restore_in_fresh_process_with_other_device_count(meshes, tmp_path):
         print("RESTORED-OK")
     """, devices=4)
     assert "RESTORED-OK" in check_subprocess(proc)
+
+
+def test_step_machinery_is_not_a_checkpoint_dependency(meshes):
+    """The optimizer's checkpoint dependencies are its state only: neither the step engine nor
+    the iteration counter it makes for the local domain (which holds the iterations variable)."""
+    mesh = meshes("batch=8")
+    opt = dsgd.SGD(0.1, momentum=0.9, mesh=mesh)
+    v = dvar(np.ones((8, 4), np.float32), mesh, [U, U])
+    opt.apply_gradients([(dgrad(np.ones((8, 4)), v), v)])
+    assert opt._engine.counter is not None  # a local-domain step ran and made its counter
+    assert sorted(opt._trackable_children()) == [
+        "_index_dict", "_iterations", "_learning_rate", "_model_variables_moving_average", "_variables", "momentums"]

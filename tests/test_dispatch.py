@@ -124,7 +124,7 @@ def test_all_devices_call_checks_its_inputs(meshes):
     opt = dsgd.SGD(mesh=mesh, implementation="grouped", learning_rate=0.5, momentum=0.9)
     g = to_layout(np.ones(4, np.float32), lay)
     opt.apply_gradients([(g, v)])  # builds the plan: one DsgdMultiSgdAll call for 8 devices
-    (impl,) = [i for grp in opt.plan for i in grp.__dict__["_impls"].values()]
+    (impl,) = opt.implementation_instances()
     (call,) = [c for plan in impl._plans.values() for c in plan]
     assert call.addresses is not None and call.addresses.shape == [8]
     devices = impl.devices

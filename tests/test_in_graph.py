@@ -17,7 +17,7 @@ from dsgd.impl.in_graph import KERNEL_LABEL
 
 
 def _ran(opt) -> set:
-    return {n for g in opt.plan for n in g.__dict__.get("_impls", {})}
+    return set(opt.implementations_used())
 
 
 def _labelled_nodes(concrete) -> int:
@@ -107,7 +107,7 @@ def test_xla_auto_clustering_leaves_the_node_alone():
         for _ in range(2):
             fn(dgrad(np.ones((8, 4)), v))
         print("RESULT", float(value(v).max()), float(value(v).min()),
-              sorted({n for g in opt.plan for n in g.__dict__.get("_impls", {})}))
+              opt.implementations_used())
     """, env={"TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"}, timeout=600))
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
     assert line == "RESULT 0.0 0.0 ['grouped_graph']", line  # 1 - 2 * 0.5 * 1

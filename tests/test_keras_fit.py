@@ -155,7 +155,7 @@ def test_fit_features_run_grouped_in_graph(meshes, tmp_path):
         opt = dsgd.SGD(mesh=mesh, implementation=impl, **kw)
         runs[name] = (opt,) + _fit_with_everything(mesh, opt, tmp_path, run_eagerly=eagerly, loops=loops)
     opt, model, hist, evaluated, predicted, weights = runs["auto"]
-    assert {n for g in opt.plan for n in g.__dict__.get("_impls", {})} == {"grouped_graph"}
+    assert set(opt.implementations_used()) == {"grouped_graph"}
     assert int(value(opt.iterations)) == EPOCHS * STEPS_PER_EPOCH
     assert set(hist) >= {"loss", "mae", "val_loss", "val_mae"} and len(hist["loss"]) == EPOCHS
     assert all(np.isfinite(v).all() for v in hist.values())

@@ -84,7 +84,7 @@ def train(steps: int = STEPS, configs=CONFIGS) -> dict[str, np.ndarray]:
         for i, a in enumerate(opt._model_variables_moving_average):
             out[f"{label}/ema{i}"] = to_numpy(a)
         out[f"{label}/iterations"] = np.asarray(to_numpy(opt.iterations))
-        out[f"{label}/impl"] = np.asarray(sorted({n for g in opt.plan for n in g.__dict__.get("_impls", {})}))
+        out[f"{label}/impl"] = np.asarray(opt.implementations_used())
     return out
 
 

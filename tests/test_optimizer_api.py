@@ -141,7 +141,7 @@ def test_iterations_and_learning_rate_replicated(meshes, monkeypatch, counter):
             assert lay is not None and lay.mesh == mesh and lay.is_fully_replicated() and lay.rank == 0
         assert int(value(opt.iterations)) == 2
         assert [int(c) for c in dtensor.unpack(opt.iterations.read_value())] == [2] * 8
-        assert (opt.__dict__["_increment"][1].__class__.__name__ == "Counter") == (counter == "one op")
+        assert (type(opt._engine.counter).__name__ == "Counter") == (counter == "one op")
         # a schedule's current value is the one used by the last step (computed from iterations=1)
         expected = 0.1 if isinstance(lr, float) else 0.1 * 0.5 ** 0.5
         np.testing.assert_allclose(value(opt.learning_rate), expected, rtol=1e-6)

@@ -169,7 +169,7 @@ def run_case(mesh, var_specs, dtype, impl: str, case: Case, mode: str, seed: int
         assert int(value(opt.iterations)) == k + 1
     if mode == "function":
         assert fn.experimental_get_tracing_count() == 1, "the step retraced"
-        ran = {n for g in opt.plan for n in g.__dict__.get("_impls", {})}
+        ran = set(opt.implementations_used())
         assert ran == {impl_registry.for_mode(impl, eager=False).name}, f"inside tf.function {impl!r} ran as {ran}"
     if case.finalize:
         opt.finalize_variable_values(variables)

@@ -88,7 +88,7 @@ def _check(opt, variables, state, dtype, factor=1.0, steps=STEPS):
 
 
 def _impls_used(opt) -> set[str]:
-    return {name for g in opt.plan for name in g.__dict__.get("_impls", {})}
+    return set(opt.implementations_used())
 
 
 # every option set on meshes 1 and batch=2,model=4 (plain momentum there: test_jit_compile_...);

@@ -1,33 +1,27 @@
-"""Registry of step implementations: add one by writing a module and one line below."""
+"""The registry of step implementations (add one: write its module, list its class below),
+``auto``'s choice among them, and the iteration counter the local domain uses (:func:`counter`)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
+import tensorflow as tf
+
+from dsgd import kernels
 from dsgd.impl.base import Implementation
 from dsgd.impl.dtensor_ops import FusedDTensor, OpsDTensor
 from dsgd.impl.in_graph import GroupedInGraph
+from dsgd.impl.local import PerDeviceCounter
+from dsgd.impl.multi_tensor import Counter, Grouped
 from dsgd.impl.per_shard import PerShard
+from dsgd.impl.sharded_state import ShardedState
+from dsgd.impl.xla import XLA
 
+# Imported plainly: a broken module fails here, loudly, instead of ``auto`` quietly choosing a
+# slower path.  Whether one can run in this process (its kernel built) is its
+# ``unavailable_reason()``.
 REGISTRY: dict[str, type[Implementation]] = {
-    OpsDTensor.name: OpsDTensor,
-    FusedDTensor.name: FusedDTensor,
-    PerShard.name: PerShard,
+    cls.name: cls for cls in (OpsDTensor, FusedDTensor, PerShard, Grouped, XLA, ShardedState)
 }
-
-
-def _register_optional() -> None:
-    # Implementations whose modules need extra machinery register themselves if importable.
-    for modname in ("dsgd.impl.multi_tensor", "dsgd.impl.xla", "dsgd.impl.sharded_state"):
-        try:
-            mod = __import__(modname, fromlist=["IMPLEMENTATION"])
-        except ImportError:
-            continue
-        cls = getattr(mod, "IMPLEMENTATION", None)
-        if cls is not None:
-            REGISTRY[cls.name] = cls
-
-
-_register_optional()
 
 CHOICES = ("auto", *REGISTRY)
 
@@ -76,3 +70,12 @@ def get(name: str) -> type[Implementation]:
     if cls is None:
         raise ValueError(f"`implementation` must be one of {list(CHOICES)}, got {name!r}")
     return cls
+
+
+def counter(handles: Sequence[tf.Tensor], dtype: tf.DType) -> Callable[[], None]:
+    """Adds 1 to every local copy (``handles``) of a replicated variable when called: the
+    optimizer's iterations in the local domain.  One op for all devices when the grouped
+    kernels are loaded (:class:`~dsgd.impl.multi_tensor.Counter`, int64), else one per device."""
+    if kernels.loaded() is not None and dtype == tf.int64:
+        return Counter(handles)
+    return PerDeviceCounter(handles, dtype)

@@ -45,19 +45,7 @@ def _sumsq(g) -> tf.Tensor:
     return tf.reduce_sum(values * values)
 
 
-def _scaled(g, scale, clipvalue, dtype):
-    """Apply the clip coefficient and clipvalue to a dense or sparse gradient's values."""
-    if isinstance(g, tf.IndexedSlices):
-        v = _scaled(g.values, scale, clipvalue, dtype)
-        return tf.IndexedSlices(v, g.indices, g.dense_shape)
-    if scale is not None:
-        g = g * tf.cast(scale, dtype)
-    if clipvalue:
-        g = rules.clip_by_value(g, clipvalue)
-    return g
-
-
-def _ema_one(e: Entry, w: tf.Tensor, args: StepArgs) -> tf.Tensor:
+def ema_one(e: Entry, w: tf.Tensor, args: StepArgs) -> tf.Tensor:
     """Update ``e``'s moving average from the new weights ``w``; return the weights to store.
 
     Inside ``tf.function`` the overwrite is an arithmetic select ``s*avg + (1-s)*w`` with
@@ -81,7 +69,7 @@ def _ema(items: Items, args: StepArgs) -> None:
         return
     for e, _ in items:
         w = e.var.read_value()
-        e.var.assign(_ema_one(e, w, args))
+        e.var.assign(ema_one(e, w, args))
 
 
 class OpsDTensor(Implementation):
@@ -101,7 +89,7 @@ class OpsDTensor(Implementation):
         for i, (e, g) in enumerate(items):
             dtype = e.var.dtype
             lr = tf.cast(args.lr, dtype)
-            g = densify(_scaled(g, None if scales is None else scales[i], args.clipvalue, dtype), e)
+            g = densify(rules.scale_and_clip(g, None if scales is None else scales[i], args.clipvalue, dtype), e)
             w = e.var.read_value()
             if args.weight_decay and e.decay:
                 w = rules.weight_decay(w, lr, args.weight_decay)
@@ -111,7 +99,7 @@ class OpsDTensor(Implementation):
                 e.momentum.assign(m_new)
             else:
                 w = rules.sgd(w, g, lr)
-            e.var.assign(_ema_one(e, w, args))
+            e.var.assign(ema_one(e, w, args))
 
 
 class FusedDTensor(OpsDTensor):
@@ -129,7 +117,7 @@ class FusedDTensor(OpsDTensor):
         for i, (e, g) in enumerate(items):
             dtype = e.var.dtype
             lr = tf.cast(args.lr, dtype)
-            g = densify(_scaled(g, None if scales is None else scales[i], args.clipvalue, dtype), e)
+            g = densify(rules.scale_and_clip(g, None if scales is None else scales[i], args.clipvalue, dtype), e)
             if args.weight_decay and e.decay:
                 tf.raw_ops.ResourceApplyGradientDescent(
                     var=e.var.handle, alpha=lr * tf.cast(args.weight_decay, dtype), delta=e.var.read_value())

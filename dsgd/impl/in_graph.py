@@ -32,10 +32,10 @@ import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2
 from tensorflow.python.ops import control_flow_util
 
-from dsgd import kernels
-from dsgd.impl.dtensor_ops import OpsDTensor, _scaled, densify
+from dsgd import kernels, rules
+from dsgd.impl.dtensor_ops import OpsDTensor, densify
 from dsgd.impl.base import Items
-from dsgd.impl.multi_tensor import DTYPES, Grouped, _momentum_dtype
+from dsgd.impl.multi_tensor import Grouped, _momentum_dtype
 from dsgd.plan import Group, StepArgs
 
 KERNEL_LABEL = "dsgd_sgd"  # GraphSgdOp's label in multi_momentum.cc
@@ -98,7 +98,7 @@ class GroupedInGraph(OpsDTensor):
         if any(isinstance(g, tf.IndexedSlices) for _, g in items):
             # as fused: scale and clip the slices before duplicated rows are summed, so the
             # kernel's own scaling and clipping are off for this step
-            grads = [densify(_scaled(g, None if scales is None else scales[i], clipvalue, e.var.dtype), e)
+            grads = [densify(rules.scale_and_clip(g, None if scales is None else scales[i], clipvalue, e.var.dtype), e)
                      for i, (e, g) in enumerate(items)]
             scales, clipvalue = None, None
         else:

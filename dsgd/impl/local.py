@@ -111,3 +111,18 @@ def densify_local(g, rows: int) -> tf.Tensor:
     if isinstance(g, tf.IndexedSlices):
         return tf.math.unsorted_segment_sum(g.values, g.indices, rows)
     return g
+
+
+class PerDeviceCounter:
+    """Adds 1 to every local copy of a replicated variable, one ``AssignAddVariableOp`` per
+    device (where the grouped kernels' one-op :class:`dsgd.impl.multi_tensor.Counter` is not loaded)."""
+
+    def __init__(self, handles: list[tf.Tensor], dtype: tf.DType) -> None:
+        self._handles = list(handles)
+        with tf.init_scope():
+            self._one = tf.constant(1, dtype)
+
+    def __call__(self) -> None:
+        one = self._one
+        for h in self._handles:
+            tf.raw_ops.AssignAddVariableOp(resource=h, value=one)

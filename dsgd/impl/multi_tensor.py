@@ -43,9 +43,9 @@ import tensorflow as tf
 from tensorflow.python.eager import context as _context
 from tensorflow.python.framework.ops import EagerTensor
 
-from dsgd import eager_dtensor, kernels
+from dsgd import eager_dtensor, kernels, rules
 from dsgd.impl.local import LocalEntry, densify_local
-from dsgd.impl.per_shard import LocalImplementation, PerShard
+from dsgd.impl.per_shard import LocalImplementation
 from dsgd.plan import Group, StepArgs
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -287,8 +287,8 @@ class Grouped(LocalImplementation):
             after, None, bools, {"Tmomentum": self._tmomentum.as_datatype_enum}, 0)
 
     def _sparse_dense(self, g: tf.IndexedSlices, le: LocalEntry, scales, i: int, args: StepArgs) -> tf.Tensor:
-        values = PerShard._clip(g.values, scales, i, args, self.group.dtype)
-        return densify_local(tf.IndexedSlices(values, g.indices, g.dense_shape), le.local_shape[0])
+        g = rules.scale_and_clip(g, None if scales is None else scales[i], args.clipvalue, self.group.dtype)
+        return densify_local(g, le.local_shape[0])
 
 
 class Counter:
@@ -344,6 +344,3 @@ def _scale_vector(scales, index: list[int], n_items: int, none: tf.Tensor) -> tf
     if all(s is first for s in scales):  # global_clipnorm: one coefficient for every variable
         return first
     return tf.stack([scales[i] for i in index] if len(index) < n_items else list(scales))
-
-
-IMPLEMENTATION = Grouped

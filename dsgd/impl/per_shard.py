@@ -73,11 +73,9 @@ class PerShard(LocalImplementation):
                 wd = tf.constant(args.weight_decay or 0.0, dtype) * lr
                 for i, (le, parts) in enumerate(split):
                     g = parts[k]
+                    g = rules.scale_and_clip(g, None if scales is None else scales[i], args.clipvalue, dtype)
                     if isinstance(g, tf.IndexedSlices):
-                        g = tf.IndexedSlices(self._clip(g.values, scales, i, args, dtype), g.indices, g.dense_shape)
                         g = densify_local(g, le.local_shape[0])
-                    else:
-                        g = self._clip(g, scales, i, args, dtype)
                     h = le.var[k]
                     if args.weight_decay and le.entry.decay:
                         w = tf.raw_ops.ReadVariableOp(resource=h, dtype=dtype)
@@ -90,14 +88,6 @@ class PerShard(LocalImplementation):
                         tf.raw_ops.ResourceApplyGradientDescent(var=h, alpha=lr, delta=g)
                 if args.ema_momentum is not None:
                     self._ema(split, k, args, dtype)
-
-    @staticmethod
-    def _clip(g, scales, i, args: StepArgs, dtype):
-        if scales is not None:
-            g = g * tf.cast(scales[i], dtype)
-        if args.clipvalue:
-            g = rules.clip_by_value(g, args.clipvalue)
-        return g
 
     @staticmethod
     def _ema(split, k, args: StepArgs, dtype) -> None:

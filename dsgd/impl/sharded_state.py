@@ -20,9 +20,9 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from dsgd import meshspec, rules
-from dsgd.impl.dtensor_ops import OpsDTensor, _ema_one, _scaled, densify
+from dsgd.impl.dtensor_ops import OpsDTensor, densify, ema_one
 from dsgd.impl.base import Items
-from dsgd.plan import Group, StepArgs, variable_layout
+from dsgd.plan import StepArgs, variable_layout
 
 
 def state_layout(layout: Optional[dtensor.Layout], shape: Sequence[int]) -> Optional[dtensor.Layout]:
@@ -57,7 +57,7 @@ class ShardedState(OpsDTensor):
         for i, (e, g) in enumerate(items):
             dtype = e.var.dtype
             lr = tf.cast(args.lr, dtype)
-            g = densify(_scaled(g, None if scales is None else scales[i], args.clipvalue, dtype), e)
+            g = densify(rules.scale_and_clip(g, None if scales is None else scales[i], args.clipvalue, dtype), e)
             slot = e.momentum if e.momentum is not None else e.average
             m_layout = variable_layout(slot) if slot is not None else e.layout  # .layout: graph-safe
             if m_layout == e.layout:
@@ -76,7 +76,7 @@ class ShardedState(OpsDTensor):
                 # The overwrite is selected in data flow and the weights assigned once: a later
                 # tf.cond assigning the average lost its ordering after this assign inside
                 # tf.function on a mesh (TF 2.21), so the un-overwritten weights won.
-                w = _ema_one(e, w, args)
+                w = ema_one(e, w, args)
             e.var.assign(dtensor.relayout(w, e.layout))
 
 
@@ -84,7 +84,3 @@ def _no_clip(args: StepArgs) -> StepArgs:
     from dataclasses import replace
 
     return replace(args, clipvalue=None)
-
-
-IMPLEMENTATION = ShardedState
-_ = Group

@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from dsgd import rules
 from dsgd.impl.local import LocalEntry, densify_local
-from dsgd.impl.per_shard import LocalImplementation, PerShard
+from dsgd.impl.per_shard import LocalImplementation
 from dsgd.plan import Group, StepArgs
 
 
@@ -61,10 +61,7 @@ def _program(n: int, *, decay_mask: tuple, has_momentum: bool, has_ema: bool, mo
         for i in range(n):
             g = grads[i]
             if clip_mask is None or clip_mask[i]:
-                if scaled:
-                    g = g * tf.cast(scales[i], var_dtype)
-                if clipvalue:
-                    g = rules.clip_by_value(g, clipvalue)
+                g = rules.scale_and_clip(g, scales[i] if scaled else None, clipvalue, var_dtype)
             w = tf.raw_ops.ReadVariableOp(resource=var_h[i], dtype=var_dtype)
             # compute in the slot dtype (float32 momentum for bfloat16 weights), store in each own dtype
             cd = slot_dtype if has_momentum else var_dtype
@@ -208,8 +205,9 @@ class XLA(LocalImplementation):
                 g = parts[k]
                 if isinstance(g, tf.IndexedSlices):
                     with tf.device(dev):  # scaled and clipped per slice, then summed (clip_mask)
-                        values = PerShard._clip(g.values, scales, i, args, self.group.dtype)
-                        g = densify_local(tf.IndexedSlices(values, g.indices, g.dense_shape), le.local_shape[0])
+                        g = rules.scale_and_clip(g, None if scales is None else scales[i], args.clipvalue,
+                                                 self.group.dtype)
+                        g = densify_local(g, le.local_shape[0])
                 grads.append(g)
             per_device.append((var_h, mom_h, avg_h, grads))
         for k, dev in enumerate(self.devices):  # serially: threads and one graph over all devices were slower
@@ -296,10 +294,10 @@ def xla_impls(obj) -> list[XLA]:
     """The :class:`XLA` instances behind an optimizer (its plan's groups), or ``[obj]`` for one."""
     if isinstance(obj, XLA):
         return [obj]
-    groups = getattr(obj, "plan", None)
-    if groups is None:
+    instances = getattr(obj, "implementation_instances", None)
+    if instances is None:
         raise TypeError(f"expected a dsgd.SGD or an XLA implementation, got {type(obj).__name__}")
-    return [imp for g in groups for imp in g.__dict__.get("_impls", {}).values() if isinstance(imp, XLA)]
+    return [imp for imp in instances() if isinstance(imp, XLA)]
 
 
 FUSION_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*[^=]*?\bfusion\(", re.M)
@@ -346,6 +344,3 @@ def capture_hlo(obj, out_dir: str, per_device: bool = False) -> list[str]:
     with open(os.path.join(out_dir, "hlo_programs.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return paths
-
-
-IMPLEMENTATION = XLA
