@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from dsgd import meshspec
-from dsgd.workloads import LAYOUT_POLICIES, WORKLOADS, VarSpec, WorkloadError, get_workload, layout_entries
+from dsgd.layoutmap import layout_entries
+from dsgd.workloads import LAYOUT_POLICIES, WORKLOADS, VarSpec, WorkloadError, get_workload
 
 # dsgd's implementations by name, kept here so that checking a name does not import TensorFlow
 # (``dsgd.impl``'s registry does); tests/test_argcheck.py checks it equals ``dsgd.impl.CHOICES``.
@@ -330,7 +331,8 @@ def check_layouts(args) -> None:
     if args.validate:
         for w in args.validate_workloads or ():
             check_choice(w, sorted(WORKLOADS), "--validate-workloads")
-        check_input_file(args.from_measurements, "--from-measurements")
+        for path in args.from_measurements or ():  # repeatable
+            check_input_file(path, "--from-measurements")
         check_output_file(args.save_measurements, "--save-measurements")
         if not args.from_measurements and args.devices < 8:
             raise UsageError(f"--validate measures the 8-device meshes but --devices is {args.devices}; "
