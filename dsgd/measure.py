@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from dsgd import meshspec
-from dsgd.workloads import VarSpec, layout_entries
+from dsgd.layoutmap import layout_entries
+from dsgd.workloads import VarSpec
 
 REFERENCE = "reference"  # the tf_keras DTensor SGD, the baseline every speed-up is measured against
 NO_UPDATE = "no-update"  # train_step / fit modes: the same step with an optimizer that applies nothing (the floor)

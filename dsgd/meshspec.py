@@ -131,12 +131,19 @@ def parse_layout_spec(spec: str | Sequence[str], mesh, rank: int, shape: Sequenc
     return dtensor.Layout(entries, mesh)
 
 
-def layout_to_spec(layout) -> str:
-    """The inverse of :func:`parse_layout_spec` (``'replicated'`` for rank-0)."""
-    specs = list(layout.sharding_specs)
-    if not specs:
+def layout_str(entries: Sequence[str]) -> str:
+    """``('unsharded', 'model')`` -> ``'unsharded,model'``; all unsharded (or rank 0) -> ``'replicated'``.
+
+    The one way a layout is written: :func:`parse_layout_spec` reads it back for any rank.
+    """
+    if all(e == UNSHARDED for e in entries):
         return "replicated"
-    return ",".join(specs)
+    return ",".join(entries)
+
+
+def layout_to_spec(layout) -> str:
+    """A ``dtensor.Layout`` as :func:`layout_str` writes it; :func:`parse_layout_spec` reads it back."""
+    return layout_str(list(layout.sharding_specs))
 
 
 def replication_factor(layout) -> int:

@@ -166,7 +166,8 @@ def test_step_and_state_bytes_in_process(suite):
     row = common.metrics_case({"params": list(params), "steps": 3})
     assert row["status"] == "ok" and row["median_s"] > 0 and 0 < row["roofline_fraction"] < 2
     # momentum, float32, sharded on 'model' (4): a quarter of each sharded variable per device
-    from dsgd.workloads import get_workload, layout_entries
+    from dsgd.layoutmap import layout_entries
+    from dsgd.workloads import get_workload
 
     specs = get_workload(common.WORKLOAD, "float32")
     dims = [("batch", 2), ("model", 4)]
