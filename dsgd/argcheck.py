@@ -113,12 +113,12 @@ def check_layout(policy: str, workloads: dict[str, list[VarSpec]], meshes: Seque
                         continue
                     if axis not in sizes:
                         raise UsageError(
-                            f"{flag} {policy}: variable {s.name!r} of {wname} gets {','.join(entries)!r}, but mesh "
+                            f"{flag} {policy}: variable {s.name!r} of {wname} gets {meshspec.layout_str(entries)!r}, but mesh "
                             f"{mesh!r} has no axis {axis!r} (axes: {_names(sizes)}); name only axes every --mesh has")
                     if s.shape[d] % sizes[axis]:
                         raise UsageError(
                             f"{flag} {policy}: variable {s.name!r} of {wname} (shape {list(s.shape)}) gets "
-                            f"{','.join(entries)!r}, but its dimension {d} ({s.shape[d]}) does not divide by axis "
+                            f"{meshspec.layout_str(entries)!r}, but its dimension {d} ({s.shape[d]}) does not divide by axis "
                             f"{axis!r} of size {sizes[axis]} on mesh {mesh!r}; shard another dimension or another mesh")
 
 

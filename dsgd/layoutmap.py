@@ -61,17 +61,10 @@ def lookup(layout_map: Mapping[str, str], name: str) -> Optional[str]:
     return None
 
 
-def spec_entries(spec: Optional[str], rank: int) -> list[str]:
-    """A layout spec as one entry per dimension (``None``/``replicated``: all unsharded)."""
-    if spec is None or spec.strip() in (REPLICATED, ""):
-        return [meshspec.UNSHARDED] * rank
-    return [e.strip() for e in spec.split(",")]
-
-
 def entries_for(layout_map: Mapping[str, str], var: VarSpec, source: str = "layout map") -> list[str]:
     """The layout (one entry per dimension) the map gives ``var``; rank is checked."""
     spec = lookup(layout_map, var.name)
-    entries = spec_entries(spec, len(var.shape))
+    entries = meshspec.parse_layout_str(spec or REPLICATED, len(var.shape))
     if len(entries) != len(var.shape):
         raise WorkloadError(f"{source}: spec {spec!r} for {var.name} does not match rank {len(var.shape)}")
     return entries
@@ -142,7 +135,7 @@ def write(path: str | Path, specs: Sequence[VarSpec], layouts, *, mesh: str = ""
 def check_axes(layout_map: Mapping[str, str], axes: Sequence[str], source: str = "layout map") -> None:
     """Every spec names only ``axes`` (or ``unsharded``); else :class:`~dsgd.meshspec.SpecError`."""
     for rx, spec in layout_map.items():
-        bad = [p for p in spec_entries(spec, 0) if p != meshspec.UNSHARDED and p not in axes]
+        bad = [p for p in meshspec.parse_layout_str(spec, 0) if p != meshspec.UNSHARDED and p not in axes]
         if bad:
             raise meshspec.SpecError(f"{source}: {rx!r} -> {spec!r} names axes {bad} that the mesh "
                                      f"{list(axes)} does not have")
@@ -164,7 +157,7 @@ def to_keras(layout_map: Mapping[str, str], mesh, source: str = "layout map"):
         if spec.strip() in (REPLICATED, ""):
             lmap._layout_map[rx] = REPLICATED  # noqa: SLF001 - __setitem__ only takes Layouts
         else:
-            lmap[rx] = dtensor.Layout(spec_entries(spec, 0), mesh)
+            lmap[rx] = dtensor.Layout(meshspec.parse_layout_str(spec, 0), mesh)
     return lmap
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from dsgd import meshspec
+from dsgd.mesh import make_mesh, parse_layout_spec
 from dsgd.layoutmap import layout_entries
 from dsgd.workloads import VarSpec
 
@@ -109,8 +110,8 @@ def random_dtensor(shape, dtype: str, layout, seed: int):
 
 
 def case_layouts(specs: Sequence[VarSpec], mesh, policy: str) -> list:
-    dims = [(n, mesh.dim_size(n)) for n in mesh.dim_names]
-    return [meshspec.parse_layout_spec(layout_entries(s, dims, policy), mesh, len(s.shape), s.shape) for s in specs]
+    dims = meshspec.mesh_dims(mesh)
+    return [parse_layout_spec(layout_entries(s, dims, policy), mesh, len(s.shape), s.shape) for s in specs]
 
 
 def make_optimizer(case: Case, mesh, opts: Optional[dict] = None):
@@ -138,7 +139,7 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
     if case.implementation == NO_UPDATE:
         raise ValueError(f"{NO_UPDATE!r} is the floor of the {'/'.join(MODEL_MODES)} modes, not of mode {case.mode!r}")
     specs = get_workload(case.workload, case.dtype)
-    mesh = meshspec.make_mesh(case.mesh, case.device)
+    mesh = make_mesh(case.mesh, case.device)
     layouts = case_layouts(specs, mesh, case.layout)
     variables = [named_dvariable(random_dtensor(s.shape, s.dtype, lay, seed + i), s.name.replace("/", "_"), trainable=True)
                  for i, (s, lay) in enumerate(zip(specs, layouts))]
@@ -164,7 +165,7 @@ def _build_model_case(case: Case) -> Built:
     from dsgd.workloads import VarSpec
 
     spec = models.get_model_spec(case.workload)
-    mesh = meshspec.make_mesh(case.mesh, case.device)
+    mesh = make_mesh(case.mesh, case.device)
     if case.implementation == NO_UPDATE:
         opt = models.no_update_optimizer(mesh)
     else:
@@ -335,7 +336,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 def bytes_for_case(built: Built) -> Bytes:
     entries = [list(l.sharding_specs) for l in built.layouts]
-    dims = [(n, built.mesh.dim_size(n)) for n in built.mesh.dim_names]
+    dims = meshspec.mesh_dims(built.mesh)
     return count_bytes(built.specs, entries, dims, OPTION_PRESETS[built.case.options])
 
 
