@@ -685,17 +685,6 @@ def validation_jobs(workloads: Sequence[str], options: Sequence[str], implementa
     return jobs
 
 
-def save_measurements(rows: Sequence[dict], path: str) -> None:
-    """Rows as JSON lines (gzip-compressed when ``path`` ends in ``.gz``)."""
-    text = "\n".join(json.dumps(_jsonable(r), default=str) for r in rows) + "\n"
-    if str(path).endswith(".gz"):
-        import gzip
-
-        Path(path).write_bytes(gzip.compress(text.encode()))
-    else:
-        Path(path).write_text(text)
-
-
 def load_measurements(path: str) -> list[dict]:
     """Rows saved by ``--save-measurements`` (any dsgd version; ``.gz`` files are decompressed)."""
     p = Path(path)

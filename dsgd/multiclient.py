@@ -316,6 +316,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--module", help="run this module as __main__ instead of a dsgd command")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the dsgd command and its arguments")
     target = p.parse_args(list(argv) if argv is not None else None)
+    from dsgd.devices import quiet_tensorflow
+
+    quiet_tensorflow()  # an entry point: importing dsgd leaves the environment alone
     if target.args[:1] == ["--"]:
         target.args = target.args[1:]
     try:

@@ -114,31 +114,6 @@ def check_layout(spec: VarSpec, layout: Sequence[str], mesh_dims: Sequence[tuple
     return None
 
 
-# ------------------------------------------------------------------------------- candidates
-def candidates(spec: VarSpec, mesh_dims: Sequence[tuple[str, int]], *, two_d: bool = True) -> list[Layout]:
-    """Every layout the rules consider for one variable: replicated, 1-D and 2-D shardings.
-
-    Axes of size 1 are skipped (sharding on them changes nothing).
-    """
-    axes = [(a, n) for a, n in mesh_dims if n > 1]
-    rank = len(spec.shape)
-    out: list[Layout] = [replicated(spec)]
-    for d in range(rank):
-        for a, n in axes:
-            if spec.shape[d] % n == 0:
-                lay = [UNSHARDED] * rank
-                lay[d] = a
-                out.append(tuple(lay))
-    if two_d:
-        for d1, d2 in itertools.permutations(range(rank), 2):
-            for (a1, n1), (a2, n2) in itertools.permutations(axes, 2):
-                if d1 < d2 and spec.shape[d1] % n1 == 0 and spec.shape[d2] % n2 == 0:
-                    lay = [UNSHARDED] * rank
-                    lay[d1], lay[d2] = a1, a2
-                    out.append(tuple(lay))
-    return out
-
-
 def shard_on(spec: VarSpec, axes: Sequence[tuple[str, int]], dim_rule: str = "largest") -> Optional[Layout]:
     """Shard ``spec`` on every axis of ``axes`` (largest axis first), each on its own dimension.
 
@@ -390,5 +365,5 @@ def enumerate_plans(specs: Sequence[VarSpec], mesh_dims: Sequence[tuple[str, int
                         max_plans=max_plans, dim_rules=dim_rules).plans
 
 
-__all__ = ["Plan", "PlanError", "PlanNote", "PlanSearch", "candidates", "enumerate_plans", "search_plans", "tie_groups",
+__all__ = ["Plan", "PlanError", "PlanNote", "PlanSearch", "enumerate_plans", "search_plans", "tie_groups",
            "check_layout", "parse_force"]

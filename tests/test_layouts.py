@@ -19,21 +19,6 @@ MESH = [("batch", 2), ("model", 4)]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ------------------------------------------------------------------------------- candidates
-def test_candidates_per_variable():
-    got = set(plans.candidates(VarSpec("w", (512, 64)), MESH))
-    assert got == {
-        (U, U),
-        ("batch", U), ("model", U), (U, "batch"), (U, "model"),  # each divisible dim on each axis
-        ("batch", "model"), ("model", "batch"),  # 2-D
-    }
-    # bert-mini's word embeddings: 30522 rows divide by 2 but not by 4
-    emb = set(plans.candidates(VarSpec("e", (30522, 256)), MESH))
-    assert ("model", U) not in emb and ("batch", U) in emb and (U, "model") in emb and ("batch", "model") in emb
-    assert plans.candidates(VarSpec("v", (7,)), MESH) == [(U,)]  # nothing divides: replicated only
-    assert (U, U) in plans.candidates(VarSpec("w", (512, 64)), [("batch", 1)])
-
-
 def test_enumerate_plans_bert_mini_rules():
     specs = get_workload("bert-mini")
     ps = plans.enumerate_plans(specs, MESH)

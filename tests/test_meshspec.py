@@ -133,9 +133,15 @@ def test_mesh_spec_is_immutable_and_round_trips(meshes):
 
 
 def test_meshspec_imports_no_tensorflow_and_no_multiclient():
+    import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    code = ("import os, sys; before = dict(os.environ); import dsgd; assert dict(os.environ) == before; "
+            "import dsgd.layoutmap, dsgd.plans; assert dict(os.environ) == before; "
+            "assert 'tensorflow' not in sys.modules, 'layout maps and plans need no TensorFlow'")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
     code = ("import sys; import dsgd.meshspec; "
             "bad = [m for m in ('tensorflow', 'dsgd.multiclient', 'dsgd.mesh') if m in sys.modules]; "
             "assert not bad, bad; import dsgd.mesh")
