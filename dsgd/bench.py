@@ -50,25 +50,22 @@ def _row(built, t_ms: np.ndarray) -> dict:
     row = asdict(built.case)
     b = measure.bytes_for_case(built)
     bw = copy_gbps()
-    median = float(np.median(t_ms))
+    stats = measure.step_stats(t_ms, (10, 90))
+    roof = measure.roofline(b.step_traffic_total, stats["median_ms"], bw)
     row.update(
         status="ok",
         first_step_s=built.first_step_s,
         impl_used=NO_UPDATE if built.case.implementation == NO_UPDATE else resolved_implementations(built.optimizer),
-        steps=len(t_ms),
-        median_ms=median,
-        p10_ms=float(np.percentile(t_ms, 10)),
-        p90_ms=float(np.percentile(t_ms, 90)),
-        min_ms=float(t_ms.min()),
+        **stats,
         params=b.params_total,
         param_bytes_per_device=b.params_per_device,
         state_bytes_per_device=measure.optimizer_state_bytes(built.optimizer),  # what the slots hold (ZeRO-1 too)
         traffic_bytes=b.step_traffic_total,
-        achieved_gbps=b.step_traffic_total / (median * 1e-3) / 1e9,
+        achieved_gbps=roof["achieved_gbps"],
         copy_gbps=bw,
-        roofline_ms=b.step_traffic_total / (bw * 1e9) * 1e3,
+        roofline_ms=roof["roofline_ms"],
     )
-    row["roofline_frac"] = row["roofline_ms"] / median
+    row["roofline_frac"] = roof["roofline_frac"]
     return row
 
 

@@ -219,6 +219,27 @@ def time_steps(step: Callable[[], Any], steps: int = 10, warmup: int = 2, min_ti
     return np.asarray(out)
 
 
+def step_stats(t_ms: Sequence[float], percentiles: Sequence[int] = (10, 90), *, with_min: bool = True) -> dict:
+    """Statistics of per-step times (ms): ``steps``, ``median_ms``, ``p<q>_ms`` for each of
+    ``percentiles`` and (``with_min``) ``min_ms`` -- the one place bench, profile, layouts and
+    asv compute them, so a "median" or a "p90" means the same everywhere."""
+    t = np.asarray(t_ms, dtype=float)
+    out = {"steps": len(t), "median_ms": float(np.median(t))}
+    out.update({f"p{q}_ms": float(np.percentile(t, q)) for q in percentiles})
+    if with_min:
+        out["min_ms"] = float(t.min())
+    return out
+
+
+def roofline(traffic_bytes: float, step_ms: float, copy_gbps: float) -> dict:
+    """How close a step is to the memory roofline: ``achieved_gbps`` (ideal traffic / step time),
+    ``roofline_ms`` (that traffic at the copy bandwidth) and ``roofline_frac`` (their ratio; 1 =
+    memory-bound)."""
+    roof_ms = traffic_bytes / (copy_gbps * 1e9) * 1e3
+    return {"achieved_gbps": traffic_bytes / (step_ms * 1e-3) / 1e9, "roofline_ms": roof_ms,
+            "roofline_frac": roof_ms / step_ms}
+
+
 def copy_bandwidth_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     """Host memory bandwidth in GB/s (bytes read + written), the roofline's denominator.
 

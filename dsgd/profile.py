@@ -39,6 +39,7 @@ import time
 from dataclasses import asdict
 from typing import Optional, Sequence
 
+from dsgd.gitutil import git_or_none
 from dsgd.measure import Case
 
 DEFAULT_WORKLOADS = ("bert-mini", "many-small")
@@ -88,8 +89,8 @@ def config_name(case: Case) -> str:
         parts.append(_slug(case.dtype))
     if case.options != "momentum":
         parts.append(_slug(case.options))
-    if case.graph:
-        parts.append("graph")
+    if case.mode != "eager":  # graph, train_step, fit
+        parts.append(_slug(case.mode))
     if case.device.upper() != "CPU":
         parts.append(case.device.lower())
     return "_".join(parts)
@@ -98,18 +99,10 @@ def config_name(case: Case) -> str:
 COMMIT_CHARS = 7  # git's own short form: leaves room for the config in TensorBoard's picker
 
 
-def _git(repo: str, *args: str) -> Optional[str]:
-    try:
-        p = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return p.stdout.strip() if p.returncode == 0 else None
-
-
 def source_repo() -> Optional[str]:
     """The git work tree the running ``dsgd`` package comes from (None outside git)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return _git(here, "rev-parse", "--show-toplevel")
+    return git_or_none(here, "rev-parse", "--show-toplevel")
 
 
 def commit_info(commit: Optional[str] = None, repo: Optional[str] = None) -> dict:
@@ -123,15 +116,15 @@ def commit_info(commit: Optional[str] = None, repo: Optional[str] = None) -> dic
     name, order, date = commit, None, None
     if repo:
         rev = commit or "HEAD"
-        full = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        full = git_or_none(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
         if full:
             if commit is None:
                 name = full[:COMMIT_CHARS]
-                if _git(repo, "status", "--porcelain", "--untracked-files=no"):
+                if git_or_none(repo, "status", "--porcelain", "--untracked-files=no"):
                     name += "+dirty"
-            cnt = _git(repo, "rev-list", "--count", full)
+            cnt = git_or_none(repo, "rev-list", "--count", full)
             order = int(cnt) if cnt and cnt.isdigit() else None
-            date = _git(repo, "show", "-s", "--format=%cI", full)
+            date = git_or_none(repo, "show", "-s", "--format=%cI", full)
     if not name:
         name = "nocommit"
     if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
@@ -199,8 +192,8 @@ def capture_config(payload: dict) -> dict:
     phase("build")
     row["first_step_s"] = measure.time_first_step(built)
     t = measure.time_steps(built.step, steps=time_steps, warmup=2) * 1e3
-    row.update(median_ms=float(np.median(t)), p10_ms=float(np.percentile(t, 10)),
-               p90_ms=float(np.percentile(t, 90)))
+    stats = measure.step_stats(t, (10, 90), with_min=False)
+    row.update(median_ms=stats["median_ms"], p10_ms=stats["p10_ms"], p90_ms=stats["p90_ms"])
     row["impl_used"] = resolved_implementations(built.optimizer)
     phase("time")
 
@@ -404,7 +397,7 @@ def _ledger_commit(df, name: str) -> str:
     if any(c.startswith(name) or c == name for c in known):
         return name
     repo = source_repo()
-    full = _git(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}") if repo else None
+    full = git_or_none(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}") if repo else None
     if full:
         hits = [c for c in known if full.startswith(c.split("+")[0])]
         if hits:

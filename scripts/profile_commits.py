@@ -25,12 +25,14 @@ import sys
 import tempfile
 import time
 
+from dsgd import gitutil
 
-def git(repo: str, *args: str, check: bool = True) -> str:
-    p = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise SystemExit(f"profile_commits: git {' '.join(args)} failed: {p.stderr.strip()}")
-    return p.stdout.strip()
+
+def git(repo: str, *args: str) -> str:
+    try:
+        return gitutil.git(repo, *args)
+    except gitutil.GitError as e:
+        raise SystemExit(f"profile_commits: {e}") from None
 
 
 def resolve(repo: str, revs: list[str]) -> list[str]:
@@ -66,9 +68,10 @@ def _profile_commit(repo: str, sha: str, out: str, profile_args: list[str], time
     os.rmdir(wt)  # git worktree add wants to create it
     res = {"commit": short, "status": "ok", "detail": ""}
     try:
-        p = subprocess.run(["git", "-C", repo, "worktree", "add", "--detach", wt, sha], capture_output=True, text=True)
-        if p.returncode != 0:
-            return dict(res, status="failed", detail=f"git worktree add: {_tail(p.stderr)}")
+        try:
+            gitutil.git(repo, "worktree", "add", "--detach", wt, sha)
+        except gitutil.GitError as e:
+            return dict(res, status="failed", detail=f"git worktree add: {_tail(str(e))}")
         env = dict(os.environ, PYTHONPATH=wt + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
                    TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
         if not os.path.exists(os.path.join(wt, "dsgd", "__init__.py")):
@@ -99,9 +102,9 @@ def _profile_commit(repo: str, sha: str, out: str, profile_args: list[str], time
         return dict(res, status="failed", detail=f"dsgd profile exited {run.returncode}: {_tail(run.stdout, 4)}")
     finally:
         if not keep and os.path.isdir(wt):
-            subprocess.run(["git", "-C", repo, "worktree", "remove", "--force", wt], capture_output=True)
+            gitutil.git_or_none(repo, "worktree", "remove", "--force", wt, timeout=None)
             shutil.rmtree(wt, ignore_errors=True)
-            subprocess.run(["git", "-C", repo, "worktree", "prune"], capture_output=True)
+            gitutil.git_or_none(repo, "worktree", "prune", timeout=None)
 
 
 def main(argv=None) -> int:

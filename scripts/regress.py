@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from dsgd.gitutil import GitError, git
+
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_ASV_FAILED, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 DEFAULT_FACTOR = 1.1
@@ -96,12 +98,9 @@ def load_setup(config: str | os.PathLike = "asv.conf.json", results_dir: Optiona
 # ----------------------------------------------------------------------------- git
 def _git(repo: Path, *args: str) -> str:
     try:
-        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True)
-    except FileNotFoundError:
-        raise RegressError("git is not installed") from None
-    except subprocess.CalledProcessError as e:
-        raise RegressError(f"git {' '.join(args)} failed in {repo}: {e.stderr.strip()}") from None
-    return out.stdout.strip()
+        return git(str(repo), *args)
+    except GitError as e:  # bad input for regress (exit 2), not an internal error
+        raise RegressError(str(e)) from None
 
 
 def rev_parse(repo: Path, rev: str) -> str:

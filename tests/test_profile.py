@@ -170,7 +170,7 @@ def test_config_names_and_commit_info():
         "many-small_1dev_xla-off_per-shard"
     # non-default fields are appended; "_" separates fields
     assert prof.config_name(Case(workload="/x/y/my_model.json", mesh="batch=8", layout="/x/map.json", dtype="bfloat16",
-                                 options="full", graph=True)) == "my-model_b8_xla-off_auto_map_bfloat16_full_graph"
+                                 options="full", mode="graph")) == "my-model_b8_xla-off_auto_map_bfloat16_full_graph"
     assert prof.mesh_tag("data=2,dcn=4") == "data2dcn4"  # shared initials: whole axis names
     names = {prof.config_name(Case(workload=w, mesh=m, xla=x, implementation=i))
              for w in ("bert-mini", "many-small") for m in ("1", "batch=2,model=4") for x in (True, False)
