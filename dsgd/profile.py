@@ -40,6 +40,7 @@ from dataclasses import asdict
 from typing import Optional, Sequence
 
 from dsgd.gitutil import git_or_none
+from dsgd.grid import add_grid_arguments
 from dsgd.measure import Case
 
 DEFAULT_WORKLOADS = ("bert-mini", "many-small")
@@ -365,24 +366,12 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(p) -> None:
     p.add_argument("--out", default="profiles", help="profiles directory (default: profiles)")
-    p.add_argument("--workload", action="append",
-                   help=f"one-big | bert-mini | many-small | resnet-ish | FILE.json (repeatable; default {list(DEFAULT_WORKLOADS)})")
-    p.add_argument("--mesh", action="append", help=f"e.g. 1, batch=8, batch=2,model=4 (repeatable; default {list(DEFAULT_MESHES)})")
-    p.add_argument("--layout", action="append", help="replicated | sharded | LAYOUT_MAP.json (repeatable; default sharded)")
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"],
-                   help="dtype of variables and gradients (repeatable; default float32)")
-    p.add_argument("--implementation", action="append",
-                   help="auto | reference | ops | fused | per_shard | grouped | xla | sharded_state (repeatable; default auto)")
-    p.add_argument("--options", action="append", choices=["momentum", "sgd", "full"],
-                   help="optimizer options preset (repeatable; default momentum; see dsgd.measure.OPTION_PRESETS)")
-    p.add_argument("--xla", choices=["on", "off", "both"], default="both",
-                   help="jit_compile on, off or both (default both; 'auto' with XLA on runs the xla implementation)")
+    add_grid_arguments(p, workloads=DEFAULT_WORKLOADS, meshes=DEFAULT_MESHES,
+                       implementations=DEFAULT_IMPLEMENTATIONS, xla="both")
     p.add_argument("--steps", type=int, default=3, help="profiled steps per config (default 3)")
     p.add_argument("--time-steps", type=int, default=10, help="steps timed by the harness before profiling (default 10)")
     p.add_argument("--force", action="store_true", help="replace runs already captured for this commit")
     p.add_argument("--commit", help="name the runs after this commit (default: the source tree's HEAD, +dirty if modified)")
-    p.add_argument("--devices", type=int, default=8, help="logical devices per worker; every --mesh must fit (default 8)")
-    p.add_argument("--device", default="CPU", choices=["CPU", "GPU"], help="where the mesh lives (default CPU)")
     p.add_argument("--allocator", choices=["default", "bfc"], default="default",
                    help="CPU allocator of the workers; 'bfc' also records the memory profile (peak bytes in use)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per config before its worker is killed")
@@ -408,7 +397,7 @@ def _ledger_commit(df, name: str) -> str:
 
 def main(args) -> int:
     from dsgd import argcheck, profile_summary as ps
-    from dsgd.bench import make_cases, parse_xla
+    from dsgd.grid import cases_from_args
 
     argcheck.check_profile(args)  # before any worker starts or anything is written
     ledger = args.ledger or os.path.join(args.out, "ledger.csv")
@@ -421,9 +410,8 @@ def main(args) -> int:
         return 0
     if args.steps < 1:
         raise ValueError("--steps must be >= 1")
-    cases = make_cases(args.workload or DEFAULT_WORKLOADS, args.mesh or DEFAULT_MESHES, args.layout or ["sharded"],
-                       args.dtype or ["float32"], args.implementation or DEFAULT_IMPLEMENTATIONS, parse_xla(args.xla),
-                       args.options or ["momentum"], device=args.device)
+    cases = cases_from_args(args, workloads=DEFAULT_WORKLOADS, meshes=DEFAULT_MESHES,
+                            implementations=DEFAULT_IMPLEMENTATIONS)
     info = commit_info(args.commit)
     print(f"dsgd profile: {len(cases)} config(s) for commit {info['commit']} into {os.path.abspath(args.out)}",
           file=sys.stderr)
