@@ -378,6 +378,16 @@ def add_arguments(p) -> None:
     p.add_argument("--ledger", help="ledger CSV (default: OUT/ledger.csv)")
     p.add_argument("--diff", nargs=2, metavar=("A", "B"),
                    help="print the ledger summaries of commits A and B side by side (ledger names or git revisions)")
+    g = p.add_argument_group("commit ranges", "profile other commits, each from a temporary git worktree of it "
+                             "with its own dsgd profile (the options above that differ from their defaults are "
+                             "passed on)")
+    g.add_argument("--commits", nargs="+", metavar="REV|A..B", help="commits or ranges to profile, oldest first")
+    g.add_argument("--commits-diff", action="store_true",
+                   help="with --commits: print the first and last commits' summaries side by side at the end")
+    g.add_argument("--repo", help="with --commits: the git repository (default: the one dsgd runs from)")
+    g.add_argument("--commit-timeout", type=float, default=7200.0,
+                   help="with --commits: seconds per commit before it is stopped (default 7200)")
+    g.add_argument("--keep-worktrees", action="store_true", help="with --commits: leave the worktrees in place")
 
 
 def _ledger_commit(df, name: str) -> str:
@@ -395,6 +405,22 @@ def _ledger_commit(df, name: str) -> str:
     return name
 
 
+def _profile_commits(args) -> int:
+    """``--commits``: every commit's own ``dsgd profile`` with this one's non-default options."""
+    import argparse
+
+    from dsgd import profile_commits
+
+    fresh = argparse.ArgumentParser()
+    add_arguments(fresh)
+    repo = args.repo or source_repo()
+    if not repo:
+        raise ValueError("--commits: dsgd does not run from a git work tree; give --repo DIR")
+    return profile_commits.run(repo, args.commits, args.out,
+                               profile_commits.passed_on_args(args, vars(fresh.parse_args([]))),
+                               timeout=args.commit_timeout, keep=args.keep_worktrees, diff=args.commits_diff)
+
+
 def main(args) -> int:
     from dsgd import argcheck, profile_summary as ps
     from dsgd.grid import cases_from_args
@@ -410,6 +436,8 @@ def main(args) -> int:
         return 0
     if args.steps < 1:
         raise ValueError("--steps must be >= 1")
+    if args.commits:
+        return _profile_commits(args)
     cases = cases_from_args(args, workloads=DEFAULT_WORKLOADS, meshes=DEFAULT_MESHES,
                             implementations=DEFAULT_IMPLEMENTATIONS)
     info = commit_info(args.commit)
