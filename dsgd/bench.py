@@ -6,14 +6,13 @@ the numbers come from :mod:`dsgd.measure`; the table is rendered from a pandas f
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
 import textwrap
 import time
 from dataclasses import asdict, fields
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 

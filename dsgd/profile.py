@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -163,7 +162,6 @@ def capture_config(payload: dict) -> dict:
     """
     import resource
 
-    import numpy as np
     import tensorflow as tf
 
     from dsgd import measure, profile_summary as ps
