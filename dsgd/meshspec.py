@@ -125,8 +125,14 @@ def parse_layout_str(spec: str, rank: int) -> list[str]:
 
 
 def layout_to_spec(layout) -> str:
-    """A ``dtensor.Layout`` as :func:`layout_str` writes it; :func:`parse_layout_spec` reads it back."""
-    return layout_str(list(layout.sharding_specs))
+    """A ``dtensor.Layout``'s entries, rank kept (``'unsharded,unsharded'``; ``'replicated'`` for rank 0).
+
+    An identity, not a display form: ``plan.group_entries`` keys the step's groups on it, so a
+    replicated vector and a replicated matrix stay in separate groups.  Layout maps, reports and
+    messages write layouts with :func:`layout_str`; both read back with ``parse_layout_spec``.
+    """
+    specs = list(layout.sharding_specs)
+    return ",".join(specs) if specs else "replicated"
 
 
 def replication_factor(layout) -> int:
