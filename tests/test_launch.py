@@ -83,7 +83,7 @@ def test_bench_table_through_the_launcher(tmp_path):
          "--log-dir", str(tmp_path / "logs"),
          "--", "dsgd", "bench", "--workload", str(workload), "--mesh", "batch=2,model=4",
          "--implementation", "auto", "--implementation", "reference", "--options", "full", "--steps", "2",
-         "--format", "csv", "--quiet"],
+         "--mode", "eager", "--format", "csv", "--quiet"],
         capture_output=True, text=True, cwd=ROOT, timeout=500,
         env=_cli_env(**{mc.ENV_FAULT_CLIENT: "1", mc.ENV_FAULT_STEP_DELAY_MS: str(delay_ms)}))
     # the launcher shows the failing client's stderr; client 0's too, for a failure in the exit handshake
