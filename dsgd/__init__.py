@@ -4,13 +4,11 @@
 >>> opt = dsgd.SGD(learning_rate=0.1, momentum=0.9, mesh=mesh)
 
 The optimizer is imported lazily, so the pure-Python helpers (``dsgd.meshspec``,
-``dsgd.workloads``) can be used without starting TensorFlow (e.g. by the JAX comparison).
+``dsgd.workloads``) can be used without starting TensorFlow (e.g. by the JAX comparison).  Importing dsgd leaves
+``os.environ`` alone: the command-line entry points (``dsgd``, ``python -m dsgd.multiclient``,
+the isolated workers) quiet TensorFlow's C++ logging themselves (:func:`dsgd.devices.quiet_tensorflow`).
 """
 from __future__ import annotations
-
-import os as _os
-
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 __version__ = "0.1.0"
 __all__ = ["SGD", "GradientsClipOption", "EMAOption", "__version__"]

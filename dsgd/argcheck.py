@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from dsgd import meshspec
-from dsgd.workloads import LAYOUT_POLICIES, WORKLOADS, VarSpec, WorkloadError, get_workload, layout_entries
+from dsgd.layoutmap import layout_entries
+from dsgd.workloads import LAYOUT_POLICIES, WORKLOADS, VarSpec, WorkloadError, get_workload
 
 # dsgd's implementations by name, kept here so that checking a name does not import TensorFlow
 # (``dsgd.impl``'s registry does); tests/test_argcheck.py checks it equals ``dsgd.impl.CHOICES``.
@@ -112,12 +113,12 @@ def check_layout(policy: str, workloads: dict[str, list[VarSpec]], meshes: Seque
                         continue
                     if axis not in sizes:
                         raise UsageError(
-                            f"{flag} {policy}: variable {s.name!r} of {wname} gets {','.join(entries)!r}, but mesh "
+                            f"{flag} {policy}: variable {s.name!r} of {wname} gets {meshspec.layout_str(entries)!r}, but mesh "
                             f"{mesh!r} has no axis {axis!r} (axes: {_names(sizes)}); name only axes every --mesh has")
                     if s.shape[d] % sizes[axis]:
                         raise UsageError(
                             f"{flag} {policy}: variable {s.name!r} of {wname} (shape {list(s.shape)}) gets "
-                            f"{','.join(entries)!r}, but its dimension {d} ({s.shape[d]}) does not divide by axis "
+                            f"{meshspec.layout_str(entries)!r}, but its dimension {d} ({s.shape[d]}) does not divide by axis "
                             f"{axis!r} of size {sizes[axis]} on mesh {mesh!r}; shard another dimension or another mesh")
 
 

@@ -6,24 +6,23 @@ the numbers come from :mod:`dsgd.measure`; the table is rendered from a pandas f
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
 import textwrap
 import time
 from dataclasses import asdict, fields
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from dsgd import measure
+from dsgd.grid import DEFAULT_MODELS, add_grid_arguments, cases_from_args, make_cases, parse_xla  # noqa: F401 - bench.make_cases
 from dsgd.measure import MODEL_MODES, MODES, NO_UPDATE, REFERENCE, Case
 
 DEFAULT_WORKLOADS = ("one-big", "bert-mini", "many-small")
 DEFAULT_MESHES = ("1", "batch=8", "batch=2,model=4")
 DEFAULT_IMPLEMENTATIONS = ("auto", REFERENCE)
-DEFAULT_MODELS = ("resmlp",)  # the train_step and fit modes' models (dsgd.models)
 # where users train: eagerly, in a tf.function, under model.fit (train_step on request: a custom
 # tf.function step measures like fit's, and the default run stays a few minutes)
 DEFAULT_MODES = ("eager", "graph", "fit")
@@ -52,25 +51,22 @@ def _row(built, t_ms: np.ndarray) -> dict:
     row = asdict(built.case)
     b = measure.bytes_for_case(built)
     bw = copy_gbps()
-    median = float(np.median(t_ms))
+    stats = measure.step_stats(t_ms, (10, 90))
+    roof = measure.roofline(b.step_traffic_total, stats["median_ms"], bw)
     row.update(
         status="ok",
         first_step_s=built.first_step_s,
         impl_used=NO_UPDATE if built.case.implementation == NO_UPDATE else resolved_implementations(built.optimizer),
-        steps=len(t_ms),
-        median_ms=median,
-        p10_ms=float(np.percentile(t_ms, 10)),
-        p90_ms=float(np.percentile(t_ms, 90)),
-        min_ms=float(t_ms.min()),
+        **stats,
         params=b.params_total,
         param_bytes_per_device=b.params_per_device,
         state_bytes_per_device=measure.optimizer_state_bytes(built.optimizer),  # what the slots hold (ZeRO-1 too)
         traffic_bytes=b.step_traffic_total,
-        achieved_gbps=b.step_traffic_total / (median * 1e-3) / 1e9,
+        achieved_gbps=roof["achieved_gbps"],
         copy_gbps=bw,
-        roofline_ms=b.step_traffic_total / (bw * 1e9) * 1e3,
+        roofline_ms=roof["roofline_ms"],
     )
-    row["roofline_frac"] = row["roofline_ms"] / median
+    row["roofline_frac"] = roof["roofline_frac"]
     return row
 
 
@@ -127,25 +123,6 @@ def run_paired(payload: dict) -> dict:
         rows[k] = _row(built[k], np.asarray(t))
         rows[k]["paired"] = True
     return {"rows": rows}
-
-
-def make_cases(workloads: Sequence[str], meshes: Sequence[str], layouts: Sequence[str], dtypes: Sequence[str],
-               implementations: Sequence[str], xla: Sequence[bool], options: Sequence[str],
-               device: str = "CPU", modes: Sequence[str] = ("eager",),
-               models: Sequence[str] = DEFAULT_MODELS) -> list[Case]:
-    """The grid.  ``eager``/``graph`` modes run the workloads; ``train_step``/``fit`` run the
-    models (:mod:`dsgd.models`), each with a :data:`NO_UPDATE` row beside the implementations:
-    the same step with gradients computed and nothing applied, the floor of the optimizer's share."""
-    cases = []
-    for mode in modes:
-        names, impls = workloads, list(implementations)
-        if mode in MODEL_MODES:
-            names = models
-            impls = impls + ([NO_UPDATE] if NO_UPDATE not in impls else [])
-        for w, m, l, d, o, x, i in itertools.product(names, meshes, layouts, dtypes, options, xla, impls):
-            cases.append(Case(workload=w, mesh=m, layout=l, dtype=d, implementation=i, xla=x, options=o,
-                              device=device, mode=mode))
-    return cases
 
 
 def _jobs(cases: Sequence[Case], steps: int, paired: bool) -> list[tuple[str, dict, list[int]]]:
@@ -628,10 +605,6 @@ def merge_external(df, paths: Sequence[str]):
     return add_ratios(pd.concat(frames, ignore_index=True))
 
 
-def parse_xla(value: str) -> list[bool]:
-    return {"on": [True], "off": [False], "both": [False, True]}[value]
-
-
 def main(args) -> int:
     """``dsgd bench``: check every value, run the sweep, print the table (and write what was asked)."""
     from dsgd import argcheck, meshspec, multiclient
@@ -643,10 +616,8 @@ def main(args) -> int:
         n = client.global_devices
         meshes = [m for m in DEFAULT_MESHES if meshspec.mesh_size(meshspec.parse_mesh_spec(m)) == n] or [f"batch={n}"]
     lead = client is None or client.client_id == 0  # only client 0 reports
-    cases = make_cases(args.workload or DEFAULT_WORKLOADS, meshes, args.layout or ["sharded"],
-                       args.dtype or ["float32"], args.implementation or DEFAULT_IMPLEMENTATIONS, parse_xla(args.xla),
-                       args.options or ["momentum"], device=args.device, modes=args.mode or DEFAULT_MODES,
-                       models=args.model or DEFAULT_MODELS)
+    cases = cases_from_args(args, workloads=DEFAULT_WORKLOADS, meshes=meshes, implementations=DEFAULT_IMPLEMENTATIONS,
+                            modes=args.mode or DEFAULT_MODES, models=args.model or DEFAULT_MODELS)
     t0 = time.perf_counter()
     df = run(cases, steps=args.steps, devices=args.devices, isolate=not args.no_isolate,
              progress=not args.quiet and lead, paired=not args.sequential)
@@ -688,28 +659,8 @@ def add_arguments(p) -> None:
         "  dsgd bench --implementation auto --implementation fused --implementation reference --xla both\n"
         "  dsgd bench --format csv -o results.csv --quiet\n\n"
         "exit status: 0 all measured; 2 a bad value (nothing run); 3 a case failed (the others are reported)")
-    p.add_argument("--workload", action="append", metavar="NAME|FILE",
-                   help="the variables to update: one-big (one 4096x4096 matrix), bert-mini (~70 variables, 11M "
-                        "params), many-small (400 small variables), resnet-ish, or a JSON list of "
-                        "{\"name\", \"shape\", \"dtype\"} (repeatable; default: "
-                        f"{' '.join(DEFAULT_WORKLOADS)})")
-    p.add_argument("--mesh", action="append", metavar="SPEC",
-                   help="a DTensor mesh as NAME=SIZE,...: 1, batch=8, batch=2,model=4; needs at most --devices "
-                        f"devices (repeatable; default: {' '.join(DEFAULT_MESHES)}; multi-client: the ones "
-                        "that use every client's devices)")
-    p.add_argument("--layout", action="append", metavar="POLICY|FILE",
-                   help="how variables are laid out on the mesh: sharded (each variable's largest dimension that "
-                        "divides by the last mesh axis), replicated, or a layout-map JSON "
-                        "{\"regex\": \"model,unsharded\", ...} (repeatable; default: sharded)")
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"],
-                   help="dtype of variables and gradients (repeatable; default: float32)")
-    p.add_argument("--implementation", action="append", metavar="NAME",
-                   help="how dsgd runs the step: auto (dsgd's default), ops, fused, per_shard, grouped, xla, "
-                        "sharded_state -- or reference, tf_keras' DTensor SGD, the baseline of the speed-up "
-                        f"(repeatable; default: {' '.join(DEFAULT_IMPLEMENTATIONS)})")
-    p.add_argument("--options", action="append", choices=sorted(measure.OPTION_PRESETS),
-                   help="optimizer options: momentum (lr 0.01, momentum 0.9), sgd (no momentum), full (momentum + "
-                        "weight_decay 1e-4 + global_clipnorm 1.0 + EMA) (repeatable; default: momentum)")
+    add_grid_arguments(p, workloads=DEFAULT_WORKLOADS, meshes=DEFAULT_MESHES,
+                       implementations=DEFAULT_IMPLEMENTATIONS, xla="off")
     p.add_argument("--mode", action="append", choices=list(MODES),
                    help="where the step runs (repeatable; default: eager, graph, fit): eager = apply_gradients called eagerly "
                         "(tf_keras' reference in a tf.function, its faster mode); graph = apply_gradients inside a "
@@ -718,16 +669,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", action="append",
                    help=f"model of the train_step and fit modes (repeatable; default {DEFAULT_MODELS[0]}: a residual "
                         "MLP, 8.7M parameters, global batch 16; resmlp-small: a tiny one)")
-    p.add_argument("--xla", choices=["on", "off", "both"], default="off",
-                   help="jit_compile=True for both optimizers: on, off, or both as separate rows; dsgd's auto then "
-                        "runs its xla implementation, tf_keras on CPU ignores it (default: off)")
     p.add_argument("--steps", type=int, default=10, metavar="N",
                    help="timed steps per case, after one untimed warm-up step; more steadies the median "
                         "(default: 10)")
-    p.add_argument("--devices", type=int, default=8, metavar="N",
-                   help="logical CPU devices the worker splits the CPU into; every --mesh must fit (default: 8)")
-    p.add_argument("--device", default="CPU", choices=["CPU", "GPU"],
-                   help="where the mesh lives: CPU (logical devices) or GPU (the visible GPUs) (default: CPU)")
     p.add_argument("--format", choices=list(FORMATS), default="table",
                    help="table: compact, fits 120 columns, with the verdict; wide: every measured column; csv, "
                         "json: every field of every row (default: table)")

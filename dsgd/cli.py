@@ -12,6 +12,7 @@ COMMANDS = {
     "profile": ("dsgd.profile", "capture TensorBoard profiles and XLA HLO into profiles/"),
     "layouts": ("dsgd.layouts", "recommend variable layouts for a model on a mesh"),
     "launch": ("dsgd.launch", "run a dsgd command as N DTensor clients (multi-client)"),
+    "regress": ("dsgd.regress", "find benchmarks that got slower between commits, in asv's results"),
 }
 
 

@@ -55,15 +55,3 @@ def configure_devices(num_devices: int = 8, device_type: str = "CPU") -> int:
             ) from None
     return num_devices
 
-
-def logical_device_count(device_type: str = "CPU") -> int:
-    import tensorflow as tf
-
-    return len(tf.config.list_logical_devices(device_type.upper()))
-
-
-def gpu_available() -> bool:
-    quiet_tensorflow()
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))

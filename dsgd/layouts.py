@@ -10,7 +10,7 @@ tf_keras model) and a mesh:
 3. a cost model (:mod:`dsgd.costmodel`) is calibrated on those measurements and predicts
    the plans of ``--target-mesh``;
 4. plans are ranked with their reasons, the recommendation can be written as a layout map
-   (``--emit-layout-map``) that :func:`load_layout_map` turns into a tf_keras ``LayoutMap``
+   (``--emit-layout-map``) that :func:`dsgd.layoutmap.load_layout_map` turns into a tf_keras ``LayoutMap``
    in one call, and ``--plot`` draws step time against bytes per device.
 
 ``dsgd layouts --validate`` measures the validation grid (fit on 1-, 2-, 4-device meshes,
@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from dsgd import costmodel, meshspec, plans as plans_mod
+from dsgd import costmodel, layoutmap, meshspec, plans as plans_mod
 from dsgd.measure import OPTION_PRESETS, REFERENCE
 from dsgd.workloads import WORKLOADS, VarSpec, WorkloadError, get_workload, load_json_workload
 
@@ -126,70 +126,6 @@ def read_model_variables(payload: dict) -> dict:
     return {"variables": out}
 
 
-# ------------------------------------------------------------------------------- layout maps
-def write_layout_map(path: str | Path, specs: Sequence[VarSpec], layouts, *, mesh: str = "", plan: str = "",
-                     compress: bool = True) -> dict:
-    """Write a plan as ``{"mesh", "plan", "layouts": {regex: layout spec}}`` (JSON); returns it."""
-    doc = {"mesh": mesh, "plan": plan,
-           "layouts": plans_mod.plan_layout_map(specs, layouts, compress=compress)}
-    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
-    return doc
-
-
-def read_layout_map_file(path: str | Path) -> dict[str, str]:
-    """The ``{regex: spec}`` of a layout-map file (bare object or ``{"layouts": {...}}``)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise WorkloadError(f"layout map {path} does not exist") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise WorkloadError(f"layout map {path} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if isinstance(data, dict) and isinstance(data.get("layouts"), dict):
-        data = data["layouts"]
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, (str, list)) for k, v in data.items()):
-        raise WorkloadError(f"layout map {path}: expected a JSON object mapping regex -> layout spec")
-    out = {}
-    for k, v in data.items():
-        try:
-            re.compile(k)
-        except re.error as e:
-            raise WorkloadError(f"layout map {path}: bad regex {k!r}: {e}") from None
-        out[k] = v if isinstance(v, str) else ",".join(v)
-    return out
-
-
-def load_layout_map(path: str | Path, mesh):
-    """A layout-map file as a ``tf_keras.dtensor.experimental.LayoutMap`` on ``mesh``, in one call.
-
-    >>> layout_map = dsgd.layouts.load_layout_map("layouts.json", mesh)
-    >>> with layout_map.scope():
-    ...     model = build_model()
-
-    Variables the map does not match are replicated (``LayoutMap``'s default).  Each spec
-    is checked against the mesh's axes; ranks are checked when the variable is created.
-    """
-    import tf_keras
-    from tensorflow.experimental import dtensor
-
-    entries = read_layout_map_file(path)
-    lmap = tf_keras.dtensor.experimental.LayoutMap(mesh=mesh)
-    axes = set(mesh.dim_names)
-    for rx, spec in entries.items():
-        parts = [p.strip() for p in spec.split(",")]
-        if spec.strip() == "replicated":
-            # rank is unknown here: a replicated entry is LayoutMap's default, so it is skipped
-            continue
-        bad = [p for p in parts if p != meshspec.UNSHARDED and p not in axes]
-        if bad:
-            raise meshspec.SpecError(f"layout map {path}: {rx!r} -> {spec!r} names axes {bad} that the mesh "
-                                     f"{list(mesh.dim_names)} does not have")
-        lmap[rx] = dtensor.Layout(parts, mesh)
-    return lmap
-
-
 # ------------------------------------------------------------------------------- measuring
 def measure_plan(payload: dict) -> dict:
     """Worker: one plan, one implementation, one mesh -- time the step and count the real bytes."""
@@ -228,11 +164,7 @@ def measure_plan(payload: dict) -> dict:
         "status": "ok",
         "impl_used": resolved_implementations(built.optimizer),
         "first_step_s": first,
-        "steps": len(t),
-        "median_ms": float(np.median(t)),
-        "p25_ms": float(np.percentile(t, 25)),
-        "p75_ms": float(np.percentile(t, 75)),
-        "min_ms": float(t.min()),
+        **measure.step_stats(t, (25, 75)),
         "measured_params_bytes_per_device": max(per_dev.values()),
         "measured_state_bytes_per_device": max(state_dev.values()) if state_dev else 0,
         "measured_bytes_per_device": max(total.values()),
@@ -275,7 +207,7 @@ def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress:
                 f.write_text(json.dumps([{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in j.specs]))
                 model_files[key] = str(f)
             lm = tmp / f"plan{k}.json"
-            lm.write_text(json.dumps(plans_mod.plan_layout_map(j.specs, j.plan.layouts, compress=False)))
+            lm.write_text(json.dumps(layoutmap.emit(j.specs, j.plan.layouts)))
             payloads.append({"workload": model_files[key], "mesh": j.mesh, "layout": str(lm),
                              "implementation": j.implementation, "options": j.options, "steps": steps})
         bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress, leave=False, file=sys.stderr)
@@ -659,7 +591,7 @@ def advice_dict(advice: Advice) -> dict:
     def plan_map(where):
         p = advice.recommended_plan(where)
         return None if p is None else {"plan": p.name,
-                                       "layouts": plans_mod.plan_layout_map(advice.specs, p.layouts)}
+                                       "layouts": layoutmap.emit(advice.specs, p.layouts, groups=plans_mod.tie_groups(advice.specs))}
 
     return {
         "model": advice.model, "mesh": advice.mesh, "options": advice.options,
@@ -747,17 +679,6 @@ def validation_jobs(workloads: Sequence[str], options: Sequence[str], implementa
                     for i in implementations:
                         jobs.append(Job(w, meshspec.format_mesh_spec(dims), p, specs, i, o))
     return jobs
-
-
-def save_measurements(rows: Sequence[dict], path: str) -> None:
-    """Rows as JSON lines (gzip-compressed when ``path`` ends in ``.gz``)."""
-    text = "\n".join(json.dumps(_jsonable(r), default=str) for r in rows) + "\n"
-    if str(path).endswith(".gz"):
-        import gzip
-
-        Path(path).write_bytes(gzip.compress(text.encode()))
-    else:
-        Path(path).write_text(text)
 
 
 def load_measurements(path: str) -> list[dict]:
@@ -970,9 +891,10 @@ def main(args) -> int:
             print("no plan could be recommended; no layout map written", file=sys.stderr)
             return 3
         mesh = advice.target_mesh if where == "target" else advice.mesh
-        write_layout_map(args.emit_layout_map, advice.specs, p.layouts, mesh=mesh, plan=p.name)
+        layoutmap.write(args.emit_layout_map, advice.specs, p.layouts, mesh=mesh, plan=p.name,
+                        groups=plans_mod.tie_groups(advice.specs))
         print(f"\nlayout map of {p.name!r} for {mesh} written to {args.emit_layout_map}; load it with "
-              f"dsgd.layouts.load_layout_map({args.emit_layout_map!r}, mesh)", file=sys.stderr if args.format != "table" else sys.stdout)
+              f"dsgd.layoutmap.load_layout_map({args.emit_layout_map!r}, mesh)", file=sys.stderr if args.format != "table" else sys.stdout)
     if args.plot:
         plot(advice, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr if args.format != "table" else sys.stdout)

@@ -13,7 +13,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from dsgd import meshspec
-from dsgd.workloads import VarSpec, layout_entries
+from dsgd.mesh import make_mesh, parse_layout_spec
+from dsgd.layoutmap import layout_entries
+from dsgd.workloads import VarSpec
 
 REFERENCE = "reference"  # the tf_keras DTensor SGD, the baseline every speed-up is measured against
 NO_UPDATE = "no-update"  # train_step / fit modes: the same step with an optimizer that applies nothing (the floor)
@@ -108,8 +110,8 @@ def random_dtensor(shape, dtype: str, layout, seed: int):
 
 
 def case_layouts(specs: Sequence[VarSpec], mesh, policy: str) -> list:
-    dims = [(n, mesh.dim_size(n)) for n in mesh.dim_names]
-    return [meshspec.parse_layout_spec(layout_entries(s, dims, policy), mesh, len(s.shape), s.shape) for s in specs]
+    dims = meshspec.mesh_dims(mesh)
+    return [parse_layout_spec(layout_entries(s, dims, policy), mesh, len(s.shape), s.shape) for s in specs]
 
 
 def make_optimizer(case: Case, mesh, opts: Optional[dict] = None):
@@ -137,7 +139,7 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
     if case.implementation == NO_UPDATE:
         raise ValueError(f"{NO_UPDATE!r} is the floor of the {'/'.join(MODEL_MODES)} modes, not of mode {case.mode!r}")
     specs = get_workload(case.workload, case.dtype)
-    mesh = meshspec.make_mesh(case.mesh, case.device)
+    mesh = make_mesh(case.mesh, case.device)
     layouts = case_layouts(specs, mesh, case.layout)
     variables = [named_dvariable(random_dtensor(s.shape, s.dtype, lay, seed + i), s.name.replace("/", "_"), trainable=True)
                  for i, (s, lay) in enumerate(zip(specs, layouts))]
@@ -163,7 +165,7 @@ def _build_model_case(case: Case) -> Built:
     from dsgd.workloads import VarSpec
 
     spec = models.get_model_spec(case.workload)
-    mesh = meshspec.make_mesh(case.mesh, case.device)
+    mesh = make_mesh(case.mesh, case.device)
     if case.implementation == NO_UPDATE:
         opt = models.no_update_optimizer(mesh)
     else:
@@ -215,6 +217,27 @@ def time_steps(step: Callable[[], Any], steps: int = 10, warmup: int = 2, min_ti
         if len(out) >= 10 * steps:
             break
     return np.asarray(out)
+
+
+def step_stats(t_ms: Sequence[float], percentiles: Sequence[int] = (10, 90), *, with_min: bool = True) -> dict:
+    """Statistics of per-step times (ms): ``steps``, ``median_ms``, ``p<q>_ms`` for each of
+    ``percentiles`` and (``with_min``) ``min_ms`` -- the one place bench, profile, layouts and
+    asv compute them, so a "median" or a "p90" means the same everywhere."""
+    t = np.asarray(t_ms, dtype=float)
+    out = {"steps": len(t), "median_ms": float(np.median(t))}
+    out.update({f"p{q}_ms": float(np.percentile(t, q)) for q in percentiles})
+    if with_min:
+        out["min_ms"] = float(t.min())
+    return out
+
+
+def roofline(traffic_bytes: float, step_ms: float, copy_gbps: float) -> dict:
+    """How close a step is to the memory roofline: ``achieved_gbps`` (ideal traffic / step time),
+    ``roofline_ms`` (that traffic at the copy bandwidth) and ``roofline_frac`` (their ratio; 1 =
+    memory-bound)."""
+    roof_ms = traffic_bytes / (copy_gbps * 1e9) * 1e3
+    return {"achieved_gbps": traffic_bytes / (step_ms * 1e-3) / 1e9, "roofline_ms": roof_ms,
+            "roofline_frac": roof_ms / step_ms}
 
 
 def copy_bandwidth_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -334,7 +357,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 def bytes_for_case(built: Built) -> Bytes:
     entries = [list(l.sharding_specs) for l in built.layouts]
-    dims = [(n, built.mesh.dim_size(n)) for n in built.mesh.dim_names]
+    dims = meshspec.mesh_dims(built.mesh)
     return count_bytes(built.specs, entries, dims, OPTION_PRESETS[built.case.options])
 
 

@@ -1,13 +1,17 @@
-"""Parsing mesh specs (``batch=2,model=4``) and layout specs (``model,unsharded``).
+"""The mesh vocabulary, pure: mesh specs (``batch=2,model=4``) and layout strings (``model,unsharded``).
 
-Every front end (CLI, benchmarks, advisor, tests) goes through these, so a spec means
-the same thing everywhere and a bad one gets the same clear error.
+No TensorFlow here (the JAX comparison and the argument checks use it without starting it);
+building meshes and ``dtensor.Layout`` objects is :mod:`dsgd.mesh`'s job.  Every front end
+(CLI, benchmarks, advisor, tests) goes through these, so a spec means the same thing
+everywhere and a bad one gets the same clear error.  The layout helpers below read any object
+with ``sharding_specs`` and ``mesh`` (a ``dtensor.Layout``) without importing TensorFlow.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
 
 UNSHARDED = "unsharded"
 _AXIS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -49,94 +53,86 @@ def parse_mesh_spec(spec: str) -> list[tuple[str, int]]:
 
 
 def mesh_size(dims: Sequence[tuple[str, int]]) -> int:
+    """Devices a mesh of these axes spans."""
     return math.prod(n for _, n in dims)
 
 
 def format_mesh_spec(dims: Sequence[tuple[str, int]]) -> str:
+    """``[("batch", 2), ("model", 4)]`` -> ``"batch=2,model=4"`` (read back by :func:`parse_mesh_spec`)."""
     return ",".join(f"{k}={v}" for k, v in dims)
 
 
-def check_fits(dims: Sequence[tuple[str, int]], available: int, spec: str | None = None) -> None:
-    need = mesh_size(dims)
-    if need != available:
-        raise SpecError(
-            f"mesh spec {spec or format_mesh_spec(dims)!r} needs {need} devices, "
-            f"but {available} are configured; give a mesh whose sizes multiply to {available} "
-            f"or run with --devices {need}"
-        )
+def mesh_dims(mesh) -> list[tuple[str, int]]:
+    """A ``dtensor.Mesh``'s axes as ``[(name, size), ...]``."""
+    return [(n, mesh.dim_size(n)) for n in mesh.dim_names]
 
 
-def make_mesh(spec: str | Sequence[tuple[str, int]], device_type: str = "CPU", *, available: int | None = None):
-    """Build a DTensor mesh from a spec, on the first ``size`` logical devices.
+@dataclass(frozen=True)
+class MeshSpec:
+    """An immutable mesh shape: axis names and sizes, in order.  Iterates as ``(name, size)``
+    pairs, so it goes wherever a list of pairs does."""
 
-    Fewer devices than configured may be used (e.g. a 1-device mesh in an 8-device
-    process); more raises :class:`SpecError`.  In a DTensor multi-client run
-    (``DTENSOR_JOBS`` set, see :mod:`dsgd.multiclient`) the mesh spans every device of
-    every client (``dtensor.create_distributed_mesh``) and must use them all.
+    dims: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def of(cls, mesh: Union[str, Sequence[tuple[str, int]], "MeshSpec"]) -> "MeshSpec":
+        """From a spec string, a list of pairs, a MeshSpec or a ``dtensor.Mesh``."""
+        if isinstance(mesh, MeshSpec):
+            return mesh
+        if isinstance(mesh, str):
+            return cls(tuple(parse_mesh_spec(mesh)))
+        if hasattr(mesh, "dim_names"):
+            return cls(tuple(mesh_dims(mesh)))
+        return cls(tuple((str(n), int(k)) for n, k in mesh))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.dims)
+
+    @property
+    def size(self) -> int:
+        return mesh_size(self.dims)
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return iter(self.dims)
+
+    def __len__(self) -> int:
+        return len(self.dims)
+
+    def __str__(self) -> str:
+        return format_mesh_spec(self.dims)
+
+
+def layout_str(entries: Sequence[str]) -> str:
+    """``('unsharded', 'model')`` -> ``'unsharded,model'``; all unsharded (or rank 0) -> ``'replicated'``.
+
+    The one way a layout is written: :func:`parse_layout_spec` reads it back for any rank.
     """
-    from tensorflow.experimental import dtensor
-    import tensorflow as tf
-
-    from dsgd import multiclient
-
-    dims = parse_mesh_spec(spec) if isinstance(spec, str) else list(spec)
-    if multiclient.is_client():
-        return multiclient.create_mesh(dims, device_type)
-    need = mesh_size(dims)
-    if available is None:
-        available = len(tf.config.list_logical_devices(device_type.upper()))
-    if need > available:
-        raise SpecError(
-            f"mesh spec {format_mesh_spec(dims)!r} needs {need} {device_type} devices, "
-            f"but only {available} are configured"
-        )
-    devices = [f"{device_type.upper()}:{i}" for i in range(need)]
-    return dtensor.create_mesh(dims, devices=devices, device_type=device_type.upper())
+    if all(e == UNSHARDED for e in entries):
+        return "replicated"
+    return ",".join(entries)
 
 
-def parse_layout_spec(spec: str | Sequence[str], mesh, rank: int, shape: Sequence[int] | None = None):
-    """``"model,unsharded"`` -> ``dtensor.Layout(["model", UNSHARDED], mesh)``.
+def parse_layout_str(spec: str, rank: int) -> list[str]:
+    """A layout string as one entry per dimension (``"replicated"``/``""``: ``rank`` x unsharded).
 
-    Also accepts ``"replicated"`` (all dimensions unsharded), ``"shard0:model"`` style is
-    not needed: give one entry per dimension.  With ``shape`` the split is checked:
-    every sharded dimension must divide by its axis size.
+    The inverse of :func:`layout_str`; the rank is the caller's to check.
     """
-    from tensorflow.experimental import dtensor
-
-    if isinstance(spec, str):
-        s = spec.strip()
-        entries = [UNSHARDED] * rank if s in ("replicated", "") else [e.strip() for e in s.split(",")]
-    else:
-        entries = list(spec)
-    if len(entries) != rank:
-        raise SpecError(f"layout spec {spec!r} has {len(entries)} entries but the tensor has rank {rank}")
-    axes = dict(zip(mesh.dim_names, [mesh.dim_size(n) for n in mesh.dim_names]))
-    used: set[str] = set()
-    for i, e in enumerate(entries):
-        if e == UNSHARDED:
-            continue
-        if e not in axes:
-            raise SpecError(
-                f"layout spec {spec!r}: {e!r} is not an axis of the mesh; allowed: "
-                f"{sorted(axes) + [UNSHARDED]}"
-            )
-        if e in used:
-            raise SpecError(f"layout spec {spec!r}: mesh axis {e!r} is used twice")
-        used.add(e)
-        if shape is not None and shape[i] % axes[e] != 0:
-            raise SpecError(
-                f"layout spec {spec!r}: dimension {i} of size {shape[i]} does not divide by "
-                f"mesh axis {e!r} of size {axes[e]}"
-            )
-    return dtensor.Layout(entries, mesh)
+    s = spec.strip()
+    if s in ("replicated", ""):
+        return [UNSHARDED] * rank
+    return [e.strip() for e in s.split(",")]
 
 
 def layout_to_spec(layout) -> str:
-    """The inverse of :func:`parse_layout_spec` (``'replicated'`` for rank-0)."""
+    """A ``dtensor.Layout``'s entries, rank kept (``'unsharded,unsharded'``; ``'replicated'`` for rank 0).
+
+    An identity, not a display form: ``plan.group_entries`` keys the step's groups on it, so a
+    replicated vector and a replicated matrix stay in separate groups.  Layout maps, reports and
+    messages write layouts with :func:`layout_str`; both read back with ``parse_layout_spec``.
+    """
     specs = list(layout.sharding_specs)
-    if not specs:
-        return "replicated"
-    return ",".join(specs)
+    return ",".join(specs) if specs else "replicated"
 
 
 def replication_factor(layout) -> int:
@@ -153,3 +149,13 @@ def shards_per_dim(layout) -> list[int]:
 
 def local_shape(layout, shape: Sequence[int]) -> list[int]:
     return [d // k for d, k in zip(shape, shards_per_dim(layout))]
+
+
+def __getattr__(name: str):
+    # make_mesh and parse_layout_spec build TensorFlow objects: they live in dsgd.mesh; the old
+    # names keep working without this module importing it (or TensorFlow) up front
+    if name in ("make_mesh", "parse_layout_spec"):
+        from dsgd import mesh
+
+        return getattr(mesh, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -160,23 +160,6 @@ def is_initialized() -> bool:
     return accelerator_util.is_initialized()
 
 
-def create_mesh(dims: Sequence[tuple[str, int]], device_type: Optional[str] = None):
-    """A mesh spanning all clients (``dtensor.create_distributed_mesh``); joins the cluster first."""
-    from tensorflow.experimental import dtensor
-
-    from dsgd.meshspec import SpecError, format_mesh_spec, mesh_size
-
-    cfg = initialize()
-    device_type = (device_type or cfg.device_type).upper()
-    if mesh_size(dims) != cfg.global_devices:
-        raise SpecError(
-            f"mesh spec {format_mesh_spec(dims)!r} needs {mesh_size(dims)} devices, but this multi-client run "
-            f"has {cfg.global_devices} ({cfg.num_clients} clients x {cfg.local_devices} devices); a mesh must "
-            "span every device of every client")
-    local = [f"{device_type}:{i}" for i in range(cfg.local_devices)]
-    return dtensor.create_distributed_mesh(list(dims), local_devices=local, device_type=device_type)
-
-
 def wait_for_all(name: str = "dsgd-exit", timeout_s: float = EXIT_BARRIER_TIMEOUT_S) -> None:
     """Block until every client reaches this point (DTensor's coordination-service barrier)."""
     from tensorflow.python.eager import context
@@ -333,6 +316,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--module", help="run this module as __main__ instead of a dsgd command")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the dsgd command and its arguments")
     target = p.parse_args(list(argv) if argv is not None else None)
+    from dsgd.devices import quiet_tensorflow
+
+    quiet_tensorflow()  # an entry point: importing dsgd leaves the environment alone
     if target.args[:1] == ["--"]:
         target.args = target.args[1:]
     try:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from dsgd import meshspec
+from dsgd.meshspec import layout_str
 from dsgd.measure import DTYPE_BYTES
 from dsgd.workloads import VarSpec
 
@@ -72,13 +73,6 @@ def replicated(spec: VarSpec) -> Layout:
     return (UNSHARDED,) * len(spec.shape)
 
 
-def layout_str(layout: Sequence[str]) -> str:
-    """``('unsharded', 'model')`` -> ``'unsharded,model'``; all-unsharded -> ``'replicated'``."""
-    if all(e == UNSHARDED for e in layout):
-        return "replicated"
-    return ",".join(layout)
-
-
 def shards(layout: Sequence[str], mesh_dims: Sequence[tuple[str, int]]) -> int:
     sizes = dict(mesh_dims)
     n = 1
@@ -118,31 +112,6 @@ def check_layout(spec: VarSpec, layout: Sequence[str], mesh_dims: Sequence[tuple
         if n % sizes[e]:
             return f"dimension {d} (size {n}) does not divide by mesh axis {e!r} (size {sizes[e]})"
     return None
-
-
-# ------------------------------------------------------------------------------- candidates
-def candidates(spec: VarSpec, mesh_dims: Sequence[tuple[str, int]], *, two_d: bool = True) -> list[Layout]:
-    """Every layout the rules consider for one variable: replicated, 1-D and 2-D shardings.
-
-    Axes of size 1 are skipped (sharding on them changes nothing).
-    """
-    axes = [(a, n) for a, n in mesh_dims if n > 1]
-    rank = len(spec.shape)
-    out: list[Layout] = [replicated(spec)]
-    for d in range(rank):
-        for a, n in axes:
-            if spec.shape[d] % n == 0:
-                lay = [UNSHARDED] * rank
-                lay[d] = a
-                out.append(tuple(lay))
-    if two_d:
-        for d1, d2 in itertools.permutations(range(rank), 2):
-            for (a1, n1), (a2, n2) in itertools.permutations(axes, 2):
-                if d1 < d2 and spec.shape[d1] % n1 == 0 and spec.shape[d2] % n2 == 0:
-                    lay = [UNSHARDED] * rank
-                    lay[d1], lay[d2] = a1, a2
-                    out.append(tuple(lay))
-    return out
 
 
 def shard_on(spec: VarSpec, axes: Sequence[tuple[str, int]], dim_rule: str = "largest") -> Optional[Layout]:
@@ -396,74 +365,5 @@ def enumerate_plans(specs: Sequence[VarSpec], mesh_dims: Sequence[tuple[str, int
                         max_plans=max_plans, dim_rules=dim_rules).plans
 
 
-def plan_from_policy(specs: Sequence[VarSpec], mesh_dims, policy: str, name: Optional[str] = None) -> Plan:
-    """A plan from a dsgd layout policy (``replicated``, ``sharded``, or a layout-map file)."""
-    from dsgd.workloads import layout_entries
-
-    lays = []
-    for s in specs:
-        lay = tuple(layout_entries(s, mesh_dims, policy))
-        why = check_layout(s, lay, mesh_dims)
-        if why:
-            raise PlanError(f"variable {s.name!r} (shape {list(s.shape)}): layout from {policy!r} does not fit: {why}")
-        lays.append(lay)
-    return Plan(name or policy, tuple(lays), f"layout policy {policy!r}", ())
-
-
-# ------------------------------------------------------------------------------- layout maps
-def _stem_regex(name: str) -> str:
-    parts = re.split(r"(\d+)", name)
-    return "^" + "".join(r"\d+" if i % 2 else re.escape(p) for i, p in enumerate(parts)) + "$"
-
-
-def plan_layout_map(specs: Sequence[VarSpec], layouts: Sequence[Layout], *, compress: bool = True,
-                    include_replicated: bool = False) -> dict[str, str]:
-    """The plan as an ordered ``{regex: layout spec}`` map (first match wins).
-
-    Regexes are anchored and escaped variable names; with ``compress``, a tied group whose
-    numbered-name pattern selects exactly that group's variables (and no other variable of
-    the model) becomes one ``\\d+`` pattern.  Variables not in the map are replicated (the
-    default of both dsgd and tf_keras' ``LayoutMap``), so replicated ones are left out
-    unless ``include_replicated``.  The result is verified to reproduce ``layouts``.
-    """
-    out: dict[str, str] = {}
-    done: set[int] = set()
-    if compress:
-        for idx in tie_groups(specs):
-            if len(idx) < 2:
-                continue
-            rx = _stem_regex(specs[idx[0]].name)
-            pat = re.compile(rx)
-            hits = {i for i, s in enumerate(specs) if pat.match(s.name)}
-            if hits == set(idx) and len({layouts[i] for i in idx}) == 1:
-                lay = layout_str(layouts[idx[0]])
-                if lay != "replicated" or include_replicated:
-                    out[rx] = lay
-                done |= set(idx)
-    for i, s in enumerate(specs):
-        if i in done:
-            continue
-        lay = layout_str(layouts[i])
-        if lay != "replicated" or include_replicated:
-            out["^" + re.escape(s.name) + "$"] = lay
-    # verify: first match wins, default replicated
-    compiled = [(re.compile(k), v) for k, v in out.items()]
-    for s, lay in zip(specs, layouts):
-        got = next((v for rx, v in compiled if rx.match(s.name)), "replicated")
-        if got != layout_str(lay):
-            raise AssertionError(f"layout map does not reproduce the plan for {s.name}: {got} != {layout_str(lay)}")
-    return out
-
-
-def layouts_from_map(specs: Sequence[VarSpec], layout_map: dict[str, str]) -> tuple[Layout, ...]:
-    """Apply a ``{regex: spec}`` map to ``specs`` (first ``re.match`` wins, default replicated)."""
-    compiled = [(re.compile(k), v) for k, v in layout_map.items()]
-    out = []
-    for s in specs:
-        v = next((v for rx, v in compiled if rx.match(s.name)), "replicated")
-        out.append(replicated(s) if v == "replicated" else tuple(v.split(",")))
-    return tuple(out)
-
-
-__all__ = ["Plan", "PlanError", "PlanNote", "PlanSearch", "candidates", "enumerate_plans", "search_plans", "tie_groups", "plan_layout_map",
-           "layouts_from_map", "plan_from_policy", "check_layout", "layout_str", "parse_force"]
+__all__ = ["Plan", "PlanError", "PlanNote", "PlanSearch", "enumerate_plans", "search_plans", "tie_groups",
+           "check_layout", "parse_force"]

@@ -33,12 +33,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict
 from typing import Optional, Sequence
 
+from dsgd.gitutil import git_or_none
+from dsgd.grid import add_grid_arguments
 from dsgd.measure import Case
 
 DEFAULT_WORKLOADS = ("bert-mini", "many-small")
@@ -88,7 +89,7 @@ def config_name(case: Case) -> str:
         parts.append(_slug(case.dtype))
     if case.options != "momentum":
         parts.append(_slug(case.options))
-    if case.mode != "eager":
+    if case.mode != "eager":  # graph, train_step, fit
         parts.append(_slug(case.mode))
     if case.device.upper() != "CPU":
         parts.append(case.device.lower())
@@ -98,18 +99,10 @@ def config_name(case: Case) -> str:
 COMMIT_CHARS = 7  # git's own short form: leaves room for the config in TensorBoard's picker
 
 
-def _git(repo: str, *args: str) -> Optional[str]:
-    try:
-        p = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return p.stdout.strip() if p.returncode == 0 else None
-
-
 def source_repo() -> Optional[str]:
     """The git work tree the running ``dsgd`` package comes from (None outside git)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return _git(here, "rev-parse", "--show-toplevel")
+    return git_or_none(here, "rev-parse", "--show-toplevel")
 
 
 def commit_info(commit: Optional[str] = None, repo: Optional[str] = None) -> dict:
@@ -123,15 +116,15 @@ def commit_info(commit: Optional[str] = None, repo: Optional[str] = None) -> dic
     name, order, date = commit, None, None
     if repo:
         rev = commit or "HEAD"
-        full = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        full = git_or_none(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
         if full:
             if commit is None:
                 name = full[:COMMIT_CHARS]
-                if _git(repo, "status", "--porcelain", "--untracked-files=no"):
+                if git_or_none(repo, "status", "--porcelain", "--untracked-files=no"):
                     name += "+dirty"
-            cnt = _git(repo, "rev-list", "--count", full)
+            cnt = git_or_none(repo, "rev-list", "--count", full)
             order = int(cnt) if cnt and cnt.isdigit() else None
-            date = _git(repo, "show", "-s", "--format=%cI", full)
+            date = git_or_none(repo, "show", "-s", "--format=%cI", full)
     if not name:
         name = "nocommit"
     if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
@@ -169,7 +162,6 @@ def capture_config(payload: dict) -> dict:
     """
     import resource
 
-    import numpy as np
     import tensorflow as tf
 
     from dsgd import measure, profile_summary as ps
@@ -199,8 +191,8 @@ def capture_config(payload: dict) -> dict:
     phase("build")
     row["first_step_s"] = measure.time_first_step(built)
     t = measure.time_steps(built.step, steps=time_steps, warmup=2) * 1e3
-    row.update(median_ms=float(np.median(t)), p10_ms=float(np.percentile(t, 10)),
-               p90_ms=float(np.percentile(t, 90)))
+    stats = measure.step_stats(t, (10, 90), with_min=False)
+    row.update(median_ms=stats["median_ms"], p10_ms=stats["p10_ms"], p90_ms=stats["p90_ms"])
     row["impl_used"] = resolved_implementations(built.optimizer)
     phase("time")
 
@@ -372,30 +364,28 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(p) -> None:
     p.add_argument("--out", default="profiles", help="profiles directory (default: profiles)")
-    p.add_argument("--workload", action="append",
-                   help=f"one-big | bert-mini | many-small | resnet-ish | FILE.json (repeatable; default {list(DEFAULT_WORKLOADS)})")
-    p.add_argument("--mesh", action="append", help=f"e.g. 1, batch=8, batch=2,model=4 (repeatable; default {list(DEFAULT_MESHES)})")
-    p.add_argument("--layout", action="append", help="replicated | sharded | LAYOUT_MAP.json (repeatable; default sharded)")
-    p.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16", "float64"],
-                   help="dtype of variables and gradients (repeatable; default float32)")
-    p.add_argument("--implementation", action="append",
-                   help="auto | reference | ops | fused | per_shard | grouped | xla | sharded_state (repeatable; default auto)")
-    p.add_argument("--options", action="append", choices=["momentum", "sgd", "full"],
-                   help="optimizer options preset (repeatable; default momentum; see dsgd.measure.OPTION_PRESETS)")
-    p.add_argument("--xla", choices=["on", "off", "both"], default="both",
-                   help="jit_compile on, off or both (default both; 'auto' with XLA on runs the xla implementation)")
+    add_grid_arguments(p, workloads=DEFAULT_WORKLOADS, meshes=DEFAULT_MESHES,
+                       implementations=DEFAULT_IMPLEMENTATIONS, xla="both")
     p.add_argument("--steps", type=int, default=3, help="profiled steps per config (default 3)")
     p.add_argument("--time-steps", type=int, default=10, help="steps timed by the harness before profiling (default 10)")
     p.add_argument("--force", action="store_true", help="replace runs already captured for this commit")
     p.add_argument("--commit", help="name the runs after this commit (default: the source tree's HEAD, +dirty if modified)")
-    p.add_argument("--devices", type=int, default=8, help="logical devices per worker; every --mesh must fit (default 8)")
-    p.add_argument("--device", default="CPU", choices=["CPU", "GPU"], help="where the mesh lives (default CPU)")
     p.add_argument("--allocator", choices=["default", "bfc"], default="default",
                    help="CPU allocator of the workers; 'bfc' also records the memory profile (peak bytes in use)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per config before its worker is killed")
     p.add_argument("--ledger", help="ledger CSV (default: OUT/ledger.csv)")
     p.add_argument("--diff", nargs=2, metavar=("A", "B"),
                    help="print the ledger summaries of commits A and B side by side (ledger names or git revisions)")
+    g = p.add_argument_group("commit ranges", "profile other commits, each from a temporary git worktree of it "
+                             "with its own dsgd profile (the options above that differ from their defaults are "
+                             "passed on)")
+    g.add_argument("--commits", nargs="+", metavar="REV|A..B", help="commits or ranges to profile, oldest first")
+    g.add_argument("--commits-diff", action="store_true",
+                   help="with --commits: print the first and last commits' summaries side by side at the end")
+    g.add_argument("--repo", help="with --commits: the git repository (default: the one dsgd runs from)")
+    g.add_argument("--commit-timeout", type=float, default=7200.0,
+                   help="with --commits: seconds per commit before it is stopped (default 7200)")
+    g.add_argument("--keep-worktrees", action="store_true", help="with --commits: leave the worktrees in place")
 
 
 def _ledger_commit(df, name: str) -> str:
@@ -404,7 +394,7 @@ def _ledger_commit(df, name: str) -> str:
     if any(c.startswith(name) or c == name for c in known):
         return name
     repo = source_repo()
-    full = _git(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}") if repo else None
+    full = git_or_none(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}") if repo else None
     if full:
         hits = [c for c in known if full.startswith(c.split("+")[0])]
         if hits:
@@ -413,9 +403,25 @@ def _ledger_commit(df, name: str) -> str:
     return name
 
 
+def _profile_commits(args) -> int:
+    """``--commits``: every commit's own ``dsgd profile`` with this one's non-default options."""
+    import argparse
+
+    from dsgd import profile_commits
+
+    fresh = argparse.ArgumentParser()
+    add_arguments(fresh)
+    repo = args.repo or source_repo()
+    if not repo:
+        raise ValueError("--commits: dsgd does not run from a git work tree; give --repo DIR")
+    return profile_commits.run(repo, args.commits, args.out,
+                               profile_commits.passed_on_args(args, vars(fresh.parse_args([]))),
+                               timeout=args.commit_timeout, keep=args.keep_worktrees, diff=args.commits_diff)
+
+
 def main(args) -> int:
     from dsgd import argcheck, profile_summary as ps
-    from dsgd.bench import make_cases, parse_xla
+    from dsgd.grid import cases_from_args
 
     argcheck.check_profile(args)  # before any worker starts or anything is written
     ledger = args.ledger or os.path.join(args.out, "ledger.csv")
@@ -428,9 +434,10 @@ def main(args) -> int:
         return 0
     if args.steps < 1:
         raise ValueError("--steps must be >= 1")
-    cases = make_cases(args.workload or DEFAULT_WORKLOADS, args.mesh or DEFAULT_MESHES, args.layout or ["sharded"],
-                       args.dtype or ["float32"], args.implementation or DEFAULT_IMPLEMENTATIONS, parse_xla(args.xla),
-                       args.options or ["momentum"], device=args.device)
+    if args.commits:
+        return _profile_commits(args)
+    cases = cases_from_args(args, workloads=DEFAULT_WORKLOADS, meshes=DEFAULT_MESHES,
+                            implementations=DEFAULT_IMPLEMENTATIONS)
     info = commit_info(args.commit)
     print(f"dsgd profile: {len(cases)} config(s) for commit {info['commit']} into {os.path.abspath(args.out)}",
           file=sys.stderr)

@@ -4,12 +4,11 @@ advisor all run on.
 A workload is a list of :class:`VarSpec`.  A *layout policy* turns a spec and a mesh into
 a layout: ``replicated``, ``sharded`` (each variable's largest dimension that divides by
 the model axis — the last mesh axis — sharded on it; vectors stay replicated), or a
-layout-map file (JSON object: regex on the variable name -> layout spec; first match wins).
+layout-map file (read by :mod:`dsgd.layoutmap`, which resolves all three).
 """
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -163,38 +162,6 @@ def sharded_spec(spec: VarSpec, mesh_dims: Sequence[tuple[str, int]]) -> list[st
             entries[d] = axis
             break
     return entries
-
-
-def load_layout_map(path: str | Path) -> list[tuple[re.Pattern, str]]:
-    """A layout-map file: JSON object {regex: layout spec}, in order."""
-    path = Path(path)
-    data = _read_json(path, "layout map")
-    if not isinstance(data, dict):
-        raise WorkloadError(f"layout map {path}: expected a JSON object mapping regex -> layout spec")
-    if "layouts" in data and isinstance(data["layouts"], dict):
-        data = data["layouts"]
-    out = []
-    for k, v in data.items():
-        try:
-            out.append((re.compile(k), v if isinstance(v, str) else ",".join(v)))
-        except re.error as e:
-            raise WorkloadError(f"layout map {path}: bad regex {k!r}: {e}") from None
-    return out
-
-
-def layout_entries(spec: VarSpec, mesh_dims: Sequence[tuple[str, int]], policy: str) -> list[str]:
-    """The layout (one entry per dimension) a policy gives a variable."""
-    if policy == "replicated":
-        return [meshspec.UNSHARDED] * len(spec.shape)
-    if policy == "sharded":
-        return sharded_spec(spec, mesh_dims)
-    for rx, lspec in load_layout_map(policy):
-        if rx.search(spec.name):
-            entries = [meshspec.UNSHARDED] * len(spec.shape) if lspec == "replicated" else lspec.split(",")
-            if len(entries) != len(spec.shape):
-                raise WorkloadError(f"layout map {policy}: spec {lspec!r} for {spec.name} does not match rank {len(spec.shape)}")
-            return entries
-    return [meshspec.UNSHARDED] * len(spec.shape)
 
 
 def total_params(specs: Sequence[VarSpec]) -> int:

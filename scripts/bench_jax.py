@@ -91,7 +91,7 @@ def _import_dsgd_pure():
         pkg = types.ModuleType("dsgd")
         pkg.__path__ = path  # a bare package: its submodules import, its __init__ does not run
         sys.modules["dsgd"] = pkg
-    from dsgd import measure, meshspec, workloads
+    from dsgd import layoutmap, measure, meshspec, workloads
 
     assert "tensorflow" not in sys.modules, "dsgd's pure modules imported TensorFlow"
     return workloads, meshspec, measure
@@ -194,7 +194,7 @@ def run_case(workload: str, mesh_spec: str, layout: str, dtype: str, options: st
     if n > len(devices):
         raise meshspec.SpecError(f"mesh {mesh_spec!r} needs {n} devices, {len(devices)} host devices configured")
     mesh = Mesh(np.asarray(devices[:n]).reshape([s for _, s in dims]), tuple(a for a, _ in dims))
-    entries = [workloads.layout_entries(s, dims, layout) for s in specs]
+    entries = [layoutmap.layout_entries(s, dims, layout) for s in specs]
     for s, e in zip(specs, entries):  # same checks as dsgd: known axes, each used once, divisible
         used = [a for a in e if a != meshspec.UNSHARDED]
         if len(e) != len(s.shape) or len(set(used)) != len(used) or any(a not in dict(dims) for a in used) \

@@ -1,7 +1,7 @@
 """Test session set-up: 8 logical CPU devices, configured before TensorFlow starts.
 
 Every mesh the tests use (1 device, ``batch=8``, ``batch=2,model=4``, ...) is built over the
-first N of these devices with :func:`dsgd.meshspec.make_mesh`.
+first N of these devices with :func:`dsgd.mesh.make_mesh`.
 """
 from __future__ import annotations
 

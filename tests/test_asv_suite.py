@@ -1,12 +1,11 @@
 """The asv suite in benchmarks/: ``asv check`` passes, the grid is pruned as documented, and a
-real parameter set runs through asv's runner into a results file that scripts/regress.py reads.
+real parameter set runs through asv's runner into a results file that dsgd regress reads.
 
 asv runs here against a copy of asv.conf.json whose results, html and env directories are
 in tmp (and HOME too, for asv's machine file), so the developer's .asv/ is never touched.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -64,7 +63,7 @@ def test_asv_check_passes(asv_env):
 
 def test_one_parameter_set_runs_through_asv(asv_env):
     """asv's runner (forkserver, setup + timing loop) on one real set and one pruned set, saved
-    with --set-commit-hash and read back by scripts/regress.py."""
+    with --set-commit-hash and read back by dsgd regress."""
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
     name = "bench_step.TimeStepMeshLayout.time_step"
@@ -74,12 +73,8 @@ def test_one_parameter_set_runs_through_asv(asv_env):
     files = list((asv_env[2] / "results" / MACHINE).glob(f"{head[:8]}-*.json"))
     assert len(files) == 1, files
 
-    regress = sys.modules.get("dsgd_regress")
-    if regress is None:
-        spec = importlib.util.spec_from_file_location("dsgd_regress", ROOT / "scripts" / "regress.py")
-        regress = importlib.util.module_from_spec(spec)
-        sys.modules["dsgd_regress"] = regress  # its dataclasses look their module up
-        spec.loader.exec_module(regress)
+    from dsgd import regress
+
     df = regress.read_results_file(files[0])
     rows = df[df["benchmark"] == name].set_index("params")
     ran = rows.loc[regress.PARAM_SEP.join(ONE_CASE)]
@@ -166,7 +161,8 @@ def test_step_and_state_bytes_in_process(suite):
     row = common.metrics_case({"params": list(params), "steps": 3})
     assert row["status"] == "ok" and row["median_s"] > 0 and 0 < row["roofline_fraction"] < 2
     # momentum, float32, sharded on 'model' (4): a quarter of each sharded variable per device
-    from dsgd.workloads import get_workload, layout_entries
+    from dsgd.layoutmap import layout_entries
+    from dsgd.workloads import get_workload
 
     specs = get_workload(common.WORKLOAD, "float32")
     dims = [("batch", 2), ("model", 4)]

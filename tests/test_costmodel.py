@@ -1,6 +1,8 @@
 """The cost model: exact bytes, explicit collectives, NNLS fitting that recovers known costs, validation."""
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -205,8 +207,10 @@ def test_validate_cli_refits_several_saved_files(tmp_path, capsys):
 
     rows = layouts.load_measurements(str(MEASURED))
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
-    layouts.save_measurements(rows, str(a))
-    layouts.save_measurements([dict(r, median_ms=r["median_ms"] * 1.5) for r in rows], str(b))  # a slower pass
+    # the files --save-measurements writes: JSON lines, gzip-compressed for .gz
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b.write_bytes(gzip.compress("".join(json.dumps(dict(r, median_ms=r["median_ms"] * 1.5)) + "\n"  # a slower pass
+                                        for r in rows).encode()))
     assert main(["layouts", "--validate", "--from-measurements", str(a), "--from-measurements", str(b)]) == 0
     out = capsys.readouterr().out
     assert "goal_met" in out and "bert-mini" in out and "us_per_var_device_per_lane" in out

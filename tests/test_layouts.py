@@ -11,27 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from dsgd import layouts, meshspec, plans
+from dsgd import layoutmap, layouts, meshspec, plans
 from dsgd.workloads import VarSpec, WorkloadError, get_workload
 
 U = "unsharded"
 MESH = [("batch", 2), ("model", 4)]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# ------------------------------------------------------------------------------- candidates
-def test_candidates_per_variable():
-    got = set(plans.candidates(VarSpec("w", (512, 64)), MESH))
-    assert got == {
-        (U, U),
-        ("batch", U), ("model", U), (U, "batch"), (U, "model"),  # each divisible dim on each axis
-        ("batch", "model"), ("model", "batch"),  # 2-D
-    }
-    # bert-mini's word embeddings: 30522 rows divide by 2 but not by 4
-    emb = set(plans.candidates(VarSpec("e", (30522, 256)), MESH))
-    assert ("model", U) not in emb and ("batch", U) in emb and (U, "model") in emb and ("batch", "model") in emb
-    assert plans.candidates(VarSpec("v", (7,)), MESH) == [(U,)]  # nothing divides: replicated only
-    assert (U, U) in plans.candidates(VarSpec("w", (512, 64)), [("batch", 1)])
 
 
 def test_enumerate_plans_bert_mini_rules():
@@ -132,12 +117,12 @@ def test_forced_layouts_and_errors_name_the_variable():
 def test_plan_layout_map_compresses_tied_groups_and_round_trips():
     specs = get_workload("bert-mini")
     p = next(p for p in plans.enumerate_plans(specs, MESH) if p.name == "model")
-    m = plans.plan_layout_map(specs, p.layouts)
+    m = layoutmap.emit(specs, p.layouts, groups=plans.tie_groups(specs))
     assert m["^encoder/layer_\\d+/intermediate/kernel$"] == "unsharded,model"
     assert len(m) < p.sharded_count()  # 4 layers share one entry
-    assert plans.layouts_from_map(specs, m) == p.layouts
-    exact = plans.plan_layout_map(specs, p.layouts, compress=False)
-    assert plans.layouts_from_map(specs, exact) == p.layouts
+    assert layoutmap.apply(m, specs) == p.layouts
+    exact = layoutmap.emit(specs, p.layouts)
+    assert layoutmap.apply(exact, specs) == p.layouts
     assert all(k.startswith("^") and k.endswith("$") for k in exact)
 
 
@@ -164,9 +149,9 @@ def test_emitted_layout_map_loads_and_is_used_by_a_tf_keras_model(tmp_path, mesh
     plan = next(p for p in plans.enumerate_plans(specs, MESH, min_shard_bytes=0) if p.name == "model")
     assert plan.layouts == ((U, "model"), ("model",), ("model", U), ("model",))
     path = tmp_path / "layouts.json"
-    layouts.write_layout_map(path, specs, plan.layouts, mesh="batch=2,model=4", plan=plan.name)
+    layoutmap.write(path, specs, plan.layouts, mesh="batch=2,model=4", plan=plan.name, groups=plans.tie_groups(specs))
     mesh = meshes("batch=2,model=4")
-    lmap = layouts.load_layout_map(path, mesh)  # one call
+    lmap = layoutmap.load_layout_map(path, mesh)  # one call
     assert isinstance(lmap, tf_keras.dtensor.experimental.LayoutMap)
     with lmap.scope():  # tf_keras.dtensor.experimental.LayoutMap.scope (layout_map_scope)
         inputs = tf_keras.Input((16,), batch_size=8)
@@ -177,7 +162,7 @@ def test_emitted_layout_map_loads_and_is_used_by_a_tf_keras_model(tmp_path, mesh
     assert got == {"d1/kernel": (U, "model"), "d1/bias": ("model",), "d2/kernel": ("model", U), "d2/bias": ("model",)}
     assert all(dtensor.fetch_layout(v).mesh == mesh for v in model.trainable_variables)
     # and the same file drives dsgd's own layout policy
-    from dsgd.workloads import layout_entries
+    from dsgd.layoutmap import layout_entries
 
     assert [tuple(layout_entries(s, MESH, str(path))) for s in specs] == list(plan.layouts)
 
@@ -186,7 +171,7 @@ def test_load_layout_map_rejects_unknown_axes(tmp_path, meshes):
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"layouts": {"^w$": "unsharded,tensor"}}))
     with pytest.raises(meshspec.SpecError, match="tensor"):
-        layouts.load_layout_map(path, meshes("batch=2,model=4"))
+        layoutmap.load_layout_map(path, meshes("batch=2,model=4"))
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -198,7 +183,7 @@ def test_invalid_json_names_file_and_line(tmp_path):
     lm = tmp_path / "badmap.json"
     lm.write_text('{\n "^w$": "model",\n}')
     with pytest.raises(WorkloadError, match=rf"{lm}.*line 3"):
-        layouts.read_layout_map_file(lm)
+        layoutmap.read(lm)
 
 
 def test_non_integer_dimension_names_the_variable(tmp_path):

@@ -1,11 +1,11 @@
-"""Mesh and layout specs (:mod:`dsgd.meshspec`): parsing, round trips, and clear errors for specs
+"""Mesh and layout specs (:mod:`dsgd.meshspec`, :mod:`dsgd.mesh`): parsing, round trips, and clear errors for specs
 that are malformed or do not fit the devices or the tensor's shape."""
 from __future__ import annotations
 
 import pytest
 from tensorflow.experimental import dtensor
 
-from dsgd import meshspec
+from dsgd import mesh as mesh_mod, meshspec
 from dsgd.meshspec import SpecError
 
 U = meshspec.UNSHARDED
@@ -48,23 +48,17 @@ def test_spec_error_is_value_error():
     assert issubclass(SpecError, ValueError)
 
 
-def test_check_fits():
-    meshspec.check_fits([("batch", 2), ("model", 4)], 8)
-    with pytest.raises(SpecError, match="needs 6 devices, but 8 are configured"):
-        meshspec.check_fits([("batch", 2), ("model", 3)], 8)
-
-
 def test_make_mesh(meshes):
-    mesh = meshspec.make_mesh("batch=2,model=4")
+    mesh = mesh_mod.make_mesh("batch=2,model=4")
     assert mesh.dim_names == ["batch", "model"] and mesh.dim_size("batch") == 2 and mesh.dim_size("model") == 4
     assert mesh.num_local_devices() == 8
-    one = meshspec.make_mesh("1")  # fewer devices than configured is fine
+    one = mesh_mod.make_mesh("1")  # fewer devices than configured is fine
     assert one.num_local_devices() == 1 and one.dim_names == ["batch"]
-    assert meshspec.make_mesh([("a", 2), ("b", 2)]).num_local_devices() == 4
+    assert mesh_mod.make_mesh([("a", 2), ("b", 2)]).num_local_devices() == 4
     with pytest.raises(SpecError, match="needs 16 CPU devices, but only 8 are configured"):
-        meshspec.make_mesh("batch=4,model=4")
+        mesh_mod.make_mesh("batch=4,model=4")
     with pytest.raises(SpecError, match="integer"):
-        meshspec.make_mesh("batch=x")
+        mesh_mod.make_mesh("batch=x")
 
 
 @pytest.mark.parametrize("spec, rank, expected", [
@@ -78,9 +72,9 @@ def test_make_mesh(meshes):
 ])
 def test_parse_layout_spec(meshes, spec, rank, expected):
     mesh = meshes("batch=2,model=4")
-    lay = meshspec.parse_layout_spec(spec, mesh, rank, shape=[8] * rank)
+    lay = mesh_mod.parse_layout_spec(spec, mesh, rank, shape=[8] * rank)
     assert isinstance(lay, dtensor.Layout) and list(lay.sharding_specs) == expected and lay.mesh == mesh
-    again = meshspec.parse_layout_spec(meshspec.layout_to_spec(lay), mesh, rank)
+    again = mesh_mod.parse_layout_spec(meshspec.layout_to_spec(lay), mesh, rank)
     assert again == lay
 
 
@@ -95,7 +89,7 @@ def test_parse_layout_spec(meshes, spec, rank, expected):
 def test_parse_layout_spec_errors(meshes, spec, rank, shape, words):
     mesh = meshes("batch=2,model=4")
     with pytest.raises(SpecError) as info:
-        meshspec.parse_layout_spec(spec, mesh, rank, shape=shape)
+        mesh_mod.parse_layout_spec(spec, mesh, rank, shape=shape)
     for w in words:
         assert w in str(info.value), f"{w!r} not in {info.value}"
 
@@ -122,3 +116,34 @@ def test_configure_devices_refuses_a_different_count_after_start():
         configure_devices(0, "CPU")
     with pytest.raises(ValueError, match="device_type"):
         configure_devices(2, "TPU")
+
+
+def test_mesh_spec_is_immutable_and_round_trips(meshes):
+    import dataclasses
+
+    spec = meshspec.MeshSpec.of("batch=2,model=4")
+    assert list(spec) == [("batch", 2), ("model", 4)] and spec.size == 8 and spec.names == ("batch", "model")
+    assert str(spec) == "batch=2,model=4" and meshspec.MeshSpec.of(str(spec)) == spec
+    assert meshspec.MeshSpec.of(meshes("batch=2,model=4")) == spec == meshspec.MeshSpec.of(list(spec))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.dims = ()
+    assert meshspec.layout_str([U, U]) == "replicated"
+    assert meshspec.layout_to_spec(dtensor.Layout([U, U], meshes("batch=8"))) == "unsharded,unsharded"  # a group key
+    assert meshspec.parse_layout_str(meshspec.layout_str([U, "model"]), 2) == [U, "model"]
+    assert meshspec.make_mesh is mesh_mod.make_mesh  # the old name still works
+
+
+def test_meshspec_imports_no_tensorflow_and_no_multiclient():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    code = ("import os, sys; before = dict(os.environ); import dsgd; assert dict(os.environ) == before; "
+            "import dsgd.layoutmap, dsgd.plans; assert dict(os.environ) == before; "
+            "assert 'tensorflow' not in sys.modules, 'layout maps and plans need no TensorFlow'")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    code = ("import sys; import dsgd.meshspec; "
+            "bad = [m for m in ('tensorflow', 'dsgd.multiclient', 'dsgd.mesh') if m in sys.modules]; "
+            "assert not bad, bad; import dsgd.mesh")
+    subprocess.run([sys.executable, "-c", code], check=True)

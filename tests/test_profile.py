@@ -184,8 +184,9 @@ def test_config_names_and_commit_info():
 
 
 def test_profile_commits_reports_bad_commits_and_goes_on(tmp_path):
-    """scripts/profile_commits.py: a commit whose dsgd does not import and one without dsgd are
-    reported with the reason; the range goes on; the temporary worktrees are removed."""
+    """dsgd profile --commits (and its shim scripts/profile_commits.py): a commit whose dsgd does not
+    import and one without dsgd are reported with the reason; the range goes on; the temporary
+    worktrees are removed."""
     import subprocess
 
     repo = tmp_path / "repo"
@@ -205,12 +206,28 @@ def test_profile_commits_reports_bad_commits_and_goes_on(tmp_path):
     git("add", "-A")
     git("commit", "-qm", "broken dsgd")
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "profile_commits.py")
-    proc = subprocess.run([sys.executable, script, "HEAD~1", "HEAD", "--repo", str(repo), "--out", str(tmp_path / "p")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if ln[:1].isalnum() and " failed " in ln}
-    assert len(lines) == 2, proc.stdout
-    first, second = (lines[git("rev-parse", rev)[:7]] for rev in ("HEAD~1", "HEAD"))
-    assert "not from the worktree" in first or "no `dsgd profile`" in first, first
-    assert "does not build/import" in second and "SyntaxError" in second, second
-    assert git("worktree", "list").count("\n") == 0, "temporary worktrees removed"
+    out = str(tmp_path / "p")
+    for cmd in ([sys.executable, script, "HEAD~1", "HEAD", "--repo", str(repo), "--out", out],
+                [sys.executable, "-m", "dsgd", "profile", "--commits", "HEAD~1", "HEAD", "--repo", str(repo), "--out", out]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        lines = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if ln[:1].isalnum() and " failed " in ln}
+        assert len(lines) == 2, proc.stdout
+        first, second = (lines[git("rev-parse", rev)[:7]] for rev in ("HEAD~1", "HEAD"))
+        assert "not from the worktree" in first or "no `dsgd profile`" in first, first
+        assert "does not build/import" in second and "SyntaxError" in second, second
+        assert git("worktree", "list").count("\n") == 0, "temporary worktrees removed"
+
+
+def test_profile_commits_passes_on_only_the_options_given():
+    import argparse
+
+    from dsgd import profile_commits
+
+    p = argparse.ArgumentParser()
+    prof.add_arguments(p)
+    defaults = vars(p.parse_args([]))
+    args = p.parse_args(["--commits", "HEAD~1..HEAD", "--workload", "bert-mini", "--mesh", "batch=2,model=4",
+                         "--xla", "on", "--force", "--out", "elsewhere", "--commits-diff"])
+    assert profile_commits.passed_on_args(args, defaults) == [
+        "--workload", "bert-mini", "--mesh", "batch=2,model=4", "--xla", "on", "--force"]

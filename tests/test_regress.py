@@ -1,4 +1,4 @@
-"""scripts/regress.py catches a real slowdown measured by the real asv, and stays quiet when
+"""``dsgd regress`` (and its shim scripts/regress.py) catches a real slowdown measured by the real asv, and stays quiet when
 nothing changed.
 
 A throwaway git repository (tmp) holds a tiny pure-Python package and an asv suite: commit 1
@@ -10,7 +10,6 @@ The session fixture ``tiny_results`` is shared with tests/test_asv_dashboard.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -32,13 +31,9 @@ FAST_S, SLOW_S = 0.020, 0.060
 
 
 def load_regress():
-    spec = importlib.util.spec_from_file_location("dsgd_regress", REGRESS)
-    if "dsgd_regress" in sys.modules:
-        return sys.modules["dsgd_regress"]
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dsgd_regress"] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    from dsgd import regress
+
+    return regress
 
 
 @dataclass
@@ -187,6 +182,18 @@ def test_parent_is_the_default_base(tiny_results):
     p = tiny_results.regress("compare", tiny_results.commits[1], "--factor", "1.5", "--only-changed")
     assert p.returncode == 1, p.stdout + p.stderr
     assert f"{tiny_results.commits[1][:8]} vs {tiny_results.commits[0][:8]}" in p.stdout
+
+
+def test_dsgd_regress_is_the_script(tiny_results):
+    """``dsgd regress`` and ``python scripts/regress.py`` are one command: same report, same exit status."""
+    fast, slow, docs = tiny_results.commits
+    for revs, code in (((fast, slow), 1), ((slow, docs), 0)):
+        script = tiny_results.regress("compare", *revs, "--factor", "1.5")
+        cli = tiny_results.run(sys.executable, "-m", "dsgd", "regress", "compare", *revs, "--factor", "1.5")
+        assert script.returncode == cli.returncode == code, cli.stdout + cli.stderr
+        assert script.stdout == cli.stdout
+    bad = tiny_results.run(sys.executable, "-m", "dsgd", "regress", "compare", "no-such-rev")
+    assert bad.returncode == 2 and "regress: error:" in bad.stderr
 
 
 def test_unchanged_commit_is_not_flagged(tiny_results):
