@@ -6,7 +6,6 @@ the numbers come from :mod:`dsgd.measure`; the table is rendered from a pandas f
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import textwrap
@@ -17,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dsgd import measure
-from dsgd.grid import DEFAULT_MODELS, add_grid_arguments, cases_from_args, make_cases, parse_xla  # noqa: F401 - bench.make_cases
+from dsgd.grid import DEFAULT_MODELS, add_grid_arguments, cases_from_args, make_cases  # noqa: F401 - bench.make_cases
 from dsgd.measure import MODEL_MODES, MODES, NO_UPDATE, REFERENCE, Case
 
 DEFAULT_WORKLOADS = ("one-big", "bert-mini", "many-small")

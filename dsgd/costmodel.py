@@ -50,7 +50,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from dsgd import meshspec
-from dsgd.measure import DTYPE_BYTES, OPTION_PRESETS, REFERENCE, Bytes, count_bytes, elements_moved
+from dsgd.measure import DTYPE_BYTES, OPTION_PRESETS, REFERENCE, Bytes, count_bytes
 from dsgd.workloads import VarSpec
 
 UNSHARDED = meshspec.UNSHARDED

@@ -21,7 +21,7 @@ optimizer runs ``fused`` for them; ``test_local_impl_falls_back_in_graph`` check
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pytest
