@@ -11,9 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.experimental import dtensor
 
 from _helpers import U, assert_close, check_subprocess, dgrad, dsgd, dvar, r64, randn, require_impl, run_subprocess, value
 from dsgd.impl.in_graph import KERNEL_LABEL
+from dsgd.state import to_layout
 
 
 def _ran(opt) -> set:
@@ -48,6 +50,39 @@ def test_one_node_per_dtype_mixed_dtypes_and_layouts(meshes):
         assert_close(value(v), st.weights[0], d, f"in-graph grouped, {v.name}")
     assert _ran(opt) == {"grouped_graph"}
     assert _labelled_nodes(fn.get_concrete_function([dgrad(w, v) for w, v in zip(w0, vs)])) == 2
+
+
+def test_devices_gather_into_one_call_inside_a_loop(meshes):
+    """On 8 devices the node's copies (one per device) gather into one kernel call per step; in a
+    ``tf.range`` loop of 4 steps inside one function (as ``model.fit`` with ``steps_per_execution``)
+    each iteration gathers separately, and after two calls (8 steps) every variable, replicated
+    and sharded, matches float64."""
+    require_impl("grouped")
+    mesh = meshes("batch=2,model=4")
+    rng = np.random.default_rng(11)
+    specs = [((8, 4), [U, U]), ((8, 4), ["model", U]), ((4, 8), [U, "batch"]), ((16,), ["model"])]
+    w0 = [randn(rng, s, "float32") for s, _ in specs]
+    vs = [dvar(w, mesh, spec, "float32", name=f"loop{i}") for i, (w, (_, spec)) in enumerate(zip(w0, specs))]
+    opt = dsgd.SGD(0.05, momentum=0.9, mesh=mesh)
+    o64 = r64.Options64(learning_rate=0.05, momentum=0.9)
+    state = r64.init_state(w0, o64)
+    steps = 4
+
+    @tf.function
+    def run(grad_lists):
+        for k in tf.range(steps):
+            opt.apply_gradients(zip([tf.gather(g, k) for g in grad_lists], vs))
+
+    for _ in range(2):
+        gs = [[randn(rng, s, "float32") for s, _ in specs] for _ in range(steps)]
+        stacked = [to_layout(tf.constant(np.stack([g[i] for g in gs]), tf.float32),
+                             dtensor.Layout([U] + spec, mesh)) for i, (_, spec) in enumerate(specs)]
+        run(stacked)
+        for g in gs:
+            r64.step(state, g, o64)
+    for i, v in enumerate(vs):
+        assert_close(value(v), state.weights[i], "float32", f"gathered in-graph step in a loop, {v.name}")
+    assert _ran(opt) == {"grouped_graph"}
 
 
 def test_custom_train_step_relayouts_gradients(meshes):

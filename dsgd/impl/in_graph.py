@@ -114,8 +114,10 @@ class GroupedInGraph(OpsDTensor):
         hyper = tf.constant([args.momentum or 0.0, args.weight_decay or 0.0, clipvalue or 0.0,
                              args.ema_momentum if use_ema else 0.0], tf.float64)
         overwrite = args.ema_overwrite if tf.is_tensor(args.ema_overwrite) else tf.constant(bool(args.ema_overwrite))
+        mesh = self.group.mesh
+        local = 1 if mesh is None else len(mesh.local_devices())  # the node's copies that gather into one call
         meta = tf.constant([n, int(use_momentum), int(bool(args.nesterov)), int(use_ema),
-                            self.group.dtype.as_datatype_enum, self._tmomentum.as_datatype_enum], tf.int64)
+                            self.group.dtype.as_datatype_enum, self._tmomentum.as_datatype_enum, local], tf.int64)
         data = [meta, tf.cast(args.lr, tf.float32), scale_t, decay, hyper, tf.cast(overwrite, tf.bool), *grads]
         data += [e.var.handle for e in entries]
         if use_momentum:
