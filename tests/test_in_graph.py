@@ -146,3 +146,33 @@ def test_xla_auto_clustering_leaves_the_node_alone():
     """, env={"TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"}, timeout=600))
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
     assert line == "RESULT 0.0 0.0 ['grouped_graph']", line  # 1 - 2 * 0.5 * 1
+
+
+def test_a_step_traced_for_variable_sets_that_are_gone_fails_clearly():
+    """The node finds the variables and slots by the address of the sets packed when it was
+    traced; once those sets are gone, the traced step fails with a clear error: a stale address
+    is never dereferenced.  (After an error DTensor's eager context cannot be used again, so the
+    variable is not read back.)"""
+    require_impl("grouped")
+    out = check_subprocess(run_subprocess("""
+        import gc
+        import numpy as np, tensorflow as tf, dsgd
+        from _helpers import dvar, dgrad, value, U
+        from dsgd.meshspec import make_mesh
+        mesh = make_mesh("batch=2,model=4")
+        v = dvar(np.ones((8, 4)), mesh, ["model", U])
+        opt = dsgd.SGD(0.5, momentum=0.9, mesh=mesh)
+        fn = tf.function(lambda g: opt.apply_gradients([(g, v)]))
+        fn(dgrad(np.ones((8, 4)), v))
+        from tensorflow.python.eager import context
+        for inst in opt.implementation_instances():
+            inst._packed.clear()
+        gc.collect()
+        try:
+            fn(dgrad(np.ones((8, 4)), v))
+            context.async_wait()
+            print("RESULT ran")
+        except tf.errors.FailedPreconditionError as e:
+            print("RESULT", "trace the step again" in str(e))
+    """, timeout=300))
+    assert "RESULT True" in out, out

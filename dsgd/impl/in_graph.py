@@ -14,6 +14,16 @@ step is an ``Assert`` node whose ``_kernel`` attribute is ``"dsgd_sgd"``:
   eager calls, in place, one pass over each variable's memory) instead of TensorFlow's Assert;
 * ``Assert`` is stateful, so the function always runs it, and it takes a list of any types.
 
+Two things make the node cheap where DTensor is not.  Its copies (one per local device, run
+by DTensor as separate executions of one program that share the call's step id) gather into
+one kernel call for all devices, as ``grouped``'s eager call does: eight small calls on two
+cores lost ~40% of the memory bandwidth.  And the variables and their slots reach the kernel
+packed (``DsgdPackVars``, once per device when the step is traced, held by this object) and
+found by address: DTensor pays ~10 us per function input on every call, and the slots,
+private to the optimizer, were a third of the inputs.  The variables' handles stay inputs, so
+TensorFlow orders the node after the reads that made the gradients and before later reads; a
+slot read *inside the same function* (not something Keras or dsgd do) is not ordered with it.
+
 Nothing is silently dropped: without dsgd's kernel library loaded TensorFlow finds no
 kernel for the label and fails, and TensorFlow's own Assert would fail on the false
 condition.  XLA would compile ``Assert`` to nothing, so the node is marked
@@ -34,6 +44,7 @@ from tensorflow.python.ops import control_flow_util
 
 from dsgd import kernels, rules
 from dsgd.impl.dtensor_ops import OpsDTensor, densify
+from dsgd.impl.local import local_entry
 from dsgd.impl.base import Items
 from dsgd.impl.multi_tensor import Grouped, _momentum_dtype
 from dsgd.plan import Group, StepArgs
@@ -84,8 +95,30 @@ class GroupedInGraph(OpsDTensor):
 
     def __init__(self, group: Group, options) -> None:
         super().__init__(group, options)
-        kernels.load()  # registers the labelled kernel in this process
+        self._ops = kernels.load()  # also registers the labelled kernel in this process
         self._tmomentum = _momentum_dtype(group)
+        self._packed: dict[tuple, tuple[list, list[int]]] = {}
+
+    def _sets(self, entries, use_momentum: bool, use_ema: bool) -> list[int]:
+        """(device index, set address) for each local device: the variables and slots packed
+        per device (``DsgdPackVars``, eagerly, once per set of variables), kept alive here."""
+        key = (tuple(id(e) for e in entries), use_momentum, use_ema)
+        packed = self._packed.get(key)
+        if packed is None:
+            with tf.init_scope():
+                les = [local_entry(e) for e in entries]
+                handles, pairs = [], []
+                for k, dev in enumerate(les[0].devices):
+                    with tf.device(dev):
+                        h = self._ops.dsgd_pack_vars(
+                            vars=[le.var[k] for le in les],
+                            accums=[le.momentum[k] for le in les] if use_momentum else [],
+                            averages=[le.average[k] for le in les] if use_ema else [])
+                        address = int(self._ops.dsgd_var_set_address(h).numpy())
+                    handles.append(h)
+                    pairs += [tf.DeviceSpec.from_string(dev).device_index, address]
+            packed = self._packed[key] = (handles, pairs)
+        return packed[1]
 
     def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
         if not items:
@@ -114,16 +147,15 @@ class GroupedInGraph(OpsDTensor):
         hyper = tf.constant([args.momentum or 0.0, args.weight_decay or 0.0, clipvalue or 0.0,
                              args.ema_momentum if use_ema else 0.0], tf.float64)
         overwrite = args.ema_overwrite if tf.is_tensor(args.ema_overwrite) else tf.constant(bool(args.ema_overwrite))
-        mesh = self.group.mesh
-        local = 1 if mesh is None else len(mesh.local_devices())  # the node's copies that gather into one call
+        sets = self._sets(entries, use_momentum, use_ema)
         meta = tf.constant([n, int(use_momentum), int(bool(args.nesterov)), int(use_ema),
-                            self.group.dtype.as_datatype_enum, self._tmomentum.as_datatype_enum, local], tf.int64)
+                            self.group.dtype.as_datatype_enum, self._tmomentum.as_datatype_enum, len(sets) // 2],
+                           tf.int64)
         data = [meta, tf.cast(args.lr, tf.float32), scale_t, decay, hyper, tf.cast(overwrite, tf.bool), *grads]
+        # the variables' handles order the node after the reads that made the gradients (and
+        # before later reads); the kernel finds the variables and slots in the packed sets
         data += [e.var.handle for e in entries]
-        if use_momentum:
-            data += [e.momentum.handle for e in entries]
-        if use_ema:
-            data += [e.average.handle for e in entries]
+        data.append(tf.constant(sets, tf.int64))
         graph = tf.compat.v1.get_default_graph()
         no_xla = {"_XlaCompile": attr_value_pb2.AttrValue(b=False)}
         with graph._kernel_label_map({"Assert": KERNEL_LABEL}), graph._attr_scope(no_xla):

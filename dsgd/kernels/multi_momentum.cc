@@ -42,6 +42,7 @@
 #include <limits>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "tensorflow/core/framework/cancellation.h"
@@ -276,10 +277,42 @@ UpdateFn<T, Tm> PickUpdate(Mom mom, bool decay, bool ema) {
 // The variables of one DsgdMultiSgd call on one device: vars, then momentum slots, then EMA
 // slots (each N or none), referenced for as long as the handle lives, and their mutexes in
 // address order (each once), the order every call locks them in.
+class VarSet;
+
+// Every VarSet alive in the process: an address baked into a traced function (the in-graph
+// step) is used only while its set lives, so a stale one is an error, never a dangling pointer.
+class LiveSets {
+ public:
+  static void Add(const VarSet* s) {
+    mutex_lock l(mu());
+    set().insert(s);
+  }
+  static void Remove(const VarSet* s) {
+    mutex_lock l(mu());
+    set().erase(s);
+  }
+  // The set at `address`, referenced, or null if no live set is there.
+  static VarSet* RefIfLive(int64_t address);
+
+ private:
+  static mutex& mu() {
+    static mutex* m = new mutex;
+    return *m;
+  }
+  static std::unordered_set<const VarSet*>& set() {
+    static auto* s = new std::unordered_set<const VarSet*>;
+    return *s;
+  }
+};
+
 class VarSet : public ResourceBase {
  public:
   VarSet(std::vector<core::RefCountPtr<Var>> vars, int n, int nm, int na)
-      : vars_(std::move(vars)), n_(n), nm_(nm), na_(na) {}
+      : vars_(std::move(vars)), n_(n), nm_(nm), na_(na) {
+    LiveSets::Add(this);
+  }
+  ~VarSet() override { LiveSets::Remove(this); }
+  bool RefUnlessDying() const { return TryRef(); }  // for LiveSets
 
   absl::Status Init() {
     for (const auto& v : vars_) mus_.push_back(v->mu());
@@ -305,6 +338,14 @@ class VarSet : public ResourceBase {
   std::vector<mutex*> mus_;
   int n_, nm_, na_;
 };
+
+VarSet* LiveSets::RefIfLive(int64_t address) {
+  auto* p = reinterpret_cast<VarSet*>(static_cast<intptr_t>(address));
+  mutex_lock l(mu());
+  // in the registry: its memory is valid under the lock; TryRef fails once it is being destroyed
+  if (set().count(p) == 0 || !p->RefUnlessDying()) return nullptr;
+  return p;
+}
 
 // Variable sets given by address (DsgdVarSetAddress; the caller holds their handles), each
 // referenced for the call.
@@ -566,10 +607,18 @@ class MultiSgdOp : public OpKernel {
 // this kernel gets that device's shards of the gradients and its own variable handles; Assert is
 // stateful (never pruned) and takes a list of any types.  The condition is ignored.
 // data (inputs 1...):
-//   meta int64 [6|7]: n, use_momentum, nesterov, use_ema, T (DataType), Tmomentum (DataType),
-//                     local devices of the mesh (default 1)
+//   meta int64 [7]: n, use_momentum, nesterov, use_ema, T (DataType), Tmomentum (DataType),
+//                   local devices of the mesh
 //   lr float [], scales float [n|1|0], decay bool [n|0], hyper double [4], ema_overwrite bool [],
-//   grads n * T, vars n * resource, momentum slots (n|0) * resource, EMA slots (n|0) * resource
+//   grads n * T, vars n * resource,
+//   sets int64 [2 * local]: (device index, DsgdVarSet address) for each local device
+//
+// The variables and their slots come packed (DsgdPackVars, once, when the step is traced; the
+// optimizer holds the sets) and are found by address, checked live (LiveSets): the slots are
+// private to the optimizer, and as captured inputs they were a third of the function's inputs,
+// which DTensor pays for on every call (~10 us per input on 1 device, more on 8).  The
+// variables' handles stay inputs so that TensorFlow orders the step after the reads that
+// produced the gradients and before later reads; the kernel does not use them.
 //
 // One update for all local devices.  DTensor runs a function's program once per device of the
 // mesh (the copies share the call's step id), so a step has one copy of this node per local
@@ -701,22 +750,21 @@ class GraphSgdOp : public AsyncOpKernel {
  private:
   static constexpr int kGrads = 7;  // input index of the first gradient
 
-  // This copy's inputs checked and its variables looked up; `local` from meta when readable.
+  // This copy's inputs checked and its variable set found; `local` from meta when readable.
   static absl::Status Check(OpKernelContext* ctx, std::vector<core::RefCountPtr<VarSet>>* sets, int* local) {
-    if (ctx->num_inputs() < 8) {
+    if (ctx->num_inputs() < 10) {
       return absl::InvalidArgumentError("dsgd_sgd: too few inputs (this Assert was not built by dsgd)");
     }
     const Tensor& meta_t = ctx->input(1);
-    if (meta_t.dtype() != DT_INT64 || (meta_t.NumElements() != 6 && meta_t.NumElements() != 7)) {
-      return absl::InvalidArgumentError("dsgd_sgd: meta must be int64 [6] or [7]");
+    if (meta_t.dtype() != DT_INT64 || meta_t.NumElements() != 7) {
+      return absl::InvalidArgumentError("dsgd_sgd: meta must be int64 [7]");
     }
     const auto meta = meta_t.flat<int64_t>();
-    if (meta_t.NumElements() == 7) *local = static_cast<int>(meta(6));
+    *local = static_cast<int>(meta(6));
     const int n = static_cast<int>(meta(0));
     const bool use_m = meta(1) != 0, use_ema = meta(3) != 0;
     const DataType t = static_cast<DataType>(meta(4));
-    const int nm = use_m ? n : 0, na = use_ema ? n : 0;
-    if (n < 1 || ctx->num_inputs() != kGrads + 2 * n + nm + na) {
+    if (n < 1 || ctx->num_inputs() != kGrads + 2 * n + 1) {
       return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: ", ctx->num_inputs(), " inputs for ", n, " variables"));
     }
     for (int i = 0; i < n; ++i) {
@@ -726,18 +774,28 @@ class GraphSgdOp : public AsyncOpKernel {
                                                        DataTypeString(t)));
       }
     }
-    std::vector<core::RefCountPtr<Var>> vars;
-    vars.reserve(n + nm + na);
-    for (int i = kGrads + n; i < ctx->num_inputs(); ++i) {
-      if (ctx->input_dtype(i) != DT_RESOURCE) {
-        return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: input ", i, " must be a variable handle"));
-      }
-      core::RefCountPtr<Var> v;
-      TF_RETURN_IF_ERROR(LookupResource(ctx, HandleFromInput(ctx, i), &v));
-      vars.push_back(std::move(v));
+    const Tensor& sets_t = ctx->input(kGrads + 2 * n);
+    if (sets_t.dtype() != DT_INT64 || sets_t.dims() != 1 || sets_t.NumElements() != 2 * *local) {
+      return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: sets must be int64 [2 * ", *local, "]"));
     }
-    sets->emplace_back(new VarSet(std::move(vars), n, nm, na));
-    return (*sets)[0]->Init();
+    const auto pairs = sets_t.flat<int64_t>();
+    const int me = ctx->device()->parsed_name().id;
+    for (int k = 0; k < *local; ++k) {
+      if (pairs(2 * k) != me) continue;
+      VarSet* set = LiveSets::RefIfLive(pairs(2 * k + 1));
+      if (set == nullptr) {
+        return absl::FailedPreconditionError(
+            "dsgd_sgd: the optimizer's variable set for this device is gone (a function traced by an optimizer "
+            "that no longer exists); trace the step again");
+      }
+      sets->emplace_back(set);
+      if (set->n() != n || set->has_momentum() != use_m || set->has_average() != use_ema) {
+        return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: the variable set (", set->DebugString(),
+                                                       ") does not match the step's ", n, " variables"));
+      }
+      return absl::OkStatus();
+    }
+    return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: no variable set for device ", ctx->device()->name()));
   }
 
   // One SgdStep over the variables of `sets` (set k: the gradients of ctxs[k]), on `ctx`.
