@@ -36,6 +36,7 @@ does.  Momentum dtypes, decay masks, EMA and its overwrite are the kernel's, as 
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Sequence
 
 import tensorflow as tf
@@ -50,6 +51,9 @@ from dsgd.impl.multi_tensor import Grouped, _momentum_dtype
 from dsgd.plan import Group, StepArgs
 
 KERNEL_LABEL = "dsgd_sgd"  # GraphSgdOp's label in multi_momentum.cc
+# each traced node's token: its copies on the local devices gather by it (with the call's step
+# id, frame and iteration); two nodes never share one, even in separate function bodies
+_TOKENS = itertools.count(1)
 
 
 def in_xla_context() -> bool:
@@ -149,8 +153,8 @@ class GroupedInGraph(OpsDTensor):
         overwrite = args.ema_overwrite if tf.is_tensor(args.ema_overwrite) else tf.constant(bool(args.ema_overwrite))
         sets = self._sets(entries, use_momentum, use_ema)
         meta = tf.constant([n, int(use_momentum), int(bool(args.nesterov)), int(use_ema),
-                            self.group.dtype.as_datatype_enum, self._tmomentum.as_datatype_enum, len(sets) // 2],
-                           tf.int64)
+                            self.group.dtype.as_datatype_enum, self._tmomentum.as_datatype_enum, len(sets) // 2,
+                            next(_TOKENS)], tf.int64)
         data = [meta, tf.cast(args.lr, tf.float32), scale_t, decay, hyper, tf.cast(overwrite, tf.bool), *grads]
         # the variables' handles order the node after the reads that made the gradients (and
         # before later reads); the kernel finds the variables and slots in the packed sets

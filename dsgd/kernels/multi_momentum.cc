@@ -607,8 +607,8 @@ class MultiSgdOp : public OpKernel {
 // this kernel gets that device's shards of the gradients and its own variable handles; Assert is
 // stateful (never pruned) and takes a list of any types.  The condition is ignored.
 // data (inputs 1...):
-//   meta int64 [7]: n, use_momentum, nesterov, use_ema, T (DataType), Tmomentum (DataType),
-//                   local devices of the mesh
+//   meta int64 [8]: n, use_momentum, nesterov, use_ema, T (DataType), Tmomentum (DataType),
+//                   local devices of the mesh, the node's token (unique per traced node)
 //   lr float [], scales float [n|1|0], decay bool [n|0], hyper double [4], ema_overwrite bool [],
 //   grads n * T, vars n * resource,
 //   sets int64 [2 * local]: (device index, DsgdVarSet address) for each local device
@@ -626,7 +626,9 @@ class MultiSgdOp : public OpKernel {
 // thread-pool start-up and tail (bert-mini on batch=2,model=4: ~0.55 of the copy roofline); so
 // the node is asynchronous: each copy checks its inputs and joins the step's gathering (keyed by
 // step id, loop frame and iteration, and node name), and the last to arrive runs one SgdStep over
-// every device's variables -- as the eager DsgdMultiSgdAll does -- and completes them all.  No
+// every device's variables -- as the eager DsgdMultiSgdAll does -- and completes them all.  (The
+// key has the node's token too: two nodes of one call in separate function bodies may share a
+// name, a frame and an iteration.)  No
 // thread waits: a copy that has joined returns its thread to the executor.  Errors of any copy
 // fail every copy; a cancelled step releases the copies waiting in it.
 struct GraphStepInputs {
@@ -696,7 +698,8 @@ class GraphSgdOp : public AsyncOpKernel {
       return;
     }
     const auto fi = ctx->frame_iter();
-    const std::string key = absl::StrCat(ctx->step_id(), "/", fi.frame_id, "/", fi.iter_id, "/", def().name());
+    const std::string key = absl::StrCat(ctx->step_id(), "/", fi.frame_id, "/", fi.iter_id, "/", def().name(), "/",
+                                         ctx->input(1).flat<int64_t>()(7));
     Waiting w{ctx, std::move(done), std::move(in)};
     // register for cancellation before joining, so a waiting copy can always be released
     CancellationManager* cm = ctx->cancellation_manager();
@@ -756,8 +759,8 @@ class GraphSgdOp : public AsyncOpKernel {
       return absl::InvalidArgumentError("dsgd_sgd: too few inputs (this Assert was not built by dsgd)");
     }
     const Tensor& meta_t = ctx->input(1);
-    if (meta_t.dtype() != DT_INT64 || meta_t.NumElements() != 7) {
-      return absl::InvalidArgumentError("dsgd_sgd: meta must be int64 [7]");
+    if (meta_t.dtype() != DT_INT64 || meta_t.NumElements() != 8) {
+      return absl::InvalidArgumentError("dsgd_sgd: meta must be int64 [8]");
     }
     const auto meta = meta_t.flat<int64_t>();
     *local = static_cast<int>(meta(6));
