@@ -205,3 +205,35 @@ def test_a_step_traced_for_variable_sets_that_are_gone_fails_clearly():
             print("RESULT", "trace the step again" in str(e))
     """, timeout=300))
     assert "RESULT True" in out, out
+
+
+def test_a_device_failing_before_the_node_does_not_hang_the_others():
+    """The node's copies wait for each other; when one device fails before reaching it (here a
+    NaN in one shard trips ``check_numerics``), the step fails at once instead of hanging."""
+    require_impl("grouped")
+    out = check_subprocess(run_subprocess("""
+        import time
+        import numpy as np, tensorflow as tf, dsgd
+        from _helpers import dvar, dgrad, U
+        from dsgd.meshspec import make_mesh
+        mesh = make_mesh("batch=2,model=4")
+        v = dvar(np.ones((8, 4)), mesh, ["model", U])
+        opt = dsgd.SGD(0.5, momentum=0.9, mesh=mesh)
+
+        @tf.function
+        def fn(g):
+            opt.apply_gradients([(tf.debugging.check_numerics(g, "bad gradient"), v)])
+
+        fn(dgrad(np.ones((8, 4)), v))
+        bad = np.ones((8, 4))
+        bad[0, 0] = np.nan  # only the shards of model=0 have it
+        t0 = time.time()
+        try:
+            fn(dgrad(bad, v))
+            from tensorflow.python.eager import context
+            context.async_wait()
+            print("RESULT ran")
+        except tf.errors.InvalidArgumentError as e:
+            print("RESULT", "bad gradient" in str(e), time.time() - t0 < 30)
+    """, timeout=120))
+    assert "RESULT True True" in out, out
