@@ -31,7 +31,7 @@ import numpy as np
 
 def _time(fn, repeats: int) -> float:
     """Median wall time of ``fn()`` in ms (DTensor's async work waited for each time)."""
-    from dsgd import measure
+    from dsgd.harness import measure
 
     return float(np.median(measure.time_steps(fn, steps=repeats, warmup=1)) * 1e3)
 
@@ -39,7 +39,8 @@ def _time(fn, repeats: int) -> float:
 def run_case(payload: dict) -> dict:
     import tensorflow as tf
 
-    from dsgd import bench, eager_dtensor, measure
+    from dsgd import eager_dtensor
+    from dsgd.harness import bench, measure
 
     repeats = int(payload.pop("repeats"))
     reference = bool(payload.pop("reference"))
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from dsgd.isolate import run_isolated
+    from dsgd.harness.isolate import run_isolated
 
     payloads = []
     for w in args.workload or ["many-small"]:

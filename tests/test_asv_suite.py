@@ -73,7 +73,7 @@ def test_one_parameter_set_runs_through_asv(asv_env):
     files = list((asv_env[2] / "results" / MACHINE).glob(f"{head[:8]}-*.json"))
     assert len(files) == 1, files
 
-    from dsgd import regress
+    from dsgd.harness import regress
 
     df = regress.read_results_file(files[0])
     rows = df[df["benchmark"] == name].set_index("params")

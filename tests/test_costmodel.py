@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsgd import costmodel, meshspec, plans
-from dsgd.measure import OPTION_PRESETS
+from dsgd import meshspec
+from dsgd.advisor import costmodel, plans
+from dsgd.harness.measure import OPTION_PRESETS
 from dsgd.workloads import VarSpec, get_workload
 
 MESH = [("batch", 2), ("model", 4)]
@@ -174,7 +175,7 @@ MEAN_ERROR_BOUND = {("bert-mini", "auto"): 10, ("bert-mini", "reference"): 18, (
 
 
 def test_refit_of_measurements_saved_by_an_older_version():
-    from dsgd import layouts
+    from dsgd.advisor import layouts
 
     raw = layouts.load_measurements(str(MEASURED))
     assert len(raw) == 120 and not any("variables" in r or "host_cores" in r for r in raw), "the old format"
@@ -190,7 +191,7 @@ def test_refit_of_measurements_saved_by_an_older_version():
 
 
 def test_combine_repeats_keeps_each_jobs_fastest_pass():
-    from dsgd import layouts
+    from dsgd.advisor import layouts
 
     base = {"workload": "w", "mesh": "batch=2", "plan": "replicated", "implementation": "auto", "options": "momentum"}
     rows = [dict(base, median_ms=12.0), dict(base, median_ms=10.0), dict(base, median_ms=15.0),
@@ -202,7 +203,7 @@ def test_combine_repeats_keeps_each_jobs_fastest_pass():
 
 
 def test_validate_cli_refits_several_saved_files(tmp_path, capsys):
-    from dsgd import layouts
+    from dsgd.advisor import layouts
     from dsgd.cli import main
 
     rows = layouts.load_measurements(str(MEASURED))

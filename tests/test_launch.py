@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsgd import launch
+from dsgd.harness import launch
 from dsgd import multiclient as mc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ FAULT_BOUND_S = 120  # a failed run must end within this (start-up of the client
 
 
 def _cli_env(**extra) -> dict:
-    from dsgd.isolate import child_env
+    from dsgd.harness.isolate import child_env
 
     return child_env({"TF_CPP_MIN_LOG_LEVEL": "3", **extra})
 

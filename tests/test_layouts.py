@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dsgd import layoutmap, layouts, meshspec, plans
+from dsgd import layoutmap, meshspec
+from dsgd.advisor import layouts, plans
 from dsgd.workloads import VarSpec, WorkloadError, get_workload
 
 U = "unsharded"

@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
-from dsgd import profile as prof
-from dsgd import profile_summary as ps
-from dsgd.measure import Case
+from dsgd.harness import profile as prof
+from dsgd.harness import profile_summary as ps
+from dsgd.harness.measure import Case
 
 TINY = [{"name": "dense/kernel", "shape": [64, 32]}, {"name": "dense/bias", "shape": [32]},
         {"name": "proj/kernel", "shape": [16, 16]}]
@@ -222,7 +222,7 @@ def test_profile_commits_reports_bad_commits_and_goes_on(tmp_path):
 def test_profile_commits_passes_on_only_the_options_given():
     import argparse
 
-    from dsgd import profile_commits
+    from dsgd.harness import profile_commits
 
     p = argparse.ArgumentParser()
     prof.add_arguments(p)

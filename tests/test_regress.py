@@ -31,7 +31,7 @@ FAST_S, SLOW_S = 0.020, 0.060
 
 
 def load_regress():
-    from dsgd import regress
+    from dsgd.harness import regress
 
     return regress
 

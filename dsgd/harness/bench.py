@@ -1,8 +1,8 @@
 """``dsgd bench``: time one optimizer step across workloads, meshes, layouts, dtypes,
 implementations and XLA on/off, side by side with tf_keras' reference, in one run.
 
-Cases run in a worker process (:mod:`dsgd.isolate`) with the requested logical devices;
-the numbers come from :mod:`dsgd.measure`; the table is rendered from a pandas frame.
+Cases run in a worker process (:mod:`dsgd.harness.isolate`) with the requested logical devices;
+the numbers come from :mod:`dsgd.harness.measure`; the table is rendered from a pandas frame.
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dsgd import measure
-from dsgd.grid import DEFAULT_MODELS, add_grid_arguments, cases_from_args, make_cases  # noqa: F401 - bench.make_cases
-from dsgd.measure import MODEL_MODES, MODES, NO_UPDATE, REFERENCE, Case
+from dsgd.harness import measure
+from dsgd.harness.grid import (DEFAULT_MODELS, add_grid_arguments, cases_from_args,  # noqa: F401 - bench.make_cases
+                               make_cases)
+from dsgd.harness.measure import MODEL_MODES, MODES, NO_UPDATE, REFERENCE, Case
 
 DEFAULT_WORKLOADS = ("one-big", "bert-mini", "many-small")
 DEFAULT_MESHES = ("1", "batch=8", "batch=2,model=4")
@@ -185,11 +186,11 @@ def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bo
                 on_row(row)
 
     if isolate:
-        from dsgd.isolate import run_isolated
+        from dsgd.harness.isolate import run_isolated
 
         # one worker function per sweep keeps run_isolated's one-func interface
         payloads = [dict(p, _func=func) for func, p, _ in jobs]
-        run_isolated("dsgd.bench:run_job", payloads, devices=devices, on_result=got,
+        run_isolated("dsgd.harness.bench:run_job", payloads, devices=devices, on_result=got,
                      device_type=cases[0].device if cases else "CPU")
     else:
         for j, (func, p, idx) in enumerate(jobs):

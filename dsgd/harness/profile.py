@@ -1,9 +1,9 @@
 """``dsgd profile``: TensorBoard profiles and XLA HLO of the optimizer step, per commit and config.
 
 For each configuration (workload x mesh x layout x dtype x implementation x XLA on/off x options)
-a fresh worker process (:func:`dsgd.isolate.run_isolated`, with ``XLA_FLAGS=--xla_dump_to`` set
-to that run's directory) builds the case with :func:`dsgd.measure.build_case`, times the first
-step and then the warm step with :mod:`dsgd.measure`, profiles ``--steps`` more steps under
+a fresh worker process (:func:`dsgd.harness.isolate.run_isolated`, with ``XLA_FLAGS=--xla_dump_to`` set
+to that run's directory) builds the case with :func:`dsgd.harness.measure.build_case`, times the first
+step and then the warm step with :mod:`dsgd.harness.measure`, profiles ``--steps`` more steps under
 ``tf.profiler.experimental.start/stop`` with ``Trace('train', step_num=i, _r=1)`` markers, and
 captures the HLO of XLA paths (:func:`dsgd.impl.xla.capture_hlo`).  Layout on disk::
 
@@ -38,9 +38,9 @@ import time
 from dataclasses import asdict
 from typing import Optional, Sequence
 
-from dsgd.gitutil import git_or_none
-from dsgd.grid import add_grid_arguments
-from dsgd.measure import Case
+from dsgd.harness.gitutil import git_or_none
+from dsgd.harness.grid import add_grid_arguments
+from dsgd.harness.measure import Case
 
 DEFAULT_WORKLOADS = ("bert-mini", "many-small")
 DEFAULT_MESHES = ("1", "batch=2,model=4")
@@ -101,7 +101,7 @@ COMMIT_CHARS = 7  # git's own short form: leaves room for the config in TensorBo
 
 def source_repo() -> Optional[str]:
     """The git work tree the running ``dsgd`` package comes from (None outside git)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return git_or_none(here, "rev-parse", "--show-toplevel")
 
 
@@ -164,8 +164,8 @@ def capture_config(payload: dict) -> dict:
 
     import tensorflow as tf
 
-    from dsgd import measure, profile_summary as ps
-    from dsgd.bench import resolved_implementations
+    from dsgd.harness import measure, profile_summary as ps
+    from dsgd.harness.bench import resolved_implementations
 
     run_dir = payload["run_dir"]
     case = Case(**payload["case"])
@@ -182,7 +182,7 @@ def capture_config(payload: dict) -> dict:
         phases[name] = round(now - clock[0], 2)
         clock[0] = now
 
-    from dsgd.bench import prepare_kernels
+    from dsgd.harness.bench import prepare_kernels
 
     row["build_s"] = prepare_kernels([case.implementation])  # the one-time kernel build: not the first step's
     phase("kernels")
@@ -313,8 +313,8 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
 
     Rows have ``status`` ``ok``, ``failed`` (with ``error``) or ``skipped`` (already captured).
     """
-    from dsgd import profile_summary as ps
-    from dsgd.isolate import run_isolated
+    from dsgd.harness import profile_summary as ps
+    from dsgd.harness.isolate import run_isolated
 
     out = os.path.abspath(out)
     info = commit_info(commit)
@@ -344,7 +344,7 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
         payload = {"case": asdict(case), "config": name, "run_dir": run_dir, "out": out, "steps": steps,
                    "time_steps": time_steps, **info}
         t0 = time.perf_counter()
-        res = run_isolated("dsgd.profile:capture_config", [payload], devices=devices, timeout=timeout, env=env,
+        res = run_isolated("dsgd.harness.profile:capture_config", [payload], devices=devices, timeout=timeout, env=env,
                            device_type=case.device)[0]
         row = dict(base, **{k: v for k, v in res.items() if k != "traceback"})
         if row.get("status") == "ok":
@@ -407,7 +407,7 @@ def _profile_commits(args) -> int:
     """``--commits``: every commit's own ``dsgd profile`` with this one's non-default options."""
     import argparse
 
-    from dsgd import profile_commits
+    from dsgd.harness import profile_commits
 
     fresh = argparse.ArgumentParser()
     add_arguments(fresh)
@@ -420,8 +420,9 @@ def _profile_commits(args) -> int:
 
 
 def main(args) -> int:
-    from dsgd import argcheck, profile_summary as ps
-    from dsgd.grid import cases_from_args
+    from dsgd import argcheck
+    from dsgd.harness import profile_summary as ps
+    from dsgd.harness.grid import cases_from_args
 
     argcheck.check_profile(args)  # before any worker starts or anything is written
     ledger = args.ledger or os.path.join(args.out, "ledger.csv")

@@ -24,10 +24,10 @@ NO_UPDATE = "no-update"  # train_step / fit modes: the same step with an optimiz
 #: ``eager``: ``apply_gradients`` called eagerly on a workload's variables (tf_keras' reference
 #: inside a ``tf.function``, its faster mode); ``graph``: ``apply_gradients`` inside a
 #: ``tf.function`` for both; ``train_step``: a whole custom ``tf.function`` training step
-#: (forward, backward, update) of a named model (:mod:`dsgd.models`); ``fit``: one step of
+#: (forward, backward, update) of a named model (:mod:`dsgd.harness.models`); ``fit``: one step of
 #: ``model.fit`` on that model (its ``train_function``).
 MODES = ("eager", "graph", "train_step", "fit")
-MODEL_MODES = ("train_step", "fit")  # modes whose workload is a model of dsgd.models
+MODEL_MODES = ("train_step", "fit")  # modes whose workload is a model of dsgd.harness.models
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 # Optimizer option presets: what the benchmarks sweep.
@@ -161,7 +161,7 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
 
 def _build_model_case(case: Case) -> Built:
     """A whole training step of a named model (``train_step`` or ``fit`` mode)."""
-    from dsgd import models
+    from dsgd.harness import models
     from dsgd.workloads import VarSpec
 
     spec = models.get_model_spec(case.workload)

@@ -3,11 +3,11 @@
 For a model (a named workload, a JSON variable list, or ``module:function`` returning a
 tf_keras model) and a mesh:
 
-1. candidate whole-model plans are built by rules (:mod:`dsgd.plans`);
+1. candidate whole-model plans are built by rules (:mod:`dsgd.advisor.plans`);
 2. each plan's optimizer step is measured on the local mesh -- dsgd's tuned default and
-   the tf_keras reference -- in a worker process (:mod:`dsgd.isolate`, through
-   :mod:`dsgd.measure`), next to its exact bytes per device and the collectives it needs;
-3. a cost model (:mod:`dsgd.costmodel`) is calibrated on those measurements and predicts
+   the tf_keras reference -- in a worker process (:mod:`dsgd.harness.isolate`, through
+   :mod:`dsgd.harness.measure`), next to its exact bytes per device and the collectives it needs;
+3. a cost model (:mod:`dsgd.advisor.costmodel`) is calibrated on those measurements and predicts
    the plans of ``--target-mesh``;
 4. plans are ranked with their reasons, the recommendation can be written as a layout map
    (``--emit-layout-map``) that :func:`dsgd.layoutmap.load_layout_map` turns into a tf_keras ``LayoutMap``
@@ -29,8 +29,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from dsgd import costmodel, layoutmap, meshspec, plans as plans_mod
-from dsgd.measure import OPTION_PRESETS, REFERENCE
+from dsgd import layoutmap, meshspec
+from dsgd.advisor import costmodel, plans as plans_mod
+from dsgd.harness.measure import OPTION_PRESETS, REFERENCE
 from dsgd.workloads import WORKLOADS, VarSpec, WorkloadError, get_workload, load_json_workload
 
 MIN_TIMED_S = 0.25  # timed seconds per measurement at least (up to 10x --steps steps)
@@ -58,9 +59,9 @@ def read_keras_model(target: str, *, timeout: float = 300.0) -> list[VarSpec]:
     Names are the keys tf_keras' ``LayoutMap`` looks layouts up by (``dense_1.kernel``), so an
     emitted layout map applies to the model as it is.  Nothing is trained.
     """
-    from dsgd.isolate import run_isolated
+    from dsgd.harness.isolate import run_isolated
 
-    res = run_isolated("dsgd.layouts:read_model_variables", [{"target": target, "cwd": os.getcwd()}],
+    res = run_isolated("dsgd.advisor.layouts:read_model_variables", [{"target": target, "cwd": os.getcwd()}],
                        devices=1, timeout=timeout)[0]
     if res.get("status") != "ok":
         raise WorkloadError(f"--model {target!r}: could not build the model: {res.get('error')}")
@@ -130,14 +131,14 @@ def measure_plan(payload: dict) -> dict:
     """Worker: one plan, one implementation, one mesh -- time the step and count the real bytes."""
     from tensorflow.experimental import dtensor
 
-    from dsgd import measure
-    from dsgd.bench import resolved_implementations
+    from dsgd.harness import measure
+    from dsgd.harness.bench import resolved_implementations
 
     p = dict(payload)
     steps = int(p.pop("steps", 8))
     case = measure.Case(workload=p["workload"], mesh=p["mesh"], layout=p["layout"], dtype=None,
                         implementation=p["implementation"], options=p["options"])
-    from dsgd.bench import prepare_kernels
+    from dsgd.harness.bench import prepare_kernels
 
     prepare_kernels([case.implementation])  # the one-time kernel build is not the first step's time
     built = measure.build_case(case)
@@ -193,7 +194,7 @@ def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress:
     """
     from tqdm.auto import tqdm
 
-    from dsgd.isolate import run_isolated
+    from dsgd.harness.isolate import run_isolated
 
     tmp = Path(tempfile.mkdtemp(prefix="dsgd-layouts-"))
     try:
@@ -219,7 +220,8 @@ def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress:
             if on_row:
                 on_row(rows[i])
 
-        results = run_isolated("dsgd.layouts:measure_plan", payloads, devices=devices, on_result=got, timeout=timeout)
+        results = run_isolated("dsgd.advisor.layouts:measure_plan", payloads, devices=devices, on_result=got,
+                               timeout=timeout)
         bar.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

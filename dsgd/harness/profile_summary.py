@@ -12,7 +12,7 @@ returns plain data (dicts, pandas frames) that tests check and renderers print:
 * :func:`append_ledger`, :func:`read_ledger`, :func:`diff_commits`, :func:`render_diff`.
 
 Step time is never taken from xprof (its step detection on CPU is unreliable); it comes from the
-harness (:mod:`dsgd.measure`).
+harness (:mod:`dsgd.harness.measure`).
 """
 from __future__ import annotations
 
@@ -359,10 +359,10 @@ def resolve_commit(df, name: str) -> str:
 
 def config_key(row) -> str:
     """The run name of a ledger row, recomputed from its fields by today's naming
-    (:func:`dsgd.profile.config_name`), so that rows written under an older naming
+    (:func:`dsgd.harness.profile.config_name`), so that rows written under an older naming
     (``<workload>_<mesh>_<layout>_..._xla-on_<options>``) still meet their counterparts."""
-    from dsgd.measure import Case
-    from dsgd.profile import config_name
+    from dsgd.harness.measure import Case
+    from dsgd.harness.profile import config_name
 
     fields = ("workload", "mesh", "layout", "dtype", "implementation", "xla", "options")
     vals = {f: row.get(f) for f in fields}

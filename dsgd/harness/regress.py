@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from dsgd.gitutil import GitError, git
+from dsgd.harness.gitutil import GitError, git
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT, EXIT_ASV_FAILED, EXIT_INTERNAL = 0, 1, 2, 3, 4
 

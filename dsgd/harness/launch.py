@@ -355,7 +355,7 @@ def run_clients(plan: Plan, command: Sequence[str], *, start_timeout: float = DE
     one client has finished cleanly, the others must finish within this many seconds.
     ``timeout``: bound on the whole run.  ``env``: extra variables for every client.
     """
-    from dsgd.isolate import child_env
+    from dsgd.harness.isolate import child_env
 
     if not plan.jobs:
         raise LaunchError("the plan has no ports (give port_base or ports)")
