@@ -71,7 +71,7 @@ def test_bench_asv_profile_and_tf_keras_give_the_same_layouts(files, meshes, mon
     from tensorflow.experimental import dtensor
 
     from dsgd.harness import measure, profile
-    from dsgd.harness.bench import make_cases
+    from dsgd.harness.grid import make_cases
 
     workload, lmap_path = files
     mesh = meshes(MESH)

@@ -23,15 +23,12 @@ def measure_plan(payload: dict) -> dict:
     from tensorflow.experimental import dtensor
 
     from dsgd.harness import measure
-    from dsgd.harness.bench import resolved_implementations
 
     p = dict(payload)
     steps = int(p.pop("steps", 8))
     case = measure.Case(workload=p["workload"], mesh=p["mesh"], layout=p["layout"], dtype=None,
                         implementation=p["implementation"], options=p["options"])
-    from dsgd.harness.bench import prepare_kernels
-
-    prepare_kernels([case.implementation])  # the one-time kernel build is not the first step's time
+    measure.prepare_kernels([case.implementation])  # the one-time kernel build is not the first step's time
     built = measure.build_case(case)
     first = measure.time_first_step(built)
     # short steps get more samples (up to 10x steps, for MIN_TIMED_S): a burst of other work on a
@@ -53,7 +50,7 @@ def measure_plan(payload: dict) -> dict:
     total = {d: per_dev.get(d, 0) + state_dev.get(d, 0) for d in set(per_dev) | set(state_dev)}
     return {
         "status": "ok",
-        "impl_used": resolved_implementations(built.optimizer),
+        "impl_used": measure.resolved_implementations(built.optimizer),
         "first_step_s": first,
         **measure.step_stats(t, (25, 75)),
         "measured_params_bytes_per_device": max(per_dev.values()),

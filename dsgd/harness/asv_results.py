@@ -46,6 +46,7 @@ def load_setup(config: str | os.PathLike = "asv.conf.json", results_dir: Optiona
     res = Path(results_dir).resolve() if results_dir else (root / conf.results_dir).resolve()
     return Setup(path, root, repo, res, int(getattr(conf, "hash_length", 8) or 8))
 
+
 def _git(repo: Path, *args: str) -> str:
     try:
         return git(str(repo), *args)
@@ -74,6 +75,7 @@ def first_parents(repo: Path, commit: str, limit: int = 50) -> list[str]:
 def commits_in_range(repo: Path, spec: str) -> list[str]:
     """Oldest first: ``A..B`` as git means it, or one revision (that commit and its ancestors)."""
     return list(reversed(_git(repo, "rev-list", "--first-parent", spec).split()))
+
 
 def machines(setup: Setup) -> list[str]:
     if not setup.results_dir.is_dir():

@@ -165,7 +165,6 @@ def capture_config(payload: dict) -> dict:
     import tensorflow as tf
 
     from dsgd.harness import measure, profile_summary as ps
-    from dsgd.harness.bench import resolved_implementations
 
     run_dir = payload["run_dir"]
     case = Case(**payload["case"])
@@ -182,9 +181,7 @@ def capture_config(payload: dict) -> dict:
         phases[name] = round(now - clock[0], 2)
         clock[0] = now
 
-    from dsgd.harness.bench import prepare_kernels
-
-    row["build_s"] = prepare_kernels([case.implementation])  # the one-time kernel build: not the first step's
+    row["build_s"] = measure.prepare_kernels([case.implementation])  # the one-time kernel build: not the first step's
     phase("kernels")
     built = measure.build_case(case)
     measure.sync()
@@ -193,7 +190,7 @@ def capture_config(payload: dict) -> dict:
     t = measure.time_steps(built.step, steps=time_steps, warmup=2) * 1e3
     stats = measure.step_stats(t, (10, 90), with_min=False)
     row.update(median_ms=stats["median_ms"], p10_ms=stats["p10_ms"], p90_ms=stats["p90_ms"])
-    row["impl_used"] = resolved_implementations(built.optimizer)
+    row["impl_used"] = measure.resolved_implementations(built.optimizer)
     phase("time")
 
     opts = tf.profiler.experimental.ProfilerOptions(host_tracer_level=2, python_tracer_level=0, device_tracer_level=1)

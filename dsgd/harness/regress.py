@@ -222,6 +222,7 @@ def _note_round(setup: Setup, machine: Optional[str], commit: str, started: floa
             n = len(r.samples) if isinstance(r.samples, list) else 0
             bounds.setdefault(commit, {}).setdefault((r.benchmark, r.params, r.env), []).append(n)
 
+
 def _policy(args) -> Policy:
     if args.factor <= 1:
         raise RegressError(f"--factor must be > 1, got {args.factor}")

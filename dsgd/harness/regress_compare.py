@@ -171,6 +171,7 @@ def verdict(df, policy: Policy = Policy()) -> int:
     bad = {"regression"} | (set() if policy.allow_new_failures else {"new failure"})
     return EXIT_REGRESSION if df["status"].isin(bad).any() else EXIT_OK
 
+
 def round_medians(samples, counts) -> list:
     """Medians of the samples each round added (``counts``: sample count after each round)."""
     import statistics
