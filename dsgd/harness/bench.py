@@ -28,14 +28,15 @@ DEFAULT_MODES = ("eager", "graph", "fit")
 
 def main(args) -> int:
     """``dsgd bench``: check every value, run the sweep, print the table (and write what was asked)."""
-    from dsgd import argcheck, meshspec, multiclient
+    from dsgd import argcheck, multiclient
+    from dsgd.meshspec import MeshSpec
 
     argcheck.check_bench(args)  # before any worker starts or any file is written
     meshes = args.mesh or DEFAULT_MESHES
     client = multiclient.config_from_env() if multiclient.is_client() else None
     if client is not None and not args.mesh:  # multi-client: the default meshes that span all clients' devices
         n = client.global_devices
-        meshes = [m for m in DEFAULT_MESHES if meshspec.mesh_size(meshspec.parse_mesh_spec(m)) == n] or [f"batch={n}"]
+        meshes = [m for m in DEFAULT_MESHES if MeshSpec.of(m).size == n] or [f"batch={n}"]
     lead = client is None or client.client_id == 0  # only client 0 reports
     cases = cases_from_args(args, workloads=DEFAULT_WORKLOADS, meshes=meshes, implementations=DEFAULT_IMPLEMENTATIONS,
                             modes=args.mode or DEFAULT_MODES, models=args.model or DEFAULT_MODELS)

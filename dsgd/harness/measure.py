@@ -55,7 +55,12 @@ def elements_moved(opts: dict) -> int:
 
 @dataclass
 class Case:
-    """One benchmark configuration."""
+    """One benchmark configuration.
+
+    ``mesh`` is the spec as written (``"1"``, ``"batch=2,model=4"``): a case travels to worker
+    processes as JSON and into result rows and the asv suite as plain fields; :attr:`mesh_spec`
+    is the same mesh as a :class:`dsgd.meshspec.MeshSpec`, what the code works with.
+    """
 
     workload: str
     mesh: str = "1"
@@ -66,6 +71,11 @@ class Case:
     options: str = "momentum"
     device: str = "CPU"
     mode: str = "eager"  # one of MODES: where the step runs (see MODES)
+
+    @property
+    def mesh_spec(self) -> meshspec.MeshSpec:
+        """The mesh as a :class:`~dsgd.meshspec.MeshSpec` (a bad spec raises :class:`~dsgd.meshspec.SpecError`)."""
+        return meshspec.MeshSpec.of(self.mesh)
 
     @property
     def label(self) -> str:
@@ -139,7 +149,7 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
     if case.implementation == NO_UPDATE:
         raise ValueError(f"{NO_UPDATE!r} is the floor of the {'/'.join(MODEL_MODES)} modes, not of mode {case.mode!r}")
     specs = get_workload(case.workload, case.dtype)
-    mesh = make_mesh(case.mesh, case.device)
+    mesh = make_mesh(case.mesh_spec, case.device)
     layouts = case_layouts(specs, mesh, case.layout)
     variables = [named_dvariable(random_dtensor(s.shape, s.dtype, lay, seed + i), s.name.replace("/", "_"), trainable=True)
                  for i, (s, lay) in enumerate(zip(specs, layouts))]
@@ -165,7 +175,7 @@ def _build_model_case(case: Case) -> Built:
     from dsgd.workloads import VarSpec
 
     spec = models.get_model_spec(case.workload)
-    mesh = make_mesh(case.mesh, case.device)
+    mesh = make_mesh(case.mesh_spec, case.device)
     if case.implementation == NO_UPDATE:
         opt = models.no_update_optimizer(mesh)
     else:

@@ -67,10 +67,10 @@ def mesh_tag(mesh: str) -> str:
     from dsgd import meshspec
 
     try:
-        dims = meshspec.parse_mesh_spec(mesh)
+        dims = meshspec.MeshSpec.of(mesh)
     except ValueError:
         return _slug(mesh)
-    if meshspec.mesh_size(dims) == 1:
+    if dims.size == 1:
         return "1dev"
     initials = [a[0] for a, _ in dims]
     unique = len(set(initials)) == len(initials)
@@ -147,16 +147,15 @@ def _existing_ok(run_dir: str) -> bool:
 
 def precheck(case: Case, devices: int) -> Optional[str]:
     """Why a case cannot run (checked without TensorFlow), or None."""
-    from dsgd import meshspec
     from dsgd.workloads import LAYOUT_POLICIES, get_workload
 
     try:
         get_workload(case.workload, case.dtype)
-        dims = meshspec.parse_mesh_spec(case.mesh)
+        spec = case.mesh_spec
     except ValueError as e:
         return str(e)
-    if meshspec.mesh_size(dims) > devices:
-        return (f"mesh {case.mesh!r} needs {meshspec.mesh_size(dims)} devices but the worker has {devices} "
+    if spec.size > devices:
+        return (f"mesh {case.mesh!r} needs {spec.size} devices but the worker has {devices} "
                 f"(--devices)")
     if case.layout not in LAYOUT_POLICIES and not os.path.exists(case.layout):
         return f"layout {case.layout!r} is neither one of {list(LAYOUT_POLICIES)} nor a layout-map file"
