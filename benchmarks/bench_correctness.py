@@ -1,5 +1,5 @@
 """Correctness beside speed: max relative error against a float64 reference after three
-steps with fresh random gradients (``dsgd.measure.float64_error``), so a commit that is fast
+steps with fresh random gradients (``dsgd.harness.measure.float64_error``), so a commit that is fast
 but wrong shows up on the same dashboard.  Lower is better; inf means a NaN appeared."""
 from . import common
 from .common import BASE, DTYPES, IMPLEMENTATIONS, OPTIONS

@@ -8,7 +8,7 @@
 * ``track_first_step_seconds`` — trace + compile + one step of a fresh optimizer.
 
 All four come from one measurement per parameter set, made once per run in ``setup_cache``
-(in ``dsgd.isolate`` workers: one TensorFlow start for the whole slice).
+(in ``dsgd.harness.isolate`` workers: one TensorFlow start for the whole slice).
 """
 import itertools
 

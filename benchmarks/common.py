@@ -7,7 +7,8 @@ context exists: 8 logical CPU devices (``DSGD_BENCH_DEVICES`` overrides).  Nothi
 may run a TensorFlow op at import time — forked benchmark processes each start their own
 context.
 
-All numbers come from :mod:`dsgd.measure` (the one measurement core): cases are built with
+All numbers come from :mod:`dsgd.harness.measure` (the one measurement core; ``dsgd.measure``
+on commits from before the harness package, see :func:`harness_module`): cases are built with
 ``measure.build_case``, bytes counted with ``measure.count_bytes``, the roofline comes from
 ``measure.copy_bandwidth_gbps`` measured in the benchmark's own process and correctness from
 ``measure.float64_error``.
@@ -37,6 +38,7 @@ skipped, via ``NotImplementedError`` in ``setup``):
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -52,8 +54,21 @@ import tensorflow as _tf  # noqa: E402  (already imported by configure_devices; 
 
 _tf.get_logger().setLevel("ERROR")  # the fixtures' per-variable tf.function retracing warnings
 
+
+def harness_module(name: str):
+    """``dsgd.harness.<name>``, or ``dsgd.<name>`` on the commits from before the harness package
+    (asv installs older commits and imports this suite from the current checkout)."""
+    try:
+        return importlib.import_module(f"dsgd.harness.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("dsgd.harness", f"dsgd.harness.{name}"):
+            raise  # the module is there but something it imports is not: not an older layout
+        return importlib.import_module(f"dsgd.{name}")
+
+
 try:  # the measurement core appeared in dsgd's second commit; older commits skip cleanly
-    from dsgd import measure, meshspec  # noqa: E402
+    from dsgd import meshspec  # noqa: E402
+    measure = harness_module("measure")
     from dsgd.impl import REGISTRY  # noqa: E402
     _IMPORT_ERROR: Optional[str] = None
     # Import now, once, what every case imports lazily: forked benchmark processes inherit it
@@ -89,12 +104,12 @@ KNOWN_IMPLEMENTATIONS = ("ops", "fused", "per_shard", "grouped", "xla", "sharded
 IMPLEMENTATIONS = [REFERENCE, *KNOWN_IMPLEMENTATIONS, *(n for n in REGISTRY if n not in KNOWN_IMPLEMENTATIONS)]
 OPTIONS = ["momentum", "full"]  # full: weight decay + global_clipnorm + EMA
 
-#: Where the step runs (``dsgd.measure.MODES``; fixed here, so older commits without modes
+#: Where the step runs (``dsgd.harness.measure.MODES``; fixed here, so older commits without modes
 #: still get the ``eager`` rows): apply_gradients eagerly or inside a tf.function, a whole
 #: custom tf.function training step, or a model.fit step of :data:`MODEL`.
 MODES = ["eager", "graph", "train_step", "fit"]
 MODEL_MODES = ("train_step", "fit")
-MODEL = "resmlp"  # dsgd.models: residual MLP, 8.7M parameters, global batch 16
+MODEL = "resmlp"  # dsgd.harness.models: residual MLP, 8.7M parameters, global batch 16
 NO_UPDATE = "no-update"  # the whole-step modes' floor: gradients computed, nothing applied
 
 PARAM_NAMES = ["mesh", "layout", "dtype", "device", "xla", "implementation", "options"]
@@ -196,7 +211,7 @@ def built(*params, warm: bool = True):
 
 def state_bytes_per_device(optimizer) -> Optional[int]:
     """Bytes of optimizer state on the busiest device, read from the optimizer's own variables
-    (:func:`dsgd.measure.optimizer_state_bytes`); None (asv: n/a) on commits from before it."""
+    (:func:`dsgd.harness.measure.optimizer_state_bytes`); None (asv: n/a) on commits from before it."""
     fn = getattr(measure, "optimizer_state_bytes", None)
     return fn(optimizer) if fn is not None else None
 
@@ -210,7 +225,7 @@ def copy_gbps() -> float:
 def metrics_case(payload: dict) -> dict:
     """One parameter set's tracked numbers, measured in this (worker) process.
 
-    Run by :func:`metrics_for` through ``dsgd.isolate``: the first step's time (trace +
+    Run by :func:`metrics_for` through ``dsgd.harness.isolate``: the first step's time (trace +
     compile), the median of ten steps, the ideal traffic of a step (``measure.bytes_for_case``),
     the achieved GB/s and the fraction of the memory roofline (copy bandwidth measured in this
     same process), and the optimizer state bytes per device read from the optimizer.
@@ -234,13 +249,14 @@ def metrics_case(payload: dict) -> dict:
 
 
 def metrics_for(param_sets, steps: int = 10) -> dict:
-    """``{params: result}`` for each parameter set, measured in ``dsgd.isolate`` workers.
+    """``{params: result}`` for each parameter set, measured in ``dsgd.harness.isolate`` workers.
 
     One worker process measures the sets one after another (one TensorFlow start for all);
     a set that fails is recorded (``status="failed"``) and a fresh worker takes the rest, so
     one bad set neither poisons nor loses the others.
     """
-    from dsgd.isolate import child_env, run_isolated
+    isolate = harness_module("isolate")
+    child_env, run_isolated = isolate.child_env, isolate.run_isolated
 
     param_sets = [tuple(p) for p in param_sets]
     if not param_sets:

@@ -23,9 +23,9 @@ from dsgd.workloads import LAYOUT_POLICIES, WORKLOADS, VarSpec, WorkloadError, g
 # dsgd's implementations by name, kept here so that checking a name does not import TensorFlow
 # (``dsgd.impl``'s registry does); tests/test_argcheck.py checks it equals ``dsgd.impl.CHOICES``.
 IMPLEMENTATIONS = ("auto", "ops", "fused", "per_shard", "grouped", "xla", "sharded_state")
-REFERENCE = "reference"  # tf_keras' DTensor SGD (dsgd.measure.REFERENCE)
+REFERENCE = "reference"  # tf_keras' DTensor SGD (dsgd.harness.measure.REFERENCE)
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-OPTION_PRESETS = ("momentum", "sgd", "full")  # dsgd.measure.OPTION_PRESETS' keys (checked by the same test)
+OPTION_PRESETS = ("momentum", "sgd", "full")  # dsgd.harness.measure.OPTION_PRESETS' keys (checked by the same test)
 
 
 class UsageError(ValueError):
@@ -221,7 +221,7 @@ def multiclient_devices() -> Optional[Devices]:
 # ------------------------------------------------------------------------------- per command
 def check_bench(args, devices: Optional[Devices] = None) -> None:
     """``dsgd bench``'s values.  ``devices``: the cluster when run as (or for) multi-client clients."""
-    from dsgd import bench
+    from dsgd.harness import bench
 
     _common(args)
     devices = devices or multiclient_devices() or worker_devices(args.devices)
@@ -238,7 +238,7 @@ def check_bench(args, devices: Optional[Devices] = None) -> None:
 
 def check_models(args) -> None:
     """``--model`` names (the train_step/fit modes' models), and layouts those modes can give them."""
-    from dsgd import measure, models
+    from dsgd.harness import measure, models
 
     for m in args.model or ():
         if m not in models.MODELS:
@@ -270,7 +270,7 @@ def check_compare_file(path: str) -> None:
 
 def check_profile(args) -> None:
     """``dsgd profile``'s values (``--diff`` only needs its ledger)."""
-    from dsgd import profile
+    from dsgd.harness import profile
 
     if args.diff:
         ledger = args.ledger or os.path.join(args.out, "ledger.csv")
@@ -363,7 +363,7 @@ def check_layouts(args) -> None:
 
 def check_launch(args, command: Sequence[str]) -> None:
     """``dsgd launch``'s values and, for a dsgd command, that command's values as the clients
-    will see them (meshes against the cluster's devices); ``command``: :func:`dsgd.launch.client_command`'s."""
+    will see them (meshes against the cluster's devices); ``command``: :func:`dsgd.harness.launch.client_command`'s."""
     check_int(args.clients, "--clients")
     check_int(args.devices_per_client, "--devices-per-client")
     for flag, v in (("--start-timeout", args.start_timeout), ("--grace", args.grace), ("--timeout", args.timeout)):

@@ -8,11 +8,11 @@ from typing import Optional, Sequence
 
 # subcommand -> (module, help); each module has add_arguments(parser) and main(args) -> int
 COMMANDS = {
-    "bench": ("dsgd.bench", "time one optimizer step across workloads, meshes, layouts, implementations"),
-    "profile": ("dsgd.profile", "capture TensorBoard profiles and XLA HLO into profiles/"),
-    "layouts": ("dsgd.layouts", "recommend variable layouts for a model on a mesh"),
-    "launch": ("dsgd.launch", "run a dsgd command as N DTensor clients (multi-client)"),
-    "regress": ("dsgd.regress", "find benchmarks that got slower between commits, in asv's results"),
+    "bench": ("dsgd.harness.bench", "time one optimizer step across workloads, meshes, layouts, implementations"),
+    "profile": ("dsgd.harness.profile", "capture TensorBoard profiles and XLA HLO into profiles/"),
+    "layouts": ("dsgd.advisor.layouts", "recommend variable layouts for a model on a mesh"),
+    "launch": ("dsgd.harness.launch", "run a dsgd command as N DTensor clients (multi-client)"),
+    "regress": ("dsgd.harness.regress", "find benchmarks that got slower between commits, in asv's results"),
 }
 
 

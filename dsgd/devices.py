@@ -51,7 +51,7 @@ def configure_devices(num_devices: int = 8, device_type: str = "CPU") -> int:
             raise RuntimeError(
                 f"TensorFlow already started with {have} logical CPU devices; "
                 f"{num_devices} were asked for. Configure devices before any TensorFlow op runs "
-                "(run in a fresh process, e.g. via dsgd.isolate)."
+                "(run in a fresh process, e.g. via dsgd.harness.isolate)."
             ) from None
     return num_devices
 

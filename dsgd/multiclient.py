@@ -1,7 +1,7 @@
 """The client side of a multi-client DTensor run: read the environment, start DTensor's
 own multi-client runtime, build meshes that span every client.
 
-A *client* is one process of a DTensor cluster.  ``dsgd launch`` (:mod:`dsgd.launch`)
+A *client* is one process of a DTensor cluster.  ``dsgd launch`` (:mod:`dsgd.harness.launch`)
 starts them; on real hosts they can also be started by hand with these variables set
 (the same on every client, except ``DTENSOR_CLIENT_ID``):
 
@@ -173,7 +173,7 @@ _STEP_BARRIERS = 0
 
 def step_barrier(timeout_s: float = STEP_BARRIER_TIMEOUT_S, *, fault: bool = True) -> None:
     """Wait until every client has finished its local work up to here (all clients call it
-    in the same order; each call is its own barrier).  :func:`dsgd.measure.sync` calls it, so
+    in the same order; each call is its own barrier).  :func:`dsgd.harness.measure.sync` calls it, so
     a multi-client step time is the time of the slowest client's step, not client 0's own."""
     from tensorflow.python.eager import context
 

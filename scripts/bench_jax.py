@@ -32,7 +32,7 @@ params, param_bytes_per_device, max_rel_err, status, error.
   float64 model (``dsgd/reference64.py``), weights and EMA averages; past the dtype's
   tolerance the case's status is ``mismatch`` (``--no-check`` skips it).
 
-Option presets (``dsgd.measure.OPTION_PRESETS``) and how they map onto optax, so that the
+Option presets (``dsgd.harness.measure.OPTION_PRESETS``) and how they map onto optax, so that the
 update is the same as ``dsgd/rules.py`` (tf_keras order: clip, decoupled decay, momentum, EMA):
 
 * ``sgd``:      ``scale(-lr)`` (what ``optax.sgd(lr)`` is).
@@ -53,7 +53,7 @@ update is the same as ``dsgd/rules.py`` (tf_keras order: clip, decoupled decay, 
   dsgd and tf_keras; ``ema_overwrite_frequency`` is None in the preset, so no overwrite).
 
 Note: importing ``dsgd.workloads`` runs ``dsgd/__init__.py``, which imports TensorFlow.  This
-script loads ``dsgd.workloads``, ``dsgd.meshspec`` and ``dsgd.measure`` (all TF-free at import)
+script loads ``dsgd.workloads``, ``dsgd.meshspec`` and ``dsgd.harness.measure`` (all TF-free at import)
 without running the package ``__init__``, so TensorFlow never loads next to JAX.
 """
 from __future__ import annotations
@@ -91,7 +91,8 @@ def _import_dsgd_pure():
         pkg = types.ModuleType("dsgd")
         pkg.__path__ = path  # a bare package: its submodules import, its __init__ does not run
         sys.modules["dsgd"] = pkg
-    from dsgd import layoutmap, measure, meshspec, workloads
+    from dsgd import layoutmap, meshspec, workloads
+    from dsgd.harness import measure
 
     assert "tensorflow" not in sys.modules, "dsgd's pure modules imported TensorFlow"
     return workloads, meshspec, measure

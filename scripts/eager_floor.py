@@ -31,7 +31,7 @@ import numpy as np
 
 def _time(fn, repeats: int) -> float:
     """Median wall time of ``fn()`` in ms (DTensor's async work waited for each time)."""
-    from dsgd import measure
+    from dsgd.harness import measure
 
     return float(np.median(measure.time_steps(fn, steps=repeats, warmup=1)) * 1e3)
 
@@ -39,7 +39,8 @@ def _time(fn, repeats: int) -> float:
 def run_case(payload: dict) -> dict:
     import tensorflow as tf
 
-    from dsgd import bench, eager_dtensor, measure
+    from dsgd import eager_dtensor
+    from dsgd.harness import bench_run, measure
 
     repeats = int(payload.pop("repeats"))
     reference = bool(payload.pop("reference"))
@@ -65,12 +66,12 @@ def run_case(payload: dict) -> dict:
         row["direct_ms"] = _time(lambda: direct.components(grads, devices), repeats)
         feed_ms = min(feed_ms, row["direct_ms"])
     b = measure.bytes_for_case(built)
-    gbps = bench.copy_gbps()
+    gbps = bench_run.copy_gbps()
     stream_ms = b.step_traffic_total / (gbps * 1e9) * 1e3
     step_ms = _time(built.step, repeats)  # its untimed warm-up is the first step (build, trace)
     row.update(tensors=len(grads), devices=len(devices), unpack_ms=unpack_ms, inputs_ms=inputs_ms,
                stream_ms=stream_ms, floor_ms=feed_ms + stream_ms, step_ms=step_ms,
-               impl_used=bench.resolved_implementations(built.optimizer), copy_gbps=gbps)
+               impl_used=measure.resolved_implementations(built.optimizer), copy_gbps=gbps)
     if reference:
         ref = measure.build_case(measure.Case(**dict(payload, implementation=measure.REFERENCE)))
         row["reference_ms"] = _time(ref.step, repeats)
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
 
     import pandas as pd
 
-    from dsgd.isolate import run_isolated
+    from dsgd.harness.isolate import run_isolated
 
     payloads = []
     for w in args.workload or ["many-small"]:

@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from dsgd import kernels, measure
+    from dsgd import kernels
+    from dsgd.harness import measure
 
     ops = kernels.load()
     n, parts = args.params, 8

@@ -25,15 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def no_processes(monkeypatch):
     """Starting any worker or client process fails the test."""
-    import dsgd.isolate
-    import dsgd.launch
+    import dsgd.harness.isolate
+    import dsgd.harness.launch
 
     def refuse(*a, **k):
         raise AssertionError(f"a process was started: {a[:1]}")
 
     monkeypatch.setattr(subprocess, "Popen", refuse)
-    monkeypatch.setattr(dsgd.isolate, "run_isolated", refuse)
-    monkeypatch.setattr(dsgd.launch, "run_clients", refuse)
+    monkeypatch.setattr(dsgd.harness.isolate, "run_isolated", refuse)
+    monkeypatch.setattr(dsgd.harness.launch, "run_clients", refuse)
 
 
 @pytest.fixture
@@ -144,7 +144,8 @@ def test_good_values_pass_without_tensorflow(files):
 
 def test_names_match_the_registries():
     """argcheck keeps the names so that checking needs no TensorFlow; they must be the real ones."""
-    from dsgd import impl, measure
+    from dsgd import impl
+    from dsgd.harness import measure
 
     assert set(argcheck.IMPLEMENTATIONS) == set(impl.CHOICES)
     assert argcheck.REFERENCE == measure.REFERENCE

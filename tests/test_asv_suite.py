@@ -73,13 +73,13 @@ def test_one_parameter_set_runs_through_asv(asv_env):
     files = list((asv_env[2] / "results" / MACHINE).glob(f"{head[:8]}-*.json"))
     assert len(files) == 1, files
 
-    from dsgd import regress
+    from dsgd.harness import asv_results
 
-    df = regress.read_results_file(files[0])
+    df = asv_results.read_results_file(files[0])
     rows = df[df["benchmark"] == name].set_index("params")
-    ran = rows.loc[regress.PARAM_SEP.join(ONE_CASE)]
+    ran = rows.loc[asv_results.PARAM_SEP.join(ONE_CASE)]
     assert not ran["failed"] and 0 < ran["value"] < 10, ran  # seconds per step
-    skipped = rows.loc[regress.PARAM_SEP.join(PRUNED)]
+    skipped = rows.loc[asv_results.PARAM_SEP.join(PRUNED)]
     assert not skipped["failed"] and math.isnan(skipped["value"])  # NotImplementedError: skipped, not failed
 
 

@@ -1,11 +1,11 @@
-"""dsgd bench's rows: the numbers come from the case that ran (dsgd.bench.run_case, in-process)."""
+"""dsgd bench's rows: the numbers come from the case that ran (dsgd.harness.bench_run.run_case, in-process)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from dsgd.bench import run_case
+from dsgd.harness.bench_run import run_case
 
 
 def test_state_bytes_are_what_the_slots_hold(tmp_path):
@@ -25,8 +25,8 @@ def test_paired_rows_one_per_implementation_and_a_failure_kept(tmp_path):
     """Implementations of one configuration measured side by side: a row each, in order, with
     the requested number of timed steps; one that cannot be built is a failed row, the others
     are still measured."""
-    from dsgd.bench import BLOCK, _jobs, run_paired
-    from dsgd.measure import Case
+    from dsgd.harness.bench_run import BLOCK, _jobs, run_paired
+    from dsgd.harness.measure import Case
 
     wl = tmp_path / "two.json"
     wl.write_text(json.dumps([{"name": "w", "shape": [64, 32]}, {"name": "b", "shape": [32]}]))
@@ -99,8 +99,10 @@ def test_modes_graph_and_fit_side_by_side(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from dsgd.bench import add_ratios, make_cases, run_paired
-    from dsgd.measure import NO_UPDATE
+    from dsgd.harness.bench_frame import add_ratios
+    from dsgd.harness.bench_run import run_paired
+    from dsgd.harness.grid import make_cases
+    from dsgd.harness.measure import NO_UPDATE
 
     cases = make_cases(["one-big"], ["1"], ["sharded"], ["float32"], ["auto", "reference"], [False], ["momentum"],
                        modes=["eager", "graph", "fit"], models=["resmlp-small"])
@@ -126,7 +128,7 @@ def test_modes_graph_and_fit_side_by_side(tmp_path):
     auto, ref, floor = df.to_dict("records")
     assert auto["share_ms"] == 2.0 and ref["share_ms"] == 20.0 and auto["share_speedup"] == 10.0
     assert np.isnan(floor["share_ms"]) and np.isnan(floor["speedup"]) and auto["speedup"] == 2.5
-    from dsgd.bench import render
+    from dsgd.harness.bench_render import render
 
     text = render(df.assign(p10_ms=df["median_ms"], p90_ms=df["median_ms"], impl_used="grouped_graph"))
     assert "floor" in text and "10.00x" in text and "(optimizer's share of a whole training step)" in text
@@ -136,11 +138,11 @@ def test_modes_graph_and_fit_side_by_side(tmp_path):
 # ------------------------------------------------------------------------------- the output
 def _frame(workloads=("one-big", "bert-mini", "many-small"), meshes=("1", "batch=8", "batch=2,model=4"),
            layouts=("sharded",), impls=("auto",), extra=None):
-    """Rows as dsgd.bench.run makes them (plain data): dsgd k times faster than the reference."""
+    """Rows as dsgd.harness.bench_run.run makes them (plain data): dsgd k times faster than the reference."""
     import pandas as pd
 
-    from dsgd.bench import add_ratios
-    from dsgd.measure import Case
+    from dsgd.harness.bench_frame import add_ratios
+    from dsgd.harness.measure import Case
 
     rows = []
     k = 1
@@ -159,7 +161,7 @@ def _frame(workloads=("one-big", "bert-mini", "many-small"), meshes=("1", "batch
 
 
 def test_compact_frame_puts_dsgd_and_the_reference_side_by_side():
-    from dsgd.bench import compact
+    from dsgd.harness.bench_frame import compact
 
     df = _frame()
     c = compact(df)
@@ -175,7 +177,7 @@ def test_compact_frame_puts_dsgd_and_the_reference_side_by_side():
 
 
 def test_default_table_fits_120_columns_and_ends_with_the_verdict():
-    from dsgd.bench import render
+    from dsgd.harness.bench_render import render
 
     df = _frame()
     text = render(df, "table", run_s=372)
@@ -195,7 +197,7 @@ def test_default_table_fits_120_columns_and_ends_with_the_verdict():
 
 def test_table_stays_within_120_columns_when_everything_varies():
     """Every key varying, long JSON workload names, several implementations, a failure: still <= 120."""
-    from dsgd.bench import render
+    from dsgd.harness.bench_render import render
 
     import pandas as pd
 
@@ -217,7 +219,7 @@ def test_json_and_csv_keep_every_field():
 
     import pandas as pd
 
-    from dsgd.bench import render
+    from dsgd.harness.bench_render import render
 
     df = _frame(workloads=("one-big",), meshes=("1",))
     assert json.loads(render(df, "json"))[0]["build_s"] == 21.0
@@ -228,7 +230,8 @@ def test_kernel_build_is_not_a_first_step(monkeypatch, tmp_path):
     """run_job builds/loads the kernels before the case is built and timed, and reports that time as build_s."""
     import time
 
-    from dsgd import bench, kernels
+    from dsgd import kernels
+    from dsgd.harness import bench_run, measure
 
     def slow_prepare():
         time.sleep(1.5)
@@ -237,13 +240,14 @@ def test_kernel_build_is_not_a_first_step(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "prepare", slow_prepare)
     wl = tmp_path / "one.json"
     wl.write_text(json.dumps([{"name": "w", "shape": [8, 4]}]))
-    row = bench.run_job(dict(_func="run_case", workload=str(wl), mesh="1", implementation="auto", steps=2))
+    row = bench_run.run_job(dict(_func="run_case", workload=str(wl), mesh="1", implementation="auto", steps=2))
     assert row["status"] == "ok" and row["build_s"] == 1.5 and row["first_step_s"] < 1.5
-    assert bench.prepare_kernels(["reference"]) == 0.0  # the reference needs no kernels
+    assert measure.prepare_kernels(["reference"]) == 0.0  # the reference needs no kernels
 
 
 def test_verdict_says_slower_when_slower():
-    from dsgd.bench import compact, verdict
+    from dsgd.harness.bench_frame import compact
+    from dsgd.harness.bench_render import verdict
 
     df = _frame(workloads=("one-big",), meshes=("1",))
     df.loc[df["implementation"] == "auto", "median_ms"] = 40.0  # the reference takes 20

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsgd import costmodel, meshspec, plans
-from dsgd.measure import OPTION_PRESETS
+from dsgd import meshspec
+from dsgd.advisor import costmodel, plans
+from dsgd.harness.measure import OPTION_PRESETS
 from dsgd.workloads import VarSpec, get_workload
 
 MESH = [("batch", 2), ("model", 4)]
@@ -161,7 +162,7 @@ def test_validate_on_synthetic_data_predicts_8_devices(rng):
 # ------------------------------------------------------------------------------- real measurements
 # The validation grid measured on this project's 2-core machine with dsgd 2193260 (the format
 # `dsgd layouts --validate --save-measurements` wrote then: no host_cores, no per-variable or
-# per-lane features), three passes, each job's fastest pass (layouts.combine_repeats).
+# per-lane features), three passes, each job's fastest pass (measurements.combine_repeats).
 MEASURED = Path(__file__).parent / "data" / "layouts_validation_measurements.jsonl.gz"
 
 # mean |error| per (workload, implementation) the model reaches on them, with a little slack; a
@@ -174,11 +175,11 @@ MEAN_ERROR_BOUND = {("bert-mini", "auto"): 10, ("bert-mini", "reference"): 18, (
 
 
 def test_refit_of_measurements_saved_by_an_older_version():
-    from dsgd import layouts
+    from dsgd.advisor import measurements
 
-    raw = layouts.load_measurements(str(MEASURED))
+    raw = measurements.load_measurements(str(MEASURED))
     assert len(raw) == 120 and not any("variables" in r or "host_cores" in r for r in raw), "the old format"
-    rows = layouts.refresh_features(raw)
+    rows = measurements.refresh_features(raw)
     assert all(r["host_cores"] >= 1 and r["variables"] >= 1 for r in rows)
     per_row, summary, model = costmodel.validate(rows)
     assert summary["bytes_exact"].all() and len(summary) == 8
@@ -190,22 +191,22 @@ def test_refit_of_measurements_saved_by_an_older_version():
 
 
 def test_combine_repeats_keeps_each_jobs_fastest_pass():
-    from dsgd import layouts
+    from dsgd.advisor import measurements
 
     base = {"workload": "w", "mesh": "batch=2", "plan": "replicated", "implementation": "auto", "options": "momentum"}
     rows = [dict(base, median_ms=12.0), dict(base, median_ms=10.0), dict(base, median_ms=15.0),
             dict(base, plan="batch", median_ms=5.0), dict(base, plan="x", status="failed", error="boom")]
-    got = {r["plan"]: r for r in layouts.combine_repeats(rows)}
+    got = {r["plan"]: r for r in measurements.combine_repeats(rows)}
     assert got["replicated"]["median_ms"] == 10.0 and got["replicated"]["repeats"] == 3
     assert got["replicated"]["repeat_spread_pct"] == pytest.approx(50.0)
     assert got["batch"]["repeats"] == 1 and got["x"]["status"] == "failed"
 
 
 def test_validate_cli_refits_several_saved_files(tmp_path, capsys):
-    from dsgd import layouts
+    from dsgd.advisor import measurements
     from dsgd.cli import main
 
-    rows = layouts.load_measurements(str(MEASURED))
+    rows = measurements.load_measurements(str(MEASURED))
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
     # the files --save-measurements writes: JSON lines, gzip-compressed for .gz
     a.write_text("".join(json.dumps(r) + "\n" for r in rows))

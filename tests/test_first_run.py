@@ -3,7 +3,7 @@
 * ``scripts/setup.sh`` (the main job) installs dsgd with its harness and no browser;
   ``scripts/setup.sh --test`` adds the test tools and Chromium (run here with stub pip/apt-get);
 * the kernel build announces itself once per process on stderr (run with a stub compiler), and a
-  worker's ``dsgd: `` notes reach the user through :mod:`dsgd.isolate`.
+  worker's ``dsgd: `` notes reach the user through :mod:`dsgd.harness.isolate`.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_kernel_build_announces_itself_once(tmp_path, monkeypatch, capsys):
 
 
 def test_worker_notes_reach_the_user(capsys):
-    from dsgd import isolate
+    from dsgd.harness import isolate
 
     lines: list[str] = []
     isolate._read_stderr(io.StringIO("W0000 tensorflow noise\ndsgd: building the kernels\n"), lines)

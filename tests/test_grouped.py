@@ -15,7 +15,7 @@ from tensorflow.experimental import dtensor
 import dsgd
 from dsgd import kernels, meshspec
 from dsgd import reference64 as r64
-from dsgd.bench import resolved_implementations
+from dsgd.harness.measure import resolved_implementations
 from dsgd.state import to_layout, to_numpy
 
 U = meshspec.UNSHARDED

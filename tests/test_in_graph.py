@@ -117,7 +117,7 @@ def test_custom_train_step_relayouts_gradients(meshes):
     gradients may come back replicated for sharded kernels; the in-graph path relayouts them, and
     its weights equal the fused DTensor path's bit for bit."""
     require_impl("grouped")
-    from dsgd import models
+    from dsgd.harness import models
 
     mesh = meshes("batch=2,model=4")
     spec = models.get_model_spec("resmlp-small")

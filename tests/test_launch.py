@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsgd import launch
+from dsgd.harness import launch, launch_placement
 from dsgd import multiclient as mc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ FAULT_BOUND_S = 120  # a failed run must end within this (start-up of the client
 
 
 def _cli_env(**extra) -> dict:
-    from dsgd.isolate import child_env
+    from dsgd.harness.isolate import child_env
 
     return child_env({"TF_CPP_MIN_LOG_LEVEL": "3", **extra})
 
@@ -44,7 +44,7 @@ def test_two_clients_match_one_process(tmp_path):
     import test_multiclient as prog
 
     out = tmp_path / "clients.npz"
-    plan = launch.build_plan(2, 4, ports=launch.pick_ports(2))
+    plan = launch_placement.build_plan(2, 4, ports=launch_placement.pick_ports(2))
     res = launch.run_clients(plan, launch.client_command(["python", str(CLIENT_PROGRAM), str(out)]),
                              start_timeout=240, timeout=400)
     assert res.ok, res.error
@@ -126,7 +126,7 @@ def test_client_dying_mid_run_stops_all_in_bounded_time(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_client_that_never_joins_stops_the_others():
-    plan = launch.build_plan(2, 4, ports=launch.pick_ports(2))
+    plan = launch_placement.build_plan(2, 4, ports=launch_placement.pick_ports(2))
     t0 = time.monotonic()
     res = launch.run_clients(plan, launch.client_command(["bench", "--workload", "one-big"]),
                              env={mc.ENV_FAULT_CLIENT: "1", mc.ENV_FAULT_AT: "start"}, start_timeout=240)
@@ -146,8 +146,8 @@ def test_port_in_use_is_refused_before_start(capsys):
         s.bind(("127.0.0.1", 0))
         s.listen()
         busy = s.getsockname()[1]
-        assert not launch.port_free(busy)
-        plan = launch.build_plan(2, 4, port_base=busy)
+        assert not launch_placement.port_free(busy)
+        plan = launch_placement.build_plan(2, 4, port_base=busy)
         with pytest.raises(launch.LaunchError, match=rf"{busy} \(client 0\)"):
             launch.run_clients(plan, ["bench"])
         rc = cli_main(["launch", "--clients", "2", "--port-base", str(busy), "--", "bench"])
@@ -157,9 +157,9 @@ def test_port_in_use_is_refused_before_start(capsys):
 
 
 def test_pick_ports_gives_distinct_free_ports_below_the_ephemeral_range():
-    ports = launch.pick_ports(4)
+    ports = launch_placement.pick_ports(4)
     assert len(set(ports)) == 4
-    assert all(launch.port_free(p) and 15000 <= p < max(launch._ephemeral_low(), 20004) for p in ports)
+    assert all(launch_placement.port_free(p) and 15000 <= p < max(launch_placement._ephemeral_low(), 20004) for p in ports)
 
 
 # ----------------------------------------------------------------------------- command and plan
@@ -187,7 +187,7 @@ def test_client_command_errors(given, match):
 
 
 def test_plan_on_localhost():
-    plan = launch.build_plan(2, 4, ports=[23001, 23007])
+    plan = launch_placement.build_plan(2, 4, ports=[23001, 23007])
     assert plan.jobs == ("localhost:23001", "localhost:23007") and plan.local == [0, 1]
     env = mc.client_env(plan.configs[1])
     assert env[mc.ENV_CLIENT_ID] == "1" and env[mc.ENV_NUM_CLIENTS] == "2" and env[mc.ENV_LOCAL_DEVICES] == "4"
@@ -196,7 +196,7 @@ def test_plan_on_localhost():
 
 
 def test_plan_across_hosts():
-    plan = launch.build_plan(4, 8, hosts=["h1", "h2"], port_base=9000, host_index=1)
+    plan = launch_placement.build_plan(4, 8, hosts=["h1", "h2"], port_base=9000, host_index=1)
     assert plan.jobs == ("h1:9000", "h1:9001", "h2:9000", "h2:9001")
     assert plan.local == [2, 3]  # host h2 starts clients 2 and 3
     for kwargs, match in [
@@ -208,15 +208,15 @@ def test_plan_across_hosts():
         (dict(clients=0), "--clients"),
     ]:
         with pytest.raises(launch.LaunchError, match=match):
-            launch.build_plan(devices_per_client=4, **kwargs)
+            launch_placement.build_plan(devices_per_client=4, **kwargs)
 
 
 def test_hosts_with_their_own_port_bases():
-    assert launch.parse_hosts("h1, h2:9100") == [("h1", None), ("h2", 9100)]
-    plan = launch.build_plan(2, 4, hosts=launch.parse_hosts("localhost:25100,127.0.0.1:25200"), host_index=1)
+    assert launch_placement.parse_hosts("h1, h2:9100") == [("h1", None), ("h2", 9100)]
+    plan = launch_placement.build_plan(2, 4, hosts=launch_placement.parse_hosts("localhost:25100,127.0.0.1:25200"), host_index=1)
     assert plan.jobs == ("localhost:25100", "127.0.0.1:25200") and plan.local == [1]
     with pytest.raises(launch.LaunchError, match="HOST:PORT_BASE"):
-        launch.parse_hosts("h1:x")
+        launch_placement.parse_hosts("h1:x")
 
 
 def test_dry_run_prints_each_clients_environment(capsys):

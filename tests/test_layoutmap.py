@@ -70,8 +70,8 @@ def test_bench_asv_profile_and_tf_keras_give_the_same_layouts(files, meshes, mon
     import tf_keras
     from tensorflow.experimental import dtensor
 
-    from dsgd import measure, profile
-    from dsgd.bench import make_cases
+    from dsgd.harness import measure, profile
+    from dsgd.harness.grid import make_cases
 
     workload, lmap_path = files
     mesh = meshes(MESH)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dsgd import layoutmap, layouts, meshspec, plans
+from dsgd import layoutmap, meshspec
+from dsgd.advisor import advice as advice_mod, plans, ranking, read_model, report
 from dsgd.workloads import VarSpec, WorkloadError, get_workload
 
 U = "unsharded"
@@ -72,15 +73,15 @@ def test_plan_search_says_why_plans_are_not_candidates():
 def test_render_says_what_was_considered_and_why_each_mesh_was_measured():
     specs = get_workload("many-small")
     search = plans.search_plans(specs, MESH)
-    advice = layouts.Advice("many-small", "batch=2,model=4", "momentum", "auto", specs, search.plans, None, [], None,
+    advice = advice_mod.Advice("many-small", "batch=2,model=4", "momentum", "auto", specs, search.plans, None, [], None,
                             plan_search=search, measured_meshes=[
                                 {"mesh": "batch=2,model=4", "plans": ["replicated"], "why": "the mesh to advise on (--mesh)"},
                                 {"mesh": "batch=1", "plans": ["replicated"], "why": "calibration for the cost model only"}])
-    text = "\n".join(layouts.render_considered(advice))
+    text = "\n".join(report.render_considered(advice))
     assert "candidate plans on batch=2,model=4 (1, built by rules" in text
     assert "not candidates:\n  - (any sharded plan): no variable reaches --min-shard-bytes" in text
     assert "  - batch=1 [replicated]: calibration for the cost model only" in text
-    doc = layouts._search_dict(search)
+    doc = report._search_dict(search)
     assert doc["plans"] == ["replicated"] and doc["considered"][-1]["status"] == "not built"
 
 
@@ -142,7 +143,7 @@ def test_emitted_layout_map_loads_and_is_used_by_a_tf_keras_model(tmp_path, mesh
     """))
     # the variables are read by the keys tf_keras' LayoutMap looks them up with (in-process here;
     # the CLI does it in a worker)
-    res = layouts.read_model_variables({"target": f"{mod}:build"})
+    res = read_model.read_model_variables({"target": f"{mod}:build"})
     specs = [VarSpec(v["name"], tuple(v["shape"]), v["dtype"]) for v in res["variables"]]
     assert [(s.name, s.shape) for s in specs] == [("d1.kernel", (16, 32)), ("d1.bias", (32,)),
                                                  ("d2.kernel", (32, 8)), ("d2.bias", (8,))]
@@ -179,7 +180,7 @@ def test_invalid_json_names_file_and_line(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('[\n {"name": "w", "shape": [4, 4]},\n {"name": "v" "shape": [4]}\n]\n')
     with pytest.raises(WorkloadError, match=rf"{p}.*not valid JSON: line 3"):
-        layouts.load_model(str(p))
+        read_model.load_model(str(p))
     lm = tmp_path / "badmap.json"
     lm.write_text('{\n "^w$": "model",\n}')
     with pytest.raises(WorkloadError, match=rf"{lm}.*line 3"):
@@ -190,16 +191,16 @@ def test_non_integer_dimension_names_the_variable(tmp_path):
     p = tmp_path / "m.json"
     p.write_text(json.dumps([{"name": "ok", "shape": [4]}, {"name": "enc/kernel", "shape": [4, "8"]}]))
     with pytest.raises(WorkloadError, match=r"'enc/kernel'.*positive integers"):
-        layouts.load_model(str(p))
+        read_model.load_model(str(p))
 
 
 def test_mesh_that_does_not_fit_and_unknown_model():
     with pytest.raises(meshspec.SpecError, match=r"needs 16 devices.*--devices 16"):
-        layouts.advise("bert-mini", "batch=4,model=4", devices=8)
+        advice_mod.advise("bert-mini", "batch=4,model=4", devices=8)
     with pytest.raises(meshspec.SpecError, match="integer"):
-        layouts.advise("bert-mini", "batch=two", devices=8)
+        advice_mod.advise("bert-mini", "batch=two", devices=8)
     with pytest.raises(WorkloadError, match="not a named workload"):
-        layouts.load_model("no-such-model")
+        read_model.load_model("no-such-model")
 
 
 # ------------------------------------------------------------------------------- ranking
@@ -212,12 +213,12 @@ def test_rank_prefers_fewest_bytes_within_noise_and_skips_fsdp():
         {"plan": "batch+model", "axes": "batch+model", "bytes_per_device": 100, "step_ms": 9.0, "n_collectives": 0},
         {"plan": "slow", "axes": "model", "bytes_per_device": 100, "step_ms": 20.0, "n_collectives": 0},
     ]).assign(sharded_vars=1, vars=2, sharded_bytes_frac=0.5, collectives=[[]] * 4, speedup=1.0)
-    r = layouts.rank(df, "step_ms", data_axes={"batch"})
+    r = ranking.rank(df, "step_ms", data_axes={"batch"})
     assert r.iloc[0]["plan"] == "model" and r.iloc[0]["recommended"] and r.iloc[0]["rank"] == 1
     assert "FSDP" in r.set_index("plan").loc["batch+model", "reasons"]
-    r2 = layouts.rank(df, "step_ms", data_axes={"batch"}, allow_fsdp=True)
+    r2 = ranking.rank(df, "step_ms", data_axes={"batch"}, allow_fsdp=True)
     assert r2.iloc[0]["plan"] == "batch+model"
-    r3 = layouts.rank(df, "step_ms", data_axes={"batch"}, memory_budget=150)
+    r3 = ranking.rank(df, "step_ms", data_axes={"batch"}, memory_budget=150)
     assert r3.iloc[0]["plan"] == "slow"
 
 

@@ -140,7 +140,7 @@ def test_meshspec_imports_no_tensorflow_and_no_multiclient():
 
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     code = ("import os, sys; before = dict(os.environ); import dsgd; assert dict(os.environ) == before; "
-            "import dsgd.layoutmap, dsgd.plans; assert dict(os.environ) == before; "
+            "import dsgd.layoutmap, dsgd.advisor.plans; assert dict(os.environ) == before; "
             "assert 'tensorflow' not in sys.modules, 'layout maps and plans need no TensorFlow'")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     code = ("import sys; import dsgd.meshspec; "

@@ -15,9 +15,10 @@ import sys
 
 import pytest
 
-from dsgd import profile as prof
-from dsgd import profile_summary as ps
-from dsgd.measure import Case
+from dsgd.harness import profile as prof
+from dsgd.harness import profile_ledger
+from dsgd.harness import profile_summary as ps
+from dsgd.harness.measure import Case
 
 TINY = [{"name": "dense/kernel", "shape": [64, 32]}, {"name": "dense/bias", "shape": [32]},
         {"name": "proj/kernel", "shape": [16, 16]}]
@@ -110,8 +111,8 @@ def test_bad_configs_reported_and_skipped(captured):
 
 
 def test_ledger(captured):
-    df = ps.read_ledger(os.path.join(captured["out"], "ledger.csv"))
-    assert list(df.columns) == ps.LEDGER_COLUMNS
+    df = profile_ledger.read_ledger(os.path.join(captured["out"], "ledger.csv"))
+    assert list(df.columns) == profile_ledger.LEDGER_COLUMNS
     # the two configs refused before a worker (unknown workload, mesh too large) are not history
     assert len(df) == 3 and set(df["commit"]) == {COMMIT}
     assert not df["config"].str.contains("no-such-workload|batch=16").any()
@@ -131,7 +132,7 @@ def test_force_semantics(captured):
     rows = prof.capture([case], out, commit=COMMIT, steps=1, time_steps=2, force=True, echo=lambda s: None)
     assert rows[0]["status"] == "ok", rows[0].get("error")
     assert not os.path.exists(trace), "--force replaced the run"
-    df = ps.read_ledger(os.path.join(out, "ledger.csv"))
+    df = profile_ledger.read_ledger(os.path.join(out, "ledger.csv"))
     mine = df[(df["commit"] == COMMIT) & (df["config"] == prof.config_name(case))]
     assert len(mine) == 1 and int(mine["steps"].iloc[0]) == 1, "the ledger row was replaced, not duplicated"
 
@@ -143,20 +144,20 @@ def _synthetic_ledger(path):
             rows.append({"commit": commit, "config": cfg, "status": "ok", "median_ms": ms, "first_step_s": 1.0,
                          "ops_per_step": 12, "hlo_modules": 1 if "on" in cfg else 0, "fusions": fus, "xla": "on"})
     rows.append({"commit": "bbbb33334444", "config": "only_in_b", "status": "failed", "error": "boom"})
-    ps.append_ledger(path, rows)
+    profile_ledger.append_ledger(path, rows)
 
 
 def test_diff(tmp_path, capsys):
     path = str(tmp_path / "ledger.csv")
     _synthetic_ledger(path)
-    d = ps.diff_commits(ps.read_ledger(path), "aaaa", "bbbb")
+    d = profile_ledger.diff_commits(profile_ledger.read_ledger(path), "aaaa", "bbbb")
     row = d.set_index("config").loc["w_1dev_sharded_float32_auto_xla-on_momentum"]
     assert row["median_ms_a"] == 10.0 and row["median_ms_b"] == 5.0 and row["median_ms_ratio"] == 0.5
     assert d.set_index("config").loc["only_in_b", "status_a"] == "absent"
-    text = ps.render_diff(d)
+    text = profile_ledger.render_diff(d)
     assert "10 -> 5 (0.50x)" in text and "absent -> failed" in text
     with pytest.raises(ValueError, match="not in the ledger"):
-        ps.diff_commits(ps.read_ledger(path), "cccc", "aaaa")
+        profile_ledger.diff_commits(profile_ledger.read_ledger(path), "cccc", "aaaa")
     from dsgd.cli import main
 
     assert main(["profile", "--out", str(tmp_path), "--diff", "aaaa11112222", "bbbb"]) == 0
@@ -222,7 +223,7 @@ def test_profile_commits_reports_bad_commits_and_goes_on(tmp_path):
 def test_profile_commits_passes_on_only_the_options_given():
     import argparse
 
-    from dsgd import profile_commits
+    from dsgd.harness import profile_commits
 
     p = argparse.ArgumentParser()
     prof.add_arguments(p)

@@ -30,10 +30,16 @@ REGRESS = ROOT / "scripts" / "regress.py"
 FAST_S, SLOW_S = 0.020, 0.060
 
 
-def load_regress():
-    from dsgd import regress
+def load_asv_results():
+    from dsgd.harness import asv_results
 
-    return regress
+    return asv_results
+
+
+def load_regress_compare():
+    from dsgd.harness import regress_compare
+
+    return regress_compare
 
 
 @dataclass
@@ -226,7 +232,7 @@ def test_continuous_reports_asv_failure_not_regression(tiny_results):
 
 # ----------------------------------------------------------------------------- bad input
 def test_corrupt_results_file_is_named(tiny_results, tmp_path):
-    regress = load_regress()
+    asv_results = load_asv_results()
     src = tiny_results.repo / ".asv" / "results"
     results = tmp_path / "results"
     shutil.copytree(src, results)
@@ -239,13 +245,13 @@ def test_corrupt_results_file_is_named(tiny_results, tmp_path):
     assert "Traceback" not in p.stderr
 
     # the same, as a library call: a RegressError naming the file
-    with pytest.raises(regress.RegressError, match=str(victim)):
-        regress.read_results_file(victim)
+    with pytest.raises(asv_results.RegressError, match=str(victim)):
+        asv_results.read_results_file(victim)
 
     # valid JSON that is not an asv results file
     victim.write_text(json.dumps({"hello": 1}))
-    with pytest.raises(regress.RegressError, match="not an asv results file"):
-        regress.read_results_file(victim)
+    with pytest.raises(asv_results.RegressError, match="not an asv results file"):
+        asv_results.read_results_file(victim)
 
     # binary garbage
     victim.write_bytes(b"\xff\xfe\x00garbage")
@@ -254,13 +260,13 @@ def test_corrupt_results_file_is_named(tiny_results, tmp_path):
 
 
 def test_missing_results_are_a_clear_error(tiny_results, tmp_path):
-    regress = load_regress()
+    asv_results = load_asv_results()
     p = tiny_results.regress("compare", tiny_results.commits[1], "--results-dir", str(tmp_path / "nothing"))
     assert p.returncode == 2 and "no asv results under" in p.stderr, p.stderr
     p = tiny_results.regress("compare", tiny_results.commits[0])
     assert p.returncode == 2 and "has no parent" in p.stderr, p.stderr
-    with pytest.raises(regress.RegressError, match="does not exist"):
-        regress.read_results_file(tmp_path / "absent.json")
+    with pytest.raises(asv_results.RegressError, match="does not exist"):
+        asv_results.read_results_file(tmp_path / "absent.json")
     # a commit never measured
     _git(tiny_results.repo, "commit", "-q", "--allow-empty", "-m", "unmeasured")
     try:
@@ -290,63 +296,63 @@ def _frame(values, samples=None, commit="a" * 40, benchmark="b.T.time_x", versio
 
 
 def test_classifier_needs_both_factor_and_statistics():
-    regress = load_regress()
+    regress_compare = load_regress_compare()
     quiet = [1.0, 1.01, 0.99, 1.02, 0.98, 1.0, 1.01, 0.99]
     noisy = [1.0, 3.0, 0.5, 2.5, 0.6, 2.8, 0.7, 2.9]
     base = _frame([1.0, 1.0, 1.0, 1.0, 1.0], [quiet, quiet, quiet, noisy, quiet])
     head = _frame([2.0, 1.05, 0.5, 2.0, None], [[x * 2 for x in quiet], [x * 1.05 for x in quiet],
                                               [x / 2 for x in quiet], [x * 2 for x in noisy], None], commit="b" * 40)
-    df = regress.compare(base, head, regress.Policy(factor=1.5)).set_index("params")
+    df = regress_compare.compare(base, head, regress_compare.Policy(factor=1.5)).set_index("params")
     assert df.loc["0", "status"] == "regression"   # 2x, samples separate
     assert df.loc["1", "status"] == "same"         # 5%, within the factor
     assert df.loc["2", "status"] == "faster"       # 2x faster, confirmed
     assert df.loc["3", "status"] == "slower?"      # 2x on the medians, but the samples overlap
     assert df.loc["4", "status"] == "new failure"
-    assert regress.verdict(df.reset_index(), regress.Policy()) == 1
-    assert regress.verdict(df.reset_index(), regress.Policy(allow_new_failures=True)) == 1  # "0" still
+    assert regress_compare.verdict(df.reset_index(), regress_compare.Policy()) == 1
+    assert regress_compare.verdict(df.reset_index(), regress_compare.Policy(allow_new_failures=True)) == 1  # "0" still
     only_noise = df[df.index.isin(["1", "3"])].reset_index()
-    assert regress.verdict(only_noise, regress.Policy()) == 0
+    assert regress_compare.verdict(only_noise, regress_compare.Policy()) == 0
 
 
 def test_strict_criterion_needs_the_confidence_intervals_apart():
     """A whole run shifted (load drift between two runs): the rank test says "different", the
     medians' 99% CIs overlap.  strict (default): not confirmed; asv's test alone: regression."""
-    regress = load_regress()
+    regress_compare = load_regress_compare()
     a = [1.0 + 0.05 * i for i in range(20)]
     b = [x + 0.45 for x in a]
     base, head = _frame([1.475], [a]), _frame([1.925], [b], commit="b" * 40)
-    assert regress.significant(base.stats[0], a, head.stats[0], b, 0.002) is True
-    assert regress.ci_apart(base.stats[0], head.stats[0]) is False
-    assert regress.compare(base, head, regress.Policy(factor=1.2))["status"].tolist() == ["slower?"]
-    assert regress.compare(base, head, regress.Policy(factor=1.2, criterion="asv"))["status"].tolist() == ["regression"]
+    assert regress_compare.significant(base.stats[0], a, head.stats[0], b, 0.002) is True
+    assert regress_compare.ci_apart(base.stats[0], head.stats[0]) is False
+    assert regress_compare.compare(base, head, regress_compare.Policy(factor=1.2))["status"].tolist() == ["slower?"]
+    assert regress_compare.compare(base, head, regress_compare.Policy(factor=1.2, criterion="asv"))["status"].tolist() == ["regression"]
 
 
 def test_classifier_directions_and_tracks():
-    regress = load_regress()
+    regress_compare = load_regress_compare()
     # higher is better: GB/s halving is a regression (an exact count needs no samples; GB/s does)
     base = _frame([10.0], benchmark="b.M.track_achieved_gbps")
     head = _frame([5.0], benchmark="b.M.track_achieved_gbps", commit="b" * 40)
-    df = regress.compare(base, head, regress.Policy(factor=1.5))
+    df = regress_compare.compare(base, head, regress_compare.Policy(factor=1.5))
     assert df.loc[0, "status"] == "slower?" and df.loc[0, "worse_ratio"] == pytest.approx(2.0)
     base = _frame([100.0], benchmark="b.M.track_state_bytes_per_device")
     head = _frame([200.0], benchmark="b.M.track_state_bytes_per_device", commit="b" * 40)
-    assert regress.compare(base, head, regress.Policy())["status"].tolist() == ["regression"]
+    assert regress_compare.compare(base, head, regress_compare.Policy())["status"].tolist() == ["regression"]
     # changed benchmark code: not comparable; one sample (a --quick run): never confirmed
     head = _frame([200.0], benchmark="b.M.track_state_bytes_per_device", commit="b" * 40, version="v2")
-    assert regress.compare(base, head, regress.Policy())["status"].tolist() == ["incomparable"]
+    assert regress_compare.compare(base, head, regress_compare.Policy())["status"].tolist() == ["incomparable"]
     base, head = _frame([1.0], [[1.0]]), _frame([3.0], [[3.0]], commit="b" * 40)
-    assert regress.compare(base, head, regress.Policy())["status"].tolist() == ["slower?"]
+    assert regress_compare.compare(base, head, regress_compare.Policy())["status"].tolist() == ["slower?"]
     # skipped on one side
     base, head = _frame([None]), _frame([1.0], commit="b" * 40)
     base.loc[0, "failed"] = False
-    assert regress.compare(base, head, regress.Policy())["status"].tolist() == ["skipped"]
+    assert regress_compare.compare(base, head, regress_compare.Policy())["status"].tolist() == ["skipped"]
 
 
 def test_abba_round_check_demotes_effects_of_single_processes():
     """abba: samples are split back into rounds (processes); a change that not every round
     shows is not confirmed, however many samples the rank test sees."""
-    regress = load_regress()
-    assert regress.round_medians([1, 2, 3, 10, 11, 12], [3, 6]) == [2, 11]
+    regress_compare = load_regress_compare()
+    assert regress_compare.round_medians([1, 2, 3, 10, 11, 12], [3, 6]) == [2, 11]
     quiet = [1.0 + 0.01 * i for i in range(10)]
     # base: 4 rounds at ~1.0; head: rounds at ~2.0, except one process that ran at ~1.0
     base_s = quiet * 4
@@ -360,9 +366,9 @@ def test_abba_round_check_demotes_effects_of_single_processes():
         for i in range(2):
             v = f.loc[i, "value"]
             f.at[i, "stats"] = {"ci_99_a": v * 0.99, "ci_99_b": v * 1.01, "q_25": v, "q_75": v, "repeat": 40}
-    df = regress.compare(base, head, regress.Policy(factor=1.5))
+    df = regress_compare.compare(base, head, regress_compare.Policy(factor=1.5))
     assert df["status"].tolist() == ["regression", "regression"]
-    regress.apply_round_check(df, base, head, (counts, counts))
+    regress_compare.apply_round_check(df, base, head, (counts, counts))
     got = df.set_index("params")
     assert got.loc["0", "status"] == "regression" and got.loc["0", "rounds_apart"] == True  # noqa: E712
     assert got.loc["1", "status"] == "slower?" and got.loc["1", "rounds_apart"] == False  # noqa: E712

@@ -3,7 +3,7 @@
 What it predicts for a plan (one layout per variable) on a mesh:
 
 * **bytes per device** -- exact: parameters + momentum + EMA, from the layouts alone
-  (:func:`dsgd.measure.count_bytes`; DTensor shards evenly, so every device holds the same);
+  (:func:`dsgd.harness.measure.count_bytes`; DTensor shards evenly, so every device holds the same);
 * **collectives** of the step -- listed explicitly (:func:`step_collectives`);
 * **step time** -- a linear model in a few counts, calibrated by least squares on step
   times measured here::
@@ -50,7 +50,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from dsgd import meshspec
-from dsgd.measure import DTYPE_BYTES, OPTION_PRESETS, REFERENCE, Bytes, count_bytes
+from dsgd.harness.measure import DTYPE_BYTES, OPTION_PRESETS, REFERENCE, Bytes, count_bytes
 from dsgd.workloads import VarSpec
 
 UNSHARDED = meshspec.UNSHARDED
@@ -314,7 +314,7 @@ GOAL_MEAN_PCT, GOAL_MAX_PCT = 15.0, 30.0  # per workload x implementation, on th
 
 def validation_plans(specs: Sequence[VarSpec], mesh_dims) -> list:
     """The plans measured per mesh for validation: replicated and the most-sharded rule plan."""
-    from dsgd import plans
+    from dsgd.advisor import plans
 
     ps = plans.enumerate_plans(specs, mesh_dims, max_plans=50)
     out = [ps[0]]

@@ -29,9 +29,10 @@ import tempfile
 import time
 from typing import Sequence
 
-from dsgd import gitutil
+from dsgd.harness import gitutil
 
 COMMIT_TIMEOUT_S = 7200.0
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds the running dsgd/
 
 
 def git(repo: str, *args: str) -> str:
@@ -89,7 +90,7 @@ def _profile_commit(repo: str, sha: str, out: str, profile_args: list[str], time
             return dict(res, status="failed", detail=f"does not build/import: {_tail(check.stderr, 3)}")
         if os.path.realpath(check.stdout.strip().splitlines()[-1]) != os.path.realpath(wt):
             return dict(res, status="failed", detail=f"imported dsgd from {check.stdout.strip()}, not from the worktree")
-        if not os.path.exists(os.path.join(wt, "dsgd", "profile.py")):
+        if not any(os.path.exists(os.path.join(wt, "dsgd", *sub, "profile.py")) for sub in ((), ("harness",))):
             return dict(res, status="failed", detail="this commit has no `dsgd profile`")
         cmd = [sys.executable, "-m", "dsgd", "profile", "--commit", short, "--out", out, *profile_args]
         print(f"\n=== {short} {git(repo, 'show', '-s', '--format=%s', sha)[:70]}\n$ {' '.join(cmd)}", flush=True)
@@ -129,7 +130,7 @@ def run(repo: str, revs: Sequence[str], out: str, profile_args: Sequence[str], *
     captured = [r["commit"] for r in results if r["status"] in ("ok", "partial")]
     if diff and len(captured) >= 2:
         print()
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        here = CHECKOUT
         env = dict(os.environ, PYTHONPATH=here + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
         subprocess.run([sys.executable, "-m", "dsgd", "profile", "--out", out, "--diff", captured[0], captured[-1]],
                        env=env, cwd=here)
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 usage="profile_commits.py [REV | A..B]... [options] [-- dsgd profile args]")
     p.add_argument("revs", nargs="*", help="commits or ranges A..B (default HEAD)")
-    p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    p.add_argument("--repo", default=CHECKOUT,
                    help="git repository (default: this checkout)")
     p.add_argument("--out", help="profiles directory (default: <repo>/profiles)")
     p.add_argument("--timeout", type=float, default=COMMIT_TIMEOUT_S, help=f"seconds per commit (default {COMMIT_TIMEOUT_S:.0f})")

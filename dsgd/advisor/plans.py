@@ -32,7 +32,7 @@ from typing import Iterable, Optional, Sequence
 
 from dsgd import meshspec
 from dsgd.meshspec import layout_str
-from dsgd.measure import DTYPE_BYTES
+from dsgd.harness.measure import DTYPE_BYTES
 from dsgd.workloads import VarSpec
 
 UNSHARDED = meshspec.UNSHARDED

@@ -10,12 +10,12 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from dsgd import measure
+from dsgd.harness import measure
 from dsgd.argcheck import IMPLEMENTATIONS
-from dsgd.measure import MODEL_MODES, NO_UPDATE, REFERENCE, Case
+from dsgd.harness.measure import MODEL_MODES, NO_UPDATE, REFERENCE, Case
 from dsgd.workloads import LAYOUT_POLICIES, WORKLOADS
 
-DEFAULT_MODELS = ("resmlp",)  # the train_step and fit modes' models (dsgd.models)
+DEFAULT_MODELS = ("resmlp",)  # the train_step and fit modes' models (dsgd.harness.models)
 XLA_CHOICES = {"on": [True], "off": [False], "both": [False, True]}
 
 
@@ -44,7 +44,7 @@ def add_grid_arguments(p, *, workloads: Sequence[str], meshes: Sequence[str], im
     p.add_argument("--options", action="append", choices=sorted(measure.OPTION_PRESETS),
                    help="optimizer options: momentum (lr 0.01, momentum 0.9), sgd (no momentum), full (momentum + "
                         "weight_decay 1e-4 + global_clipnorm 1.0 + EMA) (repeatable; default: momentum; "
-                        "dsgd.measure.OPTION_PRESETS)")
+                        "dsgd.harness.measure.OPTION_PRESETS)")
     p.add_argument("--xla", choices=list(XLA_CHOICES), default=xla,
                    help="jit_compile=True for both optimizers: on, off, or both as separate rows; dsgd's auto then "
                         f"runs its xla implementation, tf_keras on CPU ignores it (default: {xla})")
@@ -64,7 +64,7 @@ def make_cases(workloads: Sequence[str], meshes: Sequence[str], layouts: Sequenc
                device: str = "CPU", modes: Sequence[str] = ("eager",),
                models: Sequence[str] = DEFAULT_MODELS) -> list[Case]:
     """The grid.  ``eager``/``graph`` modes run the workloads; ``train_step``/``fit`` run the
-    models (:mod:`dsgd.models`), each with a :data:`NO_UPDATE` row beside the implementations:
+    models (:mod:`dsgd.harness.models`), each with a :data:`NO_UPDATE` row beside the implementations:
     the same step with gradients computed and nothing applied, the floor of the optimizer's share."""
     cases = []
     for mode in modes:

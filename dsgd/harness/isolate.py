@@ -1,7 +1,7 @@
 """Running work in child processes: the one place processes are managed.
 
 Logical devices are fixed when TensorFlow starts, and an eager DTensor error poisons its
-process, so sweeps run their cases in a worker process (``python -m dsgd.isolate``).
+process, so sweeps run their cases in a worker process (``python -m dsgd.harness.isolate``).
 Each result is streamed back as one JSON line as soon as it exists; if a case fails the
 worker records it and exits, and a fresh worker takes the remaining cases.  Nothing
 already produced is lost and one bad case never stops the sweep.
@@ -32,7 +32,7 @@ def child_env(extra: Optional[dict] = None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("DTENSOR_") and k not in ("DSGD_LOCAL_DEVICES", "DSGD_DEVICE_TYPE", "DSGD_LAUNCHED")}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds dsgd/
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if extra:
         env.update({k: str(v) for k, v in extra.items()})
@@ -71,7 +71,7 @@ def run_isolated(func: str, payloads: list[dict], *, devices: int = 8, device_ty
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump([payloads[i] for i in pending], f)
             path = f.name
-        cmd = [sys.executable, "-m", "dsgd.isolate", "--func", func, "--payloads", path,
+        cmd = [sys.executable, "-m", "dsgd.harness.isolate", "--func", func, "--payloads", path,
                "--devices", str(devices), "--device-type", device_type]
         got: list[tuple[int, dict]] = []
         err_tail = ""
@@ -141,7 +141,7 @@ def _worker(func: str, payloads_path: str, devices: int, device_type: str) -> in
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsgd.isolate")
+    p = argparse.ArgumentParser(prog="python -m dsgd.harness.isolate")
     p.add_argument("--func", required=True)
     p.add_argument("--payloads", required=True)
     p.add_argument("--devices", type=int, default=8)

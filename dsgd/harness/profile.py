@@ -1,9 +1,9 @@
 """``dsgd profile``: TensorBoard profiles and XLA HLO of the optimizer step, per commit and config.
 
 For each configuration (workload x mesh x layout x dtype x implementation x XLA on/off x options)
-a fresh worker process (:func:`dsgd.isolate.run_isolated`, with ``XLA_FLAGS=--xla_dump_to`` set
-to that run's directory) builds the case with :func:`dsgd.measure.build_case`, times the first
-step and then the warm step with :mod:`dsgd.measure`, profiles ``--steps`` more steps under
+a fresh worker process (:func:`dsgd.harness.isolate.run_isolated`, with ``XLA_FLAGS=--xla_dump_to`` set
+to that run's directory) builds the case with :func:`dsgd.harness.measure.build_case`, times the first
+step and then the warm step with :mod:`dsgd.harness.measure`, profiles ``--steps`` more steps under
 ``tf.profiler.experimental.start/stop`` with ``Trace('train', step_num=i, _r=1)`` markers, and
 captures the HLO of XLA paths (:func:`dsgd.impl.xla.capture_hlo`).  Layout on disk::
 
@@ -26,6 +26,11 @@ failed; the rest
 go on.  Runs already captured are never overwritten without ``--force``.
 
 ``dsgd profile --diff A B`` prints the ledger's summaries of two commits side by side.
+
+This module names runs and drives the captures (and is the command); the worker that captures one
+configuration is :mod:`dsgd.harness.profile_capture`, the ledger :mod:`dsgd.harness.profile_ledger`,
+the summaries of xprof's files :mod:`dsgd.harness.profile_summary`, ``--commits``
+:mod:`dsgd.harness.profile_commits`.
 """
 from __future__ import annotations
 
@@ -38,14 +43,13 @@ import time
 from dataclasses import asdict
 from typing import Optional, Sequence
 
-from dsgd.gitutil import git_or_none
-from dsgd.grid import add_grid_arguments
-from dsgd.measure import Case
+from dsgd.harness.gitutil import git_or_none
+from dsgd.harness.grid import add_grid_arguments
+from dsgd.harness.measure import Case
 
 DEFAULT_WORKLOADS = ("bert-mini", "many-small")
 DEFAULT_MESHES = ("1", "batch=2,model=4")
 DEFAULT_IMPLEMENTATIONS = ("auto",)
-HISTORY = "history"
 
 
 # ------------------------------------------------------------------------------ names
@@ -63,10 +67,10 @@ def mesh_tag(mesh: str) -> str:
     from dsgd import meshspec
 
     try:
-        dims = meshspec.parse_mesh_spec(mesh)
+        dims = meshspec.MeshSpec.of(mesh)
     except ValueError:
         return _slug(mesh)
-    if meshspec.mesh_size(dims) == 1:
+    if dims.size == 1:
         return "1dev"
     initials = [a[0] for a, _ in dims]
     unique = len(set(initials)) == len(initials)
@@ -101,7 +105,7 @@ COMMIT_CHARS = 7  # git's own short form: leaves room for the config in TensorBo
 
 def source_repo() -> Optional[str]:
     """The git work tree the running ``dsgd`` package comes from (None outside git)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return git_or_none(here, "rev-parse", "--show-toplevel")
 
 
@@ -132,153 +136,6 @@ def commit_info(commit: Optional[str] = None, repo: Optional[str] = None) -> dic
     return {"commit": name, "commit_order": order, "commit_date": date}
 
 
-# ------------------------------------------------------------------------------ the worker
-def _xla_dump_files(dump: str) -> list[str]:
-    if not os.path.isdir(dump):
-        return []
-    return [os.path.join(dump, f) for f in sorted(os.listdir(dump))]
-
-
-def _prune_dump(dump: str) -> None:
-    """Keep only the HLO text (before/after optimisation) of XLA's dump."""
-    for f in _xla_dump_files(dump):
-        base = os.path.basename(f)
-        if not (base.endswith("before_optimizations.txt") or re.search(r"after_optimizations\.txt$", base)):
-            try:
-                os.remove(f) if os.path.isfile(f) else shutil.rmtree(f)
-            except OSError:
-                pass
-
-
-def _uses_xla(impl_used: str) -> bool:
-    return "xla" in impl_used.split("+")
-
-
-def capture_config(payload: dict) -> dict:
-    """Worker side: capture one configuration into ``payload["run_dir"]``; returns its summary.
-
-    Runs in a fresh process with 8 (or ``--devices``) logical devices and ``XLA_FLAGS`` dumping
-    into ``<run_dir>/hlo/xla_dump``.
-    """
-    import resource
-
-    import tensorflow as tf
-
-    from dsgd import measure, profile_summary as ps
-    from dsgd.bench import resolved_implementations
-
-    run_dir = payload["run_dir"]
-    case = Case(**payload["case"])
-    steps, time_steps = int(payload["steps"]), int(payload["time_steps"])
-    os.makedirs(run_dir, exist_ok=True)
-    row = dict(asdict(case), config=payload["config"], commit=payload["commit"],
-               commit_order=payload.get("commit_order"), commit_date=payload.get("commit_date"),
-               captured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), steps=steps)
-    phases = {}
-    clock = [time.perf_counter()]
-
-    def phase(name):
-        now = time.perf_counter()
-        phases[name] = round(now - clock[0], 2)
-        clock[0] = now
-
-    from dsgd.bench import prepare_kernels
-
-    row["build_s"] = prepare_kernels([case.implementation])  # the one-time kernel build: not the first step's
-    phase("kernels")
-    built = measure.build_case(case)
-    measure.sync()
-    phase("build")
-    row["first_step_s"] = measure.time_first_step(built)
-    t = measure.time_steps(built.step, steps=time_steps, warmup=2) * 1e3
-    stats = measure.step_stats(t, (10, 90), with_min=False)
-    row.update(median_ms=stats["median_ms"], p10_ms=stats["p10_ms"], p90_ms=stats["p90_ms"])
-    row["impl_used"] = resolved_implementations(built.optimizer)
-    phase("time")
-
-    opts = tf.profiler.experimental.ProfilerOptions(host_tracer_level=2, python_tracer_level=0, device_tracer_level=1)
-    tf.profiler.experimental.start(run_dir, options=opts)
-    try:
-        for i in range(steps):
-            with tf.profiler.experimental.Trace("train", step_num=i, _r=1):
-                built.step()
-                measure.sync()
-    finally:
-        tf.profiler.experimental.stop()
-    # xprof counts only TensorFlow ops: label the eager op executions so that framework op stats
-    # and the overview see dsgd's custom-kernel calls (profile_summary.annotate_eager_ops)
-    ps.annotate_eager_ops(ps.find_xplanes(run_dir))
-    phase("profile")
-
-    hlo_dir = os.path.join(run_dir, "hlo")
-    dump = os.path.join(hlo_dir, "xla_dump")
-    _prune_dump(dump)
-    dumped_files = set(_xla_dump_files(dump))
-    dumped = ps.hlo_text_stats(dumped_files)  # what XLA compiled for the steps themselves
-    hlo_files: list[str] = []
-    if _uses_xla(row["impl_used"]):
-        from dsgd.impl.xla import capture_hlo
-
-        hlo_files = capture_hlo(built.optimizer, hlo_dir)  # raises NoHLOError if there is none
-        for f in set(_xla_dump_files(dump)) - dumped_files:  # capture_hlo's own compilations
-            os.remove(f) if os.path.isfile(f) else shutil.rmtree(f, ignore_errors=True)
-    phase("capture_hlo")
-    xplanes = ps.find_xplanes(run_dir)
-    if not xplanes:
-        raise RuntimeError(f"the profiler wrote no .xplane.pb under {run_dir}")
-    row.update(ps.summarize_xplane(xplanes, steps))
-    phase("summarize")
-    row["phases_s"] = phases
-    row.update(hlo_modules_dumped=dumped["modules"], hlo_files=len(hlo_files),
-               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-               trace=os.path.relpath(xplanes[0], payload["out"]))
-    if (case.xla or _uses_xla(row["impl_used"])) and row["hlo_modules"] == 0:
-        row.update(status="failed", error=(
-            f"claims XLA (xla={'on' if case.xla else 'off'}, ran {row['impl_used']}) but no HLO module ran in "
-            f"the trace and {dumped['modules']} were dumped: "
-            f"implementation {case.implementation!r} ran {row['impl_used']!r}, which is not XLA here"))
-    else:
-        row["status"] = "ok"
-
-    # XLA on CPU: xprof's HLO op stats / op profile stay empty (they read device planes only), so
-    # the same table from the host-thread events goes next to the trace and into the Text tab
-    hlo_ops = ps.hlo_op_rows(xplanes)
-    if hlo_ops:
-        import pandas as pd
-
-        pd.DataFrame(hlo_ops).to_csv(os.path.join(run_dir, "hlo_op_stats.csv"), index=False)
-
-    # TensorBoard scalars: this run's step times, and the per-commit history of each config
-    with tf.summary.create_file_writer(run_dir).as_default():
-        for i, ms in enumerate(t):
-            tf.summary.scalar("step_ms", float(ms), step=i)
-        tf.summary.scalar("first_step_s", row["first_step_s"], step=0)
-        tf.summary.text("framework_ops", ps.markdown_table(
-            row["top_ops"], ["type", "name", "self_us_per_step", "pct"]), step=0)
-        if hlo_ops:
-            tf.summary.text("hlo_op_stats", ps.markdown_table(
-                [dict(r, us_per_step=round(r["total_us"] / steps, 1)) for r in hlo_ops[:25]],
-                ["module", "hlo_op", "occurrences", "us_per_step", "avg_us", "pct"]), step=0)
-    order = row["commit_order"] if row["commit_order"] is not None else int(time.time())
-    hist = os.path.join(payload["out"], HISTORY, payload["config"])
-    os.makedirs(hist, exist_ok=True)
-    for f in os.listdir(hist):
-        if f.endswith("." + payload["commit"]):
-            os.remove(os.path.join(hist, f))  # --force re-capture of the same commit
-    if row["status"] == "ok":
-        with tf.summary.create_file_writer(hist, filename_suffix="." + payload["commit"]).as_default():
-            tf.summary.scalar("step_ms/median", row["median_ms"], step=order)
-            tf.summary.scalar("step_ms/p10", row["p10_ms"], step=order)
-            tf.summary.scalar("step_ms/p90", row["p90_ms"], step=order)
-            tf.summary.scalar("first_step_s", row["first_step_s"], step=order)
-            tf.summary.scalar("ops_per_step", row["ops_per_step"], step=order)
-            tf.summary.scalar("hlo_modules", row["hlo_modules"], step=order)
-            tf.summary.text("commit", f"{payload['commit']} ({row.get('commit_date') or 'no date'})", step=order)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(row, f, indent=1, default=str)
-    return row
-
-
 # ------------------------------------------------------------------------------ the driver
 def _existing_ok(run_dir: str) -> bool:
     try:
@@ -290,16 +147,15 @@ def _existing_ok(run_dir: str) -> bool:
 
 def precheck(case: Case, devices: int) -> Optional[str]:
     """Why a case cannot run (checked without TensorFlow), or None."""
-    from dsgd import meshspec
     from dsgd.workloads import LAYOUT_POLICIES, get_workload
 
     try:
         get_workload(case.workload, case.dtype)
-        dims = meshspec.parse_mesh_spec(case.mesh)
+        spec = case.mesh_spec
     except ValueError as e:
         return str(e)
-    if meshspec.mesh_size(dims) > devices:
-        return (f"mesh {case.mesh!r} needs {meshspec.mesh_size(dims)} devices but the worker has {devices} "
+    if spec.size > devices:
+        return (f"mesh {case.mesh!r} needs {spec.size} devices but the worker has {devices} "
                 f"(--devices)")
     if case.layout not in LAYOUT_POLICIES and not os.path.exists(case.layout):
         return f"layout {case.layout!r} is neither one of {list(LAYOUT_POLICIES)} nor a layout-map file"
@@ -313,8 +169,8 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
 
     Rows have ``status`` ``ok``, ``failed`` (with ``error``) or ``skipped`` (already captured).
     """
-    from dsgd import profile_summary as ps
-    from dsgd.isolate import run_isolated
+    from dsgd.harness import profile_ledger
+    from dsgd.harness.isolate import run_isolated
 
     out = os.path.abspath(out)
     info = commit_info(commit)
@@ -344,7 +200,7 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
         payload = {"case": asdict(case), "config": name, "run_dir": run_dir, "out": out, "steps": steps,
                    "time_steps": time_steps, **info}
         t0 = time.perf_counter()
-        res = run_isolated("dsgd.profile:capture_config", [payload], devices=devices, timeout=timeout, env=env,
+        res = run_isolated("dsgd.harness.profile_capture:capture_config", [payload], devices=devices, timeout=timeout, env=env,
                            device_type=case.device)[0]
         row = dict(base, **{k: v for k, v in res.items() if k != "traceback"})
         if row.get("status") == "ok":
@@ -357,7 +213,7 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
             with open(os.path.join(run_dir, "summary.json"), "w") as f:
                 json.dump(row, f, indent=1, default=str)
         rows.append(row)
-        ps.append_ledger(ledger, [row])
+        profile_ledger.append_ledger(ledger, [row])
     return rows
 
 
@@ -407,7 +263,7 @@ def _profile_commits(args) -> int:
     """``--commits``: every commit's own ``dsgd profile`` with this one's non-default options."""
     import argparse
 
-    from dsgd import profile_commits
+    from dsgd.harness import profile_commits
 
     fresh = argparse.ArgumentParser()
     add_arguments(fresh)
@@ -420,17 +276,18 @@ def _profile_commits(args) -> int:
 
 
 def main(args) -> int:
-    from dsgd import argcheck, profile_summary as ps
-    from dsgd.grid import cases_from_args
+    from dsgd import argcheck
+    from dsgd.harness import profile_ledger
+    from dsgd.harness.grid import cases_from_args
 
     argcheck.check_profile(args)  # before any worker starts or anything is written
     ledger = args.ledger or os.path.join(args.out, "ledger.csv")
     if args.diff:
-        df = ps.read_ledger(ledger)
+        df = profile_ledger.read_ledger(ledger)
         if df.empty:
             raise FileNotFoundError(f"no ledger at {ledger}: capture profiles first")
         names = [_ledger_commit(df, name) for name in args.diff]
-        print(ps.render_diff(ps.diff_commits(df, *names)))
+        print(profile_ledger.render_diff(profile_ledger.diff_commits(df, *names)))
         return 0
     if args.steps < 1:
         raise ValueError("--steps must be >= 1")

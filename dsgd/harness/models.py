@@ -61,7 +61,8 @@ def layout_map(mesh, policy: str = "sharded"):
     from tensorflow.experimental import dtensor
 
     if policy not in LAYOUT_POLICIES:
-        raise ValueError(f"layout policy must be one of {LAYOUT_POLICIES} for a model of dsgd.models, got {policy!r}")
+        raise ValueError(f"layout policy must be one of {LAYOUT_POLICIES} for a model of dsgd.harness.models, "
+                         f"got {policy!r}")
     u = "unsharded"
     lm = tf_keras.dtensor.experimental.LayoutMap(mesh=mesh)
     if policy == "sharded" and "model" in mesh.dim_names:

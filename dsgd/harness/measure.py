@@ -24,10 +24,10 @@ NO_UPDATE = "no-update"  # train_step / fit modes: the same step with an optimiz
 #: ``eager``: ``apply_gradients`` called eagerly on a workload's variables (tf_keras' reference
 #: inside a ``tf.function``, its faster mode); ``graph``: ``apply_gradients`` inside a
 #: ``tf.function`` for both; ``train_step``: a whole custom ``tf.function`` training step
-#: (forward, backward, update) of a named model (:mod:`dsgd.models`); ``fit``: one step of
+#: (forward, backward, update) of a named model (:mod:`dsgd.harness.models`); ``fit``: one step of
 #: ``model.fit`` on that model (its ``train_function``).
 MODES = ("eager", "graph", "train_step", "fit")
-MODEL_MODES = ("train_step", "fit")  # modes whose workload is a model of dsgd.models
+MODEL_MODES = ("train_step", "fit")  # modes whose workload is a model of dsgd.harness.models
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 # Optimizer option presets: what the benchmarks sweep.
@@ -55,7 +55,12 @@ def elements_moved(opts: dict) -> int:
 
 @dataclass
 class Case:
-    """One benchmark configuration."""
+    """One benchmark configuration.
+
+    ``mesh`` is the spec as written (``"1"``, ``"batch=2,model=4"``): a case travels to worker
+    processes as JSON and into result rows and the asv suite as plain fields; :attr:`mesh_spec`
+    is the same mesh as a :class:`dsgd.meshspec.MeshSpec`, what the code works with.
+    """
 
     workload: str
     mesh: str = "1"
@@ -66,6 +71,11 @@ class Case:
     options: str = "momentum"
     device: str = "CPU"
     mode: str = "eager"  # one of MODES: where the step runs (see MODES)
+
+    @property
+    def mesh_spec(self) -> meshspec.MeshSpec:
+        """The mesh as a :class:`~dsgd.meshspec.MeshSpec` (a bad spec raises :class:`~dsgd.meshspec.SpecError`)."""
+        return meshspec.MeshSpec.of(self.mesh)
 
     @property
     def label(self) -> str:
@@ -139,7 +149,7 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
     if case.implementation == NO_UPDATE:
         raise ValueError(f"{NO_UPDATE!r} is the floor of the {'/'.join(MODEL_MODES)} modes, not of mode {case.mode!r}")
     specs = get_workload(case.workload, case.dtype)
-    mesh = make_mesh(case.mesh, case.device)
+    mesh = make_mesh(case.mesh_spec, case.device)
     layouts = case_layouts(specs, mesh, case.layout)
     variables = [named_dvariable(random_dtensor(s.shape, s.dtype, lay, seed + i), s.name.replace("/", "_"), trainable=True)
                  for i, (s, lay) in enumerate(zip(specs, layouts))]
@@ -161,11 +171,11 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
 
 def _build_model_case(case: Case) -> Built:
     """A whole training step of a named model (``train_step`` or ``fit`` mode)."""
-    from dsgd import models
+    from dsgd.harness import models
     from dsgd.workloads import VarSpec
 
     spec = models.get_model_spec(case.workload)
-    mesh = make_mesh(case.mesh, case.device)
+    mesh = make_mesh(case.mesh_spec, case.device)
     if case.implementation == NO_UPDATE:
         opt = models.no_update_optimizer(mesh)
     else:
@@ -191,6 +201,25 @@ def sync() -> None:
     context.async_wait()
     if multiclient.is_client():
         multiclient.step_barrier()
+
+
+def resolved_implementations(opt) -> str:
+    """Which implementation(s) actually ran each group (for ``auto``)."""
+    used = getattr(opt, "implementations_used", None)
+    if used is None:  # tf_keras' optimizer
+        return REFERENCE
+    return "+".join(used()) or "?"
+
+
+def prepare_kernels(implementations: Sequence[str]) -> float:
+    """Build (once per machine) and load dsgd's C++ kernels before any step is timed, so that
+    the ~20 s build is not a first step's time; the seconds it took here (0: not needed, or
+    already loaded).  Only ``auto`` and ``grouped`` use the kernels."""
+    if not {"auto", "grouped"} & set(implementations):
+        return 0.0
+    from dsgd import kernels
+
+    return kernels.prepare()
 
 
 def time_first_step(built: Built) -> float:

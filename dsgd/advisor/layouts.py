@@ -1,0 +1,122 @@
+"""``dsgd layouts``: which layout to give each variable, measured here and predicted at scale.
+
+For a model (a named workload, a JSON variable list, or ``module:function`` returning a
+tf_keras model) and a mesh:
+
+1. candidate whole-model plans are built by rules (:mod:`dsgd.advisor.plans`);
+2. each plan's optimizer step is measured on the local mesh -- dsgd's tuned default and
+   the tf_keras reference -- in a worker process (:mod:`dsgd.harness.isolate`, through
+   :mod:`dsgd.harness.measure`), next to its exact bytes per device and the collectives it needs;
+3. a cost model (:mod:`dsgd.advisor.costmodel`) is calibrated on those measurements and predicts
+   the plans of ``--target-mesh``;
+4. plans are ranked with their reasons, the recommendation can be written as a layout map
+   (``--emit-layout-map``) that :func:`dsgd.layoutmap.load_layout_map` turns into a tf_keras ``LayoutMap``
+   in one call, and ``--plot`` draws step time against bytes per device.
+
+``dsgd layouts --validate`` measures the validation grid (fit on 1-, 2-, 4-device meshes,
+predict the 8-device ones) and prints the cost model's error per workload.
+
+This module is the command (its options and ``main``); each job has its own module:
+:mod:`~dsgd.advisor.read_model` (the model's variables), :mod:`~dsgd.advisor.measure_plans`
+(measuring plans in workers), :mod:`~dsgd.advisor.ranking` (ranking, with reasons),
+:mod:`~dsgd.advisor.advice` (:func:`~dsgd.advisor.advice.advise`, the whole advisor as a call),
+:mod:`~dsgd.advisor.report` (table, JSON, CSV), :mod:`~dsgd.advisor.plot`,
+:mod:`~dsgd.advisor.measurements` (saved measurement files) and :mod:`~dsgd.advisor.validation`.
+"""
+from __future__ import annotations
+
+import sys
+
+from dsgd import layoutmap
+from dsgd.advisor import plans as plans_mod
+from dsgd.advisor.advice import advise
+from dsgd.advisor.plot import plot
+from dsgd.advisor.report import render
+from dsgd.advisor.validation import run_validation
+from dsgd.harness.measure import OPTION_PRESETS
+from dsgd.workloads import WORKLOADS
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="named workload (" + ", ".join(sorted(WORKLOADS)) + "), a JSON variable list "
+                   "([{name, shape, dtype}]), or module:function returning a tf_keras model")
+    p.add_argument("--mesh", default="batch=2,model=4", help="the local mesh to measure on (default batch=2,model=4)")
+    p.add_argument("--target-mesh", help="a mesh to predict for with the cost model, e.g. batch=16,model=64")
+    p.add_argument("--options", default="momentum", choices=sorted(OPTION_PRESETS), help="optimizer options preset")
+    p.add_argument("--implementation", default="auto", help="dsgd implementation to measure (default auto)")
+    p.add_argument("--no-reference", action="store_true", help="do not measure the tf_keras reference")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--plot", help="write step time vs bytes per device (PNG) here")
+    p.add_argument("--emit-layout-map", metavar="FILE",
+                   help="write the recommended plan (the target mesh's when given) as a layout map JSON")
+    p.add_argument("--devices", type=int, default=8, help="logical devices in the measuring worker (default 8)")
+    p.add_argument("--devices-per-host", type=int,
+                   help="devices one host drives on the target mesh (default: the local mesh size)")
+    p.add_argument("--top", type=int, help="show only the K best plans")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per measurement (default 8)")
+    p.add_argument("--max-plans", type=int, default=8, help="at most this many candidate plans (default 8)")
+    p.add_argument("--min-shard-bytes", type=int, default=plans_mod.DEFAULT_MIN_SHARD_BYTES,
+                   help="variables smaller than this stay replicated (default 64 KiB)")
+    p.add_argument("--coverage", type=float, default=plans_mod.DEFAULT_COVERAGE,
+                   help="share of bytes the 'top' plans shard, largest variables first (default 0.9)")
+    p.add_argument("--force", action="append", metavar="REGEX=LAYOUT",
+                   help="force a layout on matching variables: a full spec (unsharded,model), 'replicated', or an "
+                        "axis name (repeatable)")
+    p.add_argument("--allow-fsdp", action="store_true",
+                   help="allow recommending plans that shard parameters over a data axis")
+    p.add_argument("--data-axis", action="append", help="mesh axes that carry the batch (default: batch, data)")
+    p.add_argument("--memory-budget", type=int, help="bytes per device a plan may use")
+    p.add_argument("--calibration-meshes", default="1",
+                   help="extra smaller meshes measured for the cost model, comma-free list separated by ';' "
+                        "(default '1'; '' for none)")
+    p.add_argument("--calibration", help="more measurements (JSON lines from --save-measurements) for the cost model")
+    p.add_argument("--validate", action="store_true",
+                   help="measure the validation grid and print the cost model's prediction errors")
+    p.add_argument("--validate-workloads", action="append", help="workloads for --validate (repeatable)")
+    p.add_argument("--validate-options", action="append", choices=sorted(OPTION_PRESETS),
+                   help="options presets for --validate (repeatable; default --options)")
+    p.add_argument("--save-measurements", help="with --validate: write the raw measurements (JSON lines) here")
+    p.add_argument("--from-measurements", action="append", metavar="FILE",
+                   help="with --validate: re-fit from saved measurements (repeatable; files of any dsgd version), "
+                        "measure nothing")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="with --validate: measure the grid this many times, in whole passes, and keep each job's "
+                        "fastest pass (other work on the machine only slows steps down; default 1)")
+    p.add_argument("--statistic", choices=["median", "p25", "min"], default="median",
+                   help="which per-step statistic the cost model is fitted to and validated on (default median; "
+                        "min or p25 are steadier on a shared machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
+    from dsgd import argcheck
+
+    argcheck.check_layouts(args)  # before any worker starts or anything is written
+    if args.validate:
+        return run_validation(args)
+    if not args.model:
+        raise ValueError("--model is required (or give --validate)")
+    cal = [m for m in (args.calibration_meshes or "").split(";") if m.strip()]
+    advice = advise(args.model, args.mesh, target_mesh=args.target_mesh, options=args.options,
+                    implementation=args.implementation, devices=args.devices, steps=args.steps, top=args.top,
+                    min_shard_bytes=args.min_shard_bytes, coverage=args.coverage, force=args.force,
+                    max_plans=args.max_plans, allow_fsdp=args.allow_fsdp, data_axes=args.data_axis,
+                    memory_budget=args.memory_budget, devices_per_host=args.devices_per_host,
+                    calibration_meshes=cal, calibration_file=args.calibration, reference=not args.no_reference,
+                    progress=not args.quiet, statistic=args.statistic)
+    print(render(advice, args.format))
+    if args.emit_layout_map:
+        where = "target" if advice.target is not None else "local"
+        p = advice.recommended_plan(where)
+        if p is None:
+            print("no plan could be recommended; no layout map written", file=sys.stderr)
+            return 3
+        mesh = advice.target_mesh if where == "target" else advice.mesh
+        layoutmap.write(args.emit_layout_map, advice.specs, p.layouts, mesh=mesh, plan=p.name,
+                        groups=plans_mod.tie_groups(advice.specs))
+        print(f"\nlayout map of {p.name!r} for {mesh} written to {args.emit_layout_map}; load it with "
+              f"dsgd.layoutmap.load_layout_map({args.emit_layout_map!r}, mesh)", file=sys.stderr if args.format != "table" else sys.stdout)
+    if args.plot:
+        plot(advice, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr if args.format != "table" else sys.stdout)
+    return 0 if not advice.failed else 3

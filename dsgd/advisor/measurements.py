@@ -1,0 +1,106 @@
+"""Measurement rows as files: JSON lines written by ``dsgd layouts --validate --save-measurements``
+(plain or ``.gz``), read back by any later version with the features recomputed by its cost model,
+repeats of the same job combined; rows and frames made JSON-able."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from dsgd import meshspec
+from dsgd.advisor import costmodel
+from dsgd.harness.measure import OPTION_PRESETS
+from dsgd.workloads import WORKLOADS, WorkloadError, get_workload
+
+
+def load_measurements(path: str) -> list[dict]:
+    """Rows saved by ``--save-measurements`` (any dsgd version; ``.gz`` files are decompressed)."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise WorkloadError(f"measurements file {path} does not exist") from None
+    if raw[:2] == b"\x1f\x8b":
+        import gzip
+
+        raw = gzip.decompress(raw)
+    out = []
+    for i, line in enumerate(raw.decode().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise WorkloadError(f"measurements file {path}: line {i} is not valid JSON: {e.msg}") from None
+    return out
+
+
+def refresh_features(rows: Sequence[dict]) -> list[dict]:
+    """Recompute the cost-model features of saved rows (named workloads) with this version's model.
+
+    Rows saved by older versions (no ``host_cores``) are taken as measured on this host's cores.
+    """
+    cache: dict[str, list] = {}
+    out = []
+    for r in rows:
+        if r.get("workload") in WORKLOADS and "layouts" in r:
+            specs = cache.setdefault(r["workload"], get_workload(r["workload"]))
+            f = costmodel.features(specs, [tuple(x) for x in r["layouts"]], meshspec.parse_mesh_spec(r["mesh"]),
+                                   OPTION_PRESETS[r["options"]], r["implementation"], cores=r.get("host_cores"))
+            r = {**r, **f}
+        out.append(r)
+    return out
+
+
+def job_key(r: dict) -> tuple:
+    return (r.get("workload"), r.get("mesh"), r.get("plan"), r.get("implementation"), r.get("options"))
+
+
+def combine_repeats(rows: Sequence[dict], y: str = "median_ms") -> list[dict]:
+    """One row per measured job: of its repeated measurements (passes over the grid, or several
+    files), the one with the smallest ``y``.
+
+    Another job on a shared machine only ever slows a step down, so the quietest pass is the
+    closest to an idle machine.  Each row gets ``repeats`` and ``repeat_spread_pct`` (how far
+    its slowest pass was above it).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    failed: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("status", "ok") == "ok" and (r.get(y) or 0) > 0:
+            groups.setdefault(job_key(r), []).append(r)
+        else:
+            failed.setdefault(job_key(r), r)
+    out = []
+    for key, rs in groups.items():
+        best = min(rs, key=lambda r: float(r[y]))
+        worst = max(float(r[y]) for r in rs)
+        out.append({**best, "repeats": len(rs), "repeat_spread_pct": 100.0 * (worst / float(best[y]) - 1)})
+    out += [r for k, r in failed.items() if k not in groups]
+    return out
+
+
+def records(df) -> list[dict]:
+    if df is None:
+        return []
+    out = []
+    for r in df.to_dict(orient="records"):
+        out.append({k: (jsonable(v)) for k, v in r.items()})
+    return out
+
+
+def jsonable(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating, float)):
+        return None if v != v else float(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, list):
+        return [jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, costmodel.Collective):
+        return v.describe()
+    return v

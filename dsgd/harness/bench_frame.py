@@ -1,0 +1,135 @@
+"""``dsgd bench``'s results frame: speed-ups over the reference and the optimizer's share of a whole
+step (:func:`add_ratios`), the compact view of one row per configuration (:func:`compact`), and rows
+measured by other tools merged in (:func:`merge_external`)."""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Sequence
+
+import numpy as np
+
+from dsgd.harness.measure import NO_UPDATE, REFERENCE, Case
+
+KEY = ["workload", "mesh", "layout", "dtype", "xla", "options", "mode"]
+
+
+def add_ratios(df):
+    """``speedup`` = reference median / this median, for the same configuration (:data:`KEY`).
+
+    Whole-step modes (``train_step``, ``fit``) also get the optimizer's *share* of the step:
+    ``share_ms`` = this median - the :data:`NO_UPDATE` median of the same configuration (the
+    forward and backward pass alone), and ``share_speedup`` = the reference's share / this share.
+    """
+    if df.empty or "median_ms" not in df:
+        return df
+    if "mode" not in df:
+        df["mode"] = "eager"
+    ok_all = df[df["status"] == "ok"]
+    ok = ok_all[ok_all["implementation"] == REFERENCE]
+    ref = ok.set_index(KEY)["median_ms"].to_dict()
+    ref_first = ok.set_index(KEY)["first_step_s"].to_dict()
+    keys = list(zip(*(df[k] for k in KEY)))
+    df["speedup"] = [ref.get(k, np.nan) / m if m == m else np.nan for k, m in zip(keys, df["median_ms"])]
+    df["first_step_speedup"] = [ref_first.get(k, np.nan) / f if f == f else np.nan
+                                for k, f in zip(keys, df.get("first_step_s", np.nan))]
+    floor = ok_all[ok_all["implementation"] == NO_UPDATE].set_index(KEY)["median_ms"].to_dict()
+    if floor:
+        df["floor_ms"] = [floor.get(k, np.nan) for k in keys]
+        df["share_ms"] = df["median_ms"] - df["floor_ms"]
+        df["share_speedup"] = [_share_ratio(ref.get(k, np.nan), m, floor.get(k, np.nan))
+                               for k, m in zip(keys, df["median_ms"])]
+        df.loc[df["implementation"] == NO_UPDATE, ["speedup", "share_ms", "share_speedup"]] = np.nan
+        # a whole step's roofline is its update's: compare it with the optimizer's share, not the step
+        whole = df["floor_ms"].notna()
+        if "roofline_ms" in df:
+            df.loc[whole, "roofline_frac"] = df.loc[whole, "roofline_ms"] / df.loc[whole, "share_ms"]
+            df.loc[df["implementation"] == NO_UPDATE, "roofline_frac"] = np.nan
+    return df
+
+
+def config_columns(df) -> list[str]:
+    """The configuration key: every :class:`Case` field in the frame but the implementation, so
+    a field added to :class:`Case` (and so to the rows) becomes part of it by itself."""
+    return [f.name for f in fields(Case) if f.name != "implementation" and f.name in df.columns]
+
+
+def compact(df):
+    """One row per configuration and dsgd implementation, the reference beside it (plain data).
+
+    Columns: the configuration key (:func:`config_columns`), ``implementation``/``impl_used``
+    (dsgd's), ``median_ms``, ``spread`` ((p90 - p10) / median), ``reference_ms``, ``speedup``
+    (reference / dsgd), ``roofline_frac`` and ``reference_roofline_frac``, ``first_step_s`` and
+    ``reference_first_step_s``, ``status`` and ``error`` (dsgd's, else the reference's); in the
+    whole-step modes ``floor_ms`` (the no-update step) and ``share_speedup`` (the reference's share of
+    the step over dsgd's).  A configuration with only the reference measured is one row with the
+    dsgd fields empty.
+    """
+    import pandas as pd
+
+    keys = config_columns(df)
+    out = []
+    groups = df.groupby(keys, sort=False, dropna=False) if keys else [((), df)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        ref = g[g["implementation"] == REFERENCE]
+        ref = ref.iloc[0] if len(ref) else None
+        floor = g[(g["implementation"] == NO_UPDATE) & (g["status"] == "ok")]
+        floor_ms = float(floor["median_ms"].iloc[0]) if len(floor) else np.nan
+        mine = g[~g["implementation"].isin([REFERENCE, NO_UPDATE])]
+
+        def get(r, col):
+            return r[col] if r is not None and col in r and r[col] == r[col] else np.nan
+
+        for _, r in (mine.iterrows() if len(mine) else [(None, None)]):
+            row = dict(zip(keys, key))
+            ok = r is not None and get(r, "status") == "ok"
+            ref_ok = ref is not None and get(ref, "status") == "ok"
+            med, ref_med = get(r, "median_ms") if ok else np.nan, get(ref, "median_ms") if ref_ok else np.nan
+            row.update(
+                implementation=get(r, "implementation"), impl_used=get(r, "impl_used"),
+                median_ms=med, spread=(get(r, "p90_ms") - get(r, "p10_ms")) / med if ok else np.nan,
+                reference_ms=ref_med, speedup=ref_med / med if ok and ref_ok else np.nan,
+                roofline_frac=get(r, "roofline_frac") if ok else np.nan,
+                reference_roofline_frac=get(ref, "roofline_frac") if ref_ok else np.nan,
+                first_step_s=get(r, "first_step_s") if ok else np.nan,
+                reference_first_step_s=get(ref, "first_step_s") if ref_ok else np.nan,
+                floor_ms=floor_ms, share_speedup=_share_ratio(ref_med, med, floor_ms) if ok and ref_ok else np.nan)
+            bad = [x for x in (r, ref) if x is not None and get(x, "status") != "ok"]
+            row["status"] = "ok" if not bad else "failed"
+            row["error"] = str(get(bad[0], "error")) if bad else ""
+            if bad and bad[0] is ref:
+                row["error"] = "reference: " + row["error"]
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def _share_ratio(ref_ms: float, ms: float, floor_ms: float) -> float:
+    """(reference - floor) / (dsgd - floor); NaN when a share is not positive (the floor, measured
+    beside them, was as slow as the step: noise larger than the share, no ratio to report)."""
+    mine, ref = ms - floor_ms, ref_ms - floor_ms
+    return ref / mine if mine > 0 and ref > 0 else np.nan
+
+
+def merge_external(df, paths: Sequence[str]):
+    """Add rows measured by another tool in the same column format (e.g. scripts/bench_jax.py
+    --format csv) so they sit beside dsgd and the reference, with speed-ups vs the reference."""
+    import pandas as pd
+
+    frames = [df]
+    for p in paths:
+        try:
+            ext = pd.read_csv(p)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--compare file {p}: {e}") from None
+        missing = [c for c in ("workload", "mesh", "layout", "dtype", "options", "implementation", "median_ms")
+                   if c not in ext.columns]
+        if missing:
+            raise ValueError(f"--compare file {p} lacks columns {missing}")
+        ext = ext.copy()
+        ext["xla"] = False  # compared against the reference with XLA off
+        for f in fields(Case):  # the configuration fields it lacks take Case's defaults (e.g. device CPU)
+            if f.name not in ext.columns:
+                ext[f.name] = f.default
+        ext["status"] = ext.get("status", "ok")
+        frames.append(ext)
+    return add_ratios(pd.concat(frames, ignore_index=True))

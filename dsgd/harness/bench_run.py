@@ -1,0 +1,207 @@
+"""Running ``dsgd bench``'s cases: the worker functions (one case, or the implementations of one
+configuration side by side, their steps interleaved) and the sweep that hands them to worker
+processes (:mod:`dsgd.harness.isolate`), or runs them here as a DTensor client."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Optional, Sequence
+
+import numpy as np
+
+from dsgd.harness import measure
+from dsgd.harness.bench_frame import add_ratios
+from dsgd.harness.measure import NO_UPDATE, Case, prepare_kernels, resolved_implementations
+
+_COPY_GBPS: Optional[float] = None
+
+
+def copy_gbps() -> float:
+    global _COPY_GBPS
+    if _COPY_GBPS is None:
+        _COPY_GBPS = measure.copy_bandwidth_gbps()
+    return _COPY_GBPS
+
+
+def _row(built, t_ms: np.ndarray) -> dict:
+    """The result row of one built case from its per-step times (ms)."""
+    row = asdict(built.case)
+    b = measure.bytes_for_case(built)
+    bw = copy_gbps()
+    stats = measure.step_stats(t_ms, (10, 90))
+    roof = measure.roofline(b.step_traffic_total, stats["median_ms"], bw)
+    row.update(
+        status="ok",
+        first_step_s=built.first_step_s,
+        impl_used=NO_UPDATE if built.case.implementation == NO_UPDATE else resolved_implementations(built.optimizer),
+        **stats,
+        params=b.params_total,
+        param_bytes_per_device=b.params_per_device,
+        state_bytes_per_device=measure.optimizer_state_bytes(built.optimizer),  # what the slots hold (ZeRO-1 too)
+        traffic_bytes=b.step_traffic_total,
+        achieved_gbps=roof["achieved_gbps"],
+        copy_gbps=bw,
+        roofline_ms=roof["roofline_ms"],
+    )
+    row["roofline_frac"] = roof["roofline_frac"]
+    return row
+
+
+def run_case(payload: dict) -> dict:
+    """Measure one case (a :class:`Case` as a dict plus ``steps``); returns a result row."""
+    steps = int(payload.pop("steps", 10))
+    built = measure.build_case(Case(**payload))
+    measure.time_first_step(built)
+    return _row(built, measure.time_steps(built.step, steps=steps, warmup=1) * 1e3)
+
+
+BLOCK = 4  # timed steps per implementation per round of run_paired
+
+
+def run_paired(payload: dict) -> dict:
+    """Measure several implementations of one configuration side by side, in one process.
+
+    ``payload``: a :class:`Case` as a dict whose ``implementation`` is a list, plus ``steps``.
+    Each implementation is built and its first step timed on its own; then their steps are
+    interleaved in rounds (every implementation once per round, in reverse order on odd
+    rounds), so a slow spell of the machine falls on all of them alike and their ratio holds.
+    In a round an implementation runs one untimed step, then :data:`BLOCK` timed ones: every
+    timed step follows a step of its own, as in a loop of steps (and as when measured alone),
+    not a step of another implementation that left the caches full of its own buffers.
+    Returns ``{"rows": [one row per implementation, in order]}``; an implementation that
+    fails is a failed row and the others are still measured.
+    """
+    steps = int(payload.pop("steps", 10))
+    impls = list(payload.pop("implementation"))
+    built: dict[int, measure.Built] = {}
+    rows: list[Optional[dict]] = [None] * len(impls)
+    for k, impl in enumerate(impls):
+        try:
+            b = measure.build_case(Case(**payload, implementation=impl))
+            measure.time_first_step(b)
+            b.step()  # warm-up
+            measure.sync()
+            built[k] = b
+        except Exception as e:  # noqa: BLE001 - recorded as failed; the others go on
+            rows[k] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    times: dict[int, list[float]] = {k: [] for k in built}
+    rounds = -(-steps // BLOCK)
+    for r in range(rounds):
+        for k in (list(built) if r % 2 == 0 else list(built)[::-1]):
+            if k not in times:
+                continue
+            try:  # the warm-up step is untimed: the caches were the other implementation's
+                n = min(BLOCK, steps - len(times[k]))
+                times[k].extend(measure.time_steps(built[k].step, steps=n, warmup=1) * 1e3)
+            except Exception as e:  # noqa: BLE001
+                rows[k] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                del times[k]
+    for k, t in times.items():
+        rows[k] = _row(built[k], np.asarray(t))
+        rows[k]["paired"] = True
+    return {"rows": rows}
+
+
+def _jobs(cases: Sequence[Case], steps: int, paired: bool) -> list[tuple[str, dict, list[int]]]:
+    """(worker function, payload, indices of the cases it measures) for each unit of work."""
+    if not paired:
+        return [("run_case", dict(asdict(c), steps=steps), [i]) for i, c in enumerate(cases)]
+    by_config: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cases):
+        config = tuple((k, v) for k, v in asdict(c).items() if k != "implementation")
+        by_config.setdefault(config, []).append(i)
+    jobs = []
+    for config, idx in by_config.items():
+        if len(idx) == 1:
+            jobs.append(("run_case", dict(asdict(cases[idx[0]]), steps=steps), idx))
+        else:
+            jobs.append(("run_paired", dict(config, implementation=[cases[i].implementation for i in idx],
+                                            steps=steps), idx))
+    return jobs
+
+
+def _split(res: dict, n: int) -> list[dict]:
+    """A job's result as one result per case (a failed job fails each of its cases)."""
+    if "rows" in res:
+        return [r if r is not None else {"status": "failed", "error": "not measured"} for r in res["rows"]]
+    return [res] * n if n > 1 else [res]
+
+
+def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bool = True,
+        progress: bool = True, on_row=None, paired: bool = True):
+    """Run cases; returns a pandas DataFrame with one row per case (failed ones included).
+
+    ``paired`` (the default): the implementations of one configuration are measured side by
+    side in one process, their steps interleaved (:func:`run_paired`), so the speed-up is a
+    ratio of times taken in the same moments; otherwise each case runs on its own.
+
+    As a DTensor client (:mod:`dsgd.multiclient`) the cases run in this process, whatever
+    ``isolate`` says: every client runs the same cases in the same order, each case's mesh
+    spanning all clients (the cluster cannot be re-formed in a worker process).
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from dsgd import multiclient
+
+    client = multiclient.is_client()
+    if client:
+        isolate = False
+    jobs = _jobs(cases, steps, paired)
+    rows: list[Optional[dict]] = [None] * len(cases)
+    bar = tqdm(total=len(cases), desc="dsgd bench", unit="case", disable=not progress, leave=False)
+
+    def got(j, res):
+        idx = jobs[j][2]
+        for i, r in zip(idx, _split(res, len(idx))):
+            row = dict(asdict(cases[i]))
+            row.update(r)
+            rows[i] = row
+            bar.update(1)
+            bar.set_postfix_str(cases[i].label[:60])
+            if on_row:
+                on_row(row)
+
+    if isolate:
+        from dsgd.harness.isolate import run_isolated
+
+        # one worker function per sweep keeps run_isolated's one-func interface
+        payloads = [dict(p, _func=func) for func, p, _ in jobs]
+        run_isolated("dsgd.harness.bench_run:run_job", payloads, devices=devices, on_result=got,
+                     device_type=cases[0].device if cases else "CPU")
+    else:
+        for j, (func, p, idx) in enumerate(jobs):
+            try:
+                res = run_job(dict(p, _func=func))
+            except Exception as e:  # noqa: BLE001 - recorded as failed; the sweep goes on
+                res = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            if client:  # a case failed on some clients only: the others may be stuck in it, stop all
+                ok = all(r.get("status", "ok") == "ok" for r in _split(res, len(idx)))
+                oks = multiclient.agree(f"bench-job-{j}", ok)
+                if len(set(oks)) > 1:
+                    bad = [k for k, o in enumerate(oks) if not o]
+                    msg = f"case {cases[idx[0]].label} failed on client(s) {bad} only: {res.get('error', '')}"
+                    multiclient.report_error(msg)
+                    raise RuntimeError(msg)
+            got(j, res)
+    bar.close()
+    df = add_ratios(pd.DataFrame(rows))
+    if client:  # every client gets here together (the jobs agreed)
+        cfg = multiclient.config_from_env()
+        df["clients"] = cfg.num_clients
+        df["barrier_ms"] = multiclient.barrier_ms()  # included in every step time: say how much
+    return df
+
+
+def run_job(payload: dict) -> dict:
+    """A worker's entry point: ``payload["_func"]`` is ``run_case`` or ``run_paired``.
+
+    The kernels are built/loaded first; every row of the job gets that time as ``build_s``.
+    """
+    func = payload.pop("_func", "run_case")
+    impl = payload.get("implementation", "auto")
+    build_s = prepare_kernels([impl] if isinstance(impl, str) else impl)
+    res = {"run_case": run_case, "run_paired": run_paired}[func](payload)
+    for r in res["rows"] if "rows" in res else [res]:
+        if r is not None:
+            r["build_s"] = build_s
+    return res
