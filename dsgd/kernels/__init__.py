@@ -46,7 +46,7 @@ _error: Optional[str] = None
 _dispatch = None
 _dispatch_error: Optional[str] = None
 _announced = False
-NOTE = "dsgd: "  # stderr lines with this prefix are notes a worker's parent passes on (dsgd.isolate)
+NOTE = "dsgd: "  # stderr lines with this prefix are notes a worker's parent passes on (dsgd.harness.isolate)
 
 
 class KernelUnavailable(RuntimeError):
