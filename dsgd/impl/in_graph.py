@@ -101,7 +101,8 @@ class GroupedInGraph(OpsDTensor):
         super().__init__(group, options)
         self._ops = kernels.load()  # also registers the labelled kernel in this process
         self._tmomentum = _momentum_dtype(group)
-        self._packed: dict[tuple, tuple[list, list[int]]] = {}
+        # never evicted: a traced function keeps using its sets for as long as it lives
+        self._packed: dict[tuple, tuple[tuple, list, list[int]]] = {}
 
     def _sets(self, entries, use_momentum: bool, use_ema: bool) -> list[int]:
         """(device index, set address) for each local device: the variables and slots packed
@@ -121,8 +122,9 @@ class GroupedInGraph(OpsDTensor):
                         address = int(self._ops.dsgd_var_set_address(h).numpy())
                     handles.append(h)
                     pairs += [tf.DeviceSpec.from_string(dev).device_index, address]
-            packed = self._packed[key] = (handles, pairs)
-        return packed[1]
+            # the entries are kept too, so their ids (the key) are never reused for others
+            packed = self._packed[key] = (tuple(entries), handles, pairs)
+        return packed[2]
 
     def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
         if not items:
