@@ -219,17 +219,23 @@ def leave_together(cfg: ClientConfig, timeout_s: float = EXIT_BARRIER_TIMEOUT_S)
     ctx = context.context()
     if cfg.client_id != 0:
         # Every client's work is done (the barrier passed).  The RPC that posts the key has
-        # been seen to fail once with a transient "Socket closed" (gRPC UNAVAILABLE) while
-        # client 0 still waited for it: retry briefly before giving up.
-        for attempt in range(5):
+        # been seen to fail with a transient "Socket closed" (gRPC UNAVAILABLE), and once (a clean
+        # CI-like run) to end in "Connection refused" after all retries -- most likely the key had
+        # arrived, its reply was lost, and client 0 had already left.  So retry for ~6 s, and if
+        # client 0 stays unreachable it has
+        # left (or died, which the launcher reports from its own exit code); this client's result
+        # is complete either way, so it leaves too.
+        for attempt in range(8):
             try:
                 ctx.set_config_key_value(f"dsgd-exit/{cfg.client_id}", "1")
                 return
             except errors.AlreadyExistsError:  # an earlier attempt got there; its reply was lost
                 return
-            except errors.UnavailableError:
-                if attempt == 4:
-                    raise
+            except errors.UnavailableError as e:
+                if attempt == 7:
+                    print(f"client {cfg.client_id}: client 0 unreachable after the exit barrier ({e.message[:120]}); "
+                          "leaving", file=sys.stderr, flush=True)
+                    return
                 time.sleep(0.2 * (attempt + 1))
         return
     for i in range(1, cfg.num_clients):
