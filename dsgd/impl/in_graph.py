@@ -47,7 +47,7 @@ from dsgd import kernels, rules
 from dsgd.impl.dtensor_ops import OpsDTensor, densify
 from dsgd.impl.local import local_entry
 from dsgd.impl.base import Items
-from dsgd.impl.multi_tensor import Grouped, _momentum_dtype
+from dsgd.impl.multi_tensor import Grouped, _momentum_dtype, pack_varsets
 from dsgd.plan import Group, StepArgs
 
 KERNEL_LABEL = "dsgd_sgd"  # GraphSgdOp's label in multi_momentum.cc
@@ -112,15 +112,12 @@ class GroupedInGraph(OpsDTensor):
         if packed is None:
             with tf.init_scope():
                 les = [local_entry(e) for e in entries]
-                handles, pairs = [], []
-                for k, dev in enumerate(les[0].devices):
+                devices = les[0].devices
+                handles = pack_varsets(self._ops, devices, les, use_momentum, use_ema)
+                pairs = []
+                for dev, h in zip(devices, handles):
                     with tf.device(dev):
-                        h = self._ops.dsgd_pack_vars(
-                            vars=[le.var[k] for le in les],
-                            accums=[le.momentum[k] for le in les] if use_momentum else [],
-                            averages=[le.average[k] for le in les] if use_ema else [])
                         address = int(self._ops.dsgd_var_set_address(h).numpy())
-                    handles.append(h)
                     pairs += [tf.DeviceSpec.from_string(dev).device_index, address]
             # the entries are kept too, so their ids (the key) are never reused for others
             packed = self._packed[key] = (tuple(entries), handles, pairs)

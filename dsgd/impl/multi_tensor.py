@@ -174,13 +174,8 @@ class Grouped(LocalImplementation):
         return calls
 
     def _make_call(self, index: list[int], les: list[LocalEntry], sparse: bool) -> _Call:
-        pack = self._ops.dsgd_pack_vars
-        varsets = []
-        for k, dev in enumerate(self.devices):
-            with tf.device(dev):
-                slots = {s: [getattr(le, s)[k] for le in les] if getattr(les[0], s) is not None else []
-                         for s in ("var", "momentum", "average")}
-                varsets.append(pack(vars=slots["var"], accums=slots["momentum"], averages=slots["average"]))
+        varsets = pack_varsets(self._ops, self.devices, les, les[0].momentum is not None,
+                               les[0].average is not None)
         mask = [le.entry.decay for le in les]
         decay = self._no_mask if all(mask) else tf.constant(mask, tf.bool)
         addresses = None if sparse else _set_addresses(self._ops, self.devices, varsets)
@@ -310,6 +305,20 @@ class Counter:
     def __call__(self) -> None:
         with tf.device(self._device):
             self._op(varsets=self._addresses)
+
+
+def pack_varsets(ops, devices: Sequence[str], les: Sequence[LocalEntry], momentum: bool,
+                 average: bool) -> list[tf.Tensor]:
+    """Per device: ``DsgdPackVars`` of the variables of ``les`` (and their momentum and EMA
+    slots, if asked), eagerly; the kernels find them through these handles or their address."""
+    pack = ops.dsgd_pack_vars
+    varsets = []
+    for k, dev in enumerate(devices):
+        with tf.device(dev):
+            varsets.append(pack(vars=[le.var[k] for le in les],
+                                accums=[le.momentum[k] for le in les] if momentum else [],
+                                averages=[le.average[k] for le in les] if average else []))
+    return varsets
 
 
 def _set_addresses(ops, devices: Sequence[str], varsets: Sequence[tf.Tensor]) -> tf.Tensor:

@@ -628,18 +628,14 @@ class MultiSgdOp : public OpKernel {
 // step id, loop frame and iteration, and node name), and the last to arrive runs one SgdStep over
 // every device's variables -- as the eager DsgdMultiSgdAll does -- and completes them all.  (The
 // key has the node's token too: two nodes of one call in separate function bodies may share a
-// name, a frame and an iteration.)  No
-// thread waits: a copy that has joined returns its thread to the executor.  Errors of any copy
-// fail every copy; a cancelled step releases the copies waiting in it.
-struct GraphStepInputs {
-  absl::Status status;                      // the copy's own checks
-  std::vector<core::RefCountPtr<VarSet>> sets;  // one: this device's variables
-};
-
-struct Waiting {
+// name, a frame and an iteration.)  No thread waits: a copy that has joined returns its thread
+// to the executor.  Errors of any copy fail every copy; a cancelled step releases the copies
+// waiting in it.
+struct Waiting {  // one copy of the node in a gathering
   OpKernelContext* ctx;
   AsyncOpKernel::DoneCallback done;
-  GraphStepInputs in;
+  absl::Status status;                // the copy's own checks
+  core::RefCountPtr<VarSet> set;      // this device's variables and slots
   CancellationManager* cm = nullptr;
   CancellationToken token = CancellationManager::kInvalidToken;
 };
@@ -689,18 +685,23 @@ class GraphSgdOp : public AsyncOpKernel {
 
   void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
     int local = 1;
-    GraphStepInputs in;
-    in.status = Check(ctx, &in.sets, &local);
+    core::RefCountPtr<VarSet> set;
+    absl::Status status = Check(ctx, &set, &local);
     if (local <= 1) {  // one device (or inputs too broken to say): run here
-      if (in.status.ok()) Run(ctx, {ctx}, in.sets);
-      else ctx->SetStatus(in.status);
+      if (status.ok()) {
+        std::vector<core::RefCountPtr<VarSet>> sets;
+        sets.push_back(std::move(set));
+        Run(ctx, {ctx}, sets);
+      } else {
+        ctx->SetStatus(status);
+      }
       done();
       return;
     }
     const auto fi = ctx->frame_iter();
     const std::string key = absl::StrCat(ctx->step_id(), "/", fi.frame_id, "/", fi.iter_id, "/", def().name(), "/",
                                          ctx->input(1).flat<int64_t>()(7));
-    Waiting w{ctx, std::move(done), std::move(in)};
+    Waiting w{ctx, std::move(done), status, std::move(set)};
     // register for cancellation before joining, so a waiting copy can always be released
     CancellationManager* cm = ctx->cancellation_manager();
     if (cm != nullptr) {
@@ -724,10 +725,9 @@ class GraphSgdOp : public AsyncOpKernel {
     for (auto& x : all) {
       if (x.cm != nullptr) x.cm->TryDeregisterCallback(x.token);  // false: its callback finds nothing
     }
-    absl::Status status;
     for (auto& x : all) {
-      if (!x.in.status.ok()) {
-        status = x.in.status;
+      if (!x.status.ok()) {
+        status = x.status;
         break;
       }
     }
@@ -739,7 +739,7 @@ class GraphSgdOp : public AsyncOpKernel {
       std::vector<OpKernelContext*> ctxs;
       for (auto& x : all) {
         ctxs.push_back(x.ctx);
-        sets.push_back(std::move(x.in.sets[0]));
+        sets.push_back(std::move(x.set));
       }
       Run(ctx, ctxs, sets);  // on this (the last) copy's thread and thread pool
       status = ctx->status();
@@ -754,7 +754,7 @@ class GraphSgdOp : public AsyncOpKernel {
   static constexpr int kGrads = 7;  // input index of the first gradient
 
   // This copy's inputs checked and its variable set found; `local` from meta when readable.
-  static absl::Status Check(OpKernelContext* ctx, std::vector<core::RefCountPtr<VarSet>>* sets, int* local) {
+  static absl::Status Check(OpKernelContext* ctx, core::RefCountPtr<VarSet>* out, int* local) {
     if (ctx->num_inputs() < 10) {
       return absl::InvalidArgumentError("dsgd_sgd: too few inputs (this Assert was not built by dsgd)");
     }
@@ -791,7 +791,7 @@ class GraphSgdOp : public AsyncOpKernel {
             "dsgd_sgd: the optimizer's variable set for this device is gone (a function traced by an optimizer "
             "that no longer exists); trace the step again");
       }
-      sets->emplace_back(set);
+      out->reset(set);
       if (set->n() != n || set->has_momentum() != use_m || set->has_average() != use_ema) {
         return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: the variable set (", set->DebugString(),
                                                        ") does not match the step's ", n, " variables"));
