@@ -99,6 +99,12 @@ def dataset(spec: ModelSpec, mesh, seed: int = 0):
     x = rng.standard_normal((4 * GLOBAL_BATCH, spec.inputs)).astype(np.float32)
     y = rng.standard_normal((4 * GLOBAL_BATCH, spec.outputs)).astype(np.float32)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat()
+    # tf.data's autotuning thread sleeps up to a minute between rounds and an iterator's
+    # teardown waits for it (TF 2.21): 15-60 s per iterator, minutes per bench sweep.  The
+    # batches are in memory, there is nothing to tune.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    ds = ds.with_options(options)
     axis = mesh.dim_names[0]
     lay = dtensor.Layout.batch_sharded(mesh, axis, rank=2)
     return dtensor.DTensorDataset(ds, mesh=mesh, layouts=(lay, lay), global_batch_size=GLOBAL_BATCH,
