@@ -238,17 +238,41 @@ IDLE_BOUND = {("one-big", "auto"): (17, 28), ("one-big", "reference"): (15, 24),
               ("many-small", "auto"): (5, 10), ("many-small", "reference"): (6, 11)}
 
 
-def test_model_accuracy_on_an_idle_machines_measurements():
+# A second idle grid, measured the same way on another VM of the same kind (2 cores) with dsgd c8c06ab,
+# after the model above was chosen: both this model and the one before it meet the goal for 3 of 8
+# there.  Its misses are systematic and invisible to the model's features (counts): identical
+# replicated work on 4-device meshes takes up to 1.5x longer on one mesh than another (tf_keras'
+# one-big: batch=2,model=2 46 ms, batch=4 68, model=4 70), also in side-by-side re-runs.
+IDLE2 = Path(__file__).parent / "data" / "layouts_validation_idle2.jsonl.gz"
+IDLE2_BOUND = {("one-big", "auto"): (22, 36), ("one-big", "reference"): (29, 44),
+               ("bert-mini", "auto"): (16, 39), ("bert-mini", "reference"): (14, 19),
+               ("resnet-ish", "auto"): (17, 33), ("resnet-ish", "reference"): (22, 44),
+               ("many-small", "auto"): (12, 17), ("many-small", "reference"): (15, 20)}
+
+
+def _accuracy_over(path: Path, bound: dict) -> tuple[dict, set]:
+    """The (workload, implementation) pairs whose mean or max |error| exceeds ``bound``, and those
+    that meet the 15% / 30% goal, for the grid saved in ``path`` re-fitted by this model."""
     from dsgd.advisor import measurements
 
-    rows = measurements.combine_repeats(measurements.refresh_features(measurements.load_measurements(str(IDLE))))
+    rows = measurements.combine_repeats(measurements.refresh_features(measurements.load_measurements(str(path))))
     assert len(rows) == 120
     per_row, summary, _ = costmodel.validate(rows)
     assert summary["bytes_exact"].all() and len(summary) == 8
     over = {(r.workload, r.implementation): (round(r.mean_abs_error_pct, 1), round(r.max_abs_error_pct, 1))
             for r in summary.itertuples()
-            if r.mean_abs_error_pct > IDLE_BOUND[(r.workload, r.implementation)][0]
-            or r.max_abs_error_pct > IDLE_BOUND[(r.workload, r.implementation)][1]}
+            if r.mean_abs_error_pct > bound[(r.workload, r.implementation)][0]
+            or r.max_abs_error_pct > bound[(r.workload, r.implementation)][1]}
+    return over, {(r.workload, r.implementation) for r in summary.itertuples() if r.goal_met}
+
+
+def test_model_accuracy_on_an_idle_machines_measurements():
+    over, met = _accuracy_over(IDLE, IDLE_BOUND)
     assert not over, over
-    met = {(r.workload, r.implementation) for r in summary.itertuples() if r.goal_met}
     assert {(w, "reference") for w in costmodel.VALIDATION_WORKLOADS} | {("bert-mini", "auto"), ("many-small", "auto")} <= met
+
+
+def test_model_accuracy_on_a_second_idle_grid():
+    over, met = _accuracy_over(IDLE2, IDLE2_BOUND)
+    assert not over, over
+    assert {("bert-mini", "reference"), ("many-small", "auto"), ("many-small", "reference")} <= met
