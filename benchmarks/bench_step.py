@@ -55,8 +55,8 @@ class TimeStepGPU(_StepBase):
 class TimeStepModes(_StepBase):
     """The step where users run it, on the baseline configuration: ``apply_gradients`` eagerly and
     inside a ``tf.function`` (the workload), a whole custom ``tf.function`` training step and a
-    ``model.fit`` step (the residual MLP of ``dsgd.harness.models``, with the ``no-update`` floor: the same
-    step applying nothing).  tf_keras' reference, ``auto`` and ``fused`` (the DTensor path)."""
+    ``model.fit`` step (the residual MLP of ``dsgd.harness.models``), with the ``no-update`` floor (the same
+    function applying nothing; in ``graph`` it takes the same gradients and variables).  tf_keras' reference, ``auto`` and ``fused`` (the DTensor path)."""
 
     param_names = common.PARAM_NAMES + ["mode"]
     params = [[BASE["mesh"]], [BASE["layout"]], [BASE["dtype"]], [BASE["device"]], [BASE["xla"]],

@@ -93,7 +93,8 @@ def test_kernel_bandwidth_script():
 
 
 def test_modes_graph_and_fit_side_by_side(tmp_path):
-    """``--mode graph``: apply_gradients in a tf.function for dsgd (its in-graph kernel) and tf_keras;
+    """``--mode graph``: apply_gradients in a tf.function for dsgd (its in-graph kernel) and tf_keras,
+    beside a function taking the same gradients and variables and applying nothing (the floor);
     ``--mode fit``: one model.fit step of a model, beside the no-update floor, and the optimizer's
     share of the step (step - floor) with its speed-up over tf_keras' share."""
     import numpy as np
@@ -108,18 +109,29 @@ def test_modes_graph_and_fit_side_by_side(tmp_path):
                        modes=["eager", "graph", "fit"], models=["resmlp-small"])
     assert [(c.mode, c.workload, c.implementation) for c in cases] == [
         ("eager", "one-big", "auto"), ("eager", "one-big", "reference"), ("graph", "one-big", "auto"),
-        ("graph", "one-big", "reference"), ("fit", "resmlp-small", "auto"), ("fit", "resmlp-small", "reference"),
-        ("fit", "resmlp-small", NO_UPDATE)]
+        ("graph", "one-big", "reference"), ("graph", "one-big", NO_UPDATE), ("fit", "resmlp-small", "auto"),
+        ("fit", "resmlp-small", "reference"), ("fit", "resmlp-small", NO_UPDATE)]
 
     wl = tmp_path / "two.json"
     wl.write_text(json.dumps([{"name": "w", "shape": [64, 32]}, {"name": "b", "shape": [32]}]))
     graph = run_paired(dict(workload=str(wl), mesh="batch=2,model=4", mode="graph", steps=2,
-                            implementation=["auto", "reference"]))["rows"]
+                            implementation=["auto", "reference", NO_UPDATE]))["rows"]
     fit = run_paired(dict(workload="resmlp-small", mesh="1", mode="fit", steps=2,
                           implementation=["auto", "reference", NO_UPDATE]))["rows"]
-    assert [r["status"] for r in graph + fit] == ["ok"] * 5, graph + fit
+    assert [r["status"] for r in graph + fit] == ["ok"] * 6, graph + fit
     assert graph[0]["impl_used"] == "grouped_graph" and fit[0]["impl_used"] == "grouped_graph"
-    assert fit[2]["impl_used"] == NO_UPDATE
+    assert graph[2]["impl_used"] == fit[2]["impl_used"] == NO_UPDATE
+    # the floor's function has the inputs the optimizers' have: the gradients and the variables' handles
+    import tensorflow as tf
+
+    from dsgd.harness import measure, models
+
+    built = measure.build_case(measure.Case(workload=str(wl), mesh="1", mode="graph", implementation=NO_UPDATE))
+    opt = models.no_update_optimizer(built.mesh)
+    fn = tf.function(lambda: opt.apply_gradients(zip(built.grads, built.variables)))
+    captured = [t for t, _ in fn.get_concrete_function().graph.captures]
+    for x in list(built.grads) + [v.handle for v in built.variables]:
+        assert any(x is t for t in captured), x
     base = dict(workload="w", mesh="m", layout="sharded", dtype="float32", xla=False, options="momentum",
                 mode="fit", status="ok", first_step_s=1.0)
     df = add_ratios(pd.DataFrame([dict(base, implementation="auto", median_ms=12.0),

@@ -87,7 +87,8 @@ def add_arguments(p) -> None:
                    help="where the step runs (repeatable; default: eager, graph, fit): eager = apply_gradients called eagerly "
                         "(tf_keras' reference in a tf.function, its faster mode); graph = apply_gradients inside a "
                         "tf.function for both; train_step = a whole custom tf.function training step of --model; "
-                        "fit = one model.fit step of --model (both with a no-update floor row)")
+                        "fit = one model.fit step of --model (graph, train_step and fit with a no-update floor row: the "
+                        "same function applying nothing)")
     p.add_argument("--model", action="append",
                    help=f"model of the train_step and fit modes (repeatable; default {DEFAULT_MODELS[0]}: a residual "
                         "MLP, 8.7M parameters, global batch 16; resmlp-small: a tiny one)")

@@ -16,9 +16,10 @@ KEY = ["workload", "mesh", "layout", "dtype", "xla", "options", "mode"]
 def add_ratios(df):
     """``speedup`` = reference median / this median, for the same configuration (:data:`KEY`).
 
-    Whole-step modes (``train_step``, ``fit``) also get the optimizer's *share* of the step:
+    The modes with a floor (``graph``, ``train_step``, ``fit``) also get the optimizer's *share*:
     ``share_ms`` = this median - the :data:`NO_UPDATE` median of the same configuration (the
-    forward and backward pass alone), and ``share_speedup`` = the reference's share / this share.
+    forward and backward pass alone; in ``graph`` the call of a function taking the same gradients
+    and variables), and ``share_speedup`` = the reference's share / this share.
     """
     if df.empty or "median_ms" not in df:
         return df
@@ -39,7 +40,7 @@ def add_ratios(df):
         df["share_speedup"] = [_share_ratio(ref.get(k, np.nan), m, floor.get(k, np.nan))
                                for k, m in zip(keys, df["median_ms"])]
         df.loc[df["implementation"] == NO_UPDATE, ["speedup", "share_ms", "share_speedup"]] = np.nan
-        # a whole step's roofline is its update's: compare it with the optimizer's share, not the step
+        # the roofline is the update's: where there is a floor, compare it with the optimizer's share
         whole = df["floor_ms"].notna()
         if "roofline_ms" in df:
             df.loc[whole, "roofline_frac"] = df.loc[whole, "roofline_ms"] / df.loc[whole, "share_ms"]
@@ -60,8 +61,8 @@ def compact(df):
     (dsgd's), ``median_ms``, ``spread`` ((p90 - p10) / median), ``reference_ms``, ``speedup``
     (reference / dsgd), ``roofline_frac`` and ``reference_roofline_frac``, ``first_step_s`` and
     ``reference_first_step_s``, ``status`` and ``error`` (dsgd's, else the reference's); in the
-    whole-step modes ``floor_ms`` (the no-update step) and ``share_speedup`` (the reference's share of
-    the step over dsgd's).  A configuration with only the reference measured is one row with the
+    modes with a floor ``floor_ms`` (the no-update step) and ``share_speedup`` (the reference's share
+    of the step over dsgd's).  A configuration with only the reference measured is one row with the
     dsgd fields empty.
     """
     import pandas as pd

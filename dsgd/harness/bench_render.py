@@ -170,11 +170,12 @@ def render_table(df, *, run_s: Optional[float] = None, width: int = WIDTH) -> st
         + (", dsgd and tf_keras' DTensor SGD interleaved in one process" if paired else "")
         + "; mode eager: dsgd called eagerly, tf_keras in a tf.function (its faster mode); graph: both inside a "
         "tf.function; train_step / fit: a whole training step of the model (forward, backward, update: a custom "
-        "tf.function, or model.fit's), floor = the same step applying nothing, share speed-up = (tf_keras - floor) / "
+        "tf.function, or model.fit's); floor = the same function applying nothing (graph: taking the same gradients "
+        "and variables, whose passing DTensor charges every call), share speed-up = (tf_keras - floor) / "
         "(dsgd - floor); speed-up = tf_keras ms / dsgd ms; spread = (p90 - p10) / median; roofline = the update's "
         "ideal memory traffic at the copy bandwidth" + (f" measured in this run ({bw:.1f} GB/s)" if bw else "")
-        + " / the update's time (the step, or in whole steps the share; 1 = memory-bound); first step = trace + "
-        "compile + one step.")
+        + " / the update's time (the share where there is a floor, else the step; 1 = memory-bound); first step = "
+        "trace + compile + one step.")
     if "clients" in df and df["clients"].notna().any():
         n = int(df["clients"].max())
         b = df["barrier_ms"].dropna().median() if "barrier_ms" in df else float("nan")

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from dsgd.harness import measure
 from dsgd.argcheck import IMPLEMENTATIONS
-from dsgd.harness.measure import MODEL_MODES, NO_UPDATE, REFERENCE, Case
+from dsgd.harness.measure import FLOOR_MODES, MODEL_MODES, NO_UPDATE, REFERENCE, Case
 from dsgd.workloads import LAYOUT_POLICIES, WORKLOADS
 
 DEFAULT_MODELS = ("resmlp",)  # the train_step and fit modes' models (dsgd.harness.models)
@@ -64,13 +64,15 @@ def make_cases(workloads: Sequence[str], meshes: Sequence[str], layouts: Sequenc
                device: str = "CPU", modes: Sequence[str] = ("eager",),
                models: Sequence[str] = DEFAULT_MODELS) -> list[Case]:
     """The grid.  ``eager``/``graph`` modes run the workloads; ``train_step``/``fit`` run the
-    models (:mod:`dsgd.harness.models`), each with a :data:`NO_UPDATE` row beside the implementations:
-    the same step with gradients computed and nothing applied, the floor of the optimizer's share."""
+    models (:mod:`dsgd.harness.models`).  The ``graph``, ``train_step`` and ``fit`` modes each get a
+    :data:`NO_UPDATE` row beside the implementations: the same function with nothing applied (in
+    ``graph`` it takes the same gradients and variables), the floor of the optimizer's share."""
     cases = []
     for mode in modes:
         names, impls = workloads, list(implementations)
         if mode in MODEL_MODES:
             names = models
+        if mode in FLOOR_MODES:
             impls = impls + ([NO_UPDATE] if NO_UPDATE not in impls else [])
         for w, m, l, d, o, x, i in itertools.product(names, meshes, layouts, dtypes, options, xla, impls):
             cases.append(Case(workload=w, mesh=m, layout=l, dtype=d, implementation=i, xla=x, options=o,

@@ -19,7 +19,7 @@ from dsgd.layoutmap import layout_entries
 from dsgd.workloads import VarSpec
 
 REFERENCE = "reference"  # the tf_keras DTensor SGD, the baseline every speed-up is measured against
-NO_UPDATE = "no-update"  # train_step / fit modes: the same step with an optimizer that applies nothing (the floor)
+NO_UPDATE = "no-update"  # graph / train_step / fit: the same function with an optimizer that applies nothing (the floor)
 
 #: Where a step runs, as users run it:
 #: ``eager``: ``apply_gradients`` called eagerly on a workload's variables (tf_keras' reference
@@ -29,6 +29,9 @@ NO_UPDATE = "no-update"  # train_step / fit modes: the same step with an optimiz
 #: ``model.fit`` on that model (its ``train_function``).
 MODES = ("eager", "graph", "train_step", "fit")
 MODEL_MODES = ("train_step", "fit")  # modes whose workload is a model of dsgd.harness.models
+#: modes with a :data:`NO_UPDATE` floor: the function minus its update (in ``graph``: a function taking
+#: the same gradients and variables, which DTensor pays for on every call whatever the optimizer)
+FLOOR_MODES = ("graph",) + MODEL_MODES
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 # Optimizer option presets: what the benchmarks sweep.
@@ -126,7 +129,12 @@ def case_layouts(specs: Sequence[VarSpec], mesh, policy: str) -> list:
 
 
 def make_optimizer(case: Case, mesh, opts: Optional[dict] = None):
-    """dsgd.SGD for a dsgd implementation; tf_keras' DTensor SGD for ``reference``."""
+    """dsgd.SGD for a dsgd implementation; tf_keras' DTensor SGD for ``reference``; the floor's
+    optimizer that applies nothing for :data:`NO_UPDATE`."""
+    if case.implementation == NO_UPDATE:
+        from dsgd.harness import models
+
+        return models.no_update_optimizer(mesh)
     opts = dict(OPTION_PRESETS[case.options] if opts is None else opts)
     if case.implementation == REFERENCE:
         import tf_keras
@@ -147,8 +155,8 @@ def build_case(case: Case, seed: int = 0, grad_seed: int = 1000) -> Built:
 
     if case.mode in MODEL_MODES:
         return _build_model_case(case)
-    if case.implementation == NO_UPDATE:
-        raise ValueError(f"{NO_UPDATE!r} is the floor of the {'/'.join(MODEL_MODES)} modes, not of mode {case.mode!r}")
+    if case.implementation == NO_UPDATE and case.mode not in FLOOR_MODES:
+        raise ValueError(f"{NO_UPDATE!r} is the floor of the {'/'.join(FLOOR_MODES)} modes, not of mode {case.mode!r}")
     specs = get_workload(case.workload, case.dtype)
     mesh = make_mesh(case.mesh_spec, case.device)
     layouts = case_layouts(specs, mesh, case.layout)
@@ -177,10 +185,7 @@ def _build_model_case(case: Case) -> Built:
 
     spec = models.get_model_spec(case.workload)
     mesh = make_mesh(case.mesh_spec, case.device)
-    if case.implementation == NO_UPDATE:
-        opt = models.no_update_optimizer(mesh)
-    else:
-        opt = make_optimizer(case, mesh)
+    opt = make_optimizer(case, mesh)
     ts = models.build_training_step(spec, mesh, opt, case.mode, policy=case.layout, jit_compile=case.xla)
     variables = list(ts.model.trainable_variables)
     specs = [VarSpec(v.name, tuple(v.shape.as_list()), v.dtype.name) for v in variables]

@@ -122,8 +122,9 @@ def _no_update_class():
     from tf_keras.src.optimizers import optimizer as keras_optimizer
 
     class _NoUpdate(keras_optimizer.Optimizer):
-        """Consumes the gradients with one stateful op whose condition is always true (so the
-        backward pass is not pruned) and counts the step; updates nothing."""
+        """Consumes the gradients and the variables' handles with one stateful op whose condition
+        is always true (so the backward pass is not pruned, and a function taking gradients from
+        outside has the same inputs as with a real optimizer) and counts the step; updates nothing."""
 
         def __init__(self, mesh=None, name: str = "NoUpdate"):
             super().__init__(name=name, mesh=mesh)
@@ -133,9 +134,11 @@ def _no_update_class():
             self._built = True
 
         def apply_gradients(self, grads_and_vars, name=None, skip_gradients_aggregation=False, **kwargs):
-            grads = [g for g, _ in grads_and_vars if g is not None]
-            # a read of iterations is never constant-folded, so the Assert (and the gradients) stay
-            tf.debugging.Assert(self.iterations >= 0, grads, summarize=0)
+            pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+            # a read of iterations is never constant-folded, so the Assert (and its inputs) stay; in a
+            # training step the handles are inputs of the forward pass anyway
+            tf.debugging.Assert(self.iterations >= 0, [g for g, _ in pairs] + [v.handle for _, v in pairs],
+                                summarize=0)
             return self.iterations.assign_add(1)
 
         def get_config(self) -> dict:
