@@ -166,7 +166,7 @@ def test_validate_on_synthetic_data_predicts_8_devices(rng):
 # ------------------------------------------------------------------------------- real measurements
 # The validation grid measured on this project's 2-core machine with dsgd 2193260 (the format
 # `dsgd layouts --validate --save-measurements` wrote then: no host_cores, no per-variable or
-# per-lane features), three passes, each job's fastest pass (measurements.combine_repeats).
+# per-lane features), three passes, each job's median pass (measurements.combine_repeats).
 MEASURED = Path(__file__).parent / "data" / "layouts_validation_measurements.jsonl.gz"
 
 # mean |error| per (workload, implementation) the model reaches on them, with a little slack; a
@@ -194,15 +194,17 @@ def test_refit_of_measurements_saved_by_an_older_version():
     assert model.fits[("reference", "momentum")].coef["parallel_var_device_ops"] > 0
 
 
-def test_combine_repeats_keeps_each_jobs_fastest_pass():
+def test_combine_repeats_keeps_each_jobs_median_pass():
     from dsgd.advisor import measurements
 
     base = {"workload": "w", "mesh": "batch=2", "plan": "replicated", "implementation": "auto", "options": "momentum"}
     rows = [dict(base, median_ms=12.0), dict(base, median_ms=10.0), dict(base, median_ms=15.0),
+            dict(base, plan="two", median_ms=9.0), dict(base, plan="two", median_ms=7.0),
             dict(base, plan="batch", median_ms=5.0), dict(base, plan="x", status="failed", error="boom")]
     got = {r["plan"]: r for r in measurements.combine_repeats(rows)}
-    assert got["replicated"]["median_ms"] == 10.0 and got["replicated"]["repeats"] == 3
+    assert got["replicated"]["median_ms"] == 12.0 and got["replicated"]["repeats"] == 3
     assert got["replicated"]["repeat_spread_pct"] == pytest.approx(50.0)
+    assert got["two"]["median_ms"] == 7.0  # of two, the faster
     assert got["batch"]["repeats"] == 1 and got["x"]["status"] == "failed"
 
 
@@ -223,31 +225,29 @@ def test_validate_cli_refits_several_saved_files(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-# The grid measured on an idle machine (load < 2) with dsgd c4bc01b, three passes
-# (`dsgd layouts --validate --repeats 3 --save-measurements`, 2026-12-02, ~17 min); its features
-# are refreshed by this version's model, as `--from-measurements` does.  The model's mean / max
-# |error| per (workload, implementation) on it, with a little slack.  The goal (15% / 30%) is met
-# everywhere but dsgd's one-big (15.4 / 25.4: its replicated 8-device step measured 57, 36 and
-# 34 ms on three meshes) and resnet-ish (17.6 / 41.4: sharded steps of ~2 ms, 40% apart).  The
-# model before the lane and multi-device terms: tf_keras' one-big 23.8 / 30.9 and resnet-ish
-# 19.8 / 38.1, both missing the goal.
+# Three validation grids measured on idle machines (load < 2; 2-core VMs of one kind), each with
+# `dsgd layouts --validate --repeats 3 --save-measurements`, re-fitted by this version's model (features
+# refreshed, as `--from-measurements` does; each job's median pass).  A: dsgd c4bc01b, one worker for the
+# whole grid; B: another VM, dsgd c8c06ab, the same way; C: dsgd b1059eb's fresh worker per workload and
+# mesh.  The model's mean / max |error| per (workload, implementation), with a little slack: a change to
+# the model or to how passes combine that loses accuracy fails here.  The goal (15% / 30%) is met for 6,
+# 5 and 7 of the 8 pairs.  What is left is the machine: the same work on two meshes of one size measured
+# up to 1.6x apart, once faster than the copy bandwidth allows (README, "How good are the predictions?").
 IDLE = Path(__file__).parent / "data" / "layouts_validation_idle.jsonl.gz"
-IDLE_BOUND = {("one-big", "auto"): (17, 28), ("one-big", "reference"): (15, 24),
-              ("bert-mini", "auto"): (12, 31), ("bert-mini", "reference"): (14, 25),
-              ("resnet-ish", "auto"): (19, 45), ("resnet-ish", "reference"): (9, 20),
-              ("many-small", "auto"): (5, 10), ("many-small", "reference"): (6, 11)}
-
-
-# A second idle grid, measured the same way on another VM of the same kind (2 cores) with dsgd c8c06ab,
-# after the model above was chosen: both this model and the one before it meet the goal for 3 of 8
-# there.  Its misses are systematic and invisible to the model's features (counts): identical
-# replicated work on 4-device meshes takes up to 1.5x longer on one mesh than another (tf_keras'
-# one-big: batch=2,model=2 46 ms, batch=4 68, model=4 70), also in side-by-side re-runs.
+IDLE_BOUND = {("one-big", "auto"): (11, 19), ("one-big", "reference"): (9, 14),
+              ("bert-mini", "auto"): (7, 11), ("bert-mini", "reference"): (10, 20),
+              ("resnet-ish", "auto"): (21, 57), ("resnet-ish", "reference"): (15, 30),
+              ("many-small", "auto"): (15, 32), ("many-small", "reference"): (14, 23)}
 IDLE2 = Path(__file__).parent / "data" / "layouts_validation_idle2.jsonl.gz"
-IDLE2_BOUND = {("one-big", "auto"): (22, 36), ("one-big", "reference"): (29, 44),
-               ("bert-mini", "auto"): (16, 39), ("bert-mini", "reference"): (14, 19),
-               ("resnet-ish", "auto"): (17, 33), ("resnet-ish", "reference"): (22, 44),
-               ("many-small", "auto"): (12, 17), ("many-small", "reference"): (15, 20)}
+IDLE2_BOUND = {("one-big", "auto"): (22, 45), ("one-big", "reference"): (34, 56),
+               ("bert-mini", "auto"): (6, 8), ("bert-mini", "reference"): (10, 15),
+               ("resnet-ish", "auto"): (10, 28), ("resnet-ish", "reference"): (18, 35),
+               ("many-small", "auto"): (13, 19), ("many-small", "reference"): (13, 16)}
+IDLE3 = Path(__file__).parent / "data" / "layouts_validation_idle3.jsonl.gz"
+IDLE3_BOUND = {("one-big", "auto"): (8, 15), ("one-big", "reference"): (11, 30),
+               ("bert-mini", "auto"): (5, 7), ("bert-mini", "reference"): (8, 12),
+               ("resnet-ish", "auto"): (18, 32), ("resnet-ish", "reference"): (15, 27),
+               ("many-small", "auto"): (15, 21), ("many-small", "reference"): (5, 8)}
 
 
 def _accuracy_over(path: Path, bound: dict) -> tuple[dict, set]:
@@ -269,10 +269,17 @@ def _accuracy_over(path: Path, bound: dict) -> tuple[dict, set]:
 def test_model_accuracy_on_an_idle_machines_measurements():
     over, met = _accuracy_over(IDLE, IDLE_BOUND)
     assert not over, over
-    assert {(w, "reference") for w in costmodel.VALIDATION_WORKLOADS} | {("bert-mini", "auto"), ("many-small", "auto")} <= met
+    assert {(w, "reference") for w in costmodel.VALIDATION_WORKLOADS} | {("one-big", "auto"), ("bert-mini", "auto")} <= met
 
 
 def test_model_accuracy_on_a_second_idle_grid():
     over, met = _accuracy_over(IDLE2, IDLE2_BOUND)
     assert not over, over
-    assert {("bert-mini", "reference"), ("many-small", "auto"), ("many-small", "reference")} <= met
+    assert {("bert-mini", "auto"), ("bert-mini", "reference"), ("resnet-ish", "auto"), ("many-small", "auto"),
+            ("many-small", "reference")} <= met
+
+
+def test_model_accuracy_on_a_grid_measured_with_a_fresh_worker_per_mesh():
+    over, met = _accuracy_over(IDLE3, IDLE3_BOUND)
+    assert not over, over
+    assert len(met) == 7 and ("resnet-ish", "auto") not in met

@@ -82,7 +82,9 @@ def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress:
     of the same size differed by up to 1.5x (dsgd's one-big on 4 devices: 15-26 ms; on 8: 34-57),
     depending on what the worker had run before, at up to 80 GB/s against a copy bandwidth of 50.
     In a fresh worker per mesh the same jobs measured 27-30 and 53 ms, i.e. bytes over the copy
-    bandwidth, as a training process that holds its variables for its whole life sees them.
+    bandwidth, as a training process that holds its variables for its whole life sees them.  (A
+    whole grid measured so still had one such outlier in one pass, which the median of passes
+    leaves out: :func:`dsgd.advisor.measurements.combine_repeats`.)
 
     Each returned row holds the job's identity, the cost-model features (exact bytes and
     collectives included) and the measurements.

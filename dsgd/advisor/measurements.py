@@ -59,11 +59,15 @@ def job_key(r: dict) -> tuple:
 
 def combine_repeats(rows: Sequence[dict], y: str = "median_ms") -> list[dict]:
     """One row per measured job: of its repeated measurements (passes over the grid, or several
-    files), the one with the smallest ``y``.
+    files), the median one by ``y`` (of an even number, the faster of the middle two).
 
-    Another job on a shared machine only ever slows a step down, so the quietest pass is the
-    closest to an idle machine.  Each row gets ``repeats`` and ``repeat_spread_pct`` (how far
-    its slowest pass was above it).
+    Not the fastest: on a shared VM a step is also sometimes *faster* than the machine's copy
+    bandwidth allows (dsgd's replicated one-big on 8 devices once at 92 GB/s against 46-49 ms,
+    ~55 GB/s, for the same work on two other meshes, in fresh workers), and the fastest pass
+    picks exactly those.  On the three idle grids kept in ``tests/data`` the median pass met the
+    15% / 30% goal for 6, 5 and 7 of 8 (workload, implementation) pairs, the fastest for 6, 3
+    and 4.  Each row gets ``repeats`` and ``repeat_spread_pct`` (how far its slowest pass was
+    above its fastest).
     """
     groups: dict[tuple, list[dict]] = {}
     failed: dict[tuple, dict] = {}
@@ -74,9 +78,10 @@ def combine_repeats(rows: Sequence[dict], y: str = "median_ms") -> list[dict]:
             failed.setdefault(job_key(r), r)
     out = []
     for key, rs in groups.items():
-        best = min(rs, key=lambda r: float(r[y]))
-        worst = max(float(r[y]) for r in rs)
-        out.append({**best, "repeats": len(rs), "repeat_spread_pct": 100.0 * (worst / float(best[y]) - 1)})
+        rs = sorted(rs, key=lambda r: float(r[y]))
+        mid = rs[(len(rs) - 1) // 2]
+        spread = 100.0 * (float(rs[-1][y]) / float(rs[0][y]) - 1)
+        out.append({**mid, "repeats": len(rs), "repeat_spread_pct": spread})
     out += [r for k, r in failed.items() if k not in groups]
     return out
 
