@@ -21,6 +21,8 @@ def add_ratios(df):
     forward and backward pass alone; in ``graph`` the call of a function taking the same gradients
     and variables), and ``share_speedup`` = the reference's share / this share.
     """
+    import pandas as pd
+
     if df.empty or "median_ms" not in df:
         return df
     if "mode" not in df:
@@ -33,17 +35,27 @@ def add_ratios(df):
     df["speedup"] = [ref.get(k, np.nan) / m if m == m else np.nan for k, m in zip(keys, df["median_ms"])]
     df["first_step_speedup"] = [ref_first.get(k, np.nan) / f if f == f else np.nan
                                 for k, f in zip(keys, df.get("first_step_s", np.nan))]
-    floor = ok_all[ok_all["implementation"] == NO_UPDATE].set_index(KEY)["median_ms"].to_dict()
+    floors = ok_all[ok_all["implementation"] == NO_UPDATE].set_index(KEY)
+    floor = floors["median_ms"].to_dict()
     if floor:
+        half = _half_spreads(df)
+        floor_half = dict(zip(floors.index, _half_spreads(floors)))
+        ref_half = dict(zip(ok.set_index(KEY).index, _half_spreads(ok)))
         df["floor_ms"] = [floor.get(k, np.nan) for k in keys]
         df["share_ms"] = df["median_ms"] - df["floor_ms"]
-        df["share_speedup"] = [_share_ratio(ref.get(k, np.nan), m, floor.get(k, np.nan))
-                               for k, m in zip(keys, df["median_ms"])]
+        # a share is reported where it stands out of the noise: larger than the half-spreads
+        # (p10-p90) of the step and of the floor together
+        noise = [h + floor_half.get(k, 0.0) for k, h in zip(keys, half)]
+        df["share_speedup"] = [_share_ratio(ref.get(k, np.nan), m, floor.get(k, np.nan), n,
+                                            ref_half.get(k, 0.0) + floor_half.get(k, 0.0))
+                               for k, m, n in zip(keys, df["median_ms"], noise)]
         df.loc[df["implementation"] == NO_UPDATE, ["speedup", "share_ms", "share_speedup"]] = np.nan
         # the roofline is the update's: where there is a floor, compare it with the optimizer's share
         whole = df["floor_ms"].notna()
         if "roofline_ms" in df:
-            df.loc[whole, "roofline_frac"] = df.loc[whole, "roofline_ms"] / df.loc[whole, "share_ms"]
+            clear = whole & (df["share_ms"] > pd.Series(noise, index=df.index))
+            df.loc[whole, "roofline_frac"] = np.nan
+            df.loc[clear, "roofline_frac"] = df.loc[clear, "roofline_ms"] / df.loc[clear, "share_ms"]
             df.loc[df["implementation"] == NO_UPDATE, "roofline_frac"] = np.nan
     return df
 
@@ -76,6 +88,7 @@ def compact(df):
         ref = ref.iloc[0] if len(ref) else None
         floor = g[(g["implementation"] == NO_UPDATE) & (g["status"] == "ok")]
         floor_ms = float(floor["median_ms"].iloc[0]) if len(floor) else np.nan
+        floor_half = _half(floor.iloc[0]) if len(floor) else 0.0
         mine = g[~g["implementation"].isin([REFERENCE, NO_UPDATE])]
 
         def get(r, col):
@@ -94,7 +107,9 @@ def compact(df):
                 reference_roofline_frac=get(ref, "roofline_frac") if ref_ok else np.nan,
                 first_step_s=get(r, "first_step_s") if ok else np.nan,
                 reference_first_step_s=get(ref, "first_step_s") if ref_ok else np.nan,
-                floor_ms=floor_ms, share_speedup=_share_ratio(ref_med, med, floor_ms) if ok and ref_ok else np.nan)
+                floor_ms=floor_ms,
+                share_speedup=_share_ratio(ref_med, med, floor_ms, _half(r) + floor_half, _half(ref) + floor_half)
+                if ok and ref_ok else np.nan)
             bad = [x for x in (r, ref) if x is not None and get(x, "status") != "ok"]
             row["status"] = "ok" if not bad else "failed"
             row["error"] = str(get(bad[0], "error")) if bad else ""
@@ -104,11 +119,25 @@ def compact(df):
     return pd.DataFrame(out)
 
 
-def _share_ratio(ref_ms: float, ms: float, floor_ms: float) -> float:
-    """(reference - floor) / (dsgd - floor); NaN when a share is not positive (the floor, measured
-    beside them, was as slow as the step: noise larger than the share, no ratio to report)."""
+def _share_ratio(ref_ms: float, ms: float, floor_ms: float, noise_ms: float = 0.0, ref_noise_ms: float = 0.0) -> float:
+    """(reference - floor) / (dsgd - floor); NaN when a share is not larger than its noise (the
+    half-spreads of the step and of the floor): many-small's graph step is nearly all floor, and
+    two noisy medians 1 ms apart gave a share speed-up of 82x, or a negative share."""
     mine, ref = ms - floor_ms, ref_ms - floor_ms
-    return ref / mine if mine > 0 and ref > 0 else np.nan
+    return ref / mine if mine > max(noise_ms, 0.0) and ref > max(ref_noise_ms, 0.0) else np.nan
+
+
+def _half(row) -> float:
+    """Half the p10-p90 spread of one result row (0 where it has none)."""
+    try:
+        h = (float(row["p90_ms"]) - float(row["p10_ms"])) / 2
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return h if h == h else 0.0
+
+
+def _half_spreads(df) -> list[float]:
+    return [_half(r) for _, r in df.iterrows()]
 
 
 def merge_external(df, paths: Sequence[str]):
