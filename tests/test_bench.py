@@ -140,15 +140,16 @@ def test_modes_graph_and_fit_side_by_side(tmp_path):
     auto, ref, floor = df.to_dict("records")
     assert auto["share_ms"] == 2.0 and ref["share_ms"] == 20.0 and auto["share_speedup"] == 10.0
     assert np.isnan(floor["share_ms"]) and np.isnan(floor["speedup"]) and auto["speedup"] == 2.5
-    # a share within the noise (half the p10-p90 spreads of the step and the floor) is not a ratio
-    noisy = add_ratios(pd.DataFrame([dict(base, implementation="auto", median_ms=12.0, p10_ms=10.5, p90_ms=13.5,
-                                          roofline_ms=1.0),
+    # a share within the noise (twice the standard error of the difference of the medians, from the
+    # p10-p90 spreads over 4 steps: 2 * hypot(1.2533 * 3 / 2.563 / 2, 1.2533 * 1 / 2.563 / 2) = 1.55 ms) is no ratio
+    noisy = add_ratios(pd.DataFrame([dict(base, implementation="auto", median_ms=10.6, p10_ms=9.0, p90_ms=12.0,
+                                          roofline_ms=1.0, steps=4),
                                      dict(base, implementation="reference", median_ms=30.0, p10_ms=29.0, p90_ms=31.0,
-                                          roofline_ms=1.0),
+                                          roofline_ms=1.0, steps=4),
                                      dict(base, implementation=NO_UPDATE, median_ms=10.0, p10_ms=9.5, p90_ms=10.5,
-                                          roofline_ms=1.0)]))
+                                          roofline_ms=1.0, steps=4)]))
     a, r, _ = noisy.to_dict("records")
-    assert a["share_ms"] == 2.0 and np.isnan(a["share_speedup"]) and np.isnan(a["roofline_frac"])
+    assert a["share_ms"] == pytest.approx(0.6) and np.isnan(a["share_speedup"]) and np.isnan(a["roofline_frac"])
     assert r["roofline_frac"] == pytest.approx(1.0 / 20.0)
     from dsgd.harness.bench_frame import compact
 

@@ -38,16 +38,15 @@ def add_ratios(df):
     floors = ok_all[ok_all["implementation"] == NO_UPDATE].set_index(KEY)
     floor = floors["median_ms"].to_dict()
     if floor:
-        half = _half_spreads(df)
-        floor_half = dict(zip(floors.index, _half_spreads(floors)))
-        ref_half = dict(zip(ok.set_index(KEY).index, _half_spreads(ok)))
+        se = [_median_se(r) for _, r in df.iterrows()]
+        floor_se = {k: _median_se(r) for k, r in floors.iterrows()}
+        ref_se = {k: _median_se(r) for k, r in ok.set_index(KEY).iterrows()}
         df["floor_ms"] = [floor.get(k, np.nan) for k in keys]
         df["share_ms"] = df["median_ms"] - df["floor_ms"]
-        # a share is reported where it stands out of the noise: larger than the half-spreads
-        # (p10-p90) of the step and of the floor together
-        noise = [h + floor_half.get(k, 0.0) for k, h in zip(keys, half)]
+        # a share is reported where it is clearly above zero (:func:`_noise`)
+        noise = [_noise(s, floor_se.get(k, 0.0)) for k, s in zip(keys, se)]
         df["share_speedup"] = [_share_ratio(ref.get(k, np.nan), m, floor.get(k, np.nan), n,
-                                            ref_half.get(k, 0.0) + floor_half.get(k, 0.0))
+                                            _noise(ref_se.get(k, 0.0), floor_se.get(k, 0.0)))
                                for k, m, n in zip(keys, df["median_ms"], noise)]
         df.loc[df["implementation"] == NO_UPDATE, ["speedup", "share_ms", "share_speedup"]] = np.nan
         # the roofline is the update's: where there is a floor, compare it with the optimizer's share
@@ -88,7 +87,7 @@ def compact(df):
         ref = ref.iloc[0] if len(ref) else None
         floor = g[(g["implementation"] == NO_UPDATE) & (g["status"] == "ok")]
         floor_ms = float(floor["median_ms"].iloc[0]) if len(floor) else np.nan
-        floor_half = _half(floor.iloc[0]) if len(floor) else 0.0
+        floor_se = _median_se(floor.iloc[0]) if len(floor) else 0.0
         mine = g[~g["implementation"].isin([REFERENCE, NO_UPDATE])]
 
         def get(r, col):
@@ -108,7 +107,8 @@ def compact(df):
                 first_step_s=get(r, "first_step_s") if ok else np.nan,
                 reference_first_step_s=get(ref, "first_step_s") if ref_ok else np.nan,
                 floor_ms=floor_ms,
-                share_speedup=_share_ratio(ref_med, med, floor_ms, _half(r) + floor_half, _half(ref) + floor_half)
+                share_speedup=_share_ratio(ref_med, med, floor_ms, _noise(_median_se(r), floor_se),
+                                           _noise(_median_se(ref), floor_se))
                 if ok and ref_ok else np.nan)
             bad = [x for x in (r, ref) if x is not None and get(x, "status") != "ok"]
             row["status"] = "ok" if not bad else "failed"
@@ -120,24 +120,30 @@ def compact(df):
 
 
 def _share_ratio(ref_ms: float, ms: float, floor_ms: float, noise_ms: float = 0.0, ref_noise_ms: float = 0.0) -> float:
-    """(reference - floor) / (dsgd - floor); NaN when a share is not larger than its noise (the
-    half-spreads of the step and of the floor): many-small's graph step is nearly all floor, and
-    two noisy medians 1 ms apart gave a share speed-up of 82x, or a negative share."""
+    """(reference - floor) / (dsgd - floor); NaN when a share is not clearly above zero
+    (:func:`_noise`): many-small's graph step is nearly all floor, and two noisy medians 1 ms
+    apart gave a share speed-up of 82x, or a negative share."""
     mine, ref = ms - floor_ms, ref_ms - floor_ms
     return ref / mine if mine > max(noise_ms, 0.0) and ref > max(ref_noise_ms, 0.0) else np.nan
 
 
-def _half(row) -> float:
-    """Half the p10-p90 spread of one result row (0 where it has none)."""
+def _median_se(row) -> float:
+    """The standard error of a row's median step time, from its p10-p90 spread over its timed
+    steps (sigma ~ (p90 - p10) / 2.56; the median's error ~ 1.25 sigma / sqrt(steps)); 0 where
+    the row has no spread or step count."""
     try:
-        h = (float(row["p90_ms"]) - float(row["p10_ms"])) / 2
+        spread, n = float(row["p90_ms"]) - float(row["p10_ms"]), float(row["steps"])
     except (KeyError, TypeError, ValueError):
         return 0.0
-    return h if h == h else 0.0
+    if not (spread == spread and n == n and n > 0):
+        return 0.0
+    return 1.2533 * spread / 2.563 / np.sqrt(n)
 
 
-def _half_spreads(df) -> list[float]:
-    return [_half(r) for _, r in df.iterrows()]
+def _noise(se_step: float, se_floor: float) -> float:
+    """What a share (step median - floor median) must exceed to count: twice the standard error of
+    the difference of the two medians."""
+    return 2.0 * float(np.hypot(se_step, se_floor))
 
 
 def merge_external(df, paths: Sequence[str]):

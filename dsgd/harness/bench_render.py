@@ -172,7 +172,8 @@ def render_table(df, *, run_s: Optional[float] = None, width: int = WIDTH) -> st
         "tf.function; train_step / fit: a whole training step of the model (forward, backward, update: a custom "
         "tf.function, or model.fit's); floor = the same function applying nothing (graph: taking the same gradients "
         "and variables, whose passing DTensor charges every call), share speed-up = (tf_keras - floor) / "
-        "(dsgd - floor), '-' where a share is within the half p10-p90 spreads of its step and the floor; speed-up = tf_keras ms / dsgd ms; spread = (p90 - p10) / median; roofline = the update's "
+        "(dsgd - floor), '-' where a share is not clearly above zero (within twice the standard error of the "
+        "difference of the two medians); speed-up = tf_keras ms / dsgd ms; spread = (p90 - p10) / median; roofline = the update's "
         "ideal memory traffic at the copy bandwidth" + (f" measured in this run ({bw:.1f} GB/s)" if bw else "")
         + " / the update's time (the share where there is a floor, else the step; 1 = memory-bound); first step = "
         "trace + compile + one step.")
