@@ -50,12 +50,12 @@ def add_ratios(df):
                                for k, m, n in zip(keys, df["median_ms"], noise)]
         df.loc[df["implementation"] == NO_UPDATE, ["speedup", "share_ms", "share_speedup"]] = np.nan
         # the roofline is the update's: where there is a floor, compare it with the optimizer's share
-        whole = df["floor_ms"].notna()
+        # (none where the share is not clearly above zero; the floor's own share is NaN)
         if "roofline_ms" in df:
-            clear = whole & (df["share_ms"] > pd.Series(noise, index=df.index))
-            df.loc[whole, "roofline_frac"] = np.nan
+            floored = df["floor_ms"].notna()
+            clear = floored & (df["share_ms"] > pd.Series(noise, index=df.index))
+            df.loc[floored, "roofline_frac"] = np.nan
             df.loc[clear, "roofline_frac"] = df.loc[clear, "roofline_ms"] / df.loc[clear, "share_ms"]
-            df.loc[df["implementation"] == NO_UPDATE, "roofline_frac"] = np.nan
     return df
 
 
