@@ -266,3 +266,59 @@ def test_cli_bad_mesh_exits_2(capsys):
     assert "needs 16 devices" in capsys.readouterr().err
     assert main(["layouts", "--model", "bert-mini", "--mesh", "batch=2,model=4", "--force", "word_embeddings=model,unsharded"]) == 2
     assert "'embeddings/word_embeddings'" in capsys.readouterr().err
+
+
+def _tiny_jobs(tmp_path, impls):
+    model = tmp_path / "tiny.json"
+    specs = [VarSpec("w", (64, 32), "float32"), VarSpec("b", (32,), "float32")]
+    model.write_text(json.dumps([{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs]))
+    lm = tmp_path / "plan.json"
+    lm.write_text(json.dumps(layoutmap.emit(specs, [("model", U), (U,)])))
+    return [{"workload": str(model), "mesh": "model=2", "layout": str(lm), "implementation": i, "options": "momentum",
+             "steps": 4} for i in impls]
+
+
+def test_a_meshs_jobs_are_timed_interleaved_and_a_failure_is_kept(tmp_path, monkeypatch):
+    """The jobs of one mesh are timed in rounds, every job once a round (reversed on odd rounds), so
+    that a slow spell of the machine falls on every plan alike; one that cannot be built is a failed
+    row and the others are still measured, with their real bytes."""
+    from dsgd.advisor import measure_plans as mp
+
+    order = []
+    real = mp._time_round
+    monkeypatch.setattr(mp, "MIN_TIMED_S", 0.02)
+    monkeypatch.setattr(mp, "_time_round", lambda built, steps, rounds: order.append(built.case.implementation)
+                        or real(built, steps, rounds))
+    res = mp.measure_plans({"jobs": _tiny_jobs(tmp_path, ["auto", "no-such-implementation", "reference"]), "steps": 4})
+    auto, bad, ref = res["rows"]
+    assert bad["status"] == "failed" and "no-such-implementation" in bad["error"]
+    assert order == ["auto", "reference", "reference", "auto"] * (mp.ROUNDS // 2)
+    for row in (auto, ref):
+        assert row["status"] == "ok" and row["rounds"] == mp.ROUNDS and row["steps"] >= 4, row
+        assert 0 < row["min_ms"] <= row["median_ms"] and row["first_step_s"] > 0
+        assert row["measured_params_bytes_per_device"] == (32 * 32 + 32) * 4  # w split over model=2, b whole
+
+
+def test_run_jobs_measures_a_failed_job_again_alone(monkeypatch):
+    """A job that failed in its mesh's worker (an eager DTensor error poisons the process, so it may
+    have failed for another job's sake) is measured again in a worker of its own; the others are not."""
+    from dsgd.advisor import measure_plans as mp
+    from dsgd.harness import isolate
+
+    specs = get_workload("one-big")
+    plan = plans.enumerate_plans(specs, [("batch", 2)])[0]
+    jobs = [mp.Job("one-big", "batch=2", plan, specs, i, "momentum") for i in ("auto", "reference")]
+    calls = []
+
+    def fake(func, payloads, **kw):
+        calls.append((func.split(":")[1], [p.get("implementation") for p in payloads]))
+        if func.endswith(":measure_plans"):
+            return [{"status": "ok", "rows": [{"status": "ok", "median_ms": 1.0},
+                                              {"status": "failed", "error": "poisoned"}]}]
+        return [{"status": "ok", "median_ms": 2.0} for _ in payloads]
+
+    monkeypatch.setattr(isolate, "run_isolated", fake)
+    rows = mp.run_jobs(jobs, progress=False)
+    assert calls == [("measure_plans", [None]), ("measure_plan", ["reference"])]
+    assert [(r["implementation"], r["status"], r["median_ms"]) for r in rows] == [("auto", "ok", 1.0),
+                                                                                  ("reference", "ok", 2.0)]

@@ -15,26 +15,41 @@ from dsgd import layoutmap, meshspec
 from dsgd.advisor import costmodel
 from dsgd.harness.measure import OPTION_PRESETS
 
-MIN_TIMED_S = 0.25  # timed seconds per measurement at least (up to 10x --steps steps)
+MIN_TIMED_S = 1.0  # timed seconds per job at least, over all its rounds (short steps get more samples)
+ROUNDS = 4  # a mesh's jobs are timed in this many interleaved rounds (see measure_plans)
+MAX_STEPS_PER_ROUND = 250  # a bound on one round's samples (a 1 ms step: 0.25 s)
 
 
-def measure_plan(payload: dict) -> dict:
-    """Worker: one plan, one implementation, one mesh -- time the step and count the real bytes."""
+def _build(payload: dict):
+    from dsgd.harness import measure
+
+    case = measure.Case(workload=payload["workload"], mesh=payload["mesh"], layout=payload["layout"], dtype=None,
+                        implementation=payload["implementation"], options=payload["options"])
+    measure.prepare_kernels([case.implementation])  # the one-time kernel build is not the first step's time
+    built = measure.build_case(case)
+    first = measure.time_first_step(built)
+    built.step()  # untimed: the next job's build left the caches full of its own buffers
+    measure.sync()
+    return built, first
+
+
+def _time_round(built, steps: int, rounds: int):
+    """One round of a job: an untimed step (the caches held another job's buffers), then at least
+    ``steps / rounds`` timed ones, for at least ``MIN_TIMED_S / rounds`` seconds."""
+    from dsgd.harness import measure
+
+    per = max(1, -(-steps // rounds))
+    return measure.time_steps(built.step, steps=per, warmup=1, min_time=MIN_TIMED_S / rounds,
+                              max_steps=max(per, MAX_STEPS_PER_ROUND)) * 1e3
+
+
+def _result(built, first: float, t_ms, rounds: int) -> dict:
+    """A job's row: its step statistics and the bytes its devices really hold (every device's
+    components of the variables and of the rank >= 1 optimizer variables)."""
     from tensorflow.experimental import dtensor
 
     from dsgd.harness import measure
 
-    p = dict(payload)
-    steps = int(p.pop("steps", 8))
-    case = measure.Case(workload=p["workload"], mesh=p["mesh"], layout=p["layout"], dtype=None,
-                        implementation=p["implementation"], options=p["options"])
-    measure.prepare_kernels([case.implementation])  # the one-time kernel build is not the first step's time
-    built = measure.build_case(case)
-    first = measure.time_first_step(built)
-    # short steps get more samples (up to 10x steps, for MIN_TIMED_S): a burst of other work on a
-    # shared machine then moves their median and minimum less (8 samples of a 1.5 ms step are 12 ms)
-    t = measure.time_steps(built.step, steps=steps, warmup=1, min_time=MIN_TIMED_S) * 1e3
-    # bytes actually held: every device's components of variables and (rank >= 1) optimizer variables
     per_dev: dict[str, int] = {}
     state_dev: dict[str, int] = {}
 
@@ -52,12 +67,70 @@ def measure_plan(payload: dict) -> dict:
         "status": "ok",
         "impl_used": measure.resolved_implementations(built.optimizer),
         "first_step_s": first,
-        **measure.step_stats(t, (25, 75)),
+        **measure.step_stats(t_ms, (25, 75)),
+        "rounds": rounds,
         "measured_params_bytes_per_device": max(per_dev.values()),
         "measured_state_bytes_per_device": max(state_dev.values()) if state_dev else 0,
         "measured_bytes_per_device": max(total.values()),
         "measured_bytes_uneven": len(set(total.values())) > 1,
     }
+
+
+def measure_plan(payload: dict) -> dict:
+    """Worker: one plan, one implementation, one mesh -- time the step and count the real bytes
+    (the job alone: what :func:`run_jobs` falls back to when a mesh's worker fails)."""
+    p = dict(payload)
+    steps = int(p.pop("steps", 8))
+    built, first = _build(p)
+    import numpy as np
+
+    t = np.concatenate([_time_round(built, steps, ROUNDS) for _ in range(ROUNDS)])
+    return _result(built, first, t, ROUNDS)
+
+
+def measure_plans(payload: dict) -> dict:
+    """Worker: every job of one model on one mesh, their steps interleaved.
+
+    ``payload``: ``{"jobs": [job payloads], "steps": n}``.  Each job is built and its first step
+    timed, then the jobs are timed in :data:`ROUNDS` rounds (every job once per round, in reverse
+    order on odd rounds; :func:`_time_round`), as ``dsgd bench`` pairs its implementations.  Why:
+    on the shared 2-core VMs this was built on, the same job timed in consecutive 0.4 s windows of
+    one process read 32 to 64 ms (dsgd's replicated one-big on 8 devices, median 49), and a short
+    step's three passes 0.95, 1.19 and 2.26 ms; the copy bandwidth measured around each window did
+    not follow.  Timed in one block each, the plans of a mesh (which the advisor ranks against each
+    other) met different spells of the machine; interleaved, a spell falls on all of them alike,
+    and each job's samples span the worker's life, not one spell.
+
+    Returns ``{"rows": [one result per job, in order]}``; a job that fails is a failed result and
+    the others are still measured.
+    """
+    import numpy as np
+
+    steps = int(payload.get("steps", 8))
+    jobs = list(payload["jobs"])
+    built: dict[int, tuple] = {}
+    rows: list = [None] * len(jobs)
+    for k, job in enumerate(jobs):
+        try:
+            built[k] = _build(job)
+        except Exception as e:  # noqa: BLE001 - recorded as failed; the others go on
+            rows[k] = {"status": "failed", "error": f"{type(e).__name__}: {str(e)[:600]}"}
+    times: dict[int, list] = {k: [] for k in built}
+    for r in range(ROUNDS):
+        for k in (list(built) if r % 2 == 0 else list(built)[::-1]):
+            if k not in times:
+                continue
+            try:
+                times[k].append(_time_round(built[k][0], steps, ROUNDS))
+            except Exception as e:  # noqa: BLE001
+                rows[k] = {"status": "failed", "error": f"{type(e).__name__}: {str(e)[:600]}"}
+                del times[k]
+    for k, t in times.items():
+        try:
+            rows[k] = _result(built[k][0], built[k][1], np.concatenate(t), ROUNDS)
+        except Exception as e:  # noqa: BLE001
+            rows[k] = {"status": "failed", "error": f"{type(e).__name__}: {str(e)[:600]}"}
+    return {"rows": rows}
 
 
 @dataclass
@@ -75,8 +148,9 @@ class Job:
 
 def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress: bool = True,
              timeout: Optional[float] = None, desc: str = "dsgd layouts", on_row=None) -> list[dict]:
-    """Measure jobs in isolated worker processes: a fresh worker for each workload and mesh (and
-    a fresh one after a failure).
+    """Measure jobs in isolated worker processes: a fresh worker for each workload and mesh, which
+    times its jobs interleaved (:func:`measure_plans`); a job that fails there is measured again
+    alone in a fresh worker (:func:`measure_plan`).
 
     Why a worker per mesh: in one long-lived worker, the same replicated work measured on meshes
     of the same size differed by up to 1.5x (dsgd's one-big on 4 devices: 15-26 ms; on 8: 34-57),
@@ -122,10 +196,23 @@ def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress:
             groups.setdefault((id(j.specs), j.mesh), []).append(k)
         results: list[dict] = [{}] * len(jobs)
         for idx in groups.values():
-            part = run_isolated("dsgd.advisor.measure_plans:measure_plan", [payloads[k] for k in idx],
-                                devices=devices, on_result=lambda i, res, idx=idx: got(idx[i], res), timeout=timeout)
-            for k, res in zip(idx, part):
-                results[k] = res
+            (res,) = run_isolated("dsgd.advisor.measure_plans:measure_plans",
+                                  [{"jobs": [payloads[k] for k in idx], "steps": steps}],
+                                  devices=devices, timeout=timeout)
+            part = res.get("rows") if res.get("status", "ok") == "ok" else None
+            part = part if part is not None else [res] * len(idx)
+            # a job that failed (or whose worker died) may have failed for another's sake: an eager
+            # DTensor error poisons the process.  Each such job again, alone in a fresh worker.
+            again = [n for n, r in enumerate(part) if r.get("status") != "ok"]
+            if again:
+                alone = run_isolated("dsgd.advisor.measure_plans:measure_plan", [payloads[idx[n]] for n in again],
+                                     devices=devices, timeout=timeout)
+                part = list(part)
+                for n, r in zip(again, alone):
+                    part[n] = r
+            for k, r in zip(idx, part):
+                results[k] = r
+                got(k, r)
         bar.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

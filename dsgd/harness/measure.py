@@ -255,8 +255,10 @@ def time_first_step(built: Built) -> float:
     return built.first_step_s
 
 
-def time_steps(step: Callable[[], Any], steps: int = 10, warmup: int = 2, min_time: float = 0.0) -> np.ndarray:
-    """Per-step wall times in seconds, each synchronized."""
+def time_steps(step: Callable[[], Any], steps: int = 10, warmup: int = 2, min_time: float = 0.0,
+               max_steps: Optional[int] = None) -> np.ndarray:
+    """Per-step wall times in seconds, each synchronized: at least ``steps`` of them, and more until
+    ``min_time`` seconds are timed, up to ``max_steps`` (default ``10 * steps``)."""
     for _ in range(warmup):
         step()
     sync()
@@ -267,7 +269,7 @@ def time_steps(step: Callable[[], Any], steps: int = 10, warmup: int = 2, min_ti
         step()
         sync()
         out.append(time.perf_counter() - t0)
-        if len(out) >= 10 * steps:
+        if len(out) >= (max_steps or 10 * steps):
             break
     return np.asarray(out)
 
