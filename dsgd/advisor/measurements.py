@@ -64,10 +64,10 @@ def combine_repeats(rows: Sequence[dict], y: str = "median_ms") -> list[dict]:
     Not the fastest: on a shared VM a step is also sometimes *faster* than the machine's copy
     bandwidth allows (dsgd's replicated one-big on 8 devices once at 92 GB/s against 46-49 ms,
     ~55 GB/s, for the same work on two other meshes, in fresh workers), and the fastest pass
-    picks exactly those.  On the three idle grids kept in ``tests/data`` the median pass met the
-    15% / 30% goal for 6, 5 and 7 of 8 (workload, implementation) pairs, the fastest for 6, 3
-    and 4.  Each row gets ``repeats`` and ``repeat_spread_pct`` (how far its slowest pass was
-    above its fastest).
+    picks exactly those.  On the four idle grids kept in ``tests/data`` the median pass met the
+    15% / 30% goal for 6, 5, 7 and 6 of 8 (workload, implementation) pairs (24 of 32), the fastest
+    for 6, 3, 4 and 7 (20).  Each row gets ``repeats`` and ``repeat_spread_pct`` (how far its
+    slowest pass was above its fastest).
     """
     groups: dict[tuple, list[dict]] = {}
     failed: dict[tuple, dict] = {}
