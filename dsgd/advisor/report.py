@@ -47,7 +47,8 @@ def render_table(advice: Advice, *, reasons: bool = True) -> str:
         t = advice.target
         lines.append(f"\npredicted on target mesh {advice.target_mesh} ({int(np.prod([n for _, n in meshspec.parse_mesh_spec(advice.target_mesh)]))} "
                      f"devices, one host driving {min(advice.devices_per_host, meshspec.mesh_size(meshspec.parse_mesh_spec(advice.target_mesh)))} "
-                     "of them; bytes exact, time from the cost model):")
+                     "of them; bytes exact, time from the cost model fitted on the meshes measured here -- "
+                     "how far it is off on this machine: `dsgd layouts --validate`):")
         tv = t[["rank", "plan", "axes", "sharded_vars", "bytes_per_device", "state_bytes_per_device", "predicted_ms",
                 "reference_predicted_ms", "speedup", "n_collectives"]].copy()
         tv["params+state MiB/dev"] = tv.pop("bytes_per_device").map(_mib)
