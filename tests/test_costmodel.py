@@ -314,20 +314,26 @@ def measurements_for(path: Path) -> list[dict]:
     return measurements.combine_repeats(measurements.refresh_features(measurements.load_measurements(str(path))))
 
 
-def test_per_device_cost_script():
+def test_per_device_cost_script(tmp_path):
     """scripts/per_device_cost.py (the README's direct look at the per-(variable, device) term) as a
     user runs it: the reference's step on 1, 2, 4 and 8 devices, replicated and sharded."""
-    import re
     import subprocess
     import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "scripts/per_device_cost.py", "--variables", "3", "--shape", "16,8",
-                           "--rounds", "2", "--steps", "2"], capture_output=True, text=True, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line for line in proc.stdout.splitlines() if "1/2/4/8 devices" in line]
-    assert [r.split()[0] for r in rows] == ["replicated", "sharded"]
-    for r in rows:
-        ms = [float(x) for x in re.search(r"devices: ([\d. /]+?)\s{2,}", r).group(1).split(" / ")]
-        assert len(ms) == 4 and all(m > 0 for m in ms), r
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "scripts/per_device_cost.py", "--rounds", "2", "--steps", "2", *args],
+                              capture_output=True, text=True, cwd=root, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = [line.split() for line in proc.stdout.splitlines() if "1/2/4/8 devices" in line]
+        for r in rows:
+            ms = [float(x) for x in r[r.index("devices:") + 1:r.index("devices:") + 8:2]]
+            assert len(ms) == 4 and all(m > 0 for m in ms), r
+        return {r[0]: int(r[1]) for r in rows}  # group -> variables
+
+    assert run("--variables", "3", "--shape", "16,8") == {"replicated": 3, "sharded": 3}
+    model = tmp_path / "two.json"  # one variable large enough to shard, one too small
+    model.write_text(json.dumps([{"name": "w", "shape": [4096, 64], "dtype": "float32"},
+                                 {"name": "b", "shape": [64], "dtype": "float32"}]))
+    assert run("--workload", str(model)) == {"all": 2, "sharded": 1, "replicated": 1}
