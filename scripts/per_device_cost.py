@@ -1,8 +1,9 @@
-"""How tf_keras' DTensor SGD step grows with the devices of a mesh, replicated against sharded.
+"""How a DTensor SGD step (tf_keras' or dsgd's) grows with the devices of a mesh, replicated against sharded.
 
 The cost model's per-(variable, device) term says a step on N small variables grows linearly with
-the devices.  This measures it directly: the reference optimizer's ``apply_gradients`` inside one
-``tf.function`` (as users run it) on 1, 2, 4 and 8 logical CPU devices (a ``batch`` mesh), either
+the devices.  This measures it directly: the optimizer's ``apply_gradients`` as ``dsgd bench`` and
+``dsgd layouts`` time it (tf_keras' reference inside one ``tf.function``, as users run it; dsgd's,
+``--implementation auto``, eagerly) on 1, 2, 4 and 8 logical CPU devices (a ``batch`` mesh), either
 
 * on N variables of one shape, every variable replicated or sharded on its first dimension; or
 * (``--workload``) on a named workload under the plan ``dsgd layouts --validate`` measures as
@@ -13,6 +14,7 @@ alike; the median round is printed, with the growth from 4 to 8 devices.
 
     python scripts/per_device_cost.py [--variables 128] [--shape 64,256] [--rounds 7]
     python scripts/per_device_cost.py --workload resnet-ish
+    python scripts/per_device_cost.py --workload many-small --implementation auto
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def main(argv=None) -> None:
     ap.add_argument("--workload", default=None,
                     help="a model instead (a named workload: one-big, bert-mini, resnet-ish, many-small; or a JSON file of "
                          "variables, as dsgd layouts --model takes): the plan dsgd layouts --validate measures as sharded")
+    ap.add_argument("--implementation", default="reference",
+                    help="reference (tf_keras' SGD, the default) or a dsgd implementation (auto, grouped, ...)")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     ap.add_argument("--steps", type=int, default=20, help="steps per case per round (default 20)")
     args = ap.parse_args(argv)
@@ -41,11 +45,11 @@ def main(argv=None) -> None:
 
     tf.get_logger().setLevel("ERROR")  # one tf.function per case: retracing warnings are expected
     configure_devices(max(DEVICES))
-    import tf_keras
     from tensorflow.experimental import dtensor
     from tensorflow.python.eager import context
 
     from dsgd.advisor import costmodel
+    from dsgd.harness.measure import REFERENCE, Case, make_optimizer, prepare_kernels, resolved_implementations
     from dsgd.harness.measure import random_dtensor
     from dsgd.advisor.read_model import load_model
     from dsgd.workloads import VarSpec
@@ -73,15 +77,21 @@ def main(argv=None) -> None:
             layout = dtensor.Layout(lay, mesh)
             vs.append(dtensor.DVariable(random_dtensor(s.shape, s.dtype, layout, i)))
             gs.append(random_dtensor(s.shape, s.dtype, layout, 1000 + i))
-        opt = tf_keras.dtensor.experimental.optimizers.SGD(0.01, momentum=0.9, mesh=mesh)
-        fn = tf.function(lambda: opt.apply_gradients(zip(gs, vs)))
+        opt = make_optimizer(Case(workload="-", implementation=args.implementation, options="momentum"), mesh)
+        pairs = list(zip(gs, vs))
+        if args.implementation == REFERENCE:
+            fn = tf.function(lambda: opt.apply_gradients(pairs))
+        else:
+            def fn():
+                return opt.apply_gradients(pairs)
         for _ in range(3):
             fn()
         context.async_wait()
-        return fn, len(vs)
+        return fn, len(vs), resolved_implementations(opt)
 
+    prepare_kernels([args.implementation])  # dsgd's one-time kernel build, before anything is timed
     groups = ("replicated", "sharded") if args.workload is None else ("all", "sharded", "replicated")
-    cases = {(n, g): build(n, g) for g in groups for n in DEVICES}
+    cases = {(n, g): build(n, g) for g in groups for n in DEVICES if variables(max(DEVICES), g)}
     times = {k: [] for k in cases}
     order = list(cases)
     for r in range(args.rounds):
@@ -95,11 +105,12 @@ def main(argv=None) -> None:
             context.async_wait()
             times[k].append((time.perf_counter() - t0) / args.steps * 1e3)
     what = args.workload or f"{args.variables} variables of {args.shape}"
-    print(f"tf_keras SGD(momentum=0.9) step, {what}, median of {args.rounds} interleaved rounds (ms):")
-    for g in groups:
+    who = "tf_keras SGD" if args.implementation == REFERENCE else f"dsgd SGD ({args.implementation!r})"
+    print(f"{who}, options 'momentum', step on {what}, median of {args.rounds} interleaved rounds (ms):")
+    for g in (g for g in groups if (1, g) in cases):
         med = [float(np.median(times[(n, g)])) for n in DEVICES]
         print(f"  {g:<10}  {cases[(1, g)][1]:>4} vars  1/2/4/8 devices: " + " / ".join(f"{m:.2f}" for m in med)
-              + f"   8 vs 4 devices: {med[3] / med[2]:.2f}x")
+              + f"   8 vs 4 devices: {med[3] / med[2]:.2f}x   ({cases[(8, g)][2]})")
 
 
 if __name__ == "__main__":
