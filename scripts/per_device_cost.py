@@ -49,9 +49,9 @@ def main(argv=None) -> None:
     from tensorflow.python.eager import context
 
     from dsgd.advisor import costmodel
-    from dsgd.harness.measure import REFERENCE, Case, make_optimizer, prepare_kernels, resolved_implementations
-    from dsgd.harness.measure import random_dtensor
     from dsgd.advisor.read_model import load_model
+    from dsgd.harness.measure import (REFERENCE, Case, make_optimizer, prepare_kernels, random_dtensor,
+                                      resolved_implementations)
     from dsgd.workloads import VarSpec
 
     U = dtensor.UNSHARDED
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     order = list(cases)
     for r in range(args.rounds):
         for k in (order if r % 2 == 0 else order[::-1]):
-            fn = cases[k][0]
+            fn = cases[k][0]  # one untimed step, then a block of steps and one wait (no sync per step)
             fn()
             context.async_wait()
             t0 = time.perf_counter()

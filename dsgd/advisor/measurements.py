@@ -66,8 +66,8 @@ def combine_repeats(rows: Sequence[dict], y: str = "median_ms") -> list[dict]:
     ~55 GB/s, for the same work on two other meshes, in fresh workers), and the fastest pass
     picks exactly those.  On the four idle grids kept in ``tests/data`` the median pass met the
     15% / 30% goal for 6, 5, 7 and 6 of 8 (workload, implementation) pairs (24 of 32), the fastest
-    for 6, 3, 4 and 7 (20); the four pooled (each job's median of its 12 passes), for all 8.  Each row gets ``repeats`` and ``repeat_spread_pct`` (how far its
-    slowest pass was above its fastest).
+    for 6, 3, 4 and 7 (20); the four pooled (each job's median of its 12 passes), for all 8.  Each
+    row gets ``repeats`` and ``repeat_spread_pct`` (how far its slowest pass was above its fastest).
     """
     groups: dict[tuple, list[dict]] = {}
     failed: dict[tuple, dict] = {}
