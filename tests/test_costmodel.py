@@ -263,9 +263,7 @@ IDLE4_BOUND = {("one-big", "auto"): (5, 10), ("one-big", "reference"): (10, 17),
 def _accuracy_over(path: Path, bound: dict) -> tuple[dict, set]:
     """The (workload, implementation) pairs whose mean or max |error| exceeds ``bound``, and those
     that meet the 15% / 30% goal, for the grid saved in ``path`` re-fitted by this model."""
-    from dsgd.advisor import measurements
-
-    rows = measurements.combine_repeats(measurements.refresh_features(measurements.load_measurements(str(path))))
+    rows = measurements_for(path)
     assert len(rows) == 120
     per_row, summary, _ = costmodel.validate(rows)
     assert summary["bytes_exact"].all() and len(summary) == 8
@@ -328,10 +326,7 @@ def test_model_accuracy_on_a_fifth_grid_measured_after_the_pooled_claim():
 def test_model_accuracy_on_the_five_idle_grids_pooled():
     """A-E (``--from-measurements`` five times), each job's median of its 15 passes over five sessions:
     the goal is met for all 8 pairs (worst: tf_keras resnet-ish, 11.9 / 20.3)."""
-    from dsgd.advisor import measurements
-
-    rows = measurements.combine_repeats(sum((measurements.refresh_features(measurements.load_measurements(str(p)))
-                                             for p in (IDLE, IDLE2, IDLE3, IDLE4, IDLE5)), []))
+    rows = measurements_for(IDLE, IDLE2, IDLE3, IDLE4, IDLE5)
     assert len(rows) == 120 and all(r["repeats"] == 15 for r in rows)
     _, summary, _ = costmodel.validate(rows)
     assert summary["bytes_exact"].all() and summary["goal_met"].all(), summary
@@ -343,10 +338,7 @@ def test_model_accuracy_on_the_four_idle_grids_pooled():
     sessions, the best estimate of its step time here.  Against it the model meets the 15% / 30% goal
     for all 8 pairs; a single grid's 3 passes meet it for 5-7, as the 8-device readings vary between
     sessions (replicated dsgd many-small on 8 devices: 7.4-16.7 ms)."""
-    from dsgd.advisor import measurements
-
-    rows = measurements.combine_repeats(sum((measurements.refresh_features(measurements.load_measurements(str(p)))
-                                             for p in (IDLE, IDLE2, IDLE3, IDLE4)), []))
+    rows = measurements_for(IDLE, IDLE2, IDLE3, IDLE4)
     assert len(rows) == 120 and all(r["repeats"] == 12 for r in rows)
     _, summary, _ = costmodel.validate(rows)
     assert summary["bytes_exact"].all() and len(summary) == 8
@@ -354,10 +346,12 @@ def test_model_accuracy_on_the_four_idle_grids_pooled():
     assert summary["mean_abs_error_pct"].max() < 14 and summary["max_abs_error_pct"].max() < 24
 
 
-def measurements_for(path: Path) -> list[dict]:
+def measurements_for(*paths: Path) -> list[dict]:
+    """The grids saved in ``paths`` as ``--from-measurements`` reads them: refreshed, each job's median pass."""
     from dsgd.advisor import measurements
 
-    return measurements.combine_repeats(measurements.refresh_features(measurements.load_measurements(str(path))))
+    return measurements.combine_repeats(sum((measurements.refresh_features(measurements.load_measurements(str(p)))
+                                             for p in paths), []))
 
 
 def test_per_device_cost_script(tmp_path):
