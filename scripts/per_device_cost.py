@@ -56,7 +56,7 @@ def main(argv=None) -> None:
 
     U = dtensor.UNSHARDED
 
-    def variables(n_dev: int, group: str) -> list[tuple[VarSpec, list[str]]]:
+    def variables(group: str) -> list[tuple[VarSpec, list[str]]]:
         if args.workload is None:
             shape = tuple(int(d) for d in args.shape.split(","))
             first = "batch" if group == "sharded" else U
@@ -70,10 +70,10 @@ def main(argv=None) -> None:
             return pairs
         return [(s, lay) for s, lay in pairs if any(e != U for e in lay) == (group == "sharded")]
 
-    def build(n_dev: int, group: str):
+    def build(n_dev: int, chosen: list[tuple[VarSpec, list[str]]]):
         mesh = dtensor.create_mesh([("batch", n_dev)], devices=[f"CPU:{i}" for i in range(n_dev)])
         vs, gs = [], []
-        for i, (s, lay) in enumerate(variables(n_dev, group)):
+        for i, (s, lay) in enumerate(chosen):
             layout = dtensor.Layout(lay, mesh)
             vs.append(dtensor.DVariable(random_dtensor(s.shape, s.dtype, layout, i)))
             gs.append(random_dtensor(s.shape, s.dtype, layout, 1000 + i))
@@ -91,7 +91,8 @@ def main(argv=None) -> None:
 
     prepare_kernels([args.implementation])  # dsgd's one-time kernel build, before anything is timed
     groups = ("replicated", "sharded") if args.workload is None else ("all", "sharded", "replicated")
-    cases = {(n, g): build(n, g) for g in groups for n in DEVICES if variables(max(DEVICES), g)}
+    chosen = {g: v for g in groups if (v := variables(g))}  # one layout per variable, the same on every mesh
+    cases = {(n, g): build(n, v) for g, v in chosen.items() for n in DEVICES}
     times = {k: [] for k in cases}
     order = list(cases)
     for r in range(args.rounds):
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
     what = args.workload or f"{args.variables} variables of {args.shape}"
     who = "tf_keras SGD" if args.implementation == REFERENCE else f"dsgd SGD ({args.implementation!r})"
     print(f"{who}, options 'momentum', step on {what}, median of {args.rounds} interleaved rounds (ms):")
-    for g in (g for g in groups if (1, g) in cases):
+    for g in chosen:
         med = [float(np.median(times[(n, g)])) for n in DEVICES]
         print(f"  {g:<10}  {cases[(1, g)][1]:>4} vars  1/2/4/8 devices: " + " / ".join(f"{m:.2f}" for m in med)
               + f"   8 vs 4 devices: {med[3] / med[2]:.2f}x   ({cases[(8, g)][2]})")
