@@ -208,6 +208,56 @@ def test_combine_repeats_keeps_each_jobs_median_pass():
     assert got["batch"]["repeats"] == 1 and got["x"]["status"] == "failed"
 
 
+def test_load_measurements_reads_what_an_interrupted_run_left(tmp_path, capsys):
+    """A run killed while writing (``--save-measurements``): a .gz without its end, a last line cut in
+    two.  What was written is read and the cut line skipped with a warning; a bad line elsewhere is an error."""
+    from dsgd.advisor import measurements
+    from dsgd.workloads import WorkloadError
+
+    rows = [{"workload": "w", "mesh": "batch=2", "median_ms": float(k)} for k in range(1, 4)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(text.encode())[:-12])  # no end-of-stream, the last line cut short
+    got = measurements.load_measurements(str(cut))
+    assert 1 <= len(got) <= 2 and got == rows[:len(got)]
+    assert "cut short" in capsys.readouterr().err
+    plain = tmp_path / "cut.jsonl"
+    plain.write_text(text[:-10])
+    assert measurements.load_measurements(str(plain)) == rows[:2]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text.replace("batch=2", 'batch"=2', 1))
+    with pytest.raises(WorkloadError, match="line 1 is not valid JSON"):
+        measurements.load_measurements(str(bad))
+
+
+def test_pass_noise_splits_what_a_block_shares_from_the_rest():
+    """A block (the jobs of one workload on one mesh in one pass) sped up or slowed down as a whole
+    shows in ``block_pct``; jobs moving on their own in ``within_pct``; one pass gives None."""
+    from dsgd.advisor import measurements
+
+    rng = np.random.default_rng(0)
+
+    def grid(block_sd, job_sd, passes=6):
+        rows = []
+        for _ in range(passes):
+            for mesh in ("batch=1", "batch=2", "batch=4", "batch=8"):
+                f = np.exp(rng.normal(0, block_sd))
+                for plan in ("replicated", "batch", "model", "batch+model"):
+                    rows.append({"workload": "w", "mesh": mesh, "plan": plan, "implementation": "auto",
+                                 "options": "momentum", "median_ms": 10 * f * np.exp(rng.normal(0, job_sd))})
+        return rows
+
+    spells = measurements.pass_noise([grid(0.2, 0.0)])
+    assert spells["within_pct"] < 1e-6 and 10 < spells["block_pct"] < 30 and spells["passes"] == 6
+    alone = measurements.pass_noise([grid(0.0, 0.2)])
+    assert alone["within_pct"] > 1.5 * alone["block_pct"] and 10 < alone["within_pct"] < 30
+    # two files of 3 passes each count as 6 passes of each job; a job's median of them: ~ 1.25 SD / sqrt(6)
+    two = measurements.pass_noise([grid(0.2, 0.0, 3), grid(0.2, 0.0, 3)])
+    assert two["passes"] == 6 and two["target_pct"] == pytest.approx(
+        np.sqrt(np.pi / 2) * np.hypot(two["block_pct"], two["within_pct"]) / np.sqrt(6), rel=0.05)
+    assert measurements.pass_noise([grid(0.2, 0.1, 1)]) is None
+
+
 def test_validate_cli_refits_several_saved_files(tmp_path, capsys):
     from dsgd.advisor import measurements
     from dsgd.cli import main
@@ -221,6 +271,7 @@ def test_validate_cli_refits_several_saved_files(tmp_path, capsys):
     assert main(["layouts", "--validate", "--from-measurements", str(a), "--from-measurements", str(b)]) == 0
     out = capsys.readouterr().out
     assert "goal_met" in out and "bert-mini" in out and "us_per_var_device_per_lane" in out
+    assert "pass to pass (2 passes per job)" in out  # a.jsonl and b.jsonl.gz: two passes of each job
     assert main(["layouts", "--validate", "--from-measurements", str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
