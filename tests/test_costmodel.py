@@ -376,12 +376,47 @@ def test_model_accuracy_on_a_fifth_grid_measured_after_the_pooled_claim():
 
 def test_model_accuracy_on_the_five_idle_grids_pooled():
     """A-E (``--from-measurements`` five times), each job's median of its 15 passes over five sessions:
-    the goal is met for all 8 pairs (worst: tf_keras resnet-ish, 11.9 / 20.3)."""
+    the goal is met for all 8 pairs (worst: tf_keras resnet-ish, 11.9 / 20.3).  With the sixth grid, F, it is
+    not (:func:`test_model_accuracy_on_the_six_idle_grids_pooled`)."""
     rows = measurements_for(IDLE, IDLE2, IDLE3, IDLE4, IDLE5)
     assert len(rows) == 120 and all(r["repeats"] == 15 for r in rows)
     _, summary, _ = costmodel.validate(rows)
     assert summary["bytes_exact"].all() and summary["goal_met"].all(), summary
     assert summary["mean_abs_error_pct"].max() < 13 and summary["max_abs_error_pct"].max() < 22
+
+
+IDLE6 = Path(__file__).parent / "data" / "layouts_validation_idle6.jsonl.gz"
+IDLE6_BOUND = {("one-big", "auto"): (9, 16), ("one-big", "reference"): (7, 10),
+               ("bert-mini", "auto"): (5, 7), ("bert-mini", "reference"): (12, 16),
+               ("resnet-ish", "auto"): (17, 38), ("resnet-ish", "reference"): (17, 38),
+               ("many-small", "auto"): (29, 48), ("many-small", "reference"): (8, 10)}
+
+
+def test_model_accuracy_on_a_sixth_grid_of_nine_passes():
+    """F: one session, nine passes (dsgd b1bad62, ``--repeats 12`` stopped after pass 9 as fixed before
+    passes 6-9 were seen; 2 h): 5 of 8, as each of its 3-pass thirds: more passes in one session do not
+    reach the goal here.  Misses: many-small dsgd 26.8 / 46.1, resnet-ish 15.4 / 36.0 and 15.1 / 36.0.
+    Its jobs measured together moved together by 14% from pass to pass and against each other by 6%."""
+    from dsgd.advisor import measurements
+
+    over, met = _accuracy_over(IDLE6, IDLE6_BOUND)
+    assert not over, over
+    assert met == {("one-big", "auto"), ("one-big", "reference"), ("bert-mini", "auto"), ("bert-mini", "reference"),
+                   ("many-small", "reference")}
+    assert all(r["repeats"] == 9 for r in measurements_for(IDLE6))
+    noise = measurements.pass_noise([measurements.load_measurements(str(IDLE6))])
+    assert noise["passes"] == 9 and 10 < noise["block_pct"] < 20 and noise["within_pct"] < 8
+
+
+def test_model_accuracy_on_the_six_idle_grids_pooled():
+    """A-F pooled (24 passes per job, 9 of them F's): 7 of 8 -- F's replicated dsgd many-small pulls that
+    pair past the goal (17.9 / 31.0); the A-D and A-E pooled claims below do not survive a sixth session."""
+    rows = measurements_for(IDLE, IDLE2, IDLE3, IDLE4, IDLE5, IDLE6)
+    assert len(rows) == 120 and all(r["repeats"] == 24 for r in rows)
+    _, summary, _ = costmodel.validate(rows)
+    missed = {(r.workload, r.implementation) for r in summary.itertuples() if not r.goal_met}
+    assert missed == {("many-small", "auto")}, summary
+    assert summary["mean_abs_error_pct"].max() < 19 and summary["max_abs_error_pct"].max() < 32
 
 
 def test_model_accuracy_on_the_four_idle_grids_pooled():

@@ -81,7 +81,8 @@ def add_arguments(p) -> None:
                         "measure nothing")
     p.add_argument("--repeats", type=int, default=1,
                    help="with --validate: measure the grid this many times, in whole passes, and keep each job's "
-                        "median pass (a shared machine's readings stray both ways; default 1)")
+                        "median pass (a shared machine's readings stray both ways; the output's 'pass to pass' "
+                        "line says by how much; default 1)")
     p.add_argument("--statistic", choices=["median", "p25", "min"], default="median",
                    help="which per-step statistic the cost model is fitted to and validated on (default median; "
                         "min or p25 are steadier on a shared machine)")
