@@ -299,6 +299,21 @@ def test_a_meshs_jobs_are_timed_interleaved_and_a_failure_is_kept(tmp_path, monk
         assert row["measured_params_bytes_per_device"] == (32 * 32 + 32) * 4  # w split over model=2, b whole
 
 
+def test_the_probe_is_timed_in_a_meshs_rounds_when_asked(tmp_path, monkeypatch):
+    """``"probe": True`` (what ``--validate`` asks): every ok row of the worker carries the probe's times
+    from the same rounds; without it, none."""
+    from dsgd.advisor import measure_plans as mp
+
+    monkeypatch.setattr(mp, "MIN_TIMED_S", 0.02)
+    monkeypatch.setattr(mp, "PROBE_S", 0.01)
+    rows = mp.measure_plans({"jobs": _tiny_jobs(tmp_path, ["auto", "reference"]), "steps": 4, "probe": True})["rows"]
+    for row in rows:
+        assert row["status"] == "ok" and 0 < row["probe_min_ms"] <= row["probe_ms"] < 1e3, row
+    assert rows[0]["probe_ms"] == rows[1]["probe_ms"]  # one probe per worker
+    plain = mp.measure_plans({"jobs": _tiny_jobs(tmp_path, ["auto"]), "steps": 4})["rows"]
+    assert "probe_ms" not in plain[0]
+
+
 def test_run_jobs_measures_a_failed_job_again_alone(monkeypatch):
     """A job that failed in its mesh's worker (an eager DTensor error poisons the process, so it may
     have failed for another job's sake) is measured again in a worker of its own; the others are not."""

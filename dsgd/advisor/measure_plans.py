@@ -18,6 +18,7 @@ from dsgd.harness.measure import OPTION_PRESETS
 MIN_TIMED_S = 1.0  # timed seconds per job at least, over all its rounds (short steps get more samples)
 ROUNDS = 4  # a mesh's jobs are timed in this many interleaved rounds (see measure_plans)
 MAX_STEPS_PER_ROUND = 250  # a bound on one round's samples (a 1 ms step: 0.25 s)
+PROBE_S = 0.05  # timed seconds of the probe per round (payload "probe")
 
 
 def _build(payload: dict):
@@ -41,6 +42,35 @@ def _time_round(built, steps: int, rounds: int):
     per = max(1, -(-steps // rounds))
     return measure.time_steps(built.step, steps=per, warmup=1, min_time=MIN_TIMED_S / rounds,
                               max_steps=max(per, MAX_STEPS_PER_ROUND)) * 1e3
+
+
+def _make_probe():
+    """The probe: a fixed piece of work, the same in every worker whatever its mesh -- 32 small eager ops
+    on the first CPU device and a 16 MiB copy -- timed in every round next to the jobs, so that each row
+    says how fast the machine was while its job ran (``probe_ms``).
+
+    Why: on the shared 2-core VMs this was built on, the jobs measured together in one worker sped up and
+    slowed down together by 10-21% (SD) from pass to pass, in spells of minutes, and whole sessions
+    differed (``dsgd layouts --validate``'s pass-to-pass line).  Recorded, not yet used: whether step
+    times relative to the probe predict better is for the saved grids to show.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    src = np.ones(4 << 20, np.float32)
+    dst = np.empty_like(src)
+    with tf.device("/CPU:0"):
+        x = tf.constant(np.ones(64, np.float32))
+
+    def step():
+        with tf.device("/CPU:0"):
+            y = x
+            for _ in range(32):
+                y = y + 1.0
+        np.copyto(dst, src)
+        return y.numpy()  # waits for the ops
+
+    return step
 
 
 def _result(built, first: float, t_ms, rounds: int) -> dict:
@@ -116,7 +146,17 @@ def measure_plans(payload: dict) -> dict:
         except Exception as e:  # noqa: BLE001 - recorded as failed; the others go on
             rows[k] = {"status": "failed", "error": f"{type(e).__name__}: {str(e)[:600]}"}
     times: dict[int, list] = {k: [] for k in built}
+    probe, probe_t = None, []
+    if payload.get("probe"):
+        try:
+            probe = _make_probe()
+        except Exception:  # noqa: BLE001 - the jobs are measured without it
+            probe = None
     for r in range(ROUNDS):
+        if probe is not None:
+            from dsgd.harness import measure
+
+            probe_t.append(measure.time_steps(probe, steps=3, warmup=1, min_time=PROBE_S, max_steps=500) * 1e3)
         for k in (list(built) if r % 2 == 0 else list(built)[::-1]):
             if k not in times:
                 continue
@@ -130,6 +170,11 @@ def measure_plans(payload: dict) -> dict:
             rows[k] = _result(built[k][0], built[k][1], np.concatenate(t), ROUNDS)
         except Exception as e:  # noqa: BLE001
             rows[k] = {"status": "failed", "error": f"{type(e).__name__}: {str(e)[:600]}"}
+    if probe_t:
+        t = np.concatenate(probe_t)
+        for row in rows:
+            if row and row.get("status") == "ok":
+                row.update(probe_ms=float(np.median(t)), probe_min_ms=float(t.min()))
     return {"rows": rows}
 
 
@@ -147,7 +192,8 @@ class Job:
 
 
 def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress: bool = True,
-             timeout: Optional[float] = None, desc: str = "dsgd layouts", on_row=None) -> list[dict]:
+             timeout: Optional[float] = None, desc: str = "dsgd layouts", on_row=None,
+             probe: bool = False) -> list[dict]:
     """Measure jobs in isolated worker processes: a fresh worker for each workload and mesh, which
     times its jobs interleaved (:func:`measure_plans`); a job that fails there is measured again
     alone in a fresh worker (:func:`measure_plan`).
@@ -161,7 +207,8 @@ def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress:
     leaves out: :func:`dsgd.advisor.measurements.combine_repeats`.)
 
     Each returned row holds the job's identity, the cost-model features (exact bytes and
-    collectives included) and the measurements.
+    collectives included) and the measurements; with ``probe``, also how long the probe took in the
+    same worker's rounds (``probe_ms``, ``probe_min_ms``: :func:`_make_probe`).
     """
     from tqdm.auto import tqdm
 
@@ -197,7 +244,7 @@ def run_jobs(jobs: Sequence[Job], *, devices: int = 8, steps: int = 8, progress:
         results: list[dict] = [{}] * len(jobs)
         for idx in groups.values():
             (res,) = run_isolated("dsgd.advisor.measure_plans:measure_plans",
-                                  [{"jobs": [payloads[k] for k in idx], "steps": steps}],
+                                  [{"jobs": [payloads[k] for k in idx], "steps": steps, "probe": probe}],
                                   devices=devices, timeout=timeout)
             part = res.get("rows") if res.get("status", "ok") == "ok" else None
             part = part if part is not None else [res] * len(idx)

@@ -83,7 +83,7 @@ def run_validation(args) -> int:
         try:
             for k in range(args.repeats):  # whole passes: a slow spell of the machine hits one pass of a job
                 rows += run_jobs(jobs, devices=args.devices, steps=args.steps, progress=not args.quiet,
-                                 desc=f"dsgd validate (pass {k + 1}/{args.repeats})", on_row=on_row)
+                                 desc=f"dsgd validate (pass {k + 1}/{args.repeats})", on_row=on_row, probe=True)
         finally:
             if sink:
                 sink.close()
