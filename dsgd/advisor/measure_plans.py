@@ -51,8 +51,8 @@ def _make_probe():
 
     Why: on the shared 2-core VMs this was built on, the jobs measured together in one worker sped up and
     slowed down together by 10-21% (SD) from pass to pass, in spells of minutes, and whole sessions
-    differed (``dsgd layouts --validate``'s pass-to-pass line).  Recorded, not yet used: whether step
-    times relative to the probe predict better is for the saved grids to show.
+    differed (``dsgd layouts --validate``'s pass-to-pass line).  Recorded, not used: on the first grid
+    with it, step times divided by it predicted worse (README, grid G).
     """
     import numpy as np
     import tensorflow as tf
