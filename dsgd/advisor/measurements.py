@@ -4,6 +4,7 @@ repeats of the same job combined; rows and frames made JSON-able."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,8 +39,6 @@ def load_measurements(path: str) -> list[dict]:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
                 if i == len(lines) and not raw.endswith(b"\n"):
-                    import sys
-
                     print(f"warning: measurements file {path}: its last line is cut short (an interrupted run); "
                           "skipped", file=sys.stderr)
                     break
@@ -135,35 +134,34 @@ def pass_noise(sources: Sequence[Sequence[dict]], y: str = "median_ms") -> Optio
 
     Returns ``{"passes", "block_pct", "within_pct", "target_pct"}``, or None with fewer than 2 passes.
     """
-    recs = []
+    by_job: dict[tuple, list] = {}  # job -> [(block, log step time)]
     for s, rows in enumerate(sources):
         seen: dict[tuple, int] = {}
         for r in rows:
             k = job_key(r)
             n = seen[k] = seen.get(k, 0) + 1
             if r.get("status", "ok") == "ok" and (r.get(y) or 0) > 0:
-                recs.append((k, (s, n - 1, r.get("workload"), r.get("mesh")), float(np.log(float(r[y])))))
-    by_job: dict[tuple, list] = {}
-    for k, b, v in recs:
-        by_job.setdefault(k, []).append((b, v))
-    res: list[tuple] = []  # (block, residual from the job's mean, scaled to a one-pass deviation)
-    counts = []
+                block = (s, n - 1, r.get("workload"), r.get("mesh"))
+                by_job.setdefault(k, []).append((block, float(np.log(float(r[y])))))
+    blocks, res, counts = [], [], []  # each reading's block, and its residual from its job's mean
     for vals in by_job.values():
         n = len(vals)
         if n < 2:
             continue
         counts.append(n)
         mean = sum(v for _, v in vals) / n
-        res += [(b, (v - mean) * (n / (n - 1)) ** 0.5) for b, v in vals]
+        blocks += [b for b, _ in vals]
+        res += [(v - mean) * (n / (n - 1)) ** 0.5 for _, v in vals]  # scaled to a one-pass deviation
     if not res:
         return None
-    blocks: dict[tuple, list] = {}
-    for b, e in res:
-        blocks.setdefault(b, []).append(e)
-    block_mean = {b: sum(es) / len(es) for b, es in blocks.items()}
-    shared = np.array([block_mean[b] for b, _ in res])
-    rest = np.array([e for _, e in res]) - shared
-    total = float(np.sqrt(np.mean(np.array([e for _, e in res]) ** 2)))
+    res = np.array(res)
+    members: dict[tuple, list] = {}
+    for b, e in zip(blocks, res):
+        members.setdefault(b, []).append(e)
+    block_mean = {b: float(np.mean(es)) for b, es in members.items()}
+    shared = np.array([block_mean[b] for b in blocks])
+    rest = res - shared
+    total = float(np.sqrt(np.mean(res ** 2)))
     passes = int(np.median(counts))
     return {"passes": passes, "block_pct": 100 * float(np.sqrt(np.mean(shared ** 2))),
             "within_pct": 100 * float(np.sqrt(np.mean(rest ** 2))),

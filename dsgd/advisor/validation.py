@@ -40,8 +40,8 @@ def render_validation(per_row, summary, model, statistic: str = "median", noise:
                  "prediction's error against that median")
     if noise:
         lines.append(
-            f"pass to pass ({noise['passes']} passes per job): the jobs of a workload measured together on one mesh moved "
-            f"together by {noise['block_pct']:.0f}% (SD) and against each other by {noise['within_pct']:.0f}%; a job's "
+            f"pass to pass ({noise['passes']} passes per job): the jobs of a workload measured together on one mesh "
+            f"moved together by {noise['block_pct']:.0f}% (SD) and against each other by {noise['within_pct']:.0f}%; a job's "
             f"median pass lies about {noise['target_pct']:.0f}% (SD) from its long-run value, so the 8-device errors "
             "above carry that much noise (--repeats N: it falls as 1/sqrt(N))")
     lines.append("\nper case:")
