@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -52,6 +53,7 @@
 #include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/platform/env.h"
 
 namespace tensorflow {
 namespace dsgd_kernels {
@@ -629,8 +631,9 @@ class MultiSgdOp : public OpKernel {
 // every device's variables -- as the eager DsgdMultiSgdAll does -- and completes them all.  (The
 // key has the node's token too: two nodes of one call in separate function bodies may share a
 // name, a frame and an iteration.)  No thread waits: a copy that has joined returns its thread
-// to the executor.  Errors of any copy fail every copy; a cancelled step releases the copies
-// waiting in it.
+// to the executor.  Errors of any copy fail every copy; a cancelled copy fails every copy of its
+// gathering, those waiting and those still to come (a cancellation can run its callbacks before
+// a copy that registered one has joined: without the mark it left, that copy would wait for ever).
 struct Waiting {  // one copy of the node in a gathering
   OpKernelContext* ctx;
   AsyncOpKernel::DoneCallback done;
@@ -647,9 +650,15 @@ class Gatherings {
     return g;
   }
   // Adds a copy; returns every copy (this one last) when it completes the gathering, else none.
+  // A copy of a cancelled gathering is not added: it comes back alone, its status Cancelled.
   std::vector<Waiting> Join(const std::string& key, int expected, Waiting w) {
     std::vector<Waiting> all;
     mutex_lock l(mu_);
+    if (cancelled_.count(key) != 0) {
+      w.status = absl::CancelledError("dsgd_sgd: the step was cancelled before this device joined the others");
+      all.push_back(std::move(w));
+      return all;
+    }
     auto& list = pending_[key];
     list.push_back(std::move(w));
     if (static_cast<int>(list.size()) >= expected) {
@@ -658,25 +667,28 @@ class Gatherings {
     }
     return all;
   }
-  // Takes one waiting copy out (cancellation); false if the gathering already completed.
-  bool Leave(const std::string& key, OpKernelContext* ctx, Waiting* out) {
+  // A copy's step was cancelled: the gathering can no longer complete.  Returns the copies waiting
+  // in it (to be failed) and marks it, so that copies joining later fail at once.  The mark stays
+  // (one per cancelled gathering; a late callback may also mark one that completed): keys hold
+  // the step id, so a mark never matches another step.
+  std::vector<Waiting> Cancel(const std::string& key) {
+    std::vector<Waiting> waiting;
     mutex_lock l(mu_);
     auto it = pending_.find(key);
-    if (it == pending_.end()) return false;
-    auto& list = it->second;
-    for (size_t i = 0; i < list.size(); ++i) {
-      if (list[i].ctx == ctx) {
-        *out = std::move(list[i]);
-        list.erase(list.begin() + i);
-        if (list.empty()) pending_.erase(it);
-        return true;
-      }
+    if (it != pending_.end()) {
+      waiting = std::move(it->second);
+      pending_.erase(it);
     }
-    return false;
+    if (cancelled_.size() >= kMaxMarks) cancelled_.clear();  // bounded; old steps are long done
+    cancelled_.insert(key);
+    return waiting;
   }
+
  private:
+  static constexpr size_t kMaxMarks = 1 << 16;
   mutex mu_;
   std::unordered_map<std::string, std::vector<Waiting>> pending_ TF_GUARDED_BY(mu_);
+  std::unordered_set<std::string> cancelled_ TF_GUARDED_BY(mu_);
 };
 
 class GraphSgdOp : public AsyncOpKernel {
@@ -707,23 +719,24 @@ class GraphSgdOp : public AsyncOpKernel {
     if (cm != nullptr) {
       w.cm = cm;
       w.token = cm->get_cancellation_token();
-      const bool registered = cm->RegisterCallback(w.token, [key, ctx]() {
-        Waiting mine;
-        if (Gatherings::Global()->Leave(key, ctx, &mine)) {
-          mine.ctx->SetStatus(absl::CancelledError("dsgd_sgd: the step was cancelled while this device waited for the others"));
-          mine.done();
-        }
-      });
-      if (!registered) {
+      if (!cm->RegisterCallback(w.token, [key]() { CancelGathering(key); })) {
+        CancelGathering(key);  // the others' managers may not be this one
         ctx->SetStatus(absl::CancelledError("dsgd_sgd: the step was cancelled"));
         w.done();
         return;
       }
     }
+    // Fault injection for tests: a copy sleeps between registering and joining, where a
+    // cancellation once stranded it (DSGD_FAULT_JOIN_DELAY_MS, read once).
+    static const int64_t delay_ms = [] {
+      const char* v = getenv("DSGD_FAULT_JOIN_DELAY_MS");
+      return v == nullptr ? int64_t{0} : static_cast<int64_t>(atoll(v));
+    }();
+    if (delay_ms > 0) Env::Default()->SleepForMicroseconds(delay_ms * 1000);
     std::vector<Waiting> all = Gatherings::Global()->Join(key, local, std::move(w));
     if (all.empty()) return;  // another copy completes this one
     for (auto& x : all) {
-      if (x.cm != nullptr) x.cm->TryDeregisterCallback(x.token);  // false: its callback finds nothing
+      if (x.cm != nullptr) x.cm->TryDeregisterCallback(x.token);  // false: its callback only marks a completed gathering
     }
     for (auto& x : all) {
       if (!x.status.ok()) {
@@ -752,6 +765,15 @@ class GraphSgdOp : public AsyncOpKernel {
 
  private:
   static constexpr int kGrads = 7;  // input index of the first gradient
+
+  // Fails the copies waiting in a gathering that can no longer complete; later ones fail on joining.
+  static void CancelGathering(const std::string& key) {
+    for (auto& x : Gatherings::Global()->Cancel(key)) {
+      if (x.cm != nullptr) x.cm->TryDeregisterCallback(x.token);  // never blocks (false while its cm cancels)
+      x.ctx->SetStatus(absl::CancelledError("dsgd_sgd: the step was cancelled while this device waited for the others"));
+      x.done();
+    }
+  }
 
   // This copy's inputs checked and its variable set found; `local` from meta when readable.
   static absl::Status Check(OpKernelContext* ctx, core::RefCountPtr<VarSet>* out, int* local) {
