@@ -127,7 +127,7 @@ def pass_noise(sources: Sequence[Sequence[dict]], y: str = "median_ms") -> Optio
     ``sources``: the rows of each file (or of this run), in the order measured; a job's k-th row in a
     source is its k-th pass.  The jobs of one workload on one mesh in one pass (a *block*) are measured
     together, in one worker, interleaved.  On the 2-core VMs this was built on, blocks moved together
-    by 8-17% (SD, log scale) from pass to pass and their jobs against each other by 4-6%: the machine has
+    by 10-21% (SD, log scale) from pass to pass and their jobs against each other by 5-7%: the machine has
     slower and faster spells of minutes, which fall on a whole block.  The 8-device measurements that
     the model is judged against carry that noise too; ``target_pct`` is about how far a job's median of
     ``passes`` passes lies from its long-run value (SD), and no prediction can be judged more finely.
