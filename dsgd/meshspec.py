@@ -1,17 +1,20 @@
-"""The mesh vocabulary, pure: mesh specs (``batch=2,model=4``) and layout strings (``model,unsharded``).
+"""The mesh vocabulary: mesh specs (``batch=2,model=4``), layout strings (``model,unsharded``),
+and the ``dtensor.Mesh`` / ``dtensor.Layout`` objects built from them.
 
-No TensorFlow here (the JAX comparison and the argument checks use it without starting it);
-building meshes and ``dtensor.Layout`` objects is :mod:`dsgd.mesh`'s job.  Every front end
-(CLI, benchmarks, advisor, tests) goes through these, so a spec means the same thing
-everywhere and a bad one gets the same clear error.  The layout helpers below read any object
-with ``sharding_specs`` and ``mesh`` (a ``dtensor.Layout``) without importing TensorFlow.
+Importing it imports no TensorFlow (the JAX comparison and the argument checks use the specs
+without starting it): only :func:`make_mesh`, :func:`parse_layout_spec` and
+:func:`distributed_mesh` import TensorFlow, when called.  Every front end (CLI, benchmarks,
+advisor, tests) goes through these, so a spec means the same thing everywhere and a bad one gets
+the same clear error.  The layout helpers read any object with ``sharding_specs`` and ``mesh``
+(a ``dtensor.Layout``) without importing TensorFlow.  :mod:`dsgd.mesh` gives the builders under
+their own module name.
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 UNSHARDED = "unsharded"
 _AXIS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -151,11 +154,79 @@ def local_shape(layout, shape: Sequence[int]) -> list[int]:
     return [d // k for d, k in zip(shape, shards_per_dim(layout))]
 
 
-def __getattr__(name: str):
-    # make_mesh and parse_layout_spec build TensorFlow objects: they live in dsgd.mesh; the old
-    # names keep working without this module importing it (or TensorFlow) up front
-    if name in ("make_mesh", "parse_layout_spec"):
-        from dsgd import mesh
+# ------------------------------------------------------------------ TensorFlow objects from specs
+def make_mesh(spec: str | Sequence[tuple[str, int]] | MeshSpec, device_type: str = "CPU", *, available: int | None = None):
+    """Build a DTensor mesh from a spec, on the first ``size`` logical devices.
 
-        return getattr(mesh, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    Fewer devices than configured may be used (e.g. a 1-device mesh in an 8-device
+    process); more raises :class:`SpecError`.  In a DTensor multi-client run
+    (``DTENSOR_JOBS`` set, see :mod:`dsgd.multiclient`) the mesh spans every device of
+    every client (``dtensor.create_distributed_mesh``) and must use them all.
+    """
+    import tensorflow as tf
+    from tensorflow.experimental import dtensor
+
+    from dsgd import multiclient  # here, not at the top: importing the specs starts nothing
+
+    dims = list(MeshSpec.of(spec))
+    if multiclient.is_client():
+        return distributed_mesh(dims, device_type)
+    need = mesh_size(dims)
+    if available is None:
+        available = len(tf.config.list_logical_devices(device_type.upper()))
+    if need > available:
+        raise SpecError(
+            f"mesh spec {format_mesh_spec(dims)!r} needs {need} {device_type} devices, "
+            f"but only {available} are configured"
+        )
+    devices = [f"{device_type.upper()}:{i}" for i in range(need)]
+    return dtensor.create_mesh(dims, devices=devices, device_type=device_type.upper())
+
+
+def parse_layout_spec(spec: str | Sequence[str], mesh, rank: int, shape: Sequence[int] | None = None):
+    """``"model,unsharded"`` (or a list of entries) -> ``dtensor.Layout(["model", UNSHARDED], mesh)``.
+
+    ``"replicated"`` means every dimension unsharded.  With ``shape`` the split is checked:
+    every sharded dimension must divide by its axis size.
+    """
+    from tensorflow.experimental import dtensor
+
+    entries = parse_layout_str(spec, rank) if isinstance(spec, str) else list(spec)
+    if len(entries) != rank:
+        raise SpecError(f"layout spec {spec!r} has {len(entries)} entries but the tensor has rank {rank}")
+    axes = dict(mesh_dims(mesh))
+    used: set[str] = set()
+    for i, e in enumerate(entries):
+        if e == UNSHARDED:
+            continue
+        if e not in axes:
+            raise SpecError(
+                f"layout spec {spec!r}: {e!r} is not an axis of the mesh; allowed: "
+                f"{sorted(axes) + [UNSHARDED]}"
+            )
+        if e in used:
+            raise SpecError(f"layout spec {spec!r}: mesh axis {e!r} is used twice")
+        used.add(e)
+        if shape is not None and shape[i] % axes[e] != 0:
+            raise SpecError(
+                f"layout spec {spec!r}: dimension {i} of size {shape[i]} does not divide by "
+                f"mesh axis {e!r} of size {axes[e]}"
+            )
+    return dtensor.Layout(entries, mesh)
+
+
+def distributed_mesh(dims: Sequence[tuple[str, int]], device_type: Optional[str] = None):
+    """A mesh spanning all clients (``dtensor.create_distributed_mesh``); joins the cluster first."""
+    from tensorflow.experimental import dtensor
+
+    from dsgd import multiclient
+
+    cfg = multiclient.initialize()
+    device_type = (device_type or cfg.device_type).upper()
+    if mesh_size(dims) != cfg.global_devices:
+        raise SpecError(
+            f"mesh spec {format_mesh_spec(dims)!r} needs {mesh_size(dims)} devices, but this multi-client run "
+            f"has {cfg.global_devices} ({cfg.num_clients} clients x {cfg.local_devices} devices); a mesh must "
+            "span every device of every client")
+    local = [f"{device_type}:{i}" for i in range(cfg.local_devices)]
+    return dtensor.create_distributed_mesh(list(dims), local_devices=local, device_type=device_type)

@@ -130,7 +130,7 @@ def test_mesh_spec_is_immutable_and_round_trips(meshes):
     assert meshspec.layout_str([U, U]) == "replicated"
     assert meshspec.layout_to_spec(dtensor.Layout([U, U], meshes("batch=8"))) == "unsharded,unsharded"  # a group key
     assert meshspec.parse_layout_str(meshspec.layout_str([U, "model"]), 2) == [U, "model"]
-    assert meshspec.make_mesh is mesh_mod.make_mesh  # the old name still works
+    assert meshspec.make_mesh is mesh_mod.make_mesh  # one function under both module names
 
 
 def test_meshspec_imports_no_tensorflow_and_no_multiclient():

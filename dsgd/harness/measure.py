@@ -18,28 +18,10 @@ from dsgd.mesh import make_mesh, parse_layout_spec
 from dsgd.layoutmap import layout_entries
 from dsgd.workloads import VarSpec
 
-REFERENCE = "reference"  # the tf_keras DTensor SGD, the baseline every speed-up is measured against
-NO_UPDATE = "no-update"  # graph / train_step / fit: the same function with an optimizer that applies nothing (the floor)
-
-#: Where a step runs, as users run it:
-#: ``eager``: ``apply_gradients`` called eagerly on a workload's variables (tf_keras' reference
-#: inside a ``tf.function``, its faster mode); ``graph``: ``apply_gradients`` inside a
-#: ``tf.function`` for both; ``train_step``: a whole custom ``tf.function`` training step
-#: (forward, backward, update) of a named model (:mod:`dsgd.harness.models`); ``fit``: one step of
-#: ``model.fit`` on that model (its ``train_function``).
-MODES = ("eager", "graph", "train_step", "fit")
-MODEL_MODES = ("train_step", "fit")  # modes whose workload is a model of dsgd.harness.models
-#: modes with a :data:`NO_UPDATE` floor: the function minus its update (in ``graph``: a function taking
-#: the same gradients and variables, which DTensor pays for on every call whatever the optimizer)
-FLOOR_MODES = ("graph",) + MODEL_MODES
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-
-# Optimizer option presets: what the benchmarks sweep.
-OPTION_PRESETS: dict[str, dict[str, Any]] = {
-    "momentum": {"learning_rate": 0.01, "momentum": 0.9},
-    "sgd": {"learning_rate": 0.01},
-    "full": {"learning_rate": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "global_clipnorm": 1.0, "use_ema": True},
-}
+# the shared names, defined once in dsgd.names (kept importable from here: the asv suite and older
+# callers read them as dsgd.harness.measure.X)
+from dsgd.names import (  # noqa: F401
+    DTYPE_BYTES, FLOOR_MODES, MODEL_MODES, MODES, NO_UPDATE, OPTION_PRESETS, REFERENCE)
 
 
 def elements_moved(opts: dict) -> int:
@@ -128,8 +110,9 @@ def case_layouts(specs: Sequence[VarSpec], mesh, policy: str) -> list:
     return [parse_layout_spec(layout_entries(s, dims, policy), mesh, len(s.shape), s.shape) for s in specs]
 
 
-def make_optimizer(case: Case, mesh, opts: Optional[dict] = None):
-    """dsgd.SGD for a dsgd implementation; tf_keras' DTensor SGD for ``reference``; the floor's
+def make_optimizer(case: Case, mesh, opts: Optional[dict] = None, dense_gradients: bool = False):
+    """dsgd.SGD for a dsgd implementation; tf_keras' DTensor SGD for ``reference`` (given dense
+    gradients with ``dense_gradients``: :func:`dsgd.harness.models.dense_gradients`); the floor's
     optimizer that applies nothing for :data:`NO_UPDATE`."""
     if case.implementation == NO_UPDATE:
         from dsgd.harness import models
@@ -140,7 +123,12 @@ def make_optimizer(case: Case, mesh, opts: Optional[dict] = None):
         import tf_keras
 
         opts.pop("momentum_dtype", None)
-        return tf_keras.dtensor.experimental.optimizers.SGD(mesh=mesh, jit_compile=case.xla, **opts)
+        cls = tf_keras.dtensor.experimental.optimizers.SGD
+        if dense_gradients:
+            from dsgd.harness import models
+
+            cls = models.dense_gradients(cls)
+        return cls(mesh=mesh, jit_compile=case.xla, **opts)
     import dsgd
 
     return dsgd.SGD(mesh=mesh, implementation=case.implementation, jit_compile=case.xla, **opts)
@@ -185,7 +173,7 @@ def _build_model_case(case: Case) -> Built:
 
     spec = models.get_model_spec(case.workload)
     mesh = make_mesh(case.mesh_spec, case.device)
-    opt = make_optimizer(case, mesh)
+    opt = make_optimizer(case, mesh, dense_gradients=spec.sparse_gradients)
     ts = models.build_training_step(spec, mesh, opt, case.mode, policy=case.layout, jit_compile=case.xla)
     variables = list(ts.model.trainable_variables)
     specs = [VarSpec(v.name, tuple(v.shape.as_list()), v.dtype.name) for v in variables]
