@@ -2,11 +2,17 @@
 
 A step-time benchmark of ``apply_gradients`` alone shows the optimizer's own cost; what a
 user feels is a whole step: forward, backward and update, in a ``@tf.function`` train step
-of their own or under ``model.fit``.  This module builds such a model on a mesh with a
-tf_keras ``LayoutMap`` and a ``DTensorDataset``, and two step functions over it:
+of their own or under ``model.fit``.  This module holds models that look like users' models,
+each with the layout a user would give it on a mesh (Megatron-style tensor parallelism over the
+``model`` axis, data parallelism over the first), and builds them with a tf_keras ``LayoutMap``
+and a ``DTensorDataset``, with two step functions over each:
 
 * ``train_step``: one custom ``tf.function`` (GradientTape, then ``apply_gradients``);
 * ``fit``: the model's own ``train_function`` (what ``model.fit`` calls once per step).
+
+Each model is a plain function returning a tf_keras model (no mesh, no layouts: the
+``LayoutMap`` scope around the call lays its variables out), so the layout advisor can call
+it as a user's ``module:function`` too (``dsgd.harness.models:transformer``).
 
 :func:`no_update_optimizer` is the floor an optimizer can approach: it takes the gradients in their
 variables' layouts (computed and reduced, since a stateful op consumes them as data) and applies nothing.
@@ -14,36 +20,121 @@ variables' layouts (computed and reduced, since a stateful op consumes them as d
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 GLOBAL_BATCH = 16
 LAYOUT_POLICIES = ("sharded", "replicated")
+U = "unsharded"
+
+
+# ------------------------------------------------------------------------------ the models
+def resmlp(inputs: int = 256, width: int = 1024, blocks: int = 4, outputs: int = 10):
+    """A residual MLP: ``inputs -> Dense(width, relu)``, then ``blocks`` x (Dense(width, relu),
+    Dense(width)) with a skip, then ``Dense(outputs)``; 8.7M parameters by default."""
+    import tf_keras
+
+    x = inp = tf_keras.Input((inputs,), batch_size=GLOBAL_BATCH)
+    x = tf_keras.layers.Dense(width, activation="relu", name="stem")(x)
+    for b in range(blocks):
+        h = tf_keras.layers.Dense(width, activation="relu", name=f"block{b}_a")(x)
+        h = tf_keras.layers.Dense(width, name=f"block{b}_b")(h)
+        x = tf_keras.layers.Add()([x, h])
+    return tf_keras.Model(inp, tf_keras.layers.Dense(outputs, name="head")(x))
+
+
+def mlp(inputs: int = 512, width: int = 512, hidden: int = 2048, blocks: int = 4, classes: int = 8):
+    """A residual MLP with wide hidden layers, a classifier: ``inputs -> Dense(width)``, then
+    ``blocks`` x (Dense(hidden, relu), Dense(width)) with a skip, then ``Dense(classes)`` logits;
+    8.7M parameters by default (the model issue 26's figures were taken on)."""
+    import tf_keras
+
+    x = inp = tf_keras.Input((inputs,), batch_size=GLOBAL_BATCH)
+    x = tf_keras.layers.Dense(width, name="stem")(x)
+    for b in range(blocks):
+        h = tf_keras.layers.Dense(hidden, activation="relu", name=f"block{b}_a")(x)
+        h = tf_keras.layers.Dense(width, name=f"block{b}_b")(h)
+        x = tf_keras.layers.Add()([x, h])
+    return tf_keras.Model(inp, tf_keras.layers.Dense(classes, name="head")(x))
+
+
+def transformer(vocab: int = 8192, seq: int = 64, hidden: int = 256, heads: int = 8, ffn: int = 1024,
+                layers: int = 2, classes: int = 8):
+    """A transformer encoder classifier from tf_keras layers: token ``Embedding``, then ``layers`` x
+    (``MultiHeadAttention``, ``LayerNormalization``, a two-``Dense`` feed-forward block,
+    ``LayerNormalization``, post-norm with skips), mean-pooled into ``Dense(classes)`` logits; 3.7M
+    parameters by default, sequences of 64 tokens.
+
+    ``LayerNormalization(epsilon=1e-6)``: with epsilon >= 1.001e-5 tf_keras computes it with
+    ``FusedBatchNormV3``, which DTensor cannot lay out (the step fails on a mesh).
+    """
+    import tf_keras
+
+    tf_keras.backend.experimental.enable_tf_random_generator()  # DTensor: MultiHeadAttention's dropout RNG
+    inp = tf_keras.Input((seq,), batch_size=GLOBAL_BATCH, dtype="int32")
+    x = tf_keras.layers.Embedding(vocab, hidden, name="embed")(inp)
+    for i in range(layers):
+        a = tf_keras.layers.MultiHeadAttention(heads, hidden // heads, name=f"mha{i}")(x, x)
+        x = tf_keras.layers.LayerNormalization(epsilon=1e-6, name=f"ln{i}_a")(x + a)
+        h = tf_keras.layers.Dense(ffn, activation="relu", name=f"ffn{i}_a")(x)
+        h = tf_keras.layers.Dense(hidden, name=f"ffn{i}_b")(h)
+        x = tf_keras.layers.LayerNormalization(epsilon=1e-6, name=f"ln{i}_b")(x + h)
+    x = tf_keras.layers.GlobalAveragePooling1D()(x)
+    return tf_keras.Model(inp, tf_keras.layers.Dense(classes, name="head")(x))
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A residual MLP: ``inputs -> Dense(width)`` then ``blocks`` x (two Dense + skip) -> ``outputs``."""
+    """A named model: how to build it, how a user would shard it, and what it learns from.
+
+    ``sharded`` maps tf_keras object paths (matched with ``re.match``, as a ``LayoutMap`` does) to
+    sharding specs over the ``model`` axis; anything not matched is replicated.  ``inputs`` is one
+    example's input shape; ``vocab`` > 0 makes the inputs token ids below it; ``classes`` > 0 makes
+    the labels class ids (sparse categorical cross-entropy on logits), else ``outputs`` regression
+    targets (mean squared error).
+    """
 
     name: str
-    inputs: int
-    width: int
-    blocks: int
-    outputs: int
+    build: Callable[[], Any]
+    sharded: dict = field(default_factory=dict)
+    inputs: tuple = ()
+    vocab: int = 0
+    classes: int = 0
+    outputs: int = 0
+    description: str = ""
+    sparse_gradients: bool = False  # an Embedding: its gradient is an IndexedSlices
 
-    @property
-    def params(self) -> int:
-        block = 2 * (self.width * self.width + self.width)
-        return (self.inputs + 1) * self.width + self.blocks * block + (self.width + 1) * self.outputs
 
-
-#: 8.7M parameters: the model the step-share targets were set on.
-MODELS = {
-    "resmlp": ModelSpec("resmlp", inputs=256, width=1024, blocks=4, outputs=10),
-    "resmlp-small": ModelSpec("resmlp-small", inputs=32, width=64, blocks=2, outputs=4),
+#: Megatron-style: a block's first kernel column-sharded (its bias too), its second row-sharded.
+_MLP_SHARDING = {r"block\d+_a\.kernel": (U, "model"), r"block\d+_a\.bias": ("model",),
+                 r"block\d+_b\.kernel": ("model", U)}
+#: Attention sharded by heads (Q/K/V kernels and biases; the output projection by its input heads),
+#: the feed-forward block as the MLP's, the embedding table by hidden size (DTensor cannot gather
+#: from a table sharded by vocabulary: "unshard dimension 0").
+_TRANSFORMER_SHARDING = {
+    r"mha\d+\._(query|key|value)_dense\.kernel": (U, "model", U),
+    r"mha\d+\._(query|key|value)_dense\.bias": ("model", U),
+    r"mha\d+\._output_dense\.kernel": ("model", U, U),
+    r"ffn\d+_a\.kernel": (U, "model"), r"ffn\d+_a\.bias": ("model",), r"ffn\d+_b\.kernel": ("model", U),
+    r"embed\.embeddings": (U, "model"),
 }
+
+MODELS = {m.name: m for m in (
+    ModelSpec("resmlp", resmlp, _MLP_SHARDING, inputs=(256,), outputs=10,
+              description="residual MLP, 8.7M parameters, regression (mse)"),
+    ModelSpec("resmlp-small", functools.partial(resmlp, 32, 64, 2, 4), _MLP_SHARDING, inputs=(32,), outputs=4,
+              description="a tiny residual MLP (tests)"),
+    ModelSpec("mlp", mlp, _MLP_SHARDING, inputs=(512,), classes=8,
+              description="residual MLP 512-2048-512 x4, 8.7M parameters, classifier"),
+    ModelSpec("transformer", transformer, _TRANSFORMER_SHARDING, inputs=(64,), vocab=8192, classes=8,
+              sparse_gradients=True,
+              description="transformer encoder (Embedding, MultiHeadAttention, LayerNorm, Dense), 3.7M parameters"),
+    ModelSpec("transformer-small", functools.partial(transformer, 512, 16, 32, 4, 64, 1), _TRANSFORMER_SHARDING,
+              inputs=(16,), vocab=512, classes=4, sparse_gradients=True,
+              description="a tiny transformer encoder (tests)"),
+)}
 
 
 def get_model_spec(name: str) -> ModelSpec:
@@ -53,51 +144,56 @@ def get_model_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
 
 
-def layout_map(mesh, policy: str = "sharded"):
-    """Megatron-style: each block's first kernel column-sharded over ``model`` (bias too), its
-    second row-sharded; everything replicated on a mesh without a ``model`` axis or with
-    ``policy="replicated"``."""
+# ------------------------------------------------------------------------------ on a mesh
+def layout_map(spec: ModelSpec, mesh, policy: str = "sharded"):
+    """The model's ``LayoutMap``: its Megatron-style sharding over ``model`` (``policy="sharded"``
+    on a mesh with a ``model`` axis), else everything replicated."""
     import tf_keras
     from tensorflow.experimental import dtensor
 
     if policy not in LAYOUT_POLICIES:
         raise ValueError(f"layout policy must be one of {LAYOUT_POLICIES} for a model of dsgd.harness.models, "
                          f"got {policy!r}")
-    u = "unsharded"
     lm = tf_keras.dtensor.experimental.LayoutMap(mesh=mesh)
     if policy == "sharded" and "model" in mesh.dim_names:
-        # keys are tf_keras' object paths (``layer.attribute``), matched with re.match
-        lm[r"block\d+_a\.kernel"] = dtensor.Layout([u, "model"], mesh)
-        lm[r"block\d+_a\.bias"] = dtensor.Layout(["model"], mesh)
-        lm[r"block\d+_b\.kernel"] = dtensor.Layout(["model", u], mesh)
+        for key, specs in spec.sharded.items():
+            lm[key] = dtensor.Layout(list(specs), mesh)
     return lm  # anything not matched: replicated
 
 
 def build_model(spec: ModelSpec, mesh, policy: str = "sharded"):
-    """The model, built under the mesh's LayoutMap (its variables are DVariables)."""
+    """The model, built under its LayoutMap on ``mesh`` (its variables are DVariables)."""
     import tf_keras
 
     tf_keras.utils.set_random_seed(1)
-    with layout_map(mesh, policy).scope():
-        x = inp = tf_keras.Input((spec.inputs,), batch_size=GLOBAL_BATCH)
-        x = tf_keras.layers.Dense(spec.width, activation="relu", name="stem")(x)
-        for b in range(spec.blocks):
-            h = tf_keras.layers.Dense(spec.width, activation="relu", name=f"block{b}_a")(x)
-            h = tf_keras.layers.Dense(spec.width, name=f"block{b}_b")(h)
-            x = tf_keras.layers.Add()([x, h])
-        out = tf_keras.layers.Dense(spec.outputs, name="head")(x)
+    with layout_map(spec, mesh, policy).scope():
         # inside the scope: the Model's construction turns the lazy variables into DVariables
-        return tf_keras.Model(inp, out)
+        return spec.build()
+
+
+def loss(spec: ModelSpec):
+    import tf_keras
+
+    if spec.classes:
+        return tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return tf_keras.losses.MeanSquaredError()
 
 
 def dataset(spec: ModelSpec, mesh, seed: int = 0):
-    """A repeating ``DTensorDataset`` of random regression batches, sharded over the first mesh axis."""
+    """A repeating ``DTensorDataset`` of random batches, sharded over the first mesh axis."""
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((4 * GLOBAL_BATCH, spec.inputs)).astype(np.float32)
-    y = rng.standard_normal((4 * GLOBAL_BATCH, spec.outputs)).astype(np.float32)
+    n = 4 * GLOBAL_BATCH
+    if spec.vocab:
+        x = rng.integers(0, spec.vocab, (n, *spec.inputs)).astype(np.int32)
+    else:
+        x = rng.standard_normal((n, *spec.inputs)).astype(np.float32)
+    if spec.classes:
+        y = rng.integers(0, spec.classes, (n,)).astype(np.int32)
+    else:
+        y = rng.standard_normal((n, spec.outputs)).astype(np.float32)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat()
     # tf.data's autotuning thread sleeps up to a minute between rounds and an iterator's
     # teardown waits for it (TF 2.21): 15-60 s per iterator, minutes per bench sweep.  The
@@ -106,11 +202,11 @@ def dataset(spec: ModelSpec, mesh, seed: int = 0):
     options.autotune.enabled = False
     ds = ds.with_options(options)
     axis = mesh.dim_names[0]
-    lay = dtensor.Layout.batch_sharded(mesh, axis, rank=2)
-    return dtensor.DTensorDataset(ds, mesh=mesh, layouts=(lay, lay), global_batch_size=GLOBAL_BATCH,
-                                  batch_dim=axis)
+    layouts = tuple(dtensor.Layout.batch_sharded(mesh, axis, rank=a.ndim) for a in (x, y))
+    return dtensor.DTensorDataset(ds, mesh=mesh, layouts=layouts, global_batch_size=GLOBAL_BATCH, batch_dim=axis)
 
 
+# ------------------------------------------------------------------------------ optimizers
 def no_update_optimizer(mesh):
     """The floor: an optimizer that takes the gradients in their variables' layouts and applies nothing."""
     return _no_update_class()(mesh=mesh)
@@ -132,7 +228,7 @@ def _no_update_class():
         * the gradients must be a stateful op's *data* inputs.  DTensor's MLIR pipeline drops
           control edges and then removes every op whose results nobody uses, so a floor that keeps
           its gradients alive by ``tf.control_dependencies`` (or feeds them to a reduction that
-          only a control edge uses) runs without the weight gradients at all: on the 8.7M MLP
+          only a control edge uses) runs without the weight gradients at all: on the 8.7M ``mlp``
           under ``model.fit`` the expanded program had 19 MatMuls instead of 29 and no
           BiasAddGrad, and the "floor" took 23 ms against 59 for this one;
         * ``tf.raw_ops.Assert``, not ``tf.debugging.Assert``: the latter wraps its data in a
@@ -165,6 +261,22 @@ def _no_update_class():
     return _NoUpdate
 
 
+@functools.lru_cache(maxsize=None)
+def dense_gradients(base: type) -> type:
+    """Optimizer class ``base`` (tf_keras') given dense gradients: on a mesh it cannot apply an
+    ``Embedding``'s sparse gradient (``'tf.ResourceScatterAdd' op does not implement layout
+    propagation``), and densifying them is how a user trains such a model with it at all."""
+    import tensorflow as tf
+
+    def apply_gradients(self, grads_and_vars, *args, **kwargs):
+        pairs = [(tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g, v) for g, v in grads_and_vars]
+        return base.apply_gradients(self, pairs, *args, **kwargs)
+
+    return type(base.__name__, (base,), {"apply_gradients": apply_gradients, "__doc__": dense_gradients.__doc__,
+                                         "__module__": __name__})
+
+
+# ------------------------------------------------------------------------------ the step
 @dataclass
 class TrainingStep:
     """A built model, optimizer and dataset, and one step of them in the asked mode."""
@@ -180,26 +292,24 @@ def build_training_step(spec: ModelSpec, mesh, optimizer, mode: str, policy: str
     ``mode="train_step"``: a custom ``tf.function`` with a GradientTape and ``apply_gradients``."""
     import tensorflow as tf
 
+    if mode not in ("fit", "train_step"):
+        raise ValueError(f"mode must be 'fit' or 'train_step', got {mode!r}")
     model = build_model(spec, mesh, policy)
     iterator = iter(dataset(spec, mesh))
+    loss_fn = loss(spec)
     if mode == "fit":
-        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
+        model.compile(optimizer=optimizer, loss=loss_fn, jit_compile=jit_compile)
         train = model.make_train_function()
         return TrainingStep(model, optimizer, lambda: train(iterator))
-    if mode != "train_step":
-        raise ValueError(f"mode must be 'fit' or 'train_step', got {mode!r}")
-    import tf_keras
-
-    mse = tf_keras.losses.MeanSquaredError()
     variables = model.trainable_variables
 
     @tf.function(jit_compile=jit_compile)
     def train_step(x, y):
         with tf.GradientTape() as tape:
-            loss = mse(y, model(x, training=True))
-        grads = tape.gradient(loss, variables)
+            loss_value = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss_value, variables)
         optimizer.apply_gradients(zip(grads, variables))
-        return loss
+        return loss_value
 
     def step():
         x, y = next(iterator)
