@@ -155,7 +155,8 @@ def local_shape(layout, shape: Sequence[int]) -> list[int]:
 
 
 # ------------------------------------------------------------------ TensorFlow objects from specs
-def make_mesh(spec: str | Sequence[tuple[str, int]] | MeshSpec, device_type: str = "CPU", *, available: int | None = None):
+def make_mesh(spec: str | Sequence[tuple[str, int]] | MeshSpec, device_type: str = "CPU", *,
+              available: int | None = None):
     """Build a DTensor mesh from a spec, on the first ``size`` logical devices.
 
     Fewer devices than configured may be used (e.g. a 1-device mesh in an 8-device

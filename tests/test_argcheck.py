@@ -1,4 +1,5 @@
-"""Bad command-line values are refused before anything starts (:mod:`dsgd.argcheck`).
+"""Bad command-line values are refused before anything starts (:mod:`dsgd.argcheck`'s checkers, called
+by each command's checks beside it: ``bench_args``, ``profile_args``, ``layouts_args``, ``launch_args``).
 
 Each command, given one wrong value, must exit 2 with one line on stderr naming the value and
 the fix, print nothing on stdout, start no worker or client process, and write nothing (no
@@ -131,26 +132,76 @@ def test_good_values_pass_without_tensorflow(files):
     """The defaults and a full set of good values pass; checking them imports no TensorFlow."""
     args = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from dsgd import argcheck; from dsgd.cli import build_parser\n"
+         "import sys; from dsgd.harness.launch_args import CHECKS; from dsgd.cli import build_parser\n"
          "for argv in (['bench'], ['bench', '--workload', 'tiny.json', '--mesh', 'batch=2,model=4', '--layout',"
          " 'replicated', '--implementation', 'grouped', '--plot', 'x.png', '-o', 'x.csv'], ['profile'],"
          " ['layouts', '--model', 'bert-mini', '--target-mesh', 'batch=16,model=64']):\n"
          "    a = build_parser().parse_args(argv)\n"
-         "    argcheck.CHECKS[a.command](a)\n"
+         "    CHECKS[a.command](a)\n"
          "print('tensorflow' in sys.modules)"],
         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     assert args.returncode == 0 and args.stdout.strip() == "False", args.stderr
 
 
 def test_names_match_the_registries():
-    """argcheck keeps the names so that checking needs no TensorFlow; they must be the real ones."""
-    from dsgd import impl
-    from dsgd.harness import measure
+    """dsgd.names keeps the names so that checking needs no TensorFlow; they must be the real ones, and
+    the modules that use them must take them from there."""
+    from dsgd import impl, names
+    from dsgd.harness import bench_args, grid, measure
 
-    assert set(argcheck.IMPLEMENTATIONS) == set(impl.CHOICES)
-    assert argcheck.REFERENCE == measure.REFERENCE
-    assert set(argcheck.OPTION_PRESETS) == set(measure.OPTION_PRESETS)
-    assert set(argcheck.DTYPES) == set(measure.DTYPE_BYTES)
+    assert names.IMPLEMENTATIONS == impl.CHOICES  # the same names, in the registry's order
+    for name in ("REFERENCE", "NO_UPDATE", "MODES", "MODEL_MODES", "FLOOR_MODES", "OPTION_PRESETS", "DTYPE_BYTES"):
+        assert getattr(measure, name) is getattr(names, name), name  # re-exported (the asv suite reads measure's)
+    assert grid.IMPLEMENTATIONS is argcheck.IMPLEMENTATIONS is names.IMPLEMENTATIONS
+    assert set(bench_args.DEFAULT_IMPLEMENTATIONS) <= set(names.IMPLEMENTATIONS) | {names.REFERENCE}
+
+
+def test_profile_defaults_have_one_home():
+    """dsgd profile's defaults are profile_args' (the command imports them; its checks check them)."""
+    from dsgd.harness import profile, profile_args
+
+    for name in ("DEFAULT_WORKLOADS", "DEFAULT_MESHES", "DEFAULT_IMPLEMENTATIONS"):
+        assert getattr(profile, name) == getattr(profile_args, name), name
+
+
+def _profile_args(**kw):
+    import argparse
+
+    base = dict(diff=None, ledger=None, out="profiles", steps=3, devices=8, time_steps=5, timeout=None, workload=None,
+                mesh=None, layout=None, implementation=None, commit=None, mode=None, model=None)
+    return argparse.Namespace(**dict(base, **kw))
+
+
+def test_profile_checks_workloads_for_step_modes_and_models_for_whole_steps(files):
+    """check_profile as check_bench: a model mode checks --model (and refuses a layout map it cannot use);
+    an eager/graph mode checks the workloads and layouts against them."""
+    from dsgd.harness.profile_args import check_profile
+
+    check_profile(_profile_args())  # the defaults
+    check_profile(_profile_args(mode=["fit"], model=["resmlp-small"], layout=["replicated"]))
+    with pytest.raises(argcheck.UsageError, match="--model 'nope'"):
+        check_profile(_profile_args(mode=["train_step"], model=["nope"]))
+    with pytest.raises(argcheck.UsageError, match="mode fit lays its model out by a policy"):
+        check_profile(_profile_args(mode=["fit"], layout=["bad_axis.json"]))
+    with pytest.raises(argcheck.UsageError, match="'expert'"):  # the layout map against the workload: graph mode
+        check_profile(_profile_args(mode=["graph"], workload=["tiny.json"], mesh=["batch=2,model=4"],
+                                    layout=["bad_axis.json"]))
+    with pytest.raises(argcheck.UsageError, match="--mode 'jit'"):
+        check_profile(_profile_args(mode=["jit"]))
+    with pytest.raises(argcheck.UsageError, match="'nope'"):  # a workload given is checked whatever the mode
+        check_profile(_profile_args(mode=["fit"], workload=["nope"]))
+
+
+def test_launch_checks_a_command_that_cannot_check_its_values(files, no_processes, capsys):
+    """`dsgd launch -- dsgd regress ...`: regress checks its own values when it runs; the launch's checks
+    pass the command on instead of failing on it."""
+    import argparse
+
+    from dsgd.harness.launch_args import check_launch
+
+    args = argparse.Namespace(clients=2, devices_per_client=4, start_timeout=None, grace=None, timeout=None,
+                              log_dir=None)
+    check_launch(args, ["regress", "compare"])
 
 
 def test_multiclient_mesh_must_use_every_device():

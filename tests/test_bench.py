@@ -278,3 +278,154 @@ def test_verdict_says_slower_when_slower():
     df = _frame(workloads=("one-big",), meshes=("1",))
     df.loc[df["implementation"] == "auto", "median_ms"] = 40.0  # the reference takes 20
     assert "2.00x slower than tf_keras (speed-up 0.50x)" in verdict(compact(df))[0]
+
+
+# ------------------------------------------------------------------------------- the default run
+def test_default_grid_and_full():
+    """The default run: each mode (eager, graph, fit) on the three headline workloads on the 8-device
+    two-axis mesh; ``--full`` is the whole grid (3 workloads x meshes 1, batch=8, batch=2,model=4, the
+    same modes, resmlp for fit), and options given replace a grid's values one by one."""
+    from dsgd.cli import build_parser
+    from dsgd.harness.bench_args import DEFAULT_IMPLEMENTATIONS, grid_for
+    from dsgd.harness.grid import cases_from_args
+
+    def cases(argv):
+        args = build_parser().parse_args(["bench", *argv])
+        g = grid_for(args)
+        return cases_from_args(args, workloads=g.workloads, meshes=args.mesh or g.meshes,
+                               implementations=DEFAULT_IMPLEMENTATIONS, modes=args.mode or g.modes,
+                               models=args.model or g.models)
+
+    default = cases([])
+    configs = sorted({(c.mode, c.workload, c.mesh) for c in default})
+    assert configs == sorted([(m, w, "batch=2,model=4") for m in ("eager", "graph")
+                              for w in ("one-big", "bert-mini", "many-small")] + [("fit", "resmlp", "batch=2,model=4")])
+    assert {c.implementation for c in default if c.mode == "eager"} == {"auto", "reference"}
+    assert {c.implementation for c in default if c.mode != "eager"} == {"auto", "reference", "no-update"}
+    full = {(c.mode, c.workload, c.mesh, c.implementation) for c in cases(["--full"])}
+    meshes = ("1", "batch=8", "batch=2,model=4")
+    assert full == ({("eager", w, m, i) for w in ("one-big", "bert-mini", "many-small") for m in meshes
+                     for i in ("auto", "reference")}
+                    | {("graph", w, m, i) for w in ("one-big", "bert-mini", "many-small") for m in meshes
+                       for i in ("auto", "reference", "no-update")}
+                    | {("fit", "resmlp", m, i) for m in meshes for i in ("auto", "reference", "no-update")})
+    assert {c.mesh for c in cases(["--full", "--mesh", "1"])} == {"1"}
+    assert {(c.mode, c.workload) for c in cases(["--mode", "eager", "--workload", "bert-mini"])} == \
+        {("eager", "bert-mini")}
+
+
+def test_multiclient_default_meshes_span_the_cluster():
+    from dsgd.harness.bench_args import DEFAULT_GRID, FULL_GRID, default_meshes
+
+    assert default_meshes(DEFAULT_GRID) == ["batch=2,model=4"]
+    assert default_meshes(FULL_GRID, 8) == ["batch=8", "batch=2,model=4"]
+    assert default_meshes(DEFAULT_GRID, 4) == ["batch=4"]
+
+
+def test_job_cost_weighs_what_takes_time():
+    """The progress bar advances by each job's estimated cost: tf_keras' first step over many variables
+    on many devices dominates (many-small's reference on 8 devices, ~19 s here; one-big's, ~0.4 s)."""
+    from dsgd.harness.bench_run import job_cost
+    from dsgd.harness.measure import Case
+
+    def cost(w, m, impls=("auto", "reference"), mode="eager"):
+        return job_cost([Case(workload=w, mesh=m, implementation=i, mode=mode) for i in impls], steps=10)
+
+    assert cost("many-small", "batch=2,model=4") > 4 * cost("one-big", "batch=2,model=4")
+    assert cost("many-small", "batch=2,model=4") > cost("many-small", "1") > cost("many-small", "1", ("auto",))
+    assert 10 < cost("many-small", "batch=2,model=4", mode="graph") < 40
+    assert 0 < cost("resmlp", "batch=2,model=4", ("auto", "reference", "no-update"), mode="fit") < 20
+    assert cost("no-such-workload", "1") > 0  # a bad case fails in its job, not in the estimate
+
+
+def test_run_starts_the_worker_first_and_reports_the_kernel_build(tmp_path, monkeypatch):
+    """run(): a start job builds/loads the kernels and measures the copy bandwidth before any case, so no
+    case pays them; the build time is reported on the first job's rows, as a row's own would be."""
+    from dsgd.harness import bench_run
+    from dsgd.harness.measure import Case
+
+    built = []  # as dsgd.kernels.prepare: the time it took the first time in a process, then 0
+
+    def prepare(impls):
+        seconds = 2.5 if "auto" in impls and not built else 0.0
+        built.append(impls)
+        return seconds
+
+    monkeypatch.setattr(bench_run, "prepare_kernels", prepare)
+    monkeypatch.setattr(bench_run, "_COPY_GBPS", 40.0)
+    calls = []
+    real = bench_run.run_job
+    monkeypatch.setattr(bench_run, "run_job", lambda p: calls.append(p["_func"]) or real(p))
+    wl = tmp_path / "one.json"
+    wl.write_text(json.dumps([{"name": "w", "shape": [8, 4]}]))
+    cases = [Case(workload=str(wl), mesh=m, implementation=i) for m in ("1", "batch=2") for i in ("auto", "reference")]
+    df = bench_run.run(cases, steps=2, isolate=False, progress=True)
+    assert calls == ["start", "run_paired", "run_paired"]
+    assert list(df["status"]) == ["ok"] * 4 and (df["copy_gbps"] == 40.0).all()
+    assert list(df["build_s"]) == [2.5, 2.5, 0.0, 0.0] and built[0] == ["auto", "reference"]
+
+
+def _modes_frame():
+    """Rows of every default mode (plain data): eager and graph steps, and a fit step with its floor."""
+    import pandas as pd
+
+    from dsgd.harness.bench_frame import add_ratios
+
+    rows = []
+    for mode, w, times in (("eager", "one-big", (14, 36, None)), ("eager", "many-small", (9, 75, None)),
+                           ("graph", "one-big", (14.7, 40.6, 0.6)), ("graph", "many-small", (21.8, 55, 19.2)),
+                           ("fit", "resmlp", (57.2, 66.8, 49.8))):
+        for impl, ms in zip(("auto", "reference", "no-update"), times):
+            if ms is not None:
+                rows.append(dict(workload=w, mesh="batch=2,model=4", layout="sharded", dtype="float32", xla=False,
+                                 options="momentum", device="CPU", mode=mode, implementation=impl, status="ok",
+                                 median_ms=ms, p10_ms=0.95 * ms, p90_ms=1.05 * ms, steps=10, first_step_s=1.0,
+                                 roofline_ms=5.0, copy_gbps=40.0, impl_used="grouped", paired=True, build_s=0.0))
+    return add_ratios(pd.DataFrame(rows))
+
+
+def test_one_verdict_line_per_implementation_from_the_step_times():
+    """The run ends with one verdict per dsgd implementation: the optimizer step (eager, graph) and the whole
+    training step (fit) as tf_keras ms / dsgd ms -- not the share, a small difference of two noisy medians."""
+    from dsgd.harness.bench_frame import compact
+    from dsgd.harness.bench_render import render, verdict
+
+    df = _modes_frame()
+    (line,) = verdict(compact(df), run_s=95)
+    geo = ((36 / 14) * (75 / 9) * (40.6 / 14.7) * (55 / 21.8)) ** 0.25
+    assert line.startswith(f"verdict: dsgd (auto) per optimizer step: {geo:.2f}x faster than tf_keras, geometric "
+                           "mean of 4 configurations; worst 2.52x (workload many-small, mode graph)")
+    assert f"per whole training step: {66.8 / 57.2:.2f}x faster than tf_keras (workload resmlp, mode fit)" in line
+    assert line.endswith("; run time 1 min 35 s")
+    text = render(df, run_s=95)
+    assert text.count("verdict:") == 1 and max(map(len, text.splitlines())) <= 120
+
+
+def test_the_legend_explains_the_columns_shown_and_only_those():
+    from dsgd.harness.bench_render import render
+
+    def header_and_legend(text):
+        lines = text.splitlines()
+        return " ".join(lines[:3]), " ".join(" ".join(lines[lines.index("") + 1:]).split())
+
+    head, legend = header_and_legend(render(_modes_frame()))  # everything fits: every column shown and explained
+    for column, entry in (("spread", "spread = (p90 - p10)"), ("floor", "floor = the same step with an optimizer that "
+                          "brings every gradient to its variable's layout and hands them to one stateful no-op: the "
+                          "forward and backward pass and the gradient reductions every optimizer needs, nothing "
+                          "applied"), ("share", "share speed-up ="), ("roofline", "roofline ="),
+                          ("first step", "first step s =")):
+        assert column in head and entry in legend, column
+    assert "eager: apply_gradients" in legend and "fit: one model.fit step" in legend and "train_step:" not in legend
+
+    eager = _frame(workloads=("a-really-long-workload-file-name-for-testing.json", "one-big"),
+                   meshes=("batch=2,model=4", "batch=4,model=2"), layouts=("replicated", "sharded"))
+    from dsgd.harness.bench_render import format_compact
+    from dsgd.harness.bench_frame import compact
+
+    _, columns = format_compact(compact(eager), width=80)  # too narrow: optional columns dropped
+    assert "spread" not in columns and "first" not in columns
+    text = render(eager.assign(xla=[True, True, False, False] * 4), "table")
+    head, legend = header_and_legend(text)
+    for column, entry in (("spread", "spread ="), ("first step", "first step s ="), ("roofline", "roofline =")):
+        assert (column in head) == (entry in legend), column
+    assert "floor" not in legend and "share" not in legend and "graph:" not in legend

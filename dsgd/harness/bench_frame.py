@@ -8,9 +8,12 @@ from typing import Sequence
 
 import numpy as np
 
-from dsgd.harness.measure import NO_UPDATE, REFERENCE, Case
+from dsgd.harness.measure import Case
+from dsgd.names import NO_UPDATE, REFERENCE
 
 KEY = ["workload", "mesh", "layout", "dtype", "xla", "options", "mode"]
+#: what a row measured elsewhere (``--compare``) must have to sit beside dsgd's
+COMPARE_COLUMNS = ("workload", "mesh", "layout", "dtype", "options", "implementation", "median_ms")
 
 
 def add_ratios(df):
@@ -157,8 +160,7 @@ def merge_external(df, paths: Sequence[str]):
             ext = pd.read_csv(p)
         except (OSError, ValueError) as e:
             raise ValueError(f"--compare file {p}: {e}") from None
-        missing = [c for c in ("workload", "mesh", "layout", "dtype", "options", "implementation", "median_ms")
-                   if c not in ext.columns]
+        missing = [c for c in COMPARE_COLUMNS if c not in ext.columns]
         if missing:
             raise ValueError(f"--compare file {p} lacks columns {missing}")
         ext = ext.copy()

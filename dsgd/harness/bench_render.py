@@ -1,16 +1,16 @@
-"""``dsgd bench``'s output: the compact table that fits 120 columns with the verdict and what a row
-measures, the wide table, CSV/JSON, and the bar chart."""
+"""``dsgd bench``'s output: the compact table that fits 120 columns, the verdict and what each column
+shown means, the wide table, CSV/JSON, and the bar chart."""
 from __future__ import annotations
 
 import math
 import os
 import textwrap
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from dsgd.harness.bench_frame import compact, config_columns
-from dsgd.harness.measure import MODEL_MODES
+from dsgd.names import MODEL_MODES
 
 TABLE_COLUMNS = ["mode", "workload", "mesh", "layout", "dtype", "options", "xla", "implementation", "impl_used",
                  "median_ms", "p10_ms", "p90_ms", "speedup", "share_ms", "share_speedup", "first_step_s", "build_s",
@@ -65,10 +65,11 @@ def _grid(header: list[tuple[str, str]], cells: list[list[str]], nleft: int) -> 
 _OPTIONAL = ("spread", "first", "roofline")
 
 
-def format_compact(c, *, width: int = WIDTH) -> list[str]:
-    """The lines of the default table from :func:`compact`'s frame: configuration values that
-    are the same on every row go in one line above it; to keep lines within ``width``, the
-    optional columns are dropped (:data:`_OPTIONAL`, in order), then long values shortened."""
+def format_compact(c, *, width: int = WIDTH) -> tuple[list[str], list[str]]:
+    """The lines of the default table from :func:`compact`'s frame, and the columns it shows beyond the
+    configuration: configuration values that are the same on every row go in one line above it; to
+    keep lines within ``width``, the optional columns are dropped (:data:`_OPTIONAL`, in order), then
+    long values shortened."""
     keys = config_columns(c)
     c = c.copy()
     c["dsgd"] = [("-" if i != i else str(i)) + (f" ({u})" if u == u and u and u != i else "")
@@ -120,29 +121,40 @@ def format_compact(c, *, width: int = WIDTH) -> list[str]:
             drop.append(nxt)
         else:
             limit -= 4
-    return lines + table
+    columns = ["dsgd", "tf_keras", "speed-up"] + (["floor", "share"] if floors else [])
+    columns += [o for o in _OPTIONAL if o not in drop]
+    return lines + table, columns
+
+
+def _judge(g, varying: list[str]) -> str:
+    """The geometric-mean speed-up of rows ``g`` as it reads: faster/slower than tf_keras, of how many
+    rows, the worst and best (the worst named by its ``varying`` configuration values)."""
+    sp = g["speedup"].astype(float)
+    geo = math.exp(float(np.log(sp).mean()))
+    how = f"{geo:.2f}x faster than tf_keras" if geo >= 1 else \
+        f"{1 / geo:.2f}x slower than tf_keras (speed-up {geo:.2f}x)"
+    w = g.loc[sp.idxmin()]
+    where = ", ".join(f"{k} {_text(k, w[k])}" for k in varying) or "the one configuration"
+    if len(g) == 1:
+        return f"{how} ({where})"
+    return f"{how}, geometric mean of {len(g)} configurations; worst {sp.min():.2f}x ({where}), best {sp.max():.2f}x"
 
 
 def verdict(c, *, run_s: Optional[float] = None) -> list[str]:
-    """Who won by how much: per dsgd implementation, the geometric-mean speed-up over the
-    reference and the worst configuration; then the run time."""
+    """Who won by how much: one line per dsgd implementation -- the geometric-mean speed-up over the
+    reference per optimizer step (eager, graph) with the worst and best configuration, then per whole
+    training step (train_step, fit: the step users feel, not the noisier share) -- and the run time."""
     keys = config_columns(c)
-    varying = [k for k in keys if c[k].astype(str).nunique() > 1]
+    c = c.assign(_whole=c["mode"].isin(MODEL_MODES) if "mode" in c else False)
     out = []
-    c = c.copy()
-    whole = c["mode"].isin(MODEL_MODES) if "mode" in c else np.zeros(len(c), bool)
-    c["judged"] = np.where(whole, c.get("share_speedup", np.nan), c["speedup"])
-    c["what"] = np.where(whole, "optimizer's share of a whole training step", "the step")
-    for (impl, what), g in c[c["judged"].notna()].groupby(["implementation", "what"], sort=False):
-        sp = g["judged"].astype(float)
-        geo = math.exp(float(np.log(sp).mean()))
-        w = g.loc[sp.idxmin()]
-        where = ", ".join(f"{k} {_text(k, w[k])}" for k in varying) or "the one configuration"
-        how = f"{geo:.2f}x faster than tf_keras" if geo >= 1 else \
-            f"{1 / geo:.2f}x slower than tf_keras (speed-up {geo:.2f}x)"
-        out.append(f"verdict: dsgd ({impl}) {how}" + (f" ({what})" if what != "the step" else "") +
-                   f", geometric mean of {len(g)} configuration{'s' if len(g) != 1 else ''}; worst "
-                   f"{sp.min():.2f}x ({where}), best {sp.max():.2f}x")
+    for impl, g in c[c["speedup"].notna()].groupby("implementation", sort=False):
+        parts = []
+        for is_whole, what in ((False, "per optimizer step"), (True, "per whole training step")):
+            rows = g[g["_whole"] == is_whole]
+            if len(rows):  # one row is named by what tells it from the others in the table
+                varying = [k for k in keys if (rows if len(rows) > 1 else c)[k].astype(str).nunique() > 1]
+                parts.append(f"{what}: {_judge(rows, varying)}")
+        out.append(f"verdict: dsgd ({impl}) " + "; ".join(parts))
     if not out:
         out.append("verdict: no configuration has both dsgd and tf_keras measured, so no speed-up")
     failed = int((c["status"] != "ok").sum())
@@ -154,29 +166,62 @@ def verdict(c, *, run_s: Optional[float] = None) -> list[str]:
     return out
 
 
-def render_table(df, *, run_s: Optional[float] = None, width: int = WIDTH) -> str:
-    """The default output: the compact table, the verdict, what a row measures (<= ``width`` columns)."""
-    if df.empty:
-        return "no cases"
-    c = compact(df)
-    lines = format_compact(c, width=width) + [""]
-    notes = verdict(c, run_s=run_s)
+FLOOR = ("floor = the same step with an optimizer that brings every gradient to its variable's layout and hands "
+         "them to one stateful no-op: the forward and backward pass and the gradient reductions every optimizer "
+         "needs, nothing applied")
+_MODE_TEXT = {
+    "eager": "eager: apply_gradients of random gradients to every variable of the workload, on the mesh, called "
+             "eagerly (tf_keras' in a tf.function, its faster mode)",
+    "graph": "graph: apply_gradients inside a tf.function, for both",
+    "train_step": "train_step: a whole custom tf.function training step of the model (forward, backward, update)",
+    "fit": "fit: one model.fit step of the model",
+}
+
+
+def legend(df, columns: Sequence[str]) -> list[str]:
+    """What a row measures, then one entry per column of ``columns`` (:func:`format_compact`'s) -- only those."""
+    modes = [m for m in _MODE_TEXT if "mode" in df and (df["mode"] == m).any()] or ["eager"]
     steps = int(df["steps"].max()) if "steps" in df and df["steps"].notna().any() else None
     bw = df["copy_gbps"].dropna().median() if "copy_gbps" in df and df["copy_gbps"].notna().any() else None
     paired = "paired" in df and bool(df["paired"].eq(True).any())
-    notes.append(
-        "A row: one optimizer step (apply_gradients of random gradients to every variable of the workload, on the "
-        f"mesh), median ms of {steps or 'the'} timed steps"
-        + (", dsgd and tf_keras' DTensor SGD interleaved in one process" if paired else "")
-        + "; mode eager: dsgd called eagerly, tf_keras in a tf.function (its faster mode); graph: both inside a "
-        "tf.function; train_step / fit: a whole training step of the model (forward, backward, update: a custom "
-        "tf.function, or model.fit's); floor = the same function applying nothing (graph: taking the same gradients "
-        "and variables, whose passing DTensor charges every call), share speed-up = (tf_keras - floor) / "
-        "(dsgd - floor), '-' where a share is not clearly above zero (within twice the standard error of the "
-        "difference of the two medians); speed-up = tf_keras ms / dsgd ms; spread = (p90 - p10) / median; roofline = the update's "
-        "ideal memory traffic at the copy bandwidth" + (f" measured in this run ({bw:.1f} GB/s)" if bw else "")
-        + " / the update's time (the share where there is a floor, else the step; 1 = memory-bound); first step = "
-        "trace + compile + one step.")
+    opt, whole = [m for m in modes if m not in MODEL_MODES], [m for m in modes if m in MODEL_MODES]
+    step = " or ".join(f"{what} ({', '.join(ms)})" if opt and whole else what
+                       for what, ms in (("one optimizer step", opt), ("one whole training step", whole)) if ms)
+    out = [f"A row: {step}; dsgd, tf_keras = the median ms of {steps or 'the'} timed steps of dsgd and of tf_keras' "
+           "DTensor SGD" + (", interleaved in one process" if paired else "") + ".",
+           "mode " + "; ".join(_MODE_TEXT[m] for m in modes),
+           "speed-up = tf_keras ms / dsgd ms"]
+    if "spread" in columns:
+        out.append("spread = (p90 - p10) / median of dsgd's steps")
+    if "floor" in columns:
+        out.append(FLOOR + ("; in graph there is no forward or backward pass: the floor is the call that hands the "
+                            "gradients and variables in" if "graph" in modes else ""))
+        out.append("share speed-up = (tf_keras - floor) / (dsgd - floor)"
+                   + (" (optimizer's share of a whole training step)" if whole else "")
+                   + ", '-' where a share is not clearly above zero (within twice the standard error of the "
+                     "difference of the two medians)")
+    if "roofline" in columns:
+        out.append("roofline = the update's ideal memory traffic at the copy bandwidth"
+                   + (f" measured in this run ({bw:.1f} GB/s)" if bw else "")
+                   + (" / the optimizer's share (dsgd - floor; the step where there is no floor)" if "floor" in columns
+                      else " / the step's time") + " (1 = memory-bound), dsgd/tf_keras")
+    if "first" in columns:
+        out.append("first step s = trace + compile + one step, dsgd/tf_keras")
+    return out
+
+
+def render_table(df, *, run_s: Optional[float] = None, width: int = WIDTH) -> str:
+    """The default output: the compact table, the verdict, what the columns shown mean (<= ``width`` columns)."""
+    if df.empty:
+        return "no cases"
+    c = compact(df)
+    table, columns = format_compact(c, width=width)
+    lines = table + [""]
+    lines += [w for v in verdict(c, run_s=run_s) for w in textwrap.wrap(v, width)]
+    first, *entries = legend(df, columns)
+    lines += textwrap.wrap(first, width)
+    lines += [w for e in entries for w in textwrap.wrap(e, width, initial_indent="  ", subsequent_indent="    ")]
+    notes = []
     if "clients" in df and df["clients"].notna().any():
         n = int(df["clients"].max())
         b = df["barrier_ms"].dropna().median() if "barrier_ms" in df else float("nan")

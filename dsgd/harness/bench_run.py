@@ -1,6 +1,7 @@
 """Running ``dsgd bench``'s cases: the worker functions (one case, or the implementations of one
 configuration side by side, their steps interleaved) and the sweep that hands them to worker
-processes (:mod:`dsgd.harness.isolate`), or runs them here as a DTensor client."""
+processes (:mod:`dsgd.harness.isolate`), or runs them here as a DTensor client, with a progress
+bar whose estimate holds (:func:`job_cost`)."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -10,12 +11,15 @@ import numpy as np
 
 from dsgd.harness import measure
 from dsgd.harness.bench_frame import add_ratios
-from dsgd.harness.measure import NO_UPDATE, Case, prepare_kernels, resolved_implementations
+from dsgd.harness.measure import Case, prepare_kernels, resolved_implementations
+from dsgd.meshspec import MeshSpec
+from dsgd.names import MODEL_MODES, NO_UPDATE, REFERENCE
 
 _COPY_GBPS: Optional[float] = None
 
 
 def copy_gbps() -> float:
+    """This process's copy bandwidth (GB/s), measured once: the roofline's denominator."""
     global _COPY_GBPS
     if _COPY_GBPS is None:
         _COPY_GBPS = measure.copy_bandwidth_gbps()
@@ -136,8 +140,43 @@ def _split(res: dict, n: int) -> list[dict]:
     return [res] * n if n > 1 else [res]
 
 
+MODEL_VARIABLES = 20  # about what a whole-step model of dsgd.harness.models has (resmlp: 20)
+
+
+def job_cost(cases: Sequence[Case], steps: int) -> float:
+    """A job's rough cost in seconds on an idle 2-core machine, for the progress bar's estimate only.
+
+    What dominates is each implementation's first step, which traces and expands every variable on
+    every device: about 20 ms per variable x (1 + devices / 6) for tf_keras' DTensor SGD (many-small's
+    400 variables on 8 devices: ~19 s; bert-mini's 71 on 1 device: ~1.2 s), a sixth of that for dsgd
+    and the floor; then creating the variables, and the timed steps.  Counting cases instead made the
+    first estimate of a default run 48 minutes for a 4-minute run: a cheap case and a many-small
+    reference case weighed alike.
+    """
+    from dsgd.workloads import get_workload
+
+    total = 0.0
+    for c in cases:
+        try:
+            n_vars = MODEL_VARIABLES if c.mode in MODEL_MODES else len(get_workload(c.workload, c.dtype))
+            devices = MeshSpec.of(c.mesh).size
+        except Exception:  # noqa: BLE001 - a bad case fails in its job; its cost only moves the bar
+            n_vars, devices = 1, 1
+        first = 0.02 * n_vars * (1 + devices / 6) / (1 if c.implementation == REFERENCE else 6)
+        build = 0.005 * n_vars * 2 + (1.0 if c.mode in MODEL_MODES else 0.1)  # variables and gradients, or a model
+        total += first + build + 0.01 * devices * (steps + 4)
+    return total + 0.5  # the configuration's warm-up
+
+
+def start(payload: dict) -> dict:
+    """A worker's first job: what the whole sweep needs once per process, before anything is timed (the
+    kernels built/loaded, the copy bandwidth measured), so that neither a case nor the progress bar's
+    estimate carries it.  ``payload["implementations"]``: the sweep's."""
+    return {"status": "ok", "build_s": prepare_kernels(payload.get("implementations", [])), "copy_gbps": copy_gbps()}
+
+
 def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bool = True,
-        progress: bool = True, on_row=None, paired: bool = True):
+        progress: bool = True, paired: bool = True):
     """Run cases; returns a pandas DataFrame with one row per case (failed ones included).
 
     ``paired`` (the default): the implementations of one configuration are measured side by
@@ -147,6 +186,9 @@ def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bo
     As a DTensor client (:mod:`dsgd.multiclient`) the cases run in this process, whatever
     ``isolate`` says: every client runs the same cases in the same order, each case's mesh
     spanning all clients (the cluster cannot be re-formed in a worker process).
+
+    The progress bar advances by each job's :func:`job_cost` and starts its clock once the worker
+    is up (:func:`start`), so its estimate of the time left holds from the first job on.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -157,36 +199,49 @@ def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bo
     if client:
         isolate = False
     jobs = _jobs(cases, steps, paired)
+    costs = [job_cost([cases[i] for i in idx], steps) for _, _, idx in jobs]
     rows: list[Optional[dict]] = [None] * len(cases)
-    bar = tqdm(total=len(cases), desc="dsgd bench", unit="case", disable=not progress, leave=False)
+    started: dict = {}
+    n_configs = len(jobs)
+    bar = tqdm(total=sum(costs), desc="dsgd bench", disable=not progress, leave=False, smoothing=0,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+    bar.set_postfix_str("starting a worker: TensorFlow, the kernels, the copy bandwidth")
+    done = [0]
 
     def got(j, res):
+        if j == 0:  # the start job: the clock starts now (tqdm.reset restarts it)
+            started.update(res if res.get("status") == "ok" else {})
+            bar.reset(total=sum(costs))
+            bar.set_postfix_str(f"0/{n_configs} configurations")
+            return
+        j -= 1
         idx = jobs[j][2]
         for i, r in zip(idx, _split(res, len(idx))):
             row = dict(asdict(cases[i]))
             row.update(r)
             rows[i] = row
-            bar.update(1)
-            bar.set_postfix_str(cases[i].label[:60])
-            if on_row:
-                on_row(row)
+        done[0] += 1
+        bar.update(costs[j])
+        bar.set_postfix_str(f"{done[0]}/{n_configs} configurations, {cases[idx[0]].label[:50]}")
 
+    impls = sorted({c.implementation for c in cases})
+    payloads = [dict(_func="start", implementations=impls)] + [dict(p, _func=func) for func, p, _ in jobs]
     if isolate:
         from dsgd.harness.isolate import run_isolated
 
         # one worker function per sweep keeps run_isolated's one-func interface
-        payloads = [dict(p, _func=func) for func, p, _ in jobs]
         run_isolated("dsgd.harness.bench_run:run_job", payloads, devices=devices, on_result=got,
                      device_type=cases[0].device if cases else "CPU")
     else:
-        for j, (func, p, idx) in enumerate(jobs):
+        for j, p in enumerate(payloads):
+            idx = jobs[j - 1][2] if j else []
             try:
-                res = run_job(dict(p, _func=func))
+                res = run_job(dict(p))
             except Exception as e:  # noqa: BLE001 - recorded as failed; the sweep goes on
                 res = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-            if client:  # a case failed on some clients only: the others may be stuck in it, stop all
+            if client and j:  # a case failed on some clients only: the others may be stuck in it, stop all
                 ok = all(r.get("status", "ok") == "ok" for r in _split(res, len(idx)))
-                oks = multiclient.agree(f"bench-job-{j}", ok)
+                oks = multiclient.agree(f"bench-job-{j - 1}", ok)
                 if len(set(oks)) > 1:
                     bad = [k for k, o in enumerate(oks) if not o]
                     msg = f"case {cases[idx[0]].label} failed on client(s) {bad} only: {res.get('error', '')}"
@@ -195,6 +250,9 @@ def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bo
             got(j, res)
     bar.close()
     df = add_ratios(pd.DataFrame(rows))
+    if started.get("build_s") and jobs:  # the one-time kernel build, reported as the first job's rows were
+        first = df.index.isin(jobs[0][2])
+        df.loc[first, "build_s"] = df.loc[first, "build_s"].fillna(0) + started["build_s"]
     if client:  # every client gets here together (the jobs agreed)
         cfg = multiclient.config_from_env()
         df["clients"] = cfg.num_clients
@@ -203,11 +261,13 @@ def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bo
 
 
 def run_job(payload: dict) -> dict:
-    """A worker's entry point: ``payload["_func"]`` is ``run_case`` or ``run_paired``.
+    """A worker's entry point: ``payload["_func"]`` is ``start``, ``run_case`` or ``run_paired``.
 
     The kernels are built/loaded first; every row of the job gets that time as ``build_s``.
     """
     func = payload.pop("_func", "run_case")
+    if func == "start":
+        return start(payload)
     impl = payload.get("implementation", "auto")
     build_s = prepare_kernels([impl] if isinstance(impl, str) else impl)
     res = {"run_case": run_case, "run_paired": run_paired}[func](payload)

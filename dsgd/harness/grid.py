@@ -3,16 +3,17 @@
 ``dsgd bench`` and ``dsgd profile`` sweep the same grid (workload x mesh x layout x dtype x
 options x XLA x implementation), so they take its options from here: the names in the help
 come from the registries (workloads, implementations, option presets, dtypes, layout
-policies), and a value outside them is refused by :mod:`dsgd.argcheck` before anything runs.
+policies), and a value outside them is refused by :func:`check_grid` before anything runs.
 """
 from __future__ import annotations
 
 import itertools
 from typing import Sequence
 
-from dsgd.harness import measure
-from dsgd.argcheck import IMPLEMENTATIONS
-from dsgd.harness.measure import FLOOR_MODES, MODEL_MODES, NO_UPDATE, REFERENCE, Case
+from dsgd import argcheck
+from dsgd.harness.measure import Case
+from dsgd.names import (DTYPE_BYTES, FLOOR_MODES, IMPLEMENTATIONS, MODEL_MODES, MODES, NO_UPDATE, OPTION_PRESETS,
+                        REFERENCE)
 from dsgd.workloads import LAYOUT_POLICIES, WORKLOADS
 
 DEFAULT_MODELS = ("resmlp",)  # the train_step and fit modes' models (dsgd.harness.models)
@@ -35,16 +36,16 @@ def add_grid_arguments(p, *, workloads: Sequence[str], meshes: Sequence[str], im
                         "variable's largest dimension that divides by the last mesh axis), or a layout-map JSON "
                         "{\"regex\": \"model,unsharded\", ...}, keys matched as tf_keras' LayoutMap does "
                         "(re.match) (repeatable; default: sharded)")
-    p.add_argument("--dtype", action="append", choices=list(measure.DTYPE_BYTES),
+    p.add_argument("--dtype", action="append", choices=list(DTYPE_BYTES),
                    help="dtype of variables and gradients (repeatable; default: float32)")
     p.add_argument("--implementation", action="append", metavar="NAME",
                    help=f"how dsgd runs the step: {', '.join(IMPLEMENTATIONS)} -- or {REFERENCE}, tf_keras' "
                         "DTensor SGD, the baseline of the speed-up "
                         f"(repeatable; default: {' '.join(implementations)})")
-    p.add_argument("--options", action="append", choices=sorted(measure.OPTION_PRESETS),
+    p.add_argument("--options", action="append", choices=sorted(OPTION_PRESETS),
                    help="optimizer options: momentum (lr 0.01, momentum 0.9), sgd (no momentum), full (momentum + "
                         "weight_decay 1e-4 + global_clipnorm 1.0 + EMA) (repeatable; default: momentum; "
-                        "dsgd.harness.measure.OPTION_PRESETS)")
+                        "dsgd.names.OPTION_PRESETS)")
     p.add_argument("--xla", choices=list(XLA_CHOICES), default=xla,
                    help="jit_compile=True for both optimizers: on, off, or both as separate rows; dsgd's auto then "
                         f"runs its xla implementation, tf_keras on CPU ignores it (default: {xla})")
@@ -86,3 +87,41 @@ def cases_from_args(args, *, workloads: Sequence[str], meshes: Sequence[str], im
     return make_cases(args.workload or workloads, args.mesh or meshes, args.layout or ["sharded"],
                       args.dtype or ["float32"], args.implementation or implementations, parse_xla(args.xla),
                       args.options or ["momentum"], device=args.device, modes=modes, models=models)
+
+
+# ------------------------------------------------------------------------------- checking the options
+def check_grid(args, *, workloads: Sequence[str], meshes: Sequence[str], implementations: Sequence[str],
+               modes: Sequence[str], devices: argcheck.Devices) -> None:
+    """The values of :func:`add_grid_arguments`' options and of ``--mode``/``--model`` where the
+    command has them, the given defaults where absent; raises :class:`dsgd.argcheck.UsageError`.
+
+    The workloads (and layouts against them) are checked where an ``eager``/``graph`` mode is asked,
+    the models where a ``train_step``/``fit`` mode is (:func:`check_models`); a named workload or model
+    that is given is checked whatever the modes.
+    """
+    argcheck.check_counts(args)
+    modes = getattr(args, "mode", None) or modes
+    for m in modes:
+        argcheck.check_choice(m, MODES, "--mode")
+    step_modes = [m for m in modes if m not in MODEL_MODES]
+    given = args.workload or []
+    argcheck.check_sweep(workloads=(given or workloads) if step_modes else given, meshes=args.mesh or meshes,
+                         layouts=(args.layout or ["sharded"]) if step_modes else [],
+                         implementations=args.implementation or implementations, devices=devices)
+    check_models(args, modes)
+
+
+def check_models(args, modes: Sequence[str]) -> None:
+    """``--model`` names (the train_step/fit modes' models), and layouts those of ``modes`` can give them."""
+    from dsgd.harness import models
+
+    for m in getattr(args, "model", None) or ():
+        if m not in models.MODELS:
+            raise argcheck.UsageError(f"--model {m!r} is not a model of the train_step/fit modes; choose one of "
+                                      f"{argcheck.listed(sorted(models.MODELS))}")
+    whole = [m for m in modes if m in MODEL_MODES]
+    odd = [lay for lay in (args.layout or ["sharded"]) if lay not in models.LAYOUT_POLICIES]
+    if whole and odd:
+        raise argcheck.UsageError(
+            f"--layout {odd[0]!r}: mode {'/'.join(whole)} lays its model out by a policy "
+            f"({argcheck.listed(models.LAYOUT_POLICIES)}); give one of those, or --mode eager/graph for a layout map")

@@ -1,0 +1,80 @@
+"""``dsgd layouts``' checks of its values, beside the command (:mod:`dsgd.advisor.layouts`)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+from dsgd import argcheck
+from dsgd.argcheck import UsageError, listed
+from dsgd.workloads import WORKLOADS
+
+
+def check_model(spec: str, flag: str = "--model") -> None:
+    """A named workload, a JSON variable list, or ``module:function`` / ``file.py:function``."""
+    if spec in WORKLOADS or spec.endswith(".json") or os.path.isfile(spec):
+        argcheck.check_workload(spec, flag)
+        return
+    mod, sep, fn = spec.rpartition(":")
+    if not sep or not mod or not fn or not fn.isidentifier():
+        raise UsageError(f"{flag} {spec!r} is not a named workload ({listed(sorted(WORKLOADS))}), not an existing "
+                         "JSON file, and not module:function; give one of those")
+    if mod.endswith(".py"):
+        if not os.path.isfile(mod):
+            raise UsageError(f"{flag} {spec!r}: file {mod!r} does not exist; give the path of the file that defines "
+                             f"{fn}()")
+        return
+    try:
+        found = importlib.util.find_spec(mod)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise UsageError(f"{flag} {spec!r}: module {mod!r} cannot be found; check the name, or run from the directory "
+                         "that holds it (or give path/to/file.py:function)")
+
+
+def check_force(value: str) -> None:
+    """A ``--force REGEX=LAYOUT`` item whose regex compiles."""
+    rx, sep, lay = value.partition("=")
+    if not sep or not rx or not lay:
+        raise UsageError(f"--force {value!r}: expected REGEX=LAYOUT, e.g. 'word_embeddings=unsharded,model'")
+    try:
+        re.compile(rx)
+    except re.error as e:
+        raise UsageError(f"--force {value!r}: bad regex {rx!r} ({e}); fix the pattern") from None
+
+
+def check_layouts(args) -> None:
+    """``dsgd layouts``' values; raises :class:`dsgd.argcheck.UsageError`."""
+    for flag in ("--devices", "--steps", "--top", "--max-plans", "--devices-per-host", "--memory-budget"):
+        argcheck.check_int(getattr(args, flag[2:].replace("-", "_")), flag)
+    argcheck.check_int(args.min_shard_bytes, "--min-shard-bytes", 0)
+    if not 0 < args.coverage <= 1:
+        raise UsageError(f"--coverage {args.coverage} must be in (0, 1]; give e.g. 0.9")
+    argcheck.check_implementation(args.implementation)
+    devices = argcheck.worker_devices(args.devices)
+    if args.validate:
+        for w in args.validate_workloads or ():
+            argcheck.check_choice(w, sorted(WORKLOADS), "--validate-workloads")
+        for path in args.from_measurements or ():  # repeatable: several saved grids re-fit together
+            argcheck.check_input_file(path, "--from-measurements")
+        argcheck.check_output_file(args.save_measurements, "--save-measurements")
+        if not args.from_measurements and args.devices < 8:
+            raise UsageError(f"--validate measures the 8-device meshes but --devices is {args.devices}; "
+                             "give --devices 8 (or --from-measurements FILE)")
+        return
+    if not args.model:
+        raise UsageError("--model is missing; give a named workload (" + listed(sorted(WORKLOADS)) + "), a JSON "
+                         "variable list or module:function (or use --validate)")
+    check_model(args.model)
+    argcheck.check_mesh(args.mesh, devices)
+    if args.target_mesh:
+        argcheck.check_mesh(args.target_mesh, argcheck.Devices(1 << 62, False, ""), "--target-mesh")
+    for m in (args.calibration_meshes or "").split(";"):
+        if m.strip():
+            argcheck.check_mesh(m, devices, "--calibration-meshes")
+    for f in args.force or ():
+        check_force(f)
+    argcheck.check_input_file(args.calibration, "--calibration")
+    argcheck.check_output_file(args.emit_layout_map, "--emit-layout-map")
+    argcheck.check_plot_file(args.plot)
