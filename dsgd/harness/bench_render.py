@@ -86,7 +86,7 @@ def format_compact(c, *, width: int = WIDTH) -> tuple[list[str], list[str]]:
     drop: list[str] = []
     limit = 40  # longest configuration value shown; shortened further if the table is still too wide
     while True:
-        header = [(k, "") for k in shown] + [("dsgd", "ms")]
+        header = [(k, "") if k != "dsgd" else ("dsgd", "implementation") for k in shown] + [("dsgd", "ms")]
         if "spread" not in drop:
             header.append(("spread", "p10-p90"))
         header += [("tf_keras", "ms"), ("speed-up", "")]

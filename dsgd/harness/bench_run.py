@@ -204,7 +204,7 @@ def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bo
     started: dict = {}
     n_configs = len(jobs)
     bar = tqdm(total=sum(costs), desc="dsgd bench", disable=not progress, leave=False, smoothing=0,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}")
     bar.set_postfix_str("starting a worker: TensorFlow, the kernels, the copy bandwidth")
     done = [0]
 
@@ -222,7 +222,8 @@ def run(cases: Sequence[Case], *, steps: int = 10, devices: int = 8, isolate: bo
             rows[i] = row
         done[0] += 1
         bar.update(costs[j])
-        bar.set_postfix_str(f"{done[0]}/{n_configs} configurations, {cases[idx[0]].label[:50]}")
+        c = cases[idx[0]]
+        bar.set_postfix_str(f"{done[0]}/{n_configs} configurations, last: {c.mode} {c.workload[-30:]} {c.mesh}")
 
     impls = sorted({c.implementation for c in cases})
     payloads = [dict(_func="start", implementations=impls)] + [dict(p, _func=func) for func, p, _ in jobs]
