@@ -135,8 +135,8 @@ def _judge(g, varying: list[str]) -> str:
         f"{1 / geo:.2f}x slower than tf_keras (speed-up {geo:.2f}x)"
     w = g.loc[sp.idxmin()]
     where = ", ".join(f"{k} {_text(k, w[k])}" for k in varying) or "the one configuration"
-    if len(g) == 1:
-        return f"{how} ({where})"
+    if len(g) == 1:  # named only where the table has other rows
+        return f"{how} ({where})" if varying else how
     return f"{how}, geometric mean of {len(g)} configurations; worst {sp.min():.2f}x ({where}), best {sp.max():.2f}x"
 
 
