@@ -1,7 +1,13 @@
-"""``dsgd layouts``: which layout to give each variable, measured here and predicted at scale.
+"""``dsgd layouts``: which mesh and layouts to give a model, measured here and predicted at scale.
 
-For a model (a named workload, a JSON variable list, or ``module:function`` returning a
-tf_keras model) and a mesh:
+**The whole training step** (``--scope whole``, the default for ``--model module:function``): the
+function's tf_keras model is built under each candidate plan's ``LayoutMap`` -- every mesh that factors
+``--devices`` into ``batch`` x ``model``, with data-parallel, tensor-parallel and hybrid layouts -- and its
+whole ``model.fit`` step is measured here, with the floor and the collectives DTensor ran, predicted from
+its parts, ranked and emitted: :func:`dsgd.advisor.step_advice.advise_step`.
+
+**The optimizer step** (``--scope optimizer``, the default for a named workload or a JSON variable
+list, which have no model to run) -- for a model and one mesh:
 
 1. candidate whole-model plans are built by rules (:mod:`dsgd.advisor.plans`);
 2. each plan's optimizer step is measured on the local mesh -- dsgd's tuned default and
@@ -37,11 +43,30 @@ from dsgd.harness.measure import OPTION_PRESETS
 from dsgd.workloads import WORKLOADS
 
 
+DEFAULT_OPTIMIZER_MESH = "batch=2,model=4"
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="named workload (" + ", ".join(sorted(WORKLOADS)) + "), a JSON variable list "
-                   "([{name, shape, dtype}]), or module:function returning a tf_keras model")
-    p.add_argument("--mesh", default="batch=2,model=4", help="the local mesh to measure on (default batch=2,model=4)")
-    p.add_argument("--target-mesh", help="a mesh to predict for with the cost model, e.g. batch=16,model=64")
+    p.add_argument("--model", help="module:function returning a tf_keras model (the whole step), or a named workload ("
+                   + ", ".join(sorted(WORKLOADS)) + ") or a JSON variable list ([{name, shape, dtype}]) (the optimizer)")
+    p.add_argument("--scope", choices=["whole", "optimizer"],
+                   help="advise on the whole model.fit step (default for module:function) or the optimizer step "
+                        "alone (default for a variable list)")
+    p.add_argument("--mesh", help="whole: more meshes to consider besides those that factor --devices "
+                   "(';'-separated, axes batch and model); optimizer: the local mesh (default batch=2,model=4)")
+    p.add_argument("--target-mesh", help="a mesh to predict for, e.g. batch=16,model=64 (whole: or a device count, "
+                   "e.g. 64: every batch x model mesh of it)")
+    p.add_argument("--batch-size", type=int,
+                   help="whole: the global batch (default: the model's Input batch size, else 16)")
+    p.add_argument("--target-batch-size", type=int,
+                   help="whole: the global batch on --target-mesh (default: --batch-size times the device ratio)")
+    p.add_argument("--loss", help="whole: the loss (default: sparse categorical cross-entropy of logits for a "
+                   "classifier's output, else mse)")
+    p.add_argument("--data", help="whole: module:function returning a tf.data.Dataset of unbatched (x, y) examples "
+                   "(default: random inputs from the model's input specs)")
+    p.add_argument("--hardware", help="whole: the target's description for --target-mesh: a JSON file or a shipped "
+                   "name (this-host, nvidia-h100-sxm; default: this host's rates, measured)")
+    p.add_argument("--rounds", type=int, help="whole: interleaved timing rounds per mesh (default 4)")
     p.add_argument("--options", default="momentum", choices=sorted(OPTION_PRESETS), help="optimizer options preset")
     p.add_argument("--implementation", default="auto", help="dsgd implementation to measure (default auto)")
     p.add_argument("--no-reference", action="store_true", help="do not measure the tf_keras reference")
@@ -89,10 +114,30 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def main(args) -> int:
-    from dsgd import argcheck
+def _check_optimizer_args(args) -> None:
+    """The optimizer scope's checks (``check_layouts``, in the command's argument-check module)."""
+    try:
+        from dsgd.advisor import layouts_args
 
-    argcheck.check_layouts(args)  # before any worker starts or anything is written
+        check = layouts_args.check_layouts
+    except (ImportError, AttributeError):
+        from dsgd import argcheck
+
+        check = getattr(argcheck, "check_layouts", None)
+    if check is not None:
+        check(args)
+
+
+def main(args) -> int:
+    from dsgd.advisor.step_args import check_step, resolve_scope
+
+    scope = "optimizer" if args.validate else resolve_scope(args)
+    if scope == "whole":
+        check_step(args)  # before any worker starts or anything is written
+        return main_whole(args)
+    if args.mesh is None:
+        args.mesh = DEFAULT_OPTIMIZER_MESH
+    _check_optimizer_args(args)  # before any worker starts or anything is written
     if args.validate:
         return run_validation(args)
     if not args.model:
@@ -121,3 +166,34 @@ def main(args) -> int:
         plot(advice, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr if args.format != "table" else sys.stdout)
     return 0 if not advice.failed else 3
+
+
+def main_whole(args) -> int:
+    """``dsgd layouts --scope whole``: :func:`dsgd.advisor.step_advice.advise_step`, printed."""
+    from dsgd.advisor import step_report
+    from dsgd.advisor.step_advice import advise_step
+    from dsgd.advisor.step_measure import ROUNDS
+
+    meshes = [m.strip() for m in (args.mesh or "").split(";") if m.strip()]
+    advice = advise_step(args.model, devices=args.devices, meshes=meshes, batch_size=args.batch_size,
+                         loss=args.loss, data=args.data, options=args.options, implementation=args.implementation,
+                         force=args.force, memory_budget=args.memory_budget, target_mesh=args.target_mesh,
+                         target_batch=args.target_batch_size, hardware=args.hardware,
+                         rounds=args.rounds or ROUNDS, progress=not args.quiet)
+    print(step_report.render(advice, args.format))
+    out = sys.stdout if args.format == "table" else sys.stderr
+    if args.emit_layout_map:
+        where = "target" if advice.target is not None else "local"
+        try:
+            doc = step_report.write_layout_map(advice, args.emit_layout_map, where=where)
+        except ValueError as e:
+            print(str(e), file=sys.stderr)
+            return 3
+        print(f"\nlayout map of {doc['plan']!r} ({doc['mesh']}) written to {args.emit_layout_map}; build the model "
+              f"under dsgd.layoutmap.load_layout_map({args.emit_layout_map!r}, mesh).scope()", file=out)
+    if args.plot:
+        from dsgd.advisor.step_plot import plot as plot_step
+
+        plot_step(advice, args.plot)
+        print(f"plot written to {args.plot}", file=out)
+    return 0 if (advice.table["status"] == "ok").all() else 3

@@ -1,0 +1,122 @@
+"""Argument checks of ``dsgd layouts`` for the whole step (``--scope whole``), before any worker starts.
+
+Each bad value raises :class:`dsgd.argcheck.UsageError` (exit status 2) naming the argument and what is
+allowed.  No TensorFlow: the checks run in well under a second.  (The optimizer scope's checks are
+``check_layouts``, kept beside the command's other argument checks.)
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+from dsgd import argcheck, meshspec
+from dsgd.argcheck import UsageError
+
+SCOPES = ("whole", "optimizer")
+
+
+def is_model_function(spec: Optional[str]) -> bool:
+    """``module:function`` or ``path/file.py:function`` (not a named workload or a JSON variable list)."""
+    if not spec or spec.endswith(".json") or os.path.isfile(spec):
+        return False
+    mod, sep, fn = spec.rpartition(":")
+    return bool(sep and mod and fn)
+
+
+def resolve_scope(args) -> str:
+    """``--scope``, defaulting to ``whole`` for a ``module:function`` model and ``optimizer`` for a variable
+    list (a named workload or a JSON file has no model to run)."""
+    if getattr(args, "scope", None):
+        return args.scope
+    return "whole" if is_model_function(getattr(args, "model", None)) else "optimizer"
+
+
+def check_function(spec: str, flag: str) -> None:
+    """``module:function`` or ``file.py:function`` whose module can be found."""
+    mod, sep, fn = spec.rpartition(":")
+    if not sep or not mod or not fn or not fn.isidentifier():
+        raise UsageError(f"{flag} {spec!r} is not module:function (or path/file.py:function); give e.g. "
+                         "examples.models:convnet")
+    if mod.endswith(".py"):
+        if not os.path.isfile(mod):
+            raise UsageError(f"{flag} {spec!r}: file {mod!r} does not exist; give the path of the file that defines "
+                             f"{fn}()")
+        return
+    try:
+        found = importlib.util.find_spec(mod)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise UsageError(f"{flag} {spec!r}: module {mod!r} cannot be found; check the name, or run from the directory "
+                         "that holds it (or give path/to/file.py:function)")
+
+
+def check_step_mesh(spec: str, flag: str, devices: Optional[int]) -> None:
+    """A mesh over the axes ``batch`` and ``model`` (and, for ``--mesh``, at most ``devices`` devices)."""
+    try:
+        dims = meshspec.parse_mesh_spec(spec)
+    except meshspec.SpecError as e:
+        raise UsageError(f"{flag} {spec!r}: {e}") from None
+    bad = [a for a, _ in dims if a not in ("batch", "model")]
+    if bad:
+        raise UsageError(f"{flag} {spec!r}: axis {bad[0]!r} is not one the whole-step advisor lays out; name the axes "
+                         "'batch' (the data) and 'model' (tensor parallel), e.g. batch=2,model=4")
+    n = meshspec.mesh_size(dims)
+    if devices is not None and n > devices:
+        raise UsageError(f"{flag} {spec!r} needs {n} devices, but --devices is {devices}; give a smaller mesh or "
+                         f"--devices {n}")
+
+
+def check_step(args) -> None:
+    """Every value ``dsgd layouts --scope whole`` uses."""
+    from dsgd.advisor.step_inputs import LOSSES
+    from dsgd.names import OPTION_PRESETS
+
+    if not args.model:
+        raise UsageError("--model is missing; give module:function returning a tf_keras model (e.g. "
+                         "examples.models:convnet), a named workload or a JSON variable list (--scope optimizer)")
+    if not is_model_function(args.model):
+        raise UsageError(f"--scope whole needs --model module:function (a function returning a tf_keras model), "
+                         f"got {args.model!r}, a variable list: give --scope optimizer for it")
+    check_function(args.model, "--model")
+    argcheck.check_int(args.devices, "--devices")
+    for flag in ("batch_size", "memory_budget", "target_batch_size", "rounds"):
+        argcheck.check_int(getattr(args, flag, None), "--" + flag.replace("_", "-"))
+    if args.options not in OPTION_PRESETS:
+        raise UsageError(f"--options {args.options!r} is not one of: {', '.join(sorted(OPTION_PRESETS))}")
+    argcheck.check_implementation(args.implementation)
+    if args.loss is not None and args.loss not in LOSSES:
+        raise UsageError(f"--loss {args.loss!r} is not one of: {', '.join(sorted(LOSSES))}; give one of those (or "
+                         "leave it out: logits of a classifier or mean squared error, from the model's output)")
+    if args.data:
+        check_function(args.data, "--data")
+    for m in (args.mesh or "").split(";"):
+        if m.strip():
+            check_step_mesh(m.strip(), "--mesh", args.devices)
+    if args.target_mesh and not (args.target_mesh.strip().isdigit() and int(args.target_mesh) > 1):
+        check_step_mesh(args.target_mesh, "--target-mesh", None)  # (a device count: every factoring of it)
+    if args.hardware:
+        from dsgd.advisor.step_model import HARDWARE_DIR
+
+        shipped = sorted(p.stem for p in HARDWARE_DIR.glob("*.json"))
+        if not os.path.isfile(args.hardware) and args.hardware not in shipped:
+            raise UsageError(f"--hardware {args.hardware!r} is neither a file nor one of the shipped descriptions "
+                             f"({', '.join(shipped)}); give one of those or a JSON file like them")
+        if not args.target_mesh:
+            raise UsageError("--hardware describes the target of --target-mesh; give --target-mesh too")
+    for f in args.force or ():
+        rx, sep, lay = f.rpartition("=")
+        if not sep or not rx or not lay:
+            raise UsageError(f"--force {f!r}: expected REGEX=LAYOUT, e.g. 'embed=unsharded,model'")
+        import re
+
+        try:
+            re.compile(rx)
+        except re.error as e:
+            raise UsageError(f"--force {f!r}: bad regex {rx!r} ({e}); fix the pattern") from None
+    argcheck.check_output_file(args.emit_layout_map, "--emit-layout-map")
+    argcheck.check_plot_file(args.plot)
+
+
+__all__ = ["check_step", "resolve_scope", "is_model_function", "check_function", "check_step_mesh", "SCOPES"]

@@ -1,0 +1,103 @@
+"""What a whole training step of a user's model learns from, on a mesh: a loss and a ``DTensorDataset``.
+
+Inputs come from the model's input specs and the global batch (``--batch-size``): token ids below the
+smallest ``Embedding``'s ``input_dim`` for integer inputs, standard normal floats otherwise.  Labels
+follow the loss: with no ``--loss``, a model whose output is one vector of ``C >= 2`` values per example
+is taken as a classifier emitting logits (sparse class ids, ``SparseCategoricalCrossentropy(from_logits=
+True)``), anything else as a regression (``MeanSquaredError``, normal targets of the output's shape).
+Or ``--data module:function`` returns a ``tf.data.Dataset`` of unbatched ``(x, y)`` examples.
+
+The dataset is split over the mesh's data axis (``batch``) and repeats; tf.data's autotuning is off
+(:func:`dsgd.harness.models.dataset` says why).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+#: ``--loss`` names -> (tf_keras loss class, its keyword arguments, label kind)
+LOSSES = {
+    "sparse_categorical_crossentropy": ("SparseCategoricalCrossentropy", {"from_logits": True}, "ids"),
+    "categorical_crossentropy": ("CategoricalCrossentropy", {"from_logits": True}, "onehot"),
+    "binary_crossentropy": ("BinaryCrossentropy", {"from_logits": True}, "binary"),
+    "mse": ("MeanSquaredError", {}, "normal"),
+    "mae": ("MeanAbsoluteError", {}, "normal"),
+}
+EXAMPLES = 4  # batches of distinct examples the dataset cycles through
+
+
+def infer_loss(outputs: list) -> str:
+    """The ``--loss`` a model's outputs imply: logits of a classifier (one vector of >= 2 values per
+    example), else mean squared error."""
+    if len(outputs) == 1 and len(outputs[0]["shape"]) == 1 and (outputs[0]["shape"][0] or 0) >= 2:
+        return "sparse_categorical_crossentropy"
+    return "mse"
+
+
+def make_loss(name: str):
+    import tf_keras
+
+    cls, kwargs, _ = LOSSES[name]
+    return getattr(tf_keras.losses, cls)(**kwargs)
+
+
+def synthetic_examples(inputs: list, outputs: list, loss: str, batch: int, vocab: Optional[int],
+                       seed: int = 0) -> tuple:
+    """``(x, y)`` numpy arrays of ``EXAMPLES * batch`` examples for the model's input and output specs."""
+    rng = np.random.default_rng(seed)
+    n = EXAMPLES * batch
+    xs = []
+    for spec in inputs:
+        shape = (n, *[d or 1 for d in spec["shape"]])
+        if spec["dtype"].startswith("int") or spec["dtype"].startswith("uint"):
+            xs.append(rng.integers(0, max(2, vocab or 2), shape).astype(spec["dtype"]))
+        else:
+            xs.append(rng.standard_normal(shape).astype(spec["dtype"] if spec["dtype"] != "bool" else "float32"))
+    out = outputs[0]
+    kind = LOSSES[loss][2]
+    width = (out["shape"][-1] or 1) if out["shape"] else 1
+    if kind == "ids":
+        y = rng.integers(0, width, (n, *[d or 1 for d in out["shape"][:-1]])).astype(np.int32)
+    elif kind == "onehot":
+        ids = rng.integers(0, width, (n, *[d or 1 for d in out["shape"][:-1]]))
+        y = np.eye(width, dtype=np.float32)[ids]
+    elif kind == "binary":
+        y = rng.integers(0, 2, (n, *[d or 1 for d in out["shape"]])).astype(np.float32)
+    else:
+        y = rng.standard_normal((n, *[d or 1 for d in out["shape"]])).astype(np.float32)
+    return (xs[0] if len(xs) == 1 else tuple(xs)), y
+
+
+def user_dataset(target: str, cwd: Optional[str] = None):
+    """The ``tf.data.Dataset`` of unbatched ``(x, y)`` examples that ``--data module:function`` returns."""
+    import tensorflow as tf
+
+    from dsgd.advisor.read_model import _resolve_function
+
+    ds = _resolve_function(target, cwd)()
+    if not isinstance(ds, tf.data.Dataset):
+        raise TypeError(f"--data {target}: the function returned {type(ds).__name__}, not a tf.data.Dataset")
+    if not isinstance(ds.element_spec, tuple) or len(ds.element_spec) != 2:
+        raise TypeError(f"--data {target}: the dataset's elements must be (x, y) pairs of one example each, "
+                        f"got {ds.element_spec}")
+    return ds
+
+
+def dtensor_dataset(mesh, batch: int, *, examples: Optional[tuple] = None, dataset=None, axis: str = "batch"):
+    """A repeating ``DTensorDataset`` of ``batch``-example batches split over ``axis``, from numpy
+    ``examples`` or an unbatched ``dataset``."""
+    import tensorflow as tf
+    from tensorflow.experimental import dtensor
+
+    ds = dataset if dataset is not None else tf.data.Dataset.from_tensor_slices(examples)
+    ds = ds.repeat()
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    ds = ds.with_options(options)
+    layouts = tf.nest.map_structure(
+        lambda spec: dtensor.Layout.batch_sharded(mesh, axis, rank=len(spec.shape) + 1), ds.element_spec)
+    return dtensor.DTensorDataset(ds, mesh=mesh, layouts=layouts, global_batch_size=batch, batch_dim=axis)
+
+
+__all__ = ["LOSSES", "infer_loss", "make_loss", "synthetic_examples", "user_dataset", "dtensor_dataset"]

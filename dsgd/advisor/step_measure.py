@@ -1,0 +1,208 @@
+"""The worker that measures whole training steps: every candidate plan of one mesh, in one process.
+
+For each plan the user's model is built under the plan's ``LayoutMap``, compiled with dsgd (``--options``,
+``--implementation``) and the loss, and its ``make_train_function()`` -- one ``model.fit`` step -- run on
+a ``DTensorDataset``; then the same with the honest floor, :func:`dsgd.harness.models.no_update_optimizer`
+(the gradients in their variables' layouts handed to one stateful no-op: all the work any correct
+optimizer needs, nothing applied).  Per job it records:
+
+* the first step (trace, DTensor's SPMD expansion, compile) and the program DTensor ran, read from its
+  MLIR dumps (:mod:`dsgd.advisor.dtensor_program`: collectives by kind and mesh axis, bytes, FLOPs);
+* the bytes each device holds: parameters and optimizer slots, counted on the devices' components;
+  what TensorFlow's allocator reports for a step (its peak over what was in use before, all devices);
+* the step times, in :data:`ROUNDS` interleaved rounds over all jobs of the mesh (reversed on odd rounds),
+  as ``dsgd bench`` pairs its implementations: a slow spell of this shared machine falls on every plan.
+
+Progress goes to ``payload["progress"]`` (one JSON line per finished unit of work) so the parent's bar
+moves while the worker runs (:mod:`dsgd.advisor.progress`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+ROUNDS = 4
+MIN_TIMED_S = 1.2  # timed seconds per job, over all its rounds
+MIN_STEPS = 2  # timed steps per job per round at least
+JOBS = ("dsgd", "floor")
+
+
+class _Progress:
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self.t0 = time.perf_counter()
+
+    def __call__(self, unit: str, **extra) -> None:
+        if not self.path:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"unit": unit, "t": round(time.perf_counter() - self.t0, 3), **extra}) + "\n")
+
+
+def _device_bytes(variables) -> int:
+    """Bytes of ``variables`` on the busiest device (their components, as DTensor placed them)."""
+    from tensorflow.experimental import dtensor
+
+    per: dict[str, int] = {}
+    for v in variables:
+        for comp in dtensor.unpack(v.read_value()):
+            per[comp.device] = per.get(comp.device, 0) + comp.shape.num_elements() * comp.dtype.size
+    return max(per.values()) if per else 0
+
+
+def _allocator() -> Optional[dict]:
+    import tensorflow as tf
+
+    try:
+        return tf.config.experimental.get_memory_info("CPU:0")
+    except (ValueError, RuntimeError):
+        return None
+
+
+def _build_job(payload: dict, plan: dict, which: str, mesh, dataset_fn, dump_dir: Optional[str], seen: set) -> dict:
+    import tensorflow as tf
+
+    import dsgd
+    from dsgd import layoutmap
+    from dsgd.advisor import dtensor_program, step_inputs
+    from dsgd.advisor.model_graph import build_under
+    from dsgd.harness import measure, models
+    from dsgd.names import OPTION_PRESETS
+
+    lmap = layoutmap.to_keras(plan["layout_map"], mesh, f"plan {plan['name']}")
+    model = build_under(payload["target"], lmap, payload.get("cwd"))
+    if which == "floor":
+        opt = models.no_update_optimizer(mesh)
+    else:
+        opts = dict(OPTION_PRESETS[payload.get("options", "momentum")])
+        opt = dsgd.SGD(mesh=mesh, implementation=payload.get("implementation", "auto"), **opts)
+    model.compile(optimizer=opt, loss=step_inputs.make_loss(payload["loss"]))
+    train = model.make_train_function()
+    it = iter(dataset_fn())
+    t0 = time.perf_counter()
+    train(it)
+    measure.sync()
+    first = time.perf_counter() - t0
+    job: dict[str, Any] = {"model": model, "optimizer": opt, "step": lambda: train(it), "first_step_s": first}
+    if dump_dir:
+        fns = dtensor_program.function_files(dump_dir, seen)
+        names = sorted((n for n in fns if "train_function" in n), key=lambda n: -len(fns[n]))
+        if names:
+            summary = dtensor_program.summarize(fns[names[0]], [(a, mesh.dim_size(a)) for a in mesh.dim_names])
+            job["program"] = summary.to_dict()
+        for fs in fns.values():
+            for f in fs:
+                try:
+                    os.remove(f)
+                except OSError:
+                    pass
+    job["params_bytes"] = _device_bytes(model.trainable_variables)
+    job["state_bytes"] = _device_bytes([v for v in opt.variables if v.shape.rank]) if which == "dsgd" else 0
+    del tf
+    return job
+
+
+def _memory_step(job: dict) -> dict:
+    """One step with the allocator's peak reset: its peak over what was in use before (all devices)."""
+    import tensorflow as tf
+
+    from dsgd.harness import measure
+
+    before = _allocator()
+    if before is None:
+        return {}
+    try:
+        tf.config.experimental.reset_memory_stats("CPU:0")
+    except (ValueError, RuntimeError):
+        return {}
+    job["step"]()
+    measure.sync()
+    after = _allocator()
+    return {"alloc_before": before["current"], "alloc_peak": after["peak"],
+            "alloc_step_peak": max(0, after["peak"] - before["current"])}
+
+
+def measure_mesh(payload: dict) -> dict:
+    """Worker: every plan of ``payload["plans"]`` on ``payload["mesh"]``, dsgd and the floor, interleaved.
+
+    Returns ``{"rows": [one row per (plan, job)], "calibration": {...} or None}``; a job that fails is a
+    failed row and the others go on.
+    """
+    import numpy as np
+
+    from dsgd import meshspec
+    from dsgd.advisor import step_inputs
+    from dsgd.harness import measure
+
+    progress = _Progress(payload.get("progress"))
+    mesh = meshspec.make_mesh(payload["mesh"])
+    batch = int(payload["batch_size"])
+    measure.prepare_kernels([payload.get("implementation", "auto")])
+    if payload.get("data"):
+        ds = step_inputs.user_dataset(payload["data"], payload.get("cwd"))
+
+        def dataset_fn():
+            return step_inputs.dtensor_dataset(mesh, batch, dataset=ds)
+    else:
+        examples = step_inputs.synthetic_examples(payload["inputs"], payload["outputs"], payload["loss"], batch,
+                                                  payload.get("vocab"))
+
+        def dataset_fn():
+            return step_inputs.dtensor_dataset(mesh, batch, examples=examples)
+    progress("start")
+    dump_dir = payload.get("dump_dir")
+    seen: set = set()
+    jobs: list = []
+    rows: list = []
+    for plan in payload["plans"]:
+        for which in payload.get("jobs", JOBS):
+            row = {"plan": plan["name"], "job": which, "mesh": payload["mesh"]}
+            try:
+                job = _build_job(payload, plan, which, mesh, dataset_fn, dump_dir, seen)
+                job["step"]()  # untimed: the next build left the caches full of its own buffers
+                measure.sync()
+                row.update(status="ok", first_step_s=job["first_step_s"], params_bytes=job["params_bytes"],
+                           state_bytes=job["state_bytes"], program=job.get("program"))
+                if which == "dsgd":
+                    row.update(_memory_step(job))
+                jobs.append((len(rows), job))
+            except Exception as e:  # noqa: BLE001 - recorded as failed; the others go on
+                row.update(status="failed", error=f"{type(e).__name__}: {str(e)[:800]}")
+            rows.append(row)
+            progress("build", plan=plan["name"], job=which, ok=row["status"] == "ok",
+                     first_step_s=row.get("first_step_s"))
+    calibration = None
+    if payload.get("calibrate"):
+        from dsgd.advisor import step_calibrate
+
+        try:
+            calibration = step_calibrate.calibrate(mesh, quick=bool(payload.get("quick")))
+        except Exception as e:  # noqa: BLE001 - the measurements stand without it
+            calibration = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        progress("calibrate")
+    rounds = int(payload.get("rounds", ROUNDS))
+    min_time = float(payload.get("min_time", MIN_TIMED_S))
+    times: dict[int, list] = {k: [] for k, _ in jobs}
+    for r in range(rounds):
+        order = jobs if r % 2 == 0 else jobs[::-1]
+        for k, job in order:
+            if k not in times:
+                continue
+            try:
+                t = measure.time_steps(job["step"], steps=MIN_STEPS, warmup=1, min_time=min_time / rounds,
+                                       max_steps=200) * 1e3
+                times[k].append(t)
+            except Exception as e:  # noqa: BLE001
+                rows[k].update(status="failed", error=f"{type(e).__name__}: {str(e)[:800]}")
+                del times[k]
+            progress("round", round=r, plan=rows[k]["plan"], job=rows[k]["job"])
+    for k, ts in times.items():
+        t = np.concatenate(ts)
+        rows[k].update(measure.step_stats(t, (25, 75)), rounds=rounds,
+                       round_medians=[float(np.median(x)) for x in ts])
+    return {"rows": rows, "calibration": calibration}
+
+
+__all__ = ["measure_mesh", "ROUNDS", "MIN_TIMED_S", "JOBS"]
