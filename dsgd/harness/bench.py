@@ -72,7 +72,7 @@ def add_arguments(p) -> None:
         "examples:\n"
         f"  dsgd bench                # {len(DEFAULT_GRID.workloads)} workloads on {', '.join(DEFAULT_GRID.meshes)}, "
         f"modes {', '.join(DEFAULT_GRID.modes)} (~2 min)\n"
-        f"  dsgd bench --full         # the same on meshes {' '.join(FULL_GRID.meshes)} (~5-10 min)\n"
+        f"  dsgd bench --full         # the same on meshes {' '.join(FULL_GRID.meshes)} (~4-10 min)\n"
         "  dsgd bench --workload bert-mini --mesh batch=2,model=4 --options full --steps 20\n"
         "  dsgd bench --implementation auto --implementation fused --implementation reference --xla both\n"
         "  dsgd bench --format csv -o results.csv --quiet\n\n"
