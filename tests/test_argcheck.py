@@ -91,6 +91,7 @@ BAD = [  # (argv, text the one line must hold)
     (["launch", "--clients", "2", "--", "bench", "--workload", "nope"], "'nope'"),
     (["launch", "--clients", "2", "--", "bench", "--steps", "x"], "'x'"),
     (["launch", "--clients", "2", "--", "python", "absent_script.py"], "absent_script.py"),
+    (["launch", "--clients", "2", "--", "layouts", "--model", "nope"], "'nope'"),  # as dsgd layouts checks it
     (["launch", "--clients", "0", "--", "bench"], "--clients 0"),
 ]
 

@@ -67,7 +67,8 @@ def check_layouts(args) -> None:
         raise UsageError("--model is missing; give a named workload (" + listed(sorted(WORKLOADS)) + "), a JSON "
                          "variable list or module:function (or use --validate)")
     check_model(args.model)
-    argcheck.check_mesh(args.mesh, devices)
+    if args.mesh is not None:
+        argcheck.check_mesh(args.mesh, devices)
     if args.target_mesh:
         argcheck.check_mesh(args.target_mesh, argcheck.Devices(1 << 62, False, ""), "--target-mesh")
     for m in (args.calibration_meshes or "").split(";"):
@@ -78,3 +79,15 @@ def check_layouts(args) -> None:
     argcheck.check_input_file(args.calibration, "--calibration")
     argcheck.check_output_file(args.emit_layout_map, "--emit-layout-map")
     argcheck.check_plot_file(args.plot)
+
+
+def check_command(args) -> None:
+    """``dsgd layouts``' values as its ``main`` checks them: the whole-step scope's
+    (:func:`dsgd.advisor.step_args.check_step`) or the optimizer scope's (:func:`check_layouts`; a
+    ``--mesh`` left out takes the command's default, which needs no check)."""
+    from dsgd.advisor.step_args import check_step, resolve_scope
+
+    if not args.validate and resolve_scope(args) == "whole":
+        check_step(args)
+    else:
+        check_layouts(args)

@@ -6,12 +6,12 @@ import importlib.util
 from typing import Sequence
 
 from dsgd import argcheck
-from dsgd.advisor.layouts_args import check_layouts
+from dsgd.advisor.layouts_args import check_command as check_layouts_command
 from dsgd.harness.bench_args import check_bench
 from dsgd.harness.profile_args import check_profile
 
 #: each dsgd command's checks, by command name
-CHECKS = {"bench": check_bench, "profile": check_profile, "layouts": check_layouts}
+CHECKS = {"bench": check_bench, "profile": check_profile, "layouts": check_layouts_command}
 
 
 def check_launch(args, command: Sequence[str]) -> None:
