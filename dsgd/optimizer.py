@@ -22,6 +22,7 @@ mesh-aware, with the tf_keras docstring of the class.)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, Iterable, Optional
 
@@ -304,9 +305,7 @@ class SGD(keras_optimizer.Optimizer):
         engine = self._engine
         items = engine.items(kept, eager)
         if not eager and self._mesh is not None:
-            # anchored on the iterations' value: its resource handle as the anchor made DTensor's
-            # MLIR pass fail inside fit's while loop ("operand #0 does not dominate this use")
-            items = guarded(items, self._iterations.read_value())
+            items = guarded(items, self._mesh)
         with tf.name_scope(scope):
             step = engine.resolve(items, eager)
             self._compute_current_learning_rate()  # may assign the lr variable through DTensor
@@ -318,13 +317,19 @@ class SGD(keras_optimizer.Optimizer):
                 # first.  ~2 µs when idle.
                 _context.async_wait()
             args = self._step_args(eager, local=local)
-            engine.run(step, args)
+            if not eager and not local:
+                # inside tf.function, the in-graph node counts the step with its update: a step
+                # that fails before it (a NaN caught by check_numerics) leaves iterations unchanged
+                args = dataclasses.replace(args, counter=self._iterations)
+            counted = engine.run(step, args)
             for e, _ in items:
                 if e.constrained:
                     e.var.assign(e.var.constraint(e.var))
             if local and self._mesh is not None:
                 # in place on each device's copy: no DTensor op (~0.3 ms each) on the hot path
                 engine.increment(self._iterations)
+                return self._iterations
+            if counted:
                 return self._iterations
             return self._iterations.assign_add(1)
 

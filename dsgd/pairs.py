@@ -111,14 +111,14 @@ def check_gradient_layout(g, v, entry: Entry, mesh: Optional[dtensor.Mesh], eage
             f"{entry.layout.sharding_specs}")
 
 
-def guarded(items: list, anchor: tf.Tensor) -> list:
+def guarded(items: list, mesh: dtensor.Mesh) -> list:
     """Inside ``tf.function`` on a mesh: every dense gradient through one same-mesh guard
-    (:func:`dsgd.traced.same_mesh_guard`, next to ``anchor``), so that a gradient on another
+    (:func:`dsgd.traced.same_mesh_guard`, next to a scalar on ``mesh``), so that a gradient on another
     mesh is refused by DTensor when the function is called, on every call, instead of blocking."""
     dense = [k for k, (_, g) in enumerate(items) if not isinstance(g, tf.IndexedSlices)]
     if not dense:
         return items
-    guarded_grads = traced.same_mesh_guard([items[k][1] for k in dense], anchor)
+    guarded_grads = traced.same_mesh_guard([items[k][1] for k in dense], mesh)
     items = list(items)
     for k, g in zip(dense, guarded_grads):
         items[k] = (items[k][0], g)

@@ -64,6 +64,9 @@ class StepArgs:
     global_clipnorm: Optional[float]
     ema_momentum: Optional[float]  # None: no EMA
     ema_overwrite: Any = False  # bool or a bool tensor (graph mode)
+    # the optimizer's iterations, for an implementation that counts the step with its update
+    # (Implementation.counts_step); None: the optimizer counts it
+    counter: Optional[tf.Variable] = None
 
 
 def variable_layout(x) -> Optional[dtensor.Layout]:

@@ -18,6 +18,7 @@ owns everything between the optimizer's argument handling and the implementation
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 from typing import Any, Callable, NamedTuple, Optional
@@ -176,9 +177,16 @@ class StepEngine:
         return [imp for g in self.groups for imp in self._impls[id(g)].values()]
 
     # ------------------------------------------------------------------ the step
-    def run(self, step: Resolved, args: StepArgs) -> None:
-        """Clip (one reduction of the sums of squares for every group), decay, update and EMA."""
+    def run(self, step: Resolved, args: StepArgs) -> bool:
+        """Clip (one reduction of the sums of squares for every group), decay, update and EMA.
+
+        With ``args.counter``, one implementation that counts steps (``counts_step``: the in-graph
+        node) counts this one as part of its update; returns whether one did (else the caller counts).
+        """
         order, by_group, impls, domain = step
+        counting = None
+        if args.counter is not None:
+            counting = next((i for i in reversed(impls) if i.counts_step), None)
         scales_per_group: list = [None] * len(order)
         prepared = [imp.prepare(by_group[id(grp)]) for imp, grp in zip(impls, order)]
         if args.clipnorm or args.global_clipnorm:
@@ -194,8 +202,10 @@ class StepEngine:
             else:
                 scale = impls[0].global_clip_scale(sumsq, args.global_clipnorm)  # grouped: one op
                 scales_per_group = [[scale] * n for n in sizes]
+        plain = args if args.counter is None else dataclasses.replace(args, counter=None)
         for imp, p, sc in zip(impls, prepared, scales_per_group):
-            imp.apply(p, args, sc)
+            imp.apply(p, args if imp is counting else plain, sc)
+        return counting is not None
 
     # ------------------------------------------------------------------ local domain
     def local_handles(self, v) -> list:

@@ -121,8 +121,8 @@ def _argument_values(graph) -> dict[int, Any]:
             if isinstance(p, tf.Tensor) and (isinstance(v, (EagerTensor, tf.Variable)) or tf.is_tensor(v))}
 
 
-def same_mesh_guard(grads: list, anchor: tf.Tensor) -> list:
-    """``grads`` through one ``IdentityN`` with ``anchor`` (a tensor on the optimizer's mesh).
+def same_mesh_guard(grads: list, mesh: dtensor.Mesh) -> list:
+    """``grads`` through one ``IdentityN`` with an anchor on ``mesh`` (the optimizer's).
 
     DTensor's mesh propagation refuses an op whose inputs live on different meshes, when the
     function is called and before anything runs ("All inputs to `tf_device.Cluster` must
@@ -130,7 +130,13 @@ def same_mesh_guard(grads: list, anchor: tf.Tensor) -> list:
     another mesh is copied across meshes by the step's relayout, which can block forever
     (the ``fused`` path: a 4-device gradient for a variable on 8 devices).  One op for the
     whole step, whatever the number of gradients: an identity, no copy.
+
+    The anchor is a scalar made here, in the graph (and control-flow branch or loop body) being
+    traced: a value from outside it -- a read of the iterations variable made before a
+    ``tf.cond`` branch or a ``tf.range`` loop body -- made DTensor's MLIR pass fail with
+    "operand #N does not dominate this use".
     """
+    anchor = dtensor.copy_to_mesh(tf.zeros([], tf.int32), dtensor.Layout.replicated(mesh, rank=0))
     out = tf.raw_ops.IdentityN(input=list(grads) + [anchor], name="dsgd_same_mesh_guard")
     return list(out[:-1])
 

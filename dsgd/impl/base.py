@@ -27,6 +27,9 @@ class Implementation:
     domain: ClassVar[str] = "dtensor"
     description: ClassVar[str] = ""
     vector_scales: ClassVar[bool] = False  # apply() takes clipnorm's coefficients as one vector
+    # apply() can count the step (``args.counter``) as part of the update, all or nothing: a step
+    # that fails before it changes neither the variables nor the counter
+    counts_step: ClassVar[bool] = False
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:

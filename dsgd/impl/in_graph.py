@@ -44,6 +44,7 @@ from tensorflow.core.framework import attr_value_pb2
 from tensorflow.python.ops import control_flow_util
 
 from dsgd import kernels, rules
+from dsgd.kernels import abi
 from dsgd.impl.dtensor_ops import OpsDTensor, densify
 from dsgd.impl.local import local_entry
 from dsgd.impl.base import Items
@@ -69,6 +70,7 @@ class GroupedInGraph(OpsDTensor):
     domain = "dtensor"
     description = "one multi-tensor kernel call per device inside tf.function (an Assert node with dsgd's kernel label)"
     vector_scales = True
+    counts_step = True  # the node increments the optimizer's iterations after the update (see multi_momentum.cc)
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
@@ -147,17 +149,21 @@ class GroupedInGraph(OpsDTensor):
             scale_t = tf.reshape(tf.cast(scales[0], tf.float32), [1])  # global_clipnorm: one for all
         mask = [e.decay for e in entries]
         decay = tf.zeros([0], tf.bool) if all(mask) else tf.constant(mask, tf.bool)
-        hyper = tf.constant([args.momentum or 0.0, args.weight_decay or 0.0, clipvalue or 0.0,
-                             args.ema_momentum if use_ema else 0.0], tf.float64)
+        hyper = tf.constant(abi.hyper(momentum=args.momentum or 0.0, weight_decay=args.weight_decay or 0.0,
+                                      clipvalue=clipvalue or 0.0, ema_momentum=args.ema_momentum if use_ema else 0.0),
+                            tf.float64)
         overwrite = args.ema_overwrite if tf.is_tensor(args.ema_overwrite) else tf.constant(bool(args.ema_overwrite))
         sets = self._sets(entries, use_momentum, use_ema)
-        meta = tf.constant([n, int(use_momentum), int(bool(args.nesterov)), int(use_ema),
-                            self.group.dtype.as_datatype_enum, self._tmomentum.as_datatype_enum, len(sets) // 2,
-                            next(_TOKENS)], tf.int64)
+        meta = tf.constant(abi.meta(n=n, use_momentum=use_momentum, nesterov=bool(args.nesterov), use_ema=use_ema,
+                                    dtype=self.group.dtype.as_datatype_enum,
+                                    momentum_dtype=self._tmomentum.as_datatype_enum, local_devices=len(sets) // 2,
+                                    token=next(_TOKENS), counter=args.counter is not None), tf.int64)
         data = [meta, tf.cast(args.lr, tf.float32), scale_t, decay, hyper, tf.cast(overwrite, tf.bool), *grads]
         # the variables' handles order the node after the reads that made the gradients (and
         # before later reads); the kernel finds the variables and slots in the packed sets
         data += [e.var.handle for e in entries]
+        if args.counter is not None:  # the kernel counts the step on every device, after the update
+            data.append(args.counter.handle)
         data.append(tf.constant(sets, tf.int64))
         graph = tf.compat.v1.get_default_graph()
         no_xla = {"_XlaCompile": attr_value_pb2.AttrValue(b=False)}

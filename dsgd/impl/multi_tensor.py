@@ -44,6 +44,7 @@ from tensorflow.python.eager import context as _context
 from tensorflow.python.framework.ops import EagerTensor
 
 from dsgd import eager_dtensor, kernels, rules
+from dsgd.kernels import abi
 from dsgd.impl.local import LocalEntry, densify_local
 from dsgd.impl.per_shard import LocalImplementation
 from dsgd.plan import Group, StepArgs
@@ -182,8 +183,9 @@ class Grouped(LocalImplementation):
         return _Call(index=index, entries=les, sparse=sparse, varsets=varsets, decay=decay, addresses=addresses)
 
     def _hyper(self, args: StepArgs, clip: bool) -> tf.Tensor:
-        key = (args.momentum or 0.0, args.weight_decay or 0.0, (args.clipvalue or 0.0) if clip else 0.0,
-               args.ema_momentum if args.ema_momentum is not None else 0.0)
+        key = tuple(abi.hyper(momentum=args.momentum or 0.0, weight_decay=args.weight_decay or 0.0,
+                              clipvalue=(args.clipvalue or 0.0) if clip else 0.0,
+                              ema_momentum=args.ema_momentum if args.ema_momentum is not None else 0.0))
         t = self._hypers.get(key)
         if t is None:
             with tf.init_scope():

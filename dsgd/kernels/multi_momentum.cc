@@ -60,6 +60,19 @@ namespace dsgd_kernels {
 
 using shape_inference::InferenceContext;
 
+// The positions of the kernels' small vectors and of the in-graph node's inputs, by name: the C++
+// half of dsgd/kernels/abi.py (HYPER, META, GRAPH_INPUTS), in the same order
+// (tests/test_kernel_abi.py checks that they agree).
+enum Hyper : int { kHyperMomentum, kHyperWeightDecay, kHyperClipvalue, kHyperEmaMomentum, kHyperSize };
+enum Meta : int {
+  kMetaN, kMetaUseMomentum, kMetaNesterov, kMetaUseEma, kMetaDtype, kMetaMomentumDtype, kMetaLocalDevices,
+  kMetaToken, kMetaCounter, kMetaSize
+};
+enum GraphInput : int {
+  kGraphInputCondition, kGraphInputMeta, kGraphInputLr, kGraphInputScales, kGraphInputDecay, kGraphInputHyper,
+  kGraphInputOverwrite, kGraphInputGrads
+};
+
 REGISTER_OP("DsgdPackVars")
     .Input("vars: N * resource")
     .Input("accums: NM * resource")    // N (momentum slots) or none
@@ -493,17 +506,19 @@ void SgdStep(OpKernelContext* ctx, const Grads<T>& grads, const std::vector<core
   const int64_t nd = decay_t.NumElements();
   OP_REQUIRES(ctx, nd == 0 || nd == n,
               absl::InvalidArgumentError(absl::StrCat("decay must have 0 or ", n, " elements, got ", nd)));
-  OP_REQUIRES(ctx, hyper_t.NumElements() == 4, absl::InvalidArgumentError("hyper must have 4 elements"));
+  OP_REQUIRES(ctx, hyper_t.NumElements() == kHyperSize,
+              absl::InvalidArgumentError(absl::StrCat("hyper must have ", kHyperSize, " elements")));
   const float* scales = scales_t.flat<float>().data();
   const bool* decay = decay_t.flat<bool>().data();
   const double* hyper = hyper_t.flat<double>().data();
 
   const C lr = static_cast<C>(lr_t.flat<float>()(0));
-  const C mu = static_cast<C>(hyper[0]);
-  const C wd = static_cast<C>(hyper[1]);
+  const C mu = static_cast<C>(hyper[kHyperMomentum]);
+  const C wd = static_cast<C>(hyper[kHyperWeightDecay]);
   const C wdlr = wd * lr;  // as per_shard: one coefficient, then w - w * coefficient
-  const C clip = hyper[2] > 0 ? static_cast<C>(hyper[2]) : std::numeric_limits<C>::infinity();
-  const C ema = static_cast<C>(hyper[3]);
+  const C clip = hyper[kHyperClipvalue] > 0 ? static_cast<C>(hyper[kHyperClipvalue])
+                                             : std::numeric_limits<C>::infinity();
+  const C ema = static_cast<C>(hyper[kHyperEmaMomentum]);
   const C one_minus_ema = C(1) - ema;
   const Mom mom = !has_m ? Mom::kNone : (nesterov ? Mom::kNesterov : Mom::kHeavy);
   const bool overwrite = has_a && ema_overwrite;
@@ -608,12 +623,15 @@ class MultiSgdOp : public OpKernel {
 // inputs), while Assert's expander is a no-op that keeps every input's layout, so on each device
 // this kernel gets that device's shards of the gradients and its own variable handles; Assert is
 // stateful (never pruned) and takes a list of any types.  The condition is ignored.
-// data (inputs 1...):
-//   meta int64 [8]: n, use_momentum, nesterov, use_ema, T (DataType), Tmomentum (DataType),
-//                   local devices of the mesh, the node's token (unique per traced node)
-//   lr float [], scales float [n|1|0], decay bool [n|0], hyper double [4], ema_overwrite bool [],
-//   grads n * T, vars n * resource,
+// data (inputs 1..., GraphInput; meta's fields are Meta's, hyper's Hyper's):
+//   meta int64 [kMetaSize], lr float [], scales float [n|1|0], decay bool [n|0], hyper double [kHyperSize],
+//   ema_overwrite bool [], grads n * T, vars n * resource, the counter's resource when meta[kMetaCounter],
 //   sets int64 [2 * local]: (device index, DsgdVarSet address) for each local device
+//
+// The counter (the optimizer's iterations, an int64 scalar variable) is incremented by the step
+// itself, on every device's copy, after the update and only when it succeeded: a step that fails
+// before the node (a NaN caught by check_numerics) leaves the counter as it leaves the weights,
+// where a separate increment ran whenever DTensor scheduled it.
 //
 // The variables and their slots come packed (DsgdPackVars, once, when the step is traced; the
 // optimizer holds the sets) and are found by address, checked live (LiveSets): the slots are
@@ -634,6 +652,14 @@ class MultiSgdOp : public OpKernel {
 // to the executor.  Errors of any copy fail every copy; a cancelled copy fails every copy of its
 // gathering, those waiting and those still to come (a cancellation can run its callbacks before
 // a copy that registered one has joined: without the mark it left, that copy would wait for ever).
+// A status that follows from another error (a copy cancelled or failed because another failed),
+// marked as TensorFlow marks its own (tsl::StatusGroup::MakeDerived's payload): when the step's
+// statuses are summarized, the root cause -- a NaN caught by check_numerics -- is the one raised.
+absl::Status Derived(absl::Status s) {
+  s.SetPayload("type.googleapis.com/tensorflow.DerivedStatus", absl::Cord(""));
+  return s;
+}
+
 struct Waiting {  // one copy of the node in a gathering
   OpKernelContext* ctx;
   AsyncOpKernel::DoneCallback done;
@@ -655,7 +681,7 @@ class Gatherings {
     std::vector<Waiting> all;
     mutex_lock l(mu_);
     if (cancelled_.count(key) != 0) {
-      w.status = absl::CancelledError("dsgd_sgd: the step was cancelled before this device joined the others");
+      w.status = Derived(absl::CancelledError("dsgd_sgd: the step was cancelled before this device joined the others"));
       all.push_back(std::move(w));
       return all;
     }
@@ -712,7 +738,7 @@ class GraphSgdOp : public AsyncOpKernel {
     }
     const auto fi = ctx->frame_iter();
     const std::string key = absl::StrCat(ctx->step_id(), "/", fi.frame_id, "/", fi.iter_id, "/", def().name(), "/",
-                                         ctx->input(1).flat<int64_t>()(7));
+                                         ctx->input(kGraphInputMeta).flat<int64_t>()(kMetaToken));
     Waiting w{ctx, std::move(done), status, std::move(set)};
     // register for cancellation before joining, so a waiting copy can always be released
     CancellationManager* cm = ctx->cancellation_manager();
@@ -721,7 +747,7 @@ class GraphSgdOp : public AsyncOpKernel {
       w.token = cm->get_cancellation_token();
       if (!cm->RegisterCallback(w.token, [key]() { CancelGathering(key); })) {
         CancelGathering(key);  // the others' managers may not be this one
-        ctx->SetStatus(absl::CancelledError("dsgd_sgd: the step was cancelled"));
+        ctx->SetStatus(Derived(absl::CancelledError("dsgd_sgd: the step was cancelled")));
         w.done();
         return;
       }
@@ -758,48 +784,51 @@ class GraphSgdOp : public AsyncOpKernel {
       status = ctx->status();
     }
     for (auto& x : all) {
-      if (!status.ok()) x.ctx->SetStatus(status);
+      // the copy whose own check failed reports it; the others' failure follows from it
+      if (!status.ok()) x.ctx->SetStatus(x.status.ok() ? Derived(status) : x.status);
       x.done();  // this copy's last: `ctx` may be gone after its own done
     }
   }
 
  private:
-  static constexpr int kGrads = 7;  // input index of the first gradient
-
   // Fails the copies waiting in a gathering that can no longer complete; later ones fail on joining.
   static void CancelGathering(const std::string& key) {
     for (auto& x : Gatherings::Global()->Cancel(key)) {
       if (x.cm != nullptr) x.cm->TryDeregisterCallback(x.token);  // never blocks (false while its cm cancels)
-      x.ctx->SetStatus(absl::CancelledError("dsgd_sgd: the step was cancelled while this device waited for the others"));
+      x.ctx->SetStatus(
+          Derived(absl::CancelledError("dsgd_sgd: the step was cancelled while this device waited for the others")));
       x.done();
     }
   }
 
   // This copy's inputs checked and its variable set found; `local` from meta when readable.
   static absl::Status Check(OpKernelContext* ctx, core::RefCountPtr<VarSet>* out, int* local) {
-    if (ctx->num_inputs() < 10) {
+    if (ctx->num_inputs() < kGraphInputGrads + 3) {
       return absl::InvalidArgumentError("dsgd_sgd: too few inputs (this Assert was not built by dsgd)");
     }
-    const Tensor& meta_t = ctx->input(1);
-    if (meta_t.dtype() != DT_INT64 || meta_t.NumElements() != 8) {
-      return absl::InvalidArgumentError("dsgd_sgd: meta must be int64 [8]");
+    const Tensor& meta_t = ctx->input(kGraphInputMeta);
+    if (meta_t.dtype() != DT_INT64 || meta_t.NumElements() != kMetaSize) {
+      return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: meta must be int64 [", kMetaSize, "]"));
     }
     const auto meta = meta_t.flat<int64_t>();
-    *local = static_cast<int>(meta(6));
-    const int n = static_cast<int>(meta(0));
-    const bool use_m = meta(1) != 0, use_ema = meta(3) != 0;
-    const DataType t = static_cast<DataType>(meta(4));
-    if (n < 1 || ctx->num_inputs() != kGrads + 2 * n + 1) {
+    *local = static_cast<int>(meta(kMetaLocalDevices));
+    const int n = static_cast<int>(meta(kMetaN));
+    const bool use_m = meta(kMetaUseMomentum) != 0, use_ema = meta(kMetaUseEma) != 0;
+    const DataType t = static_cast<DataType>(meta(kMetaDtype));
+    if (n < 1 || ctx->num_inputs() != SetsInput(meta) + 1) {
       return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: ", ctx->num_inputs(), " inputs for ", n, " variables"));
     }
     for (int i = 0; i < n; ++i) {
-      if (ctx->input_dtype(kGrads + i) != t) {
+      if (ctx->input_dtype(kGraphInputGrads + i) != t) {
         return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: gradient ", i, " has dtype ",
-                                                       DataTypeString(ctx->input_dtype(kGrads + i)), ", expected ",
-                                                       DataTypeString(t)));
+                                                       DataTypeString(ctx->input_dtype(kGraphInputGrads + i)),
+                                                       ", expected ", DataTypeString(t)));
       }
     }
-    const Tensor& sets_t = ctx->input(kGrads + 2 * n);
+    if (meta(kMetaCounter) != 0 && ctx->input_dtype(CounterInput(meta)) != DT_RESOURCE) {
+      return absl::InvalidArgumentError("dsgd_sgd: the counter must be a resource");
+    }
+    const Tensor& sets_t = ctx->input(SetsInput(meta));
     if (sets_t.dtype() != DT_INT64 || sets_t.dims() != 1 || sets_t.NumElements() != 2 * *local) {
       return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: sets must be int64 [2 * ", *local, "]"));
     }
@@ -823,26 +852,71 @@ class GraphSgdOp : public AsyncOpKernel {
     return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: no variable set for device ", ctx->device()->name()));
   }
 
-  // One SgdStep over the variables of `sets` (set k: the gradients of ctxs[k]), on `ctx`.
+  // Input positions after the gradients and the variables' handles.
+  template <typename M>
+  static int CounterInput(const M& meta) {
+    return kGraphInputGrads + 2 * static_cast<int>(meta(kMetaN));
+  }
+  template <typename M>
+  static int SetsInput(const M& meta) {
+    return CounterInput(meta) + (meta(kMetaCounter) != 0 ? 1 : 0);
+  }
+
+  // Adds 1 to the counter of every copy (each device's copy of the iterations variable), all
+  // checked before any is changed.
+  static absl::Status Count(const std::vector<OpKernelContext*>& ctxs, int input) {
+    std::vector<core::RefCountPtr<Var>> vars;
+    for (OpKernelContext* c : ctxs) {
+      Var* v = nullptr;
+      TF_RETURN_IF_ERROR(LookupResource<Var, false>(c, HandleFromInput(c, input), &v));
+      vars.emplace_back(v);
+    }
+    std::vector<mutex*> mus;
+    for (const auto& v : vars) mus.push_back(v->mu());
+    std::sort(mus.begin(), mus.end());
+    mus.erase(std::unique(mus.begin(), mus.end()), mus.end());
+    for (mutex* mu : mus) mu->lock();
+    absl::Status status;
+    std::vector<Tensor*> ts;
+    for (size_t k = 0; k < vars.size() && status.ok(); ++k) {
+      Tensor* t = nullptr;
+      status = Writable(ctxs[k], vars[k].get(), DT_INT64, nullptr, 1, "counter", static_cast<int>(k), &t);
+      ts.push_back(t);
+    }
+    if (status.ok()) {
+      for (Tensor* t : ts) t->flat<int64_t>()(0) += 1;
+    }
+    for (auto it = mus.rbegin(); it != mus.rend(); ++it) (*it)->unlock();
+    return status;
+  }
+
+  // One SgdStep over the variables of `sets` (set k: the gradients of ctxs[k]), on `ctx`; then
+  // the counter, if the node has one.
   static void Run(OpKernelContext* ctx, const std::vector<OpKernelContext*>& ctxs,
                   const std::vector<core::RefCountPtr<VarSet>>& sets) {
-    const auto meta = ctx->input(1).flat<int64_t>();
-    const int n = static_cast<int>(meta(0));
-    const bool use_m = meta(1) != 0, nesterov = meta(2) != 0, use_ema = meta(3) != 0;
-    const DataType t = static_cast<DataType>(meta(4)), tm = static_cast<DataType>(meta(5));
-    const bool overwrite = ctx->input(6).NumElements() == 1 && ctx->input(6).flat<bool>()(0);
-#define DSGD_GRAPH_CASE(TT, TM)                                                                          \
-  if (t == DataTypeToEnum<TT>::value && tm == DataTypeToEnum<TM>::value) {                               \
-    Grads<TT> grads;                                                                                     \
-    for (OpKernelContext* c : ctxs) OP_REQUIRES_OK(ctx, grads.Read(c, false, kGrads, n));                \
-    SgdStep<TT, TM>(ctx, grads, sets, ctx->input(2), ctx->input(3), ctx->input(4), ctx->input(5), use_m, \
-                    nesterov, use_ema, overwrite);                                                       \
-    return;                                                                                              \
+    const auto meta = ctx->input(kGraphInputMeta).flat<int64_t>();
+    const int n = static_cast<int>(meta(kMetaN));
+    const bool use_m = meta(kMetaUseMomentum) != 0, nesterov = meta(kMetaNesterov) != 0;
+    const bool use_ema = meta(kMetaUseEma) != 0;
+    const DataType t = static_cast<DataType>(meta(kMetaDtype)), tm = static_cast<DataType>(meta(kMetaMomentumDtype));
+    const Tensor& overwrite_t = ctx->input(kGraphInputOverwrite);
+    const bool overwrite = overwrite_t.NumElements() == 1 && overwrite_t.flat<bool>()(0);
+    bool known = false;
+#define DSGD_GRAPH_CASE(TT, TM)                                                                            \
+  if (!known && t == DataTypeToEnum<TT>::value && tm == DataTypeToEnum<TM>::value) {                       \
+    known = true;                                                                                          \
+    Grads<TT> grads;                                                                                       \
+    for (OpKernelContext* c : ctxs) OP_REQUIRES_OK(ctx, grads.Read(c, false, kGraphInputGrads, n));        \
+    SgdStep<TT, TM>(ctx, grads, sets, ctx->input(kGraphInputLr), ctx->input(kGraphInputScales),            \
+                    ctx->input(kGraphInputDecay), ctx->input(kGraphInputHyper), use_m, nesterov, use_ema,  \
+                    overwrite);                                                                            \
   }
     DSGD_SGD_DTYPES(DSGD_GRAPH_CASE)
 #undef DSGD_GRAPH_CASE
-    ctx->SetStatus(absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: unsupported dtypes ", DataTypeString(t), " / ",
-                                                           DataTypeString(tm))));
+    OP_REQUIRES(ctx, known, absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: unsupported dtypes ",
+                                                                    DataTypeString(t), " / ", DataTypeString(tm))));
+    if (!ctx->status().ok() || meta(kMetaCounter) == 0) return;
+    OP_REQUIRES_OK(ctx, Count(ctxs, CounterInput(meta)));
   }
 };
 
