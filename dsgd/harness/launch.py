@@ -311,10 +311,10 @@ def _one_host_no_port(hosts) -> bool:
 
 
 def main(args) -> int:
-    from dsgd import argcheck
+    from dsgd.harness.launch_args import check_launch
 
     command = client_command(args.client_argv)
-    argcheck.check_launch(args, command)  # the launcher's values and the clients' command, before any client starts
+    check_launch(args, command)  # the launcher's values and the clients' command, before any client starts
     hosts = parse_hosts(args.hosts) if args.hosts else None
     plan = build_plan(args.clients, args.devices_per_client, hosts=hosts, port_base=args.port_base,
                       host_index=args.host_index, job_name=args.job_name, device_type=args.device_type,

@@ -258,6 +258,11 @@ def _no_update_class():
         def get_config(self) -> dict:
             return {"name": self.name}
 
+        def implementations_used(self) -> list[str]:
+            from dsgd.names import NO_UPDATE
+
+            return [NO_UPDATE]
+
     return _NoUpdate
 
 

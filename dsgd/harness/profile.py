@@ -44,60 +44,10 @@ from dataclasses import asdict
 from typing import Optional, Sequence
 
 from dsgd.harness.gitutil import git_or_none
-from dsgd.harness.grid import add_grid_arguments
-from dsgd.harness.measure import Case
-
-DEFAULT_WORKLOADS = ("bert-mini", "many-small")
-DEFAULT_MESHES = ("1", "batch=2,model=4")
-DEFAULT_IMPLEMENTATIONS = ("auto",)
-
-
-# ------------------------------------------------------------------------------ names
-def _slug(s: str) -> str:
-    s = os.path.splitext(os.path.basename(s))[0] if (s.endswith(".json") or os.sep in s) else s
-    return re.sub(r"[^A-Za-z0-9=,.+-]+", "-", s).strip("-") or "x"
-
-
-def mesh_tag(mesh: str) -> str:
-    """A short mesh name for run names: ``1dev``, ``b8``, ``b2m4`` (axis initial + size).
-
-    Axes sharing an initial keep their whole name (``data2dcn4``); the full spec is in the
-    run's ``summary.json`` and the ledger.
-    """
-    from dsgd import meshspec
-
-    try:
-        dims = meshspec.MeshSpec.of(mesh)
-    except ValueError:
-        return _slug(mesh)
-    if dims.size == 1:
-        return "1dev"
-    initials = [a[0] for a, _ in dims]
-    unique = len(set(initials)) == len(initials)
-    return "".join(f"{a[0] if unique else a}{n}" for a, n in dims)
-
-
-def config_name(case: Case) -> str:
-    """The run name of a case, as TensorBoard's session picker shows it (about 28 characters).
-
-    What tells configurations apart comes first: workload, mesh (:func:`mesh_tag`), XLA on or
-    off, implementation; then only the fields that differ from ``dsgd profile``'s defaults
-    (layout ``sharded``, dtype ``float32``, options ``momentum``, eager, CPU), e.g.
-    ``bert-mini_b2m4_xla-on_auto`` or ``many-small_1dev_xla-off_auto_replicated_full``.
-    """
-    parts = [_slug(case.workload), mesh_tag(case.mesh), "xla-on" if case.xla else "xla-off",
-             _slug(case.implementation)]
-    if case.layout != "sharded":
-        parts.append(_slug(case.layout))
-    if case.dtype not in (None, "float32"):
-        parts.append(_slug(case.dtype))
-    if case.options != "momentum":
-        parts.append(_slug(case.options))
-    if case.mode != "eager":  # graph, train_step, fit
-        parts.append(_slug(case.mode))
-    if case.device.upper() != "CPU":
-        parts.append(case.device.lower())
-    return "_".join(parts)
+from dsgd.harness.profile_names import config_name, mesh_tag  # noqa: F401 (the command's names)
+from dsgd.harness.grid import DEFAULT_MODELS, add_grid_arguments
+from dsgd.harness.measure import MODEL_MODES, MODES, NO_UPDATE, Case
+from dsgd.harness.profile_args import DEFAULT_IMPLEMENTATIONS, DEFAULT_MESHES, DEFAULT_MODES, DEFAULT_WORKLOADS
 
 
 COMMIT_CHARS = 7  # git's own short form: leaves room for the config in TensorBoard's picker
@@ -150,13 +100,20 @@ def precheck(case: Case, devices: int) -> Optional[str]:
     from dsgd.workloads import LAYOUT_POLICIES, get_workload
 
     try:
-        get_workload(case.workload, case.dtype)
+        if case.mode in MODEL_MODES:
+            from dsgd.harness import models
+
+            models.get_model_spec(case.workload)
+        else:
+            get_workload(case.workload, case.dtype)
         spec = case.mesh_spec
     except ValueError as e:
         return str(e)
     if spec.size > devices:
         return (f"mesh {case.mesh!r} needs {spec.size} devices but the worker has {devices} "
                 f"(--devices)")
+    if case.mode in MODEL_MODES:
+        return None  # a model is laid out by a policy (checked with the arguments)
     if case.layout not in LAYOUT_POLICIES and not os.path.exists(case.layout):
         return f"layout {case.layout!r} is neither one of {list(LAYOUT_POLICIES)} nor a layout-map file"
     return None
@@ -217,11 +174,42 @@ def capture(cases: Sequence[Case], out: str, *, commit: Optional[str] = None, st
     return rows
 
 
+def where_the_time_goes(rows: Sequence[dict], top: int = 12) -> str:
+    """For each whole-step configuration captured with its floor: the op types' self time per step
+    (summed over the devices' threads) of the floor and of each optimizer side by side, largest
+    difference from the floor first -- where an optimizer's share of the step goes."""
+    from dsgd.harness import profile_summary as ps
+
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("mode") in MODEL_MODES and r.get("op_types_table"):
+            key = (r["workload"], r["mesh"], r["layout"], r["dtype"], r["options"], r["mode"], r["xla"])
+            groups.setdefault(key, {})[r["implementation"]] = r
+    out = []
+    for key, by_impl in groups.items():
+        if NO_UPDATE not in by_impl or len(by_impl) < 2:
+            continue
+        names = [NO_UPDATE] + [i for i in by_impl if i != NO_UPDATE]
+        out.append(f"where the time goes: {key[0]} on {key[1]}, {key[5]} (self ms per step, summed over the devices' "
+                   "threads; floor = the same step applying nothing)")
+        out.append(ps.render_op_type_comparison({n: by_impl[n]["op_types_table"] for n in names},
+                                                {n: by_impl[n].get("median_ms") for n in names}, top=top))
+    return "\n\n".join(out)
+
+
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(p) -> None:
     p.add_argument("--out", default="profiles", help="profiles directory (default: profiles)")
     add_grid_arguments(p, workloads=DEFAULT_WORKLOADS, meshes=DEFAULT_MESHES,
                        implementations=DEFAULT_IMPLEMENTATIONS, xla="both")
+    p.add_argument("--mode", action="append", choices=list(MODES),
+                   help="where the step runs (repeatable; default: eager): eager / graph = the optimizer step "
+                        "(apply_gradients eagerly / inside a tf.function) of --workload; train_step / fit = the whole "
+                        "training step of --model (a custom tf.function step / one model.fit step), captured beside "
+                        "the floor: the same step with an optimizer that applies nothing")
+    p.add_argument("--model", action="append",
+                   help=f"model of the train_step and fit modes (repeatable; default {DEFAULT_MODELS[0]}; "
+                        "dsgd.harness.models.MODELS)")
     p.add_argument("--steps", type=int, default=3, help="profiled steps per config (default 3)")
     p.add_argument("--time-steps", type=int, default=10, help="steps timed by the harness before profiling (default 10)")
     p.add_argument("--force", action="store_true", help="replace runs already captured for this commit")
@@ -276,11 +264,11 @@ def _profile_commits(args) -> int:
 
 
 def main(args) -> int:
-    from dsgd import argcheck
     from dsgd.harness import profile_ledger
     from dsgd.harness.grid import cases_from_args
+    from dsgd.harness.profile_args import check_profile
 
-    argcheck.check_profile(args)  # before any worker starts or anything is written
+    check_profile(args)  # before any worker starts or anything is written
     ledger = args.ledger or os.path.join(args.out, "ledger.csv")
     if args.diff:
         df = profile_ledger.read_ledger(ledger)
@@ -294,13 +282,17 @@ def main(args) -> int:
     if args.commits:
         return _profile_commits(args)
     cases = cases_from_args(args, workloads=DEFAULT_WORKLOADS, meshes=DEFAULT_MESHES,
-                            implementations=DEFAULT_IMPLEMENTATIONS)
+                            implementations=DEFAULT_IMPLEMENTATIONS, modes=args.mode or DEFAULT_MODES,
+                            models=args.model or DEFAULT_MODELS)
     info = commit_info(args.commit)
     print(f"dsgd profile: {len(cases)} config(s) for commit {info['commit']} into {os.path.abspath(args.out)}",
           file=sys.stderr)
     rows = capture(cases, args.out, commit=args.commit, steps=args.steps, time_steps=args.time_steps,
                    force=args.force, devices=args.devices, timeout=args.timeout, ledger=ledger,
                    allocator=args.allocator)
+    table = where_the_time_goes(rows)
+    if table:
+        print("\n" + table)
     ok = sum(r["status"] == "ok" for r in rows)
     skipped = sum(r["status"] == "skipped" for r in rows)
     failed = [r for r in rows if r["status"] == "failed"]

@@ -106,6 +106,7 @@ def capture_config(payload: dict) -> dict:
     if not xplanes:
         raise RuntimeError(f"the profiler wrote no .xplane.pb under {run_dir}")
     row.update(ps.summarize_xplane(xplanes, steps))
+    row["op_types_table"] = ps.op_type_rows(xplanes, steps)
     phase("summarize")
     row["phases_s"] = phases
     row.update(hlo_modules_dumped=dumped["modules"], hlo_files=len(hlo_files),
@@ -121,10 +122,11 @@ def capture_config(payload: dict) -> dict:
 
     # XLA on CPU: xprof's HLO op stats / op profile stay empty (they read device planes only), so
     # the same table from the host-thread events goes next to the trace and into the Text tab
+    import pandas as pd
+
+    pd.DataFrame(row["op_types_table"]).to_csv(os.path.join(run_dir, "op_stats.csv"), index=False)
     hlo_ops = ps.hlo_op_rows(xplanes)
     if hlo_ops:
-        import pandas as pd
-
         pd.DataFrame(hlo_ops).to_csv(os.path.join(run_dir, "hlo_op_stats.csv"), index=False)
 
     # TensorBoard scalars: this run's step times, and the per-commit history of each config
@@ -134,6 +136,8 @@ def capture_config(payload: dict) -> dict:
         tf.summary.scalar("first_step_s", row["first_step_s"], step=0)
         tf.summary.text("framework_ops", ps.markdown_table(
             row["top_ops"], ["type", "name", "self_us_per_step", "pct"]), step=0)
+        tf.summary.text("op_types", ps.markdown_table(
+            row["op_types_table"][:25], ["type", "self_ms_per_step", "per_step", "pct"]), step=0)
         if hlo_ops:
             tf.summary.text("hlo_op_stats", ps.markdown_table(
                 [dict(r, us_per_step=round(r["total_us"] / steps, 1)) for r in hlo_ops[:25]],

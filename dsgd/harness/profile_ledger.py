@@ -9,7 +9,7 @@ from typing import Sequence
 # One row per (commit, config) in profiles/ledger.csv, in this column order.
 LEDGER_COLUMNS = [
     "commit", "commit_order", "commit_date", "captured_at", "config", "status",
-    "workload", "mesh", "layout", "dtype", "implementation", "impl_used", "xla", "options", "device",
+    "workload", "mesh", "layout", "dtype", "implementation", "impl_used", "xla", "options", "device", "mode",
     "steps", "median_ms", "p10_ms", "p90_ms", "first_step_s",
     "ops_per_step", "op_types", "kernels_per_step", "host_op_ms_per_step", "top_ops",
     "hlo_modules", "hlo_programs", "fusions", "hlo_modules_dumped", "hlo_files", "hlo_ops_per_step", "top_hlo_ops",
@@ -89,10 +89,10 @@ def resolve_commit(df, name: str) -> str:
 
 def config_key(row) -> str:
     """The run name of a ledger row, recomputed from its fields by today's naming
-    (:func:`dsgd.harness.profile.config_name`), so that rows written under an older naming
+    (:func:`dsgd.harness.profile_names.config_name`), so that rows written under an older naming
     (``<workload>_<mesh>_<layout>_..._xla-on_<options>``) still meet their counterparts."""
-    from dsgd.harness.measure import Case
-    from dsgd.harness.profile import config_name
+    from dsgd.harness.measure import MODES, Case
+    from dsgd.harness.profile_names import config_name
 
     fields = ("workload", "mesh", "layout", "dtype", "implementation", "xla", "options")
     vals = {f: row.get(f) for f in fields}
@@ -100,9 +100,12 @@ def config_key(row) -> str:
         return str(row.get("config"))
     xla = vals.pop("xla")
     device = row.get("device")
+    mode = row.get("mode")
+    if not isinstance(mode, str) or mode not in MODES:  # rows from before the ledger had a mode: the name's suffix
+        suffix = str(row.get("config", "")).split("_")[-1]
+        mode = suffix if suffix in MODES else "eager"
     case = Case(**{k: str(v) for k, v in vals.items()}, xla=str(xla).lower() in ("on", "true", "1"),
-                device=str(device) if isinstance(device, str) else "CPU",
-                graph=str(row.get("config", "")).split("_")[-1] == "graph")
+                device=str(device) if isinstance(device, str) else "CPU", mode=mode)
     return config_name(case)
 
 

@@ -9,7 +9,8 @@ returns plain data (dicts, pandas frames) that tests check and renderers print:
   trace's ``/host:metadata`` plane (one ``HloProto`` per compiled XLA program) and their fusions;
 * :func:`hlo_text_stats` — module and fusion counts of HLO text files (``XLA_FLAGS=--xla_dump_to``
   and :func:`dsgd.impl.xla.capture_hlo`);
-* :func:`xprof_diff_sessions` — ``xprof diff_sessions`` of two profiler sessions.
+* :func:`op_type_rows` — self time and occurrences per op type and step (a whole step's
+  breakdown), and :func:`render_op_type_comparison` of a floor's and optimizers' breakdowns.
 
 Step time is never taken from xprof (its step detection on CPU is unreliable); it comes from the
 harness (:mod:`dsgd.harness.measure`).
@@ -212,6 +213,49 @@ def eager_op_rows(paths: Sequence[str]) -> list[dict]:
     return [{"type": op, "operation": op, "occurrences": n, "total_self_time": us} for op, (n, us) in agg.items()]
 
 
+def op_type_rows(paths: Sequence[str], steps: int) -> list[dict]:
+    """Per op type: self time (ms) and occurrences per step, summed over every device's thread,
+    largest first (xprof's framework op stats; eagerly executed ops from the host plane)."""
+    steps = max(int(steps), 1)
+    rows = [r for r in xprof_table(paths, "framework_op_stats") if r.get("type") != "IDLE"] or eager_op_rows(paths)
+    agg: dict[str, list[float]] = {}
+    for r in rows:
+        a = agg.setdefault(str(r.get("type")), [0.0, 0.0])
+        a[0] += float(r.get("total_self_time") or 0) / 1e3 / steps
+        a[1] += float(r.get("occurrences") or 0) / steps
+    total = sum(ms for ms, _ in agg.values()) or 1.0
+    return [{"type": t, "self_ms_per_step": round(ms, 3), "per_step": round(n, 2), "pct": round(100 * ms / total, 1)}
+            for t, (ms, n) in sorted(agg.items(), key=lambda kv: -kv[1][0])]
+
+
+def render_op_type_comparison(tables: dict, medians: dict, top: int = 12) -> str:
+    """``tables``: name -> :func:`op_type_rows` (the first name the floor); one row per op type, each
+    name's self ms per step (and ops per step), the op types that differ most from the floor first,
+    then the totals and the measured step medians."""
+    names = list(tables)
+    by = {n: {r["type"]: r for r in tables[n]} for n in names}
+    floor = by[names[0]]
+    types = {t for n in names for t in by[n]}
+    spread = {t: max(abs(by[n].get(t, {}).get("self_ms_per_step", 0.0) - floor.get(t, {}).get("self_ms_per_step", 0.0))
+                     for n in names) for t in types}
+    shown = sorted(types, key=lambda t: -spread[t])[:top]
+    width = max([len("op type")] + [len(t) for t in shown])
+    head = f"{'op type':<{width}}" + "".join(f"  {n[:18]:>18}" for n in names)
+    lines = [head, f"{'':<{width}}" + "".join(f"  {'ms/step (ops/step)':>18}" for _ in names)]
+    for t in shown:
+        cells = []
+        for n in names:
+            r = by[n].get(t)
+            text = "{:.1f} ({:.0f})".format(r["self_ms_per_step"], r["per_step"]) if r else "-"
+            cells.append(f"  {text:>18}")
+        lines.append(f"{t:<{width}}" + "".join(cells))
+    totals = [sum(r["self_ms_per_step"] for r in tables[n]) for n in names]
+    lines.append(f"{'all op types':<{width}}" + "".join(f"  {t:>18.1f}" for t in totals))
+    meds = ["-" if medians.get(n) is None else f"{medians[n]:.1f}" for n in names]
+    lines.append(f"{'step (median ms)':<{width}}" + "".join(f"  {m:>18}" for m in meds))
+    return "\n".join(lines)
+
+
 def _program_name(module: str) -> str:
     """A module name without the per-executable ``(N)`` suffix: the program it compiles."""
     return re.sub(r"\(\d+\)$", "", module)
@@ -274,26 +318,3 @@ def hlo_text_stats(files: Iterable[str]) -> dict:
         with open(f, errors="replace") as fh:
             fusions += count_fusions(fh.read())
     return {"modules": len(before), "optimized": len(after), "fusions": fusions}
-
-
-def xprof_diff_sessions(dir_a: str, dir_b: str, timeout: float = 300) -> Optional[dict]:
-    """``xprof diff_sessions`` of two profiler sessions (``.../plugins/profile/<session>`` dirs).
-
-    Its kernel and device-time diffs need device traces (GPU/TPU); on CPU it has only its own
-    (unreliable) step time.  Returns the parsed JSON, or None if the CLI is missing or fails.
-    """
-    import shutil
-    import subprocess
-
-    exe = shutil.which("xprof")
-    if not exe:
-        return None
-    proc = subprocess.run([exe, "diff_sessions", f"--baseline_session_id={os.path.abspath(dir_a)}",
-                           f"--optimized_session_id={os.path.abspath(dir_b)}"],
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        return None
-    try:
-        return json.loads(proc.stdout)
-    except ValueError:
-        return None
