@@ -128,6 +128,8 @@ MODELS = {m.name: m for m in (
               description="a tiny residual MLP (tests)"),
     ModelSpec("mlp", mlp, _MLP_SHARDING, inputs=(512,), classes=8,
               description="residual MLP 512-2048-512 x4, 8.7M parameters, classifier"),
+    ModelSpec("mlp-small", functools.partial(mlp, 32, 32, 64, 2, 4), _MLP_SHARDING, inputs=(32,), classes=4,
+              description="a tiny residual MLP classifier (tests)"),
     ModelSpec("transformer", transformer, _TRANSFORMER_SHARDING, inputs=(64,), vocab=8192, classes=8,
               sparse_gradients=True,
               description="transformer encoder (Embedding, MultiHeadAttention, LayerNorm, Dense), 3.7M parameters"),
