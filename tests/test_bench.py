@@ -429,3 +429,30 @@ def test_the_legend_explains_the_columns_shown_and_only_those():
     for column, entry in (("spread", "spread ="), ("first step", "first step s ="), ("roofline", "roofline =")):
         assert (column in head) == (entry in legend), column
     assert "floor" not in legend and "share" not in legend and "graph:" not in legend
+
+
+def test_a_floor_slower_than_a_real_step_is_flagged():
+    """A floor must never be slower than a real optimizer's step: where it clearly is (beyond the
+    medians' noise), the table says so instead of reporting shares over it."""
+    import pandas as pd
+
+    from dsgd.harness.bench_frame import add_ratios, floor_violations
+    from dsgd.harness.bench_render import render
+    from dsgd.harness.measure import NO_UPDATE
+
+    base = dict(workload="mlp", mesh="batch=2,model=4", layout="sharded", dtype="float32", xla=False,
+                options="momentum", mode="fit", status="ok", first_step_s=1.0, steps=30, impl_used="grouped_graph")
+
+    def frame(floor_ms):
+        return add_ratios(pd.DataFrame([
+            dict(base, implementation="auto", median_ms=70.0, p10_ms=68.0, p90_ms=72.0),
+            dict(base, implementation="reference", median_ms=80.0, p10_ms=78.0, p90_ms=82.0),
+            dict(base, implementation=NO_UPDATE, median_ms=floor_ms, p10_ms=floor_ms - 2, p90_ms=floor_ms + 2)]))
+
+    assert floor_violations(frame(60.0)) == []
+    assert floor_violations(frame(70.5)) == []  # within the noise
+    bad = floor_violations(frame(76.0))
+    assert [(v["implementation"], v["floor_ms"], v["step_ms"]) for v in bad] == [("auto", 76.0, 70.0)]
+    assert "WARNING: the floor (76 ms) is slower than auto's whole step (70 ms)" in " ".join(
+        render(frame(76.0)).split())
+    assert "WARNING" not in render(frame(60.0))

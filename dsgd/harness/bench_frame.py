@@ -62,6 +62,26 @@ def add_ratios(df):
     return df
 
 
+def floor_violations(df) -> list[dict]:
+    """Configurations whose floor is clearly slower than a real optimizer's whole step (beyond twice the
+    standard error of the difference of the two medians): such a floor does more than an optimizer
+    needs, and a share over it means nothing.  One dict per (configuration, optimizer) with ``floor_ms``,
+    ``step_ms`` and the configuration's fields; empty when every floor holds."""
+    if df.empty or "mode" not in df or NO_UPDATE not in set(df["implementation"]):
+        return []
+    ok = df[df["status"] == "ok"]
+    floors = {tuple(r[k] for k in KEY): r for _, r in ok[ok["implementation"] == NO_UPDATE].iterrows()}
+    out = []
+    for _, r in ok[ok["implementation"] != NO_UPDATE].iterrows():
+        f = floors.get(tuple(r[k] for k in KEY))
+        if f is None:
+            continue
+        if f["median_ms"] - r["median_ms"] > _noise(_median_se(r), _median_se(f)):
+            out.append(dict({k: r[k] for k in KEY}, implementation=r["implementation"], floor_ms=float(f["median_ms"]),
+                            step_ms=float(r["median_ms"])))
+    return out
+
+
 def config_columns(df) -> list[str]:
     """The configuration key: every :class:`Case` field in the frame but the implementation, so
     a field added to :class:`Case` (and so to the rows) becomes part of it by itself."""

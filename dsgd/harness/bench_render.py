@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dsgd.harness.bench_frame import compact, config_columns
+from dsgd.harness.bench_frame import compact, config_columns, floor_violations
 from dsgd.names import MODEL_MODES
 
 TABLE_COLUMNS = ["mode", "workload", "mesh", "layout", "dtype", "options", "xla", "implementation", "impl_used",
@@ -231,6 +231,10 @@ def render_table(df, *, run_s: Optional[float] = None, width: int = WIDTH) -> st
     if "build_s" in df and df["build_s"].fillna(0).max() > 0.5:
         notes.append(f"One-time C++ kernel build/load: {df['build_s'].max():.1f} s before the first step, not counted "
                      "in first-step times (cached for later runs).")
+    for v in floor_violations(df):
+        notes.append(f"WARNING: the floor ({_num(v['floor_ms'])} ms) is slower than {v['implementation']}'s whole step "
+                     f"({_num(v['step_ms'])} ms) on {v['workload']}, {v['mesh']}, {v['mode']}: it does more than an "
+                     "optimizer needs, so its shares mean nothing here.")
     for n in notes:
         lines += textwrap.wrap(n, width)
     failed = df[df["status"] != "ok"]
