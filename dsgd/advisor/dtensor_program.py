@@ -335,6 +335,9 @@ class ProgramSummary:
     flops_by_op: dict = field(default_factory=dict)
     out_bytes: float = 0.0  # bytes every op of the expanded program writes and reads (per device)
     ops: int = 0  # ops of the final program (one device's), Const excluded
+    peak_bytes: float = 0.0  # the most bytes of tensors alive at once in the final program (per device)
+    peak_expanded: float = 0.0  # the same in the expanded program (before collectives are merged and lowered)
+    peak_set: list = field(default_factory=list)  # {bytes, factors}: the expanded program's tensors at its peak
     final_collectives: int = 0
     final_bytes: int = 0
     consistent: bool = True
@@ -350,6 +353,7 @@ class ProgramSummary:
         return {"collectives": [c.to_dict() for c in self.collectives], "issued": [c.to_dict() for c in self.issued],
                 "terms": self.terms, "groups": self.groups, "compute": self.compute, "memory": self.memory,
                 "flops": self.flops, "flops_by_op": self.flops_by_op, "out_bytes": self.out_bytes, "ops": self.ops,
+                "peak_bytes": self.peak_bytes, "peak_expanded": self.peak_expanded, "peak_set": self.peak_set,
                 "final_collectives": self.final_collectives, "final_bytes": self.final_bytes,
                 "consistent": self.consistent, "files": self.files}
 
@@ -360,9 +364,10 @@ class ProgramSummary:
 
         return cls(colls(d.get("collectives", [])), colls(d.get("issued", [])), d.get("terms", []),
                    d.get("groups", []), d.get("compute", []), d.get("memory", []), d.get("flops", 0.0),
-                   d.get("flops_by_op", {}), d.get("out_bytes", 0.0), d.get("ops", 0),
-                   d.get("final_collectives", 0), d.get("final_bytes", 0), d.get("consistent", True),
-                   d.get("files", []))
+                   d.get("flops_by_op", {}), d.get("out_bytes", 0.0), d.get("ops", 0), d.get("peak_bytes", 0.0),
+                   d.get("peak_expanded", 0.0), d.get("peak_set", []), d.get("final_collectives", 0),
+                   d.get("final_bytes", 0),
+                   d.get("consistent", True), d.get("files", []))
 
 
 def _einsum_flops(eq: str, a: TensorType, b: TensorType) -> float:
@@ -408,21 +413,31 @@ def _find(files: Sequence[str], needle: str) -> Optional[str]:
     return hits[-1] if hits else None
 
 
-_STAGES = ["after_DTensorSPMDExpansion", "after_CSE", "after_DTensorAllGatherLowering",
-           "after_DTensorAllReduceScatterOptimization", "after_DTensorAllReduceCombineOptimization",
-           "after_DTensorReduceScatterLowering", "after_DTensorAllReduceLowering"]
-
-
 def stage_files(files: Sequence[str]) -> dict:
-    """The dump file of each stage.  A pass that changed nothing writes no file, so a stage is the last
-    file written at or before it (files sort in the order DTensor wrote them)."""
-    def upto(stage: str) -> Optional[str]:
-        k = _STAGES.index(stage)
-        cand = [f for f in files if any(p in os.path.basename(f) for p in _STAGES[:k + 1])]
-        return sorted(cand)[-1] if cand else None
+    """The dump file of each stage.  A pass that changed nothing writes no file, and the passes between the
+    SPMD expansion and the combining of all-reduces vary (``AllReduceSumOptimization``, ``AllGatherLowering``,
+    ``AllReduceScatterOptimization``), so the stages are found by position (files sort in the order DTensor
+    wrote them): ``expanded`` -- after CSE (else the SPMD expansion); ``pre`` -- the last file before all-reduces
+    are combined; ``issued`` -- the last file before they are lowered to ``CollectiveReduceV2``;
+    ``final`` -- after ``BreakUpIslands``."""
+    files = sorted(files)
+    names = [os.path.basename(f) for f in files]
 
-    return {"expanded": upto("after_CSE"), "pre": upto("after_DTensorAllGatherLowering"),
-            "issued": upto("after_DTensorReduceScatterLowering"), "final": _find(files, "BreakUpIslands")}
+    def first(*needles: str) -> Optional[int]:
+        hits = [i for i, n in enumerate(names) if any(x in n for x in needles)]
+        return hits[0] if hits else None
+
+    exp = first("after_CSE")
+    exp = exp if exp is not None else first("after_DTensorSPMDExpansion")
+    lower = first("after_DTensorAllReduceLowering")
+    combine = first("after_DTensorAllReduceCombineOptimization", "after_DTensorReduceScatterLowering")
+    combine = combine if combine is not None else lower
+    pre = issued = None
+    if exp is not None:
+        pre = files[max(exp, (combine if combine is not None else len(files)) - 1)]
+        issued = files[max(exp, (lower if lower is not None else len(files)) - 1)]
+    return {"expanded": files[exp] if exp is not None else None, "pre": pre, "issued": issued,
+            "final": _find(files, "BreakUpIslands")}
 
 
 _COLL_OPS = ("DTensorAllReduce", "DTensorReduceScatter", "DTensorAllToAll")
@@ -442,9 +457,13 @@ def _coll_info(op: Op, prod: dict, mesh) -> dict:
         kind = "all-gather" if src is not None and src[0].name == "TensorStridedSliceUpdate" else "all-reduce"
     else:
         kind = {"DTensorReduceScatter": "reduce-scatter", "DTensorAllToAll": "all-to-all"}[op.name]
-    return {"kind": kind, "axes": list(axes), "group": group,
-            "shape": list(t.shape) if t.shape is not None else None, "dtype_bytes": _DTYPE_BYTES.get(t.dtype, 4),
-            "bytes": t.nbytes, "factors": value_factors(op, 0, mesh) or []}
+    out = {"kind": kind, "axes": list(axes), "group": group,
+           "shape": list(t.shape) if t.shape is not None else None, "dtype_bytes": _DTYPE_BYTES.get(t.dtype, 4),
+           "bytes": t.nbytes, "factors": value_factors(op, 0, mesh) or []}
+    if kind == "reduce-scatter" and op.out_types and op.out_types[0].shape is not None:
+        # its result (and layout) is the scattered piece; the tensor reduced is the group's pieces together
+        out["scatter_elements"] = op.out_types[0].elements
+    return out
 
 
 def _aggregate(infos: list) -> list:
@@ -521,6 +540,52 @@ def _inventory(ops: list, mesh) -> tuple[list, list, float, float, dict]:
     return compute, mem, flops, out_bytes, by_op
 
 
+#: ops whose results are no new buffer (they alias a variable or carry no data)
+_ALIASING = ("Const", "ReadVariableOp", "Identity", "IdentityN", "StopGradient", "Reshape", "Squeeze", "ExpandDims",
+             "DTensorLayout", "VarHandleOp")
+
+
+def liveness(ops: list, mesh) -> tuple[float, list]:
+    """The most bytes of tensors alive at once when one device runs ``ops`` in program order, and the
+    tensors alive at that point as ``[{bytes, factors}]`` (by factors).
+
+    Each result is alive from its op to its last use.  A result that aliases another buffer (a variable
+    read, a reshape) counts nothing, and one the size of an input that dies at its op takes that input's
+    buffer over, as TensorFlow's kernels forward their inputs (``forward_input_or_allocate_output``)."""
+    last: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        for o in op.operands:
+            last[o] = i
+            last[o.split("#")[0]] = i
+    live: dict[str, tuple] = {}
+    cur = peak = 0.0
+    peak_live: dict = {}
+    for i, op in enumerate(ops):
+        dying = [o for o in op.operands if o in live and live[o][2] <= i]
+        if op.name not in _ALIASING:
+            for k, r in enumerate(op.results):
+                t = op.out_types[k] if k < len(op.out_types) else None
+                if t is None or t.shape is None or (r not in last and r.split("#")[0] not in last):
+                    continue
+                end = last.get(r, last.get(r.split("#")[0], i))
+                donor = next((o for o in dying if live[o][0] == t.nbytes), None)
+                if donor is not None:  # forwarded: the donor's buffer lives on as this result
+                    dying.remove(donor)
+                    live.pop(donor)
+                    cur -= t.nbytes
+                live[r] = (t.nbytes, value_factors(op, k, mesh) or [], end)
+                cur += t.nbytes
+        if cur > peak:
+            peak, peak_live = cur, dict(live)
+        for r in [r for r, v in live.items() if v[2] <= i]:
+            cur -= live.pop(r)[0]
+    agg: dict[str, float] = {}
+    for nbytes, fac, _ in peak_live.values():
+        key = json.dumps(fac)
+        agg[key] = agg.get(key, 0.0) + nbytes
+    return peak, [{"bytes": b, "factors": json.loads(k)} for k, b in agg.items()]
+
+
 def summarize(files: Sequence[str], mesh: Sequence[tuple]) -> ProgramSummary:
     """The collectives and compute of one function's dump files (one device's program)."""
     files = sorted(files)
@@ -540,10 +605,12 @@ def summarize(files: Sequence[str], mesh: Sequence[tuple]) -> ProgramSummary:
             b.count += c.count
         out.issued = sorted(by_axes.values(), key=lambda c: c.axes)
     if st["expanded"]:
-        out.compute, out.memory, out.flops, out.out_bytes, out.flops_by_op = \
-            _inventory(parse_ops(open(st["expanded"]).read()), mesh)
+        ops = parse_ops(open(st["expanded"]).read())
+        out.compute, out.memory, out.flops, out.out_bytes, out.flops_by_op = _inventory(ops, mesh)
+        out.peak_expanded, out.peak_set = liveness(ops, mesh)
     if st["final"]:
         ops = parse_ops(open(st["final"]).read())
+        out.peak_bytes = liveness(ops, mesh)[0]
         out.ops = sum(1 for op in ops if op.name != "Const")
         coll = [op for op in ops if op.name.startswith("Collective")]
         out.final_collectives = len(coll)
@@ -553,12 +620,12 @@ def summarize(files: Sequence[str], mesh: Sequence[tuple]) -> ProgramSummary:
     return out
 
 
-def issued_bytes(summary: ProgramSummary, target: Optional[Sequence[tuple]] = None, batch_ratio: float = 1.0,
-                 data_axis: str = "batch") -> Optional[dict]:
-    """``{axes: (count, bytes)}`` of the all-reduces the step issues -- as read (``target`` None), or
-    predicted for another mesh of the same plan by scaling each collective's tensor and padding each
-    merged buffer to 1024 elements again.  None when a tensor does not divide on ``target``."""
-    out: dict[tuple, list] = {}
+def issued_list(summary: ProgramSummary, target: Optional[Sequence[tuple]] = None, batch_ratio: float = 1.0,
+                data_axis: str = "batch") -> Optional[list]:
+    """``[(axes, bytes)]``, one per all-reduce the step issues -- as read (``target`` None), or predicted for
+    another mesh of the same plan by scaling each collective's tensor and padding each merged buffer to 1024
+    elements again.  None when a tensor does not divide on ``target``."""
+    out = []
     sizes = dict(target) if target is not None else None
     for g in summary.groups:
         members = [summary.terms[i] for i in g["members"] if 0 <= i < len(summary.terms)]
@@ -574,14 +641,29 @@ def issued_bytes(summary: ProgramSummary, target: Optional[Sequence[tuple]] = No
                 f = scale_factor(t["factors"], target, batch_ratio, data_axis)
                 if f is None:
                     return None
-                n *= f
+                if "scatter_elements" in t:  # the scattered piece scales; the group gathers it back
+                    n = t["scatter_elements"] * f * math.prod(sizes.get(a, 1) for a in t["axes"])
+                else:
+                    n *= f
             elems += n
         e = int(round(elems))
         if g["merged"] and e % 1024:
             e = e // 1024 * 1024 + 1024
+        out.append((axes, e * members[0]["dtype_bytes"]))
+    return out
+
+
+def issued_bytes(summary: ProgramSummary, target: Optional[Sequence[tuple]] = None, batch_ratio: float = 1.0,
+                 data_axis: str = "batch") -> Optional[dict]:
+    """``{axes: (count, bytes)}`` of :func:`issued_list`."""
+    got = issued_list(summary, target, batch_ratio, data_axis)
+    if got is None:
+        return None
+    out: dict[tuple, list] = {}
+    for axes, b in got:
         c = out.setdefault(axes, [0, 0])
         c[0] += 1
-        c[1] += e * members[0]["dtype_bytes"]
+        c[1] += b
     return {k: tuple(v) for k, v in out.items()}
 
 
@@ -603,6 +685,25 @@ def scaled_compute(summary: ProgramSummary, target: Sequence[tuple], batch_ratio
     return flops, nbytes
 
 
+def scaled_peak(summary: ProgramSummary, target: Sequence[tuple], batch_ratio: float = 1.0, *,
+                grads_bytes: float = 0.0, data_axis: str = "batch") -> Optional[float]:
+    """The final program's peak of live tensors on ``target``: the larger of the expanded program's tensors
+    alive at its peak, scaled there (times the final / expanded peak measured here), and the gradients plus
+    the largest buffer DTensor merges all-reduces into (they are alive together).  None when a tensor does
+    not divide there."""
+    if not summary.peak_expanded:
+        return None
+    total = 0.0
+    for t in summary.peak_set:
+        f = scale_factor(t["factors"], target, batch_ratio, data_axis)
+        if f is None:
+            return None
+        total += t["bytes"] * f
+    issued = issued_list(summary, target, batch_ratio, data_axis) or []
+    biggest = max((b for _, b in issued), default=0)
+    return max(summary.peak_bytes * total / summary.peak_expanded, grads_bytes + biggest)
+
+
 def function_files(directory: str, since: set) -> dict:
     """``{function name: [files]}`` of the dump files in ``directory`` not in ``since``."""
     out: dict[str, list] = {}
@@ -617,4 +718,4 @@ def function_files(directory: str, since: set) -> dict:
 
 __all__ = ["ProgramSummary", "Collective", "summarize", "parse_ops", "parse_type", "producers", "group_axes",
            "axis_partitions", "op_flops", "function_files", "dump_env", "COMPUTE_OPS", "scale_factor", "issued_bytes",
-           "scaled_compute", "value_factors", "stage_files"]
+           "scaled_compute", "scaled_peak", "issued_list", "value_factors", "stage_files", "liveness"]

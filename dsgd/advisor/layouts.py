@@ -67,6 +67,8 @@ def add_arguments(p) -> None:
     p.add_argument("--hardware", help="whole: the target's description for --target-mesh: a JSON file or a shipped "
                    "name (this-host, nvidia-h100-sxm; default: this host's rates, measured)")
     p.add_argument("--rounds", type=int, help="whole: interleaved timing rounds per mesh (default 4)")
+    p.add_argument("--rules", default="dp,tp",
+                   help="whole: the plan rules to build, comma-separated, of dp, tp, tp-mlp (default dp,tp)")
     p.add_argument("--options", default="momentum", choices=sorted(OPTION_PRESETS), help="optimizer options preset")
     p.add_argument("--implementation", default="auto", help="dsgd implementation to measure (default auto)")
     p.add_argument("--no-reference", action="store_true", help="do not measure the tf_keras reference")
@@ -179,7 +181,8 @@ def main_whole(args) -> int:
                          loss=args.loss, data=args.data, options=args.options, implementation=args.implementation,
                          force=args.force, memory_budget=args.memory_budget, target_mesh=args.target_mesh,
                          target_batch=args.target_batch_size, hardware=args.hardware,
-                         rounds=args.rounds or ROUNDS, progress=not args.quiet)
+                         rounds=args.rounds or ROUNDS, progress=not args.quiet,
+                         rules=[r.strip() for r in args.rules.split(",") if r.strip()])
     print(step_report.render(advice, args.format))
     out = sys.stdout if args.format == "table" else sys.stderr
     if args.emit_layout_map:

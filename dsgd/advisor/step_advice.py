@@ -97,7 +97,7 @@ def _stats(r: Optional[dict]) -> dict:
 
 def _collective_text(prog: dp.ProgramSummary) -> str:
     parts = []
-    issued = dp.issued_bytes(prog) or {}
+    issued = {tuple(c.axes): (c.count, c.bytes) for c in prog.issued}
     for axes, (count, b) in sorted(issued.items()):
         kinds = [c for c in prog.collectives if tuple(c.axes) == axes]
         what = ", ".join(f"{c.count} {c.kind}" for c in kinds)
@@ -115,8 +115,9 @@ def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step
         floor = next((r for r in raw if r["plan"] == p.name and r["job"] == "floor"), None)
         s, f = _stats(mine), _stats(floor)
         mem = step_memory.state_bytes(graph, p, opts)
-        act = step_memory.activation_bytes(graph, p, batch)
         n_dev = meshspec.mesh_size(p.mesh)
+        prog_d = (mine or {}).get("program")
+        peak = dp.ProgramSummary.from_dict(prog_d).peak_bytes if prog_d else float("nan")
         row: dict[str, Any] = {
             "plan": p.name, "mesh": p.mesh_spec, "mesh_label": p.mesh_label, "rule": p.rule,
             "description": p.description, "status": (mine or {}).get("status", "failed"),
@@ -125,25 +126,19 @@ def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step
             "spread": s.get("spread", np.nan), "floor_ms": f.get("ms", np.nan), "floor_spread": f.get("spread", np.nan),
             "first_step_s": (mine or {}).get("first_step_s", np.nan),
             "params_bytes": mem["params"], "grads_bytes": mem["grads"], "slots_bytes": mem["slots"],
-            "act_bytes": act, "mem_bytes": mem["params"] + mem["grads"] + mem["slots"] + act,
+            "transient_bytes": peak, "mem_bytes": mem["params"] + mem["slots"] + peak,
             "params_measured": (mine or {}).get("params_bytes"), "slots_measured": (mine or {}).get("state_bytes"),
         }
         row["share_ms"] = row["step_ms"] - row["floor_ms"]
         row["state_exact"] = (row["params_measured"] == mem["params"] and row["slots_measured"] == mem["slots"]) \
             if row["params_measured"] is not None else None
-        peak = (mine or {}).get("alloc_step_peak")
-        row["alloc_step_per_device"] = peak / n_dev if peak else None
-        prog_d = (mine or {}).get("program")
+        alloc = (mine or {}).get("alloc_step_peak")
+        row["alloc_step_per_device"] = alloc / n_dev if alloc else None
+        row["transient_check"] = step_memory.check_ratio(peak if peak == peak else None, row["alloc_step_per_device"])
         row["program"] = prog_d
-        merged = 0
         if prog_d:
             prog = dp.ProgramSummary.from_dict(prog_d)
-            merged = sum(c.bytes for c in prog.issued)  # the buffers DTensor concatenates gradients into
-        row["transient_est"] = act + mem["grads"] + merged
-        row["act_check"] = step_memory.check_ratio(row["transient_est"], row["alloc_step_per_device"])
-        if prog_d:
-            prog = dp.ProgramSummary.from_dict(prog_d)
-            issued = dp.issued_bytes(prog) or {}
+            issued = {tuple(c.axes): (c.count, c.bytes) for c in prog.issued}
             row["coll_bytes"] = sum(b for _, b in issued.values())
             row["coll_count"] = sum(c for c, _ in issued.values())
             row["coll_by_axis"] = {"+".join(a): {"count": c, "bytes": b} for a, (c, b) in issued.items()}
@@ -182,7 +177,7 @@ def scaling_checks(rows: list, search, batch: int) -> list:
                 prog = dp.ProgramSummary.from_dict(src["program"])
                 got = dp.issued_bytes(prog, ddims, 1.0)
                 comp = dp.scaled_compute(prog, ddims, 1.0)
-                real = dp.issued_bytes(dp.ProgramSummary.from_dict(dst["program"])) or {}
+                real = {tuple(c.axes): (c.count, c.bytes) for c in dp.ProgramSummary.from_dict(dst["program"]).issued}
                 pred_b = sum(b for _, b in got.values()) if got else None
                 real_b = sum(b for _, b in real.values())
                 out.append({"rule": rule, "from": src["plan"], "to": dst["plan"], "pred_bytes": pred_b,
@@ -192,13 +187,15 @@ def scaling_checks(rows: list, search, batch: int) -> list:
     return out
 
 
-def _source_for(plan: step_plans.StepPlan, rows: list) -> Optional[dict]:
-    """The measured plan of the same rule whose program can be scaled to ``plan``'s mesh: every axis > 1
-    there is > 1 in it; of those, the one with the most devices on the model axis."""
+def _source_for(plan: step_plans.StepPlan, rows: list, local_plans: list) -> Optional[dict]:
+    """The measured plan whose program can be scaled to ``plan``: the same layout for every variable, and
+    every axis that is > 1 on ``plan``'s mesh > 1 on its own; of those, the one with the most devices on the
+    model axis."""
     tdims = dict(plan.mesh)
+    same = {p.name for p in local_plans if p.layouts == plan.layouts}
     best = None
     for r in rows:
-        if r["rule"] != plan.rule or not r.get("program"):
+        if r["plan"] not in same or not r.get("program"):
             continue
         sd = dict(meshspec.parse_mesh_spec(r["mesh"]))
         if any(n > 1 and sd.get(a, 1) < 2 for a, n in tdims.items()):
@@ -209,28 +206,32 @@ def _source_for(plan: step_plans.StepPlan, rows: list) -> Optional[dict]:
 
 
 def predict_target(graph: ModelGraph, rows: list, tsearch, hw: step_model.Hardware, *, batch: int,
-                   target_batch: int, opts: dict) -> list:
+                   target_batch: int, opts: dict, local_plans: Sequence = ()) -> list:
     """Each target plan predicted from the program of the same rule measured here, scaled to the target
     mesh and batch, with its breakdown; what the prediction rests on, in words."""
     out = []
     for p in tsearch.plans:
-        src = _source_for(p, rows)
+        src = _source_for(p, rows, list(local_plans))
         mem = step_memory.state_bytes(graph, p, opts)
-        act = step_memory.activation_bytes(graph, p, target_batch)
         row = {"plan": p.name, "mesh": p.mesh_spec, "rule": p.rule, "description": p.description,
                "params_bytes": mem["params"], "grads_bytes": mem["grads"], "slots_bytes": mem["slots"],
-               "act_bytes": act, "mem_bytes": mem["params"] + mem["grads"] + mem["slots"] + act,
-               "source": src["plan"] if src else None}
+               "transient_bytes": np.nan, "mem_bytes": np.nan, "source": src["plan"] if src else None}
         pred = None
         if src is not None:
             prog = dp.ProgramSummary.from_dict(src["program"])
             pred = step_model.predict(prog, hw, meshspec.parse_mesh_spec(src["mesh"]), param_bytes=mem["params"],
                                       opts=opts, target=list(p.mesh), batch_ratio=target_batch / batch)
+            peak = dp.scaled_peak(prog, list(p.mesh), target_batch / batch, grads_bytes=mem["grads"])
+            if peak is not None:
+                row["transient_bytes"] = peak
+                row["mem_bytes"] = mem["params"] + mem["slots"] + peak
         row["pred"] = pred
         row["pred_ms"] = pred["total"] if pred else np.nan
         row["coll_bytes"] = sum(v for k, v in (pred or {}).items() if k.startswith("coll_bytes:")) if pred else np.nan
         if src is None:
-            row["note"] = f"no {p.rule!r} plan was measured here with every axis that this mesh splits"
+            why = "; ".join(p.notes)
+            row["note"] = (f"no plan with these layouts was measured here with every axis this mesh splits"
+                           + (f" ({why})" if why else ""))
         elif pred is None:
             row["note"] = f"a tensor of {src['plan']}'s program does not divide on {p.mesh_spec}"
         else:
@@ -245,7 +246,7 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
                 memory_budget: Optional[int] = None, target_mesh: Optional[str] = None,
                 target_batch: Optional[int] = None, hardware: Optional[str] = None, rounds: int = ROUNDS,
                 min_time: float = MIN_TIMED_S, progress: bool = True, timeout: Optional[float] = None,
-                cwd: Optional[str] = None) -> StepAdvice:
+                cwd: Optional[str] = None, rules: Sequence[str] = step_plans.DEFAULT_RULES) -> StepAdvice:
     """The whole-step advisor as a library call (``dsgd layouts --model module:function`` prints it)."""
     import os
 
@@ -275,18 +276,16 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
             raise StepAdviceError(f"the model has {len(outputs)} outputs: give --loss (one of "
                                   f"{', '.join(sorted(step_inputs.LOSSES))}) and --data module:function")
         loss_name = loss or step_inputs.infer_loss(outputs)
-        search = step_plans.search(graph, devices, global_batch=batch, meshes=meshes, force=force)
+        search = step_plans.search(graph, devices, global_batch=batch, meshes=meshes, force=force, rules=rules)
         if not search.plans:
             raise StepAdviceError("no candidate plan is feasible: " + "; ".join(
                 f"{e.name}: {e.reason}" for e in search.excluded[:6]))
-        by_mesh: dict[str, list] = {}
-        for p in search.plans:
-            by_mesh.setdefault(p.mesh_spec, []).append({"name": p.name, "layout_map": p.layout_map(graph)})
+        plans = [{"name": p.name, "mesh": p.mesh_spec, "layout_map": p.layout_map(graph)} for p in search.plans]
         common = {"target": model, "cwd": cwd or os.getcwd(), "batch_size": batch,
                   "inputs": [vars(i) for i in graph.inputs], "outputs": outputs, "vocab": graph.embedding_vocab(),
                   "loss": loss_name, "data": data, "options": options, "implementation": implementation,
                   "rounds": rounds, "min_time": min_time}
-        raw, cals = measure_all(by_mesh, common, devices=devices, progress=progress, timeout=timeout,
+        raw, cals = measure_all(plans, common, devices=devices, progress=progress, timeout=timeout,
                                 tracker=tracker, bar=bar)
     finally:
         bar.close()
@@ -303,14 +302,15 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
         tdev = int(target_mesh) if count else meshspec.mesh_size(tdims)
         tb = int(target_batch or batch * max(1, tdev // devices))
         tsearch = step_plans.search(graph, tdev, global_batch=tb, meshes=[] if count else [target_mesh], force=force,
-                                    factor=bool(count))
+                                    factor=bool(count), rules=rules)
         hw = step_model.load_hardware(hardware) if hardware else host
         if not hardware:  # this host's rates, and its measured links (by axis name)
             for r in (cals or {}).values():
                 for a, v in (r or {}).get("axes", {}).items():
                     if a not in hw.links or v["group"] > 2:
                         hw.links[a] = step_model.Link(v["alpha_us"], v["beta_s_per_byte"])
-        trows = predict_target(graph, rows, tsearch, hw, batch=batch, target_batch=tb, opts=opts)
+        trows = predict_target(graph, rows, tsearch, hw, batch=batch, target_batch=tb, opts=opts,
+                               local_plans=search.plans)
         advice.target_mesh = f"{tdev} devices" if count else meshspec.format_mesh_spec(tdims)
         advice.target_batch, advice.target_devices, advice.hardware = tb, tdev, hw
         advice.target_search = tsearch

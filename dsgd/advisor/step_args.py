@@ -91,6 +91,13 @@ def check_step(args) -> None:
                          "leave it out: logits of a classifier or mean squared error, from the model's output)")
     if args.data:
         check_function(args.data, "--data")
+    from dsgd.advisor.step_plans import RULES
+
+    rules = [r.strip() for r in (args.rules or "").split(",") if r.strip()]
+    bad = [r for r in rules if r not in RULES]
+    if not rules or bad:
+        raise UsageError(f"--rules {args.rules!r}: {'unknown rule ' + repr(bad[0]) if bad else 'no rule'}; give a "
+                         f"comma-separated list of {', '.join(RULES)}")
     for m in (args.mesh or "").split(";"):
         if m.strip():
             check_step_mesh(m.strip(), "--mesh", args.devices)

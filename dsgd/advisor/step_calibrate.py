@@ -23,7 +23,7 @@ import numpy as np
 COLLECTIVE_SIZES = (64 << 10, 1 << 20, 8 << 20)  # bytes per device
 
 
-def _median_s(fn: Callable, reps: int, warmup: int = 2) -> float:
+def _median_s(fn: Callable, reps: int, warmup: int = 1) -> float:
     from dsgd.harness import measure
 
     for _ in range(warmup):
@@ -44,63 +44,88 @@ def _fit_alpha_beta(sizes, secs) -> tuple[float, float]:
     return max(float(alpha), 0.0), max(float(beta), 0.0)
 
 
+class Calibrator:
+    """The microbenchmarks of one mesh, built once (functions traced, tensors made) and run as often as asked."""
+
+    CHAIN = 64
+
+    def __init__(self, mesh):
+        import tensorflow as tf
+        from tensorflow.experimental import dtensor
+
+        self.mesh = mesh
+        names = list(mesh.dim_names)
+        self.sizes = {a: mesh.dim_size(a) for a in names}
+        self.devices = int(np.prod(list(self.sizes.values())))
+        U = dtensor.UNSHARDED
+        first, last = names[0], (names[-1] if len(names) > 1 else None)
+
+        def const(shape, specs):
+            return dtensor.call_with_layout(tf.ones, dtensor.Layout(specs, mesh), shape)
+
+        def split(*rest):  # one block per device: the first axis on dim 0, the last on dim 1
+            return ([self.sizes[first], self.sizes[last] if last else 1, *rest], [first, last or U] + [U] * len(rest))
+
+        self.tiny = const([8], [U])
+        self.call = tf.function(lambda x: x + 1.0)
+
+        @tf.function
+        def chain(x):
+            for _ in range(self.CHAIN):
+                x = x * 1.0001 + 1.0
+            return x
+
+        self.chain = chain
+        self.xs = const(*split(256, 512))
+        self.w = const([512, 512], [U, U])
+        self.mm = tf.function(lambda x, w: tf.einsum("abmk,kn->abmn", x, w))
+        self.big = const(*split(1 << 20))
+        self.ew = tf.function(lambda x: x * 1.5)
+        self.reds = {}
+        for a in names:
+            if self.sizes[a] < 2:
+                continue
+            self.reds[a] = [(nbytes, const([self.sizes[a], nbytes // 4], [a, U]),
+                             tf.function(lambda x: tf.reduce_sum(x, axis=0))) for nbytes in COLLECTIVE_SIZES]
+
+    def run(self, reps: int = 3) -> dict:
+        """One measurement of every figure (medians of ``reps`` calls each)."""
+        call_s = _median_s(lambda: self.call(self.tiny), reps)
+        op_s = max(0.0, _median_s(lambda: self.chain(self.tiny), reps) - call_s) / (2 * self.CHAIN)
+        mm_s = max(1e-9, _median_s(lambda: self.mm(self.xs, self.w), reps) - call_s)
+        ew_s = max(1e-9, _median_s(lambda: self.ew(self.big), reps) - call_s)
+        axes = {}
+        for a, cases in self.reds.items():
+            secs = [max(0.0, _median_s(lambda f=f, x=x: f(x), reps) - call_s) for _, x, f in cases]
+            alpha, beta = _fit_alpha_beta(COLLECTIVE_SIZES, secs)
+            axes[a] = {"group": self.sizes[a], "alpha_us": alpha * 1e6, "beta_s_per_byte": beta,
+                       "sizes": list(COLLECTIVE_SIZES), "ms": [x * 1e3 for x in secs]}
+        return {"devices": self.devices, "call_ms": call_s * 1e3, "op_us": op_s * 1e6,
+                "flops_per_s": 2.0 * 256 * 512 * 512 * self.devices / mm_s,
+                "bytes_per_s": 2.0 * (4 << 20) * self.devices / ew_s, "axes": axes}
+
+
 def calibrate(mesh, quick: bool = False) -> dict:
-    """The figures above for ``mesh`` (a ``dtensor.Mesh``), as a JSON-able dict."""
-    import tensorflow as tf
-    from tensorflow.experimental import dtensor
+    """The figures above for ``mesh`` (a ``dtensor.Mesh``), once, as a JSON-able dict."""
+    return Calibrator(mesh).run(3 if quick else 5)
 
-    reps = 3 if quick else 5
-    names = list(mesh.dim_names)
-    n_dev = int(np.prod([mesh.dim_size(a) for a in names]))
-    U = dtensor.UNSHARDED
 
-    def const(shape, layout_specs):
-        layout = dtensor.Layout(layout_specs, mesh)
-        return dtensor.call_with_layout(tf.ones, layout, shape)
-
-    tiny = const([8], [U])
-    call = tf.function(lambda x: x + 1.0)
-    call_s = _median_s(lambda: call(tiny), reps)
-
-    chain_n = 64
-
-    @tf.function
-    def chain(x):
-        for _ in range(chain_n):
-            x = x * 1.0001 + 1.0
-        return x
-
-    op_s = max(0.0, _median_s(lambda: chain(tiny), reps) - call_s) / (2 * chain_n)
-
-    sizes = {a: mesh.dim_size(a) for a in names}
-    xs = const([sizes[names[0]], sizes[names[-1]] if len(names) > 1 else 1, 256, 512],
-               [names[0], names[-1] if len(names) > 1 else U, U, U])
-    w = const([512, 512], [U, U])
-    mm = tf.function(lambda x, w: tf.einsum("abmk,kn->abmn", x, w))
-    mm_s = max(1e-9, _median_s(lambda: mm(xs, w), reps) - call_s)
-    flops = 2.0 * 256 * 512 * 512 * n_dev / mm_s
-
-    big = const([sizes[names[0]], sizes[names[-1]] if len(names) > 1 else 1, 1 << 20],
-                [names[0], names[-1] if len(names) > 1 else U, U])
-    ew = tf.function(lambda x: x * 1.5)
-    ew_s = max(1e-9, _median_s(lambda: ew(big), reps) - call_s)
-    bytes_per_s = 2.0 * (4 << 20) * n_dev / ew_s  # read + write
-
+def combine(runs: list) -> dict:
+    """The median of each figure over several runs of :func:`calibrate` (failed runs left out), the axes'
+    alpha and beta refitted to the median times; ``runs`` counts them."""
+    good = [r for r in runs if r and "error" not in r]
+    if not good:
+        return runs[-1] if runs else {}
+    out = {k: float(np.median([r[k] for r in good])) for k in ("call_ms", "op_us", "flops_per_s", "bytes_per_s")}
+    out["devices"] = good[0]["devices"]
+    out["runs"] = len(good)
     axes = {}
-    for a in names:
-        if sizes[a] < 2:
-            continue
-        secs = []
-        for nbytes in COLLECTIVE_SIZES:
-            n = nbytes // 4
-            x = const([sizes[a], n], [a, U])
-            red = tf.function(lambda x: tf.reduce_sum(x, axis=0))
-            secs.append(max(0.0, _median_s(lambda: red(x), reps) - call_s))
-        alpha, beta = _fit_alpha_beta(COLLECTIVE_SIZES, secs)
-        axes[a] = {"group": sizes[a], "alpha_us": alpha * 1e6, "beta_s_per_byte": beta,
-                   "sizes": list(COLLECTIVE_SIZES), "ms": [s * 1e3 for s in secs]}
-    return {"devices": n_dev, "call_ms": call_s * 1e3, "op_us": op_s * 1e6, "flops_per_s": flops,
-            "bytes_per_s": bytes_per_s, "axes": axes}
+    for a, v in good[0]["axes"].items():
+        ms = [float(np.median([r["axes"][a]["ms"][i] for r in good if a in r["axes"]])) for i in range(len(v["ms"]))]
+        alpha, beta = _fit_alpha_beta(v["sizes"], [m * 1e-3 for m in ms])
+        axes[a] = dict(v, ms=ms, alpha_us=alpha * 1e6, beta_s_per_byte=beta)
+    out["axes"] = axes
+    return out
 
 
-__all__ = ["calibrate", "COLLECTIVE_SIZES"]
+__all__ = ["calibrate", "combine", "COLLECTIVE_SIZES"]

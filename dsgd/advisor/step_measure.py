@@ -1,4 +1,4 @@
-"""The worker that measures whole training steps: every candidate plan of one mesh, in one process.
+"""The worker that measures whole training steps: every candidate plan, of every mesh, in one process.
 
 For each plan the user's model is built under the plan's ``LayoutMap``, compiled with dsgd (``--options``,
 ``--implementation``) and the loss, and its ``make_train_function()`` -- one ``model.fit`` step -- run on
@@ -10,8 +10,9 @@ optimizer needs, nothing applied).  Per job it records:
   MLIR dumps (:mod:`dsgd.advisor.dtensor_program`: collectives by kind and mesh axis, bytes, FLOPs);
 * the bytes each device holds: parameters and optimizer slots, counted on the devices' components;
   what TensorFlow's allocator reports for a step (its peak over what was in use before, all devices);
-* the step times, in :data:`ROUNDS` interleaved rounds over all jobs of the mesh (reversed on odd rounds),
-  as ``dsgd bench`` pairs its implementations: a slow spell of this shared machine falls on every plan.
+* the step times, in :data:`ROUNDS` interleaved rounds over all jobs (reversed on odd rounds), as ``dsgd
+  bench`` pairs its implementations: a slow spell of this shared machine falls on every plan;
+* each mesh's microbenchmarks for the step model, once a round (their medians).
 
 Progress goes to ``payload["progress"]`` (one JSON line per finished unit of work) so the parent's bar
 moves while the worker runs (:mod:`dsgd.advisor.progress`).
@@ -92,10 +93,16 @@ def _build_job(payload: dict, plan: dict, which: str, mesh, dataset_fn, dump_dir
         if names:
             summary = dtensor_program.summarize(fns[names[0]], [(a, mesh.dim_size(a)) for a in mesh.dim_names])
             job["program"] = summary.to_dict()
+        keep = os.environ.get("DSGD_LAYOUTS_KEEP_PROGRAMS")  # a directory: keep DTensor's dumps there
         for fs in fns.values():
             for f in fs:
                 try:
-                    os.remove(f)
+                    if keep:
+                        dst = os.path.join(keep, plan["name"].replace(" ", "_") + "-" + which)
+                        os.makedirs(dst, exist_ok=True)
+                        os.replace(f, os.path.join(dst, os.path.basename(f)))
+                    else:
+                        os.remove(f)
                 except OSError:
                     pass
     job["params_bytes"] = _device_bytes(model.trainable_variables)
@@ -124,11 +131,14 @@ def _memory_step(job: dict) -> dict:
             "alloc_step_peak": max(0, after["peak"] - before["current"])}
 
 
-def measure_mesh(payload: dict) -> dict:
-    """Worker: every plan of ``payload["plans"]`` on ``payload["mesh"]``, dsgd and the floor, interleaved.
+def measure_plans(payload: dict) -> dict:
+    """Worker: every plan of ``payload["plans"]`` (each ``{"name", "mesh", "layout_map"}``), dsgd and the
+    floor, all interleaved -- the plans of every mesh in one process, so that a slow spell of the machine
+    falls on all of them alike, whichever mesh they run on (meshes over the same logical devices coexist).
 
-    Returns ``{"rows": [one row per (plan, job)], "calibration": {...} or None}``; a job that fails is a
-    failed row and the others go on.
+    With ``payload["calibrate"]`` each mesh's microbenchmarks (:mod:`dsgd.advisor.step_calibrate`) run in
+    every round too, their medians kept.  Returns ``{"rows": [one row per (plan, job)], "calibration":
+    {mesh: {...}}}``; a job that fails is a failed row and the others go on.
     """
     import numpy as np
 
@@ -137,30 +147,30 @@ def measure_mesh(payload: dict) -> dict:
     from dsgd.harness import measure
 
     progress = _Progress(payload.get("progress"))
-    mesh = meshspec.make_mesh(payload["mesh"])
     batch = int(payload["batch_size"])
     measure.prepare_kernels([payload.get("implementation", "auto")])
-    if payload.get("data"):
-        ds = step_inputs.user_dataset(payload["data"], payload.get("cwd"))
+    meshes = {}
+    for plan in payload["plans"]:
+        if plan["mesh"] not in meshes:
+            meshes[plan["mesh"]] = meshspec.make_mesh(plan["mesh"])
+    ds = step_inputs.user_dataset(payload["data"], payload.get("cwd")) if payload.get("data") else None
+    examples = None if ds is not None else step_inputs.synthetic_examples(
+        payload["inputs"], payload["outputs"], payload["loss"], batch, payload.get("vocab"))
 
-        def dataset_fn():
-            return step_inputs.dtensor_dataset(mesh, batch, dataset=ds)
-    else:
-        examples = step_inputs.synthetic_examples(payload["inputs"], payload["outputs"], payload["loss"], batch,
-                                                  payload.get("vocab"))
+    def dataset_fn_for(mesh):
+        return lambda: step_inputs.dtensor_dataset(mesh, batch, examples=examples, dataset=ds)
 
-        def dataset_fn():
-            return step_inputs.dtensor_dataset(mesh, batch, examples=examples)
     progress("start")
     dump_dir = payload.get("dump_dir")
     seen: set = set()
     jobs: list = []
     rows: list = []
     for plan in payload["plans"]:
+        mesh = meshes[plan["mesh"]]
         for which in payload.get("jobs", JOBS):
-            row = {"plan": plan["name"], "job": which, "mesh": payload["mesh"]}
+            row = {"plan": plan["name"], "job": which, "mesh": plan["mesh"]}
             try:
-                job = _build_job(payload, plan, which, mesh, dataset_fn, dump_dir, seen)
+                job = _build_job(payload, plan, which, mesh, dataset_fn_for(mesh), dump_dir, seen)
                 job["step"]()  # untimed: the next build left the caches full of its own buffers
                 measure.sync()
                 row.update(status="ok", first_step_s=job["first_step_s"], params_bytes=job["params_bytes"],
@@ -173,19 +183,33 @@ def measure_mesh(payload: dict) -> dict:
             rows.append(row)
             progress("build", plan=plan["name"], job=which, ok=row["status"] == "ok",
                      first_step_s=row.get("first_step_s"))
-    calibration = None
-    if payload.get("calibrate"):
-        from dsgd.advisor import step_calibrate
-
+    # Each job's first call after other jobs were built takes seconds more (TF 2.21: 0.5 s for the MLP,
+    # 3-6 s for the transformer, no new DTensor expansion dumped); paid here, untimed, not in round 0.
+    for k, job in jobs:
         try:
-            calibration = step_calibrate.calibrate(mesh, quick=bool(payload.get("quick")))
-        except Exception as e:  # noqa: BLE001 - the measurements stand without it
-            calibration = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        progress("calibrate")
+            job["step"]()
+            measure.sync()
+        except Exception as e:  # noqa: BLE001
+            rows[k].update(status="failed", error=f"{type(e).__name__}: {str(e)[:800]}")
+        progress("rewarm", plan=rows[k]["plan"], job=rows[k]["job"])
+    jobs = [(k, job) for k, job in jobs if rows[k]["status"] == "ok"]
     rounds = int(payload.get("rounds", ROUNDS))
     min_time = float(payload.get("min_time", MIN_TIMED_S))
     times: dict[int, list] = {k: [] for k, _ in jobs}
+    cals: dict[str, list] = {m: [] for m in meshes}
+    calibrators: dict = {}
     for r in range(rounds):
+        if payload.get("calibrate"):
+            from dsgd.advisor import step_calibrate
+
+            for spec, mesh in meshes.items():
+                try:
+                    if spec not in calibrators:
+                        calibrators[spec] = step_calibrate.Calibrator(mesh)
+                    cals[spec].append(calibrators[spec].run(3))
+                except Exception as e:  # noqa: BLE001 - the measurements stand without it
+                    cals[spec].append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+                progress("calibrate", mesh=spec)
         order = jobs if r % 2 == 0 else jobs[::-1]
         for k, job in order:
             if k not in times:
@@ -202,7 +226,9 @@ def measure_mesh(payload: dict) -> dict:
         t = np.concatenate(ts)
         rows[k].update(measure.step_stats(t, (25, 75)), rounds=rounds,
                        round_medians=[float(np.median(x)) for x in ts])
-    return {"rows": rows, "calibration": calibration}
+    from dsgd.advisor.step_calibrate import combine
+
+    return {"rows": rows, "calibration": {m: combine(c) for m, c in cals.items() if c}}
 
 
-__all__ = ["measure_mesh", "ROUNDS", "MIN_TIMED_S", "JOBS"]
+__all__ = ["measure_plans", "ROUNDS", "MIN_TIMED_S", "JOBS"]

@@ -131,9 +131,9 @@ def predict(program: dp.ProgramSummary, hw: Hardware, mesh: Sequence[tuple], *, 
     ``param_bytes`` is per device on that mesh.  None when the plan's tensors do not divide there."""
     tgt = list(target) if target is not None else list(mesh)
     n_dev = math.prod(n for _, n in tgt)
-    if target is None:
+    if target is None:  # as read: the issued all-reduces, checked against the final program
         flops, nbytes = program.flops, program.out_bytes
-        issued = dp.issued_bytes(program)
+        issued = {tuple(c.axes): (c.count, c.bytes) for c in program.issued}
     else:
         sc = dp.scaled_compute(program, tgt, batch_ratio)
         issued = dp.issued_bytes(program, tgt, batch_ratio)

@@ -19,7 +19,9 @@ for 8 devices), plus any ``--mesh`` given.  Rules (each a plan on every mesh it 
   - ``Conv2D`` kernels stay replicated: DTensor's ``Conv2D`` requires a fully replicated filter ("Filter
     for convolution must have fully replicated layout"; checked with TF 2.21), and partitioning the
     images instead needs a halo exchange, which DTensor supports only on TPU;
-* ``tp-mlp`` -- the ``Dense`` pairs only (attention and embeddings replicated), where it differs from ``tp``.
+* ``tp-mlp`` -- the ``Dense`` pairs only (attention and embeddings replicated), where it differs from ``tp``
+  (asked for with ``--rules dp,tp,tp-mlp``: by default ``dp`` and ``tp``, so that a model's advice stays
+  within minutes here).
 
 ``--force REGEX=LAYOUT`` sets the layout of every matching variable in every plan.  A plan that cannot
 be built on a mesh (a dimension that does not divide, heads not divisible by the axis, the batch not
@@ -39,6 +41,7 @@ U = meshspec.UNSHARDED
 DATA_AXIS = "batch"
 MODEL_AXIS = "model"
 RULES = ("dp", "tp", "tp-mlp")
+DEFAULT_RULES = ("dp", "tp")  # tp-mlp on request (--rules): a variant of tp, one more plan per mesh to measure
 
 
 class StepPlanError(ValueError):
@@ -228,7 +231,7 @@ def _forced(graph: ModelGraph, force: list, mesh: tuple) -> tuple[dict, Optional
 
 
 def search(graph: ModelGraph, devices: int, *, global_batch: int, meshes: Sequence[str] = (),
-           force: Optional[Sequence[str]] = None, rules: Sequence[str] = RULES,
+           force: Optional[Sequence[str]] = None, rules: Sequence[str] = DEFAULT_RULES,
            factor: bool = True) -> StepPlanSearch:
     """The candidate plans of ``graph`` on every mesh that factors ``devices`` (``factor``) and on the extra
     ``meshes``, with every plan left out and why.  ``global_batch`` must divide by each plan's ``batch``."""
@@ -300,4 +303,4 @@ def search(graph: ModelGraph, devices: int, *, global_batch: int, meshes: Sequen
 
 
 __all__ = ["StepPlan", "Excluded", "StepPlanSearch", "StepPlanError", "search", "factor_meshes", "normalize_mesh",
-           "RULES", "DATA_AXIS", "MODEL_AXIS"]
+           "RULES", "DEFAULT_RULES", "DATA_AXIS", "MODEL_AXIS"]

@@ -75,7 +75,7 @@ def wrap_lines(lines: list, width: int = WIDTH) -> list:
     import textwrap
 
     out = []
-    for line in lines:
+    for line in (part for text in lines for part in text.split("\n")):
         if len(line) <= width:
             out.append(line)
             continue
@@ -92,27 +92,26 @@ def render_lines(advice) -> list:
            f"dsgd {advice.implementation!r} ({advice.options})"]
     out.append("")
     out += render_table(advice)
-    out.append("step ms: median of the measured steps (±%: their interquartile range / median); floor: the same step "
-               "with the no-update optimizer;")
-    out.append("dsgd: step - floor (the optimizer's share); pred ms: the step model (below); coll MiB: all-reduce "
-               "payload per device per step,")
-    out.append("as DTensor ran it; mem MiB: params + grads + slots (exact) + activations (estimated), per device; "
-               "* = recommended.")
+    out.append("step ms: the median measured step (±%: interquartile range / median), all plans timed interleaved in "
+               "one process; floor: the same step with the no-update optimizer; dsgd: step - floor, the optimizer's "
+               "share; pred ms: the step model (below); coll MiB: all-reduce payload per device per step, as DTensor "
+               "ran it; mem MiB: params + slots (exact) + the step's transient peak (activations, gradients, buffers; "
+               "estimated), per device; * recommended.")
     rec = advice.recommended()
     if rec is not None:
         out.append(f"\nrecommended: {rec['plan']} -- {rec['description']}")
     out.append("\ncollectives per step (as DTensor ran them, per device):")
     for r in advice.table.to_dict(orient="records"):
         out.append(f"  {r['plan']}: {r.get('collectives', '-')}")
-    out.append("\nmemory per device, MiB (params, grads, slots: exact, checked on the devices; activations: estimated; "
-               "TF step peak: the allocator's peak over one step, over the devices, against activations + grads + "
-               "the merged all-reduce buffers):")
+    out.append("\nmemory per device, MiB: params, grads, slots exact (from the layouts; checked on the devices); the "
+               "step's transient peak estimated from DTensor's program (each op's output in its layout, alive until "
+               "its last use) against TensorFlow's allocator (its peak over one step / devices):")
     for r in advice.table.to_dict(orient="records"):
         chk = {True: "exact", False: "MISMATCH", None: "not checked"}[r.get("state_exact")]
         tf = _mib(r.get("alloc_step_per_device")) if r.get("alloc_step_per_device") else "-"
-        ratio = _f(r.get("act_check"), "{:.2f}x") if r.get("act_check") else "-"
+        ratio = _f(r.get("transient_check"), "{:.2f}x") if r.get("transient_check") else "-"
         out.append(f"  {r['plan']}: params {_mib(r['params_bytes'])}, grads {_mib(r['grads_bytes'])}, slots "
-                   f"{_mib(r['slots_bytes'])} ({chk}); activations ~{_mib(r['act_bytes'])}; TF step peak {tf} "
+                   f"{_mib(r['slots_bytes'])} ({chk}); step peak ~{_mib(r['transient_bytes'])}, TF {tf} "
                    f"(estimate {ratio})")
     out.append("\npredicted step, ms (fixed / compute / collectives by axis / update), from microbenchmarks here:")
     for r in advice.table.to_dict(orient="records"):

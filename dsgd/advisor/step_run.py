@@ -1,8 +1,8 @@
-"""Running the measuring workers of the whole-step advisor: one worker process per mesh
-(:func:`dsgd.advisor.step_measure.measure_mesh`), with DTensor dumping its programs and the progress bar
-fed by the worker as it goes (:mod:`dsgd.advisor.progress`); plans whose jobs failed are measured again,
-alone, in a fresh worker (an eager DTensor error poisons its process, so they may have failed for
-another plan's sake)."""
+"""Running the measuring worker of the whole-step advisor (:func:`dsgd.advisor.step_measure.measure_plans`):
+every plan of every mesh in one worker process, with DTensor dumping its programs and the progress bar fed by
+the worker as it goes (:mod:`dsgd.advisor.progress`).  A plan whose jobs failed is measured again, alone, in
+a fresh worker (an eager DTensor error poisons its process, so it may have failed for another plan's sake);
+so is every plan when the worker died."""
 from __future__ import annotations
 
 import os
@@ -15,102 +15,100 @@ from dsgd.advisor import dtensor_program
 from dsgd.advisor.progress import Bar, Tracker, run_polling
 from dsgd.advisor.step_measure import JOBS, ROUNDS
 
+WORKER = "dsgd.advisor.step_measure:measure_plans"
 
-def plan_units(tracker: Tracker, mesh: str, plan_names: Sequence[str], rounds: int = ROUNDS,
-               jobs: Sequence[str] = JOBS) -> None:
+
+def plan_units(tracker: Tracker, plans: Sequence[dict], rounds: int = ROUNDS, jobs: Sequence[str] = JOBS,
+               calibrate: bool = True) -> None:
     """Add one worker's units of work to ``tracker``."""
-    tracker.add("start", mesh)
-    for p in plan_names:
-        for j in jobs:
-            tracker.add("build", f"{p}/{j}")
-    tracker.add("calibrate", mesh)
-    for _ in range(rounds):
-        for p in plan_names:
+    meshes = list(dict.fromkeys(p["mesh"] for p in plans))
+    tracker.add("start")
+    for kind in ("build", "rewarm"):
+        for p in plans:
             for j in jobs:
-                tracker.add("round", f"{p}/{j}")
+                tracker.add(kind, f"{p['name']}/{j}")
+    for _ in range(rounds):
+        if calibrate:
+            for m in meshes:
+                tracker.add("calibrate", m)
+        for p in plans:
+            for j in jobs:
+                tracker.add("round", f"{p['name']}/{j}")
 
 
-def run_mesh(mesh: str, plans: Sequence[dict], common: dict, *, devices: int, tracker: Tracker, bar: Bar,
-             timeout: Optional[float] = None) -> dict:
-    """Measure ``plans`` (``{"name", "layout_map"}``) on ``mesh`` in one worker; returns its result
-    (``{"rows", "calibration"}``, or ``{"status": "failed", "error"}`` when the worker died)."""
+def run_worker(plans: Sequence[dict], common: dict, *, devices: int, tracker: Tracker, bar: Bar,
+               timeout: Optional[float] = None) -> dict:
+    """Measure ``plans`` (``{"name", "mesh", "layout_map"}``) in one worker; its result (``{"rows",
+    "calibration"}``, or ``{"status": "failed", "error"}`` when the worker died)."""
     from dsgd.harness.isolate import run_isolated
 
     d = tempfile.mkdtemp(prefix="dsgd-step-")
     path = os.path.join(d, "progress.jsonl")
-    payload = dict(common, mesh=mesh, plans=list(plans), dump_dir=d, progress=path)
+    payload = dict(common, plans=list(plans), dump_dir=d, progress=path)
     launched = time.perf_counter()
     state = {"t": None}
 
     def on_line(ev: dict) -> None:
         kind = ev.get("unit", "")
-        if state["t"] is None:
-            dur = time.perf_counter() - launched
-        else:
-            dur = float(ev.get("t", 0.0)) - state["t"]
+        dur = time.perf_counter() - launched if state["t"] is None else float(ev.get("t", 0.0)) - state["t"]
         state["t"] = float(ev.get("t", 0.0))
-        key = mesh if kind in ("start", "calibrate") else f"{ev.get('plan')}/{ev.get('job')}"
+        key = "" if kind == "start" else ev.get("mesh") if kind == "calibrate" else f"{ev.get('plan')}/{ev.get('job')}"
         tracker.finish(kind, key, dur)
-        bar.refresh(f"{kind} {ev.get('plan') or mesh}")
+        bar.refresh(f"{kind} {ev.get('plan') or ev.get('mesh') or ''}")
 
     try:
-        (res,) = run_polling(lambda: run_isolated("dsgd.advisor.step_measure:measure_mesh", [payload],
-                                                  devices=devices, timeout=timeout,
+        (res,) = run_polling(lambda: run_isolated(WORKER, [payload], devices=devices, timeout=timeout,
                                                   env=dtensor_program.dump_env(d)),
                              path, on_line, bar.refresh)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     names = {p["name"] for p in plans}
+    meshes = {p["mesh"] for p in plans}
     for u in tracker.units:  # a worker that died leaves its units undone: they will not run
-        if not u.done and (u.key == mesh or u.key.split("/")[0] in names):
+        if not u.done and (u.kind == "start" or u.key in meshes or u.key.split("/")[0] in names):
             u.done = True
     bar.refresh()
     return res
 
 
-def measure_all(by_mesh: dict, common: dict, *, devices: int, progress: bool = True,
+def measure_all(plans: Sequence[dict], common: dict, *, devices: int, progress: bool = True,
                 timeout: Optional[float] = None, tracker: Optional[Tracker] = None,
                 bar: Optional[Bar] = None) -> tuple[list, dict]:
-    """Every mesh's plans (``{mesh: [{"name", "layout_map"}]}``), each mesh in its own worker.
+    """Every plan (``{"name", "mesh", "layout_map"}``) in one worker, then the failed ones again alone.
 
     Returns ``(rows, calibrations)``: one row per (plan, job) -- failed ones included -- and each mesh's
-    calibration.  Plans with a failed job get one more try, alone in a fresh worker.
+    microbenchmarks.
     """
     rounds = int(common.get("rounds", ROUNDS))
     tracker = tracker if tracker is not None else Tracker()
-    for mesh, plans in by_mesh.items():
-        plan_units(tracker, mesh, [p["name"] for p in plans], rounds)
+    plan_units(tracker, plans, rounds)
     own_bar = bar is None
     bar = bar if bar is not None else Bar(tracker, enabled=progress)
-    rows: list = []
-    cals: dict = {}
     try:
-        for mesh, plans in by_mesh.items():
-            res = run_mesh(mesh, plans, dict(common, calibrate=True), devices=devices, tracker=tracker, bar=bar,
-                           timeout=timeout)
-            got = res.get("rows") if res.get("status", "ok") == "ok" else None
-            if got is None:
-                got = [{"plan": p["name"], "job": j, "mesh": mesh, "status": "failed",
-                        "error": res.get("error", "the worker failed")} for p in plans for j in JOBS]
-            elif res.get("calibration"):
-                cals[mesh] = res["calibration"]
-            bad = sorted({r["plan"] for r in got if r.get("status") != "ok"})
-            for name in bad:
-                plan = next(p for p in plans if p["name"] == name)
-                plan_units(tracker, mesh, [name], rounds)
-                again = run_mesh(mesh, [plan], dict(common, calibrate=False), devices=devices, tracker=tracker,
-                                 bar=bar, timeout=timeout)
-                if again.get("status", "ok") == "ok" and again.get("rows"):
-                    got = [r for r in got if r["plan"] != name] + [dict(r, retried=True) for r in again["rows"]]
-                else:
-                    for r in got:
-                        if r["plan"] == name and r.get("status") != "ok":
-                            r["retry_error"] = again.get("error")
-            rows += got
+        res = run_worker(plans, dict(common, calibrate=True), devices=devices, tracker=tracker, bar=bar,
+                         timeout=timeout)
+        rows = res.get("rows") if res.get("status", "ok") == "ok" else None
+        cals = res.get("calibration") or {}
+        if rows is None:
+            rows = [{"plan": p["name"], "job": j, "mesh": p["mesh"], "status": "failed",
+                     "error": res.get("error", "the worker failed")} for p in plans for j in JOBS]
+        for name in sorted({r["plan"] for r in rows if r.get("status") != "ok"}):
+            plan = next(p for p in plans if p["name"] == name)
+            plan_units(tracker, [plan], rounds, calibrate=plan["mesh"] not in cals)
+            again = run_worker([plan], dict(common, calibrate=plan["mesh"] not in cals), devices=devices,
+                               tracker=tracker, bar=bar, timeout=timeout)
+            if again.get("status", "ok") == "ok" and again.get("rows"):
+                rows = [r for r in rows if r["plan"] != name] + [dict(r, retried=True) for r in again["rows"]]
+                for m, c in (again.get("calibration") or {}).items():
+                    cals.setdefault(m, c)
+            else:
+                for r in rows:
+                    if r["plan"] == name and r.get("status") != "ok":
+                        r["retry_error"] = again.get("error")
     finally:
         if own_bar:
             bar.close()
     return rows, cals
 
 
-__all__ = ["measure_all", "run_mesh", "plan_units"]
+__all__ = ["measure_all", "run_worker", "plan_units"]
