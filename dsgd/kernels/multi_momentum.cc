@@ -8,9 +8,10 @@
 //   momentum: m = m * mu - g * lr;  w = w + m  (nesterov: w = w + (m * mu - g * lr))
 //   plain:    w = w - g * lr
 //   EMA:      a = e * a + (1 - e) * w;  if ema_overwrite: w = a
-// The order and the roundings follow dsgd/rules.py and the `per_shard` implementation
-// (float32 results are bit-identical to ResourceApplyKerasMomentum + friends); bfloat16 and
-// float16 are computed in float32 and rounded once, float64 in double.
+// This is the rule's C++ statement (UpdateSpan); dsgd/rules.py is the reference, and its docstring
+// lists this kernel among its checked equivalents.  The order and the roundings follow rules.py and
+// the `per_shard` implementation (float32 results are bit-identical to ResourceApplyKerasMomentum +
+// friends); bfloat16 and float16 are computed in float32 and rounded once, float64 in double.
 //
 // DsgdMultiSumSq: sums of squares of the gradients, accumulated in double over fixed blocks
 // (the result does not depend on threading), each added into its slot of a float32 vector.
@@ -209,12 +210,31 @@ struct Slices {
 
 enum class Mom { kNone, kHeavy, kNesterov };
 
+// The coefficients of one variable's update (everything but its buffers), in the arithmetic
+// type C: the step's, and the variable's own norm-clip `scale`.
+template <typename C>
+struct Coefficients {
+  C scale;          // norm-clip coefficient (1: none)
+  C clip;           // clipvalue (+inf: off)
+  C lr;
+  C mu;             // momentum
+  C wdlr;           // weight_decay * lr
+  C ema;            // ema_momentum
+  C one_minus_ema;  // 1 - ema_momentum
+  bool overwrite;   // the EMA overwrites the weights this step
+};
+
+// The rule (dsgd/rules.py, the reference; this is its C++ statement) on elements [b, e) of one
+// variable, in place.  Always inlined into UpdateRange (as it was with scalar parameters): a call
+// per few cache lines would cost the loop its hoisted coefficients.
 template <typename T, typename Tm, Mom kMom, bool kDecay, bool kEma>
-void UpdateSpan(T* __restrict w, Tm* __restrict m, T* __restrict a, const T* __restrict g, int64_t b,
-                 int64_t e, typename Compute<T>::type scale, typename Compute<T>::type clip,
-                 typename Compute<T>::type lr, typename Compute<T>::type mu, typename Compute<T>::type wdlr,
-                 typename Compute<T>::type ema, typename Compute<T>::type one_minus_ema, bool overwrite) {
+__attribute__((always_inline)) inline void UpdateSpan(T* __restrict w, Tm* __restrict m, T* __restrict a,
+                                                      const T* __restrict g, int64_t b, int64_t e,
+                                                      const Coefficients<typename Compute<T>::type>& k) {
   using C = typename Compute<T>::type;
+  const C scale = k.scale, clip = k.clip, lr = k.lr, mu = k.mu, wdlr = k.wdlr, ema = k.ema;
+  const C one_minus_ema = k.one_minus_ema;
+  const bool overwrite = k.overwrite;
   for (int64_t j = b; j < e; ++j) {
     C gj = to_c<C>(g[j]) * scale;
     gj = gj > clip ? clip : gj;  // clip = +inf when off: identity, NaN stays NaN
@@ -248,12 +268,12 @@ void UpdateSpan(T* __restrict w, Tm* __restrict m, T* __restrict a, const T* __r
 // arithmetic and results unchanged).
 template <typename T, typename Tm, Mom kMom, bool kDecay, bool kEma>
 void UpdateRange(T* __restrict w, Tm* __restrict m, T* __restrict a, const T* __restrict g, int64_t b,
-                 int64_t e, typename Compute<T>::type scale, typename Compute<T>::type clip,
-                 typename Compute<T>::type lr, typename Compute<T>::type mu, typename Compute<T>::type wdlr,
-                 typename Compute<T>::type ema, typename Compute<T>::type one_minus_ema, bool overwrite) {
+                 int64_t e, const Coefficients<typename Compute<T>::type>& k) {
   constexpr int64_t kStep = 256 / sizeof(T);  // elements per round: 4 cache lines of w
   constexpr int64_t kLine = 64 / sizeof(T), kLineM = 64 / sizeof(Tm);
   constexpr int64_t kAhead = kAheadBytes / sizeof(T);
+  // a local copy: the buffers (restrict) cannot alias it, so its values are loaded once, not per round
+  const Coefficients<typename Compute<T>::type> c = k;
   int64_t j = b;
   for (; j + kStep <= e; j += kStep) {
     for (int64_t l = 0; l < kStep; l += kLine) {  // prefetches never fault: the end needs no check
@@ -264,16 +284,14 @@ void UpdateRange(T* __restrict w, Tm* __restrict m, T* __restrict a, const T* __
     if (kMom != Mom::kNone) {
       for (int64_t l = 0; l < kStep; l += kLineM) __builtin_prefetch(m + j + l + kAhead);
     }
-    UpdateSpan<T, Tm, kMom, kDecay, kEma>(w, m, a, g, j, j + kStep, scale, clip, lr, mu, wdlr, ema, one_minus_ema,
-                                          overwrite);
+    UpdateSpan<T, Tm, kMom, kDecay, kEma>(w, m, a, g, j, j + kStep, c);
   }
-  UpdateSpan<T, Tm, kMom, kDecay, kEma>(w, m, a, g, j, e, scale, clip, lr, mu, wdlr, ema, one_minus_ema, overwrite);
+  UpdateSpan<T, Tm, kMom, kDecay, kEma>(w, m, a, g, j, e, c);
 }
 
+// The one signature of the update: an UpdateRange instantiation, picked once per call.
 template <typename T, typename Tm>
-using UpdateFn = void (*)(T*, Tm*, T*, const T*, int64_t, int64_t, typename Compute<T>::type,
-                          typename Compute<T>::type, typename Compute<T>::type, typename Compute<T>::type,
-                          typename Compute<T>::type, typename Compute<T>::type, typename Compute<T>::type, bool);
+using UpdateFn = void (*)(T*, Tm*, T*, const T*, int64_t, int64_t, const Coefficients<typename Compute<T>::type>&);
 
 template <typename T, typename Tm, Mom kMom>
 UpdateFn<T, Tm> PickUpdate2(bool decay, bool ema) {
@@ -513,16 +531,18 @@ void SgdStep(OpKernelContext* ctx, const Grads<T>& grads, const std::vector<core
   const bool* decay = decay_t.flat<bool>().data();
   const double* hyper = hyper_t.flat<double>().data();
 
-  const C lr = static_cast<C>(lr_t.flat<float>()(0));
-  const C mu = static_cast<C>(hyper[kHyperMomentum]);
+  Coefficients<C> step;
+  step.scale = C(1);
+  step.lr = static_cast<C>(lr_t.flat<float>()(0));
+  step.mu = static_cast<C>(hyper[kHyperMomentum]);
   const C wd = static_cast<C>(hyper[kHyperWeightDecay]);
-  const C wdlr = wd * lr;  // as per_shard: one coefficient, then w - w * coefficient
-  const C clip = hyper[kHyperClipvalue] > 0 ? static_cast<C>(hyper[kHyperClipvalue])
-                                             : std::numeric_limits<C>::infinity();
-  const C ema = static_cast<C>(hyper[kHyperEmaMomentum]);
-  const C one_minus_ema = C(1) - ema;
+  step.wdlr = wd * step.lr;  // as per_shard: one coefficient, then w - w * coefficient
+  step.clip = hyper[kHyperClipvalue] > 0 ? static_cast<C>(hyper[kHyperClipvalue])
+                                          : std::numeric_limits<C>::infinity();
+  step.ema = static_cast<C>(hyper[kHyperEmaMomentum]);
+  step.one_minus_ema = C(1) - step.ema;
+  step.overwrite = has_a && ema_overwrite;
   const Mom mom = !has_m ? Mom::kNone : (nesterov ? Mom::kNesterov : Mom::kHeavy);
-  const bool overwrite = has_a && ema_overwrite;
 
   LockAll locked(sets);
 
@@ -531,7 +551,7 @@ void SgdStep(OpKernelContext* ctx, const Grads<T>& grads, const std::vector<core
     Tm* m;
     T* a;
     const T* g;
-    C scale;
+    Coefficients<C> k;  // the step's, with this variable's scale
     bool decay;
   };
   std::vector<Item> items(total);
@@ -561,7 +581,8 @@ void SgdStep(OpKernelContext* ctx, const Grads<T>& grads, const std::vector<core
       OP_REQUIRES_OK(ctx, Writable(ctx, set->average(i), t_dtype, gshape, gcount, "EMA slot", i, &a));
       it.a = Data<T>(a);
     }
-    it.scale = ns == 0 ? C(1) : static_cast<C>(scales[ns == 1 ? 0 : i]);
+    it.k = step;
+    it.k.scale = ns == 0 ? C(1) : static_cast<C>(scales[ns == 1 ? 0 : i]);
     it.decay = wd != C(0) && (nd == 0 || decay[i]);
     slices.offsets[j + 1] = slices.offsets[j] + gcount;
   }
@@ -571,8 +592,7 @@ void SgdStep(OpKernelContext* ctx, const Grads<T>& grads, const std::vector<core
   ParallelRange(ctx, slices.offsets[total], bytes_per_elem, [&](int64_t begin, int64_t end) {
     slices.ForEach(begin, end, [&](int i, int64_t b, int64_t e) {
       const Item& it = items[i];
-      (it.decay ? with_decay : without_decay)(it.w, it.m, it.a, it.g, b, e, it.scale, clip, lr, mu, wdlr, ema,
-                                             one_minus_ema, overwrite);
+      (it.decay ? with_decay : without_decay)(it.w, it.m, it.a, it.g, b, e, it.k);
     });
   });
 }
@@ -656,6 +676,11 @@ class MultiSgdOp : public OpKernel {
 // A status that follows from another error (a copy cancelled or failed because another failed),
 // marked as TensorFlow marks its own (tsl::StatusGroup::MakeDerived's payload): when the step's
 // statuses are summarized, the root cause -- a NaN caught by check_numerics -- is the one raised.
+// Test-only fault injection, defined at the end of the file.
+struct FaultInjection {
+  static void BeforeJoin();
+};
+
 absl::Status Derived(absl::Status s) {
   s.SetPayload("type.googleapis.com/tensorflow.DerivedStatus", absl::Cord(""));
   return s;
@@ -755,13 +780,7 @@ class GraphSgdOp : public AsyncOpKernel {
         return;
       }
     }
-    // Fault injection for tests: a copy sleeps between registering and joining, where a
-    // cancellation once stranded it (DSGD_FAULT_JOIN_DELAY_MS, read once).
-    static const int64_t delay_ms = [] {
-      const char* v = getenv("DSGD_FAULT_JOIN_DELAY_MS");
-      return v == nullptr ? int64_t{0} : static_cast<int64_t>(atoll(v));
-    }();
-    if (delay_ms > 0) Env::Default()->SleepForMicroseconds(delay_ms * 1000);
+    FaultInjection::BeforeJoin();  // test-only; nothing when unset (see the end of the file)
     std::vector<Waiting> all = Gatherings::Global()->Join(key, local, std::move(w));
     if (all.empty()) return;  // another copy completes this one
     for (auto& x : all) {
@@ -1149,6 +1168,26 @@ DSGD_REGISTER_SUMSQ(double)
 DSGD_REGISTER_SUMSQ(Eigen::bfloat16)
 DSGD_REGISTER_SUMSQ(Eigen::half)
 #undef DSGD_REGISTER_SUMSQ
+
+// ---------------------------------------------------------------------------------------------
+// TEST-ONLY fault injection (tests/test_in_graph.py; docs/in-graph.md).  Nothing here is part of
+// the step: each hook reads its environment variable once, when the library loads, and costs one
+// compare of a constant when it is unset.
+//
+//   DSGD_FAULT_JOIN_DELAY_MS=<ms>: each copy of the in-graph node sleeps between registering for
+//   cancellation and joining its gathering -- the gap where a cancellation once stranded a copy
+//   (before Gatherings kept its marks of cancelled steps), so the test hit that race in most runs.
+namespace {
+int64_t EnvMilliseconds(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? int64_t{0} : static_cast<int64_t>(std::atoll(v));
+}
+const int64_t kFaultJoinDelayMs = EnvMilliseconds("DSGD_FAULT_JOIN_DELAY_MS");
+}  // namespace
+
+void FaultInjection::BeforeJoin() {
+  if (kFaultJoinDelayMs > 0) Env::Default()->SleepForMicroseconds(kFaultJoinDelayMs * 1000);
+}
 
 }  // namespace dsgd_kernels
 }  // namespace tensorflow
