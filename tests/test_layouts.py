@@ -337,3 +337,388 @@ def test_run_jobs_measures_a_failed_job_again_alone(monkeypatch):
     assert calls == [("measure_plans", [None]), ("measure_plan", ["reference"])]
     assert [(r["implementation"], r["status"], r["median_ms"]) for r in rows] == [("auto", "ok", 1.0),
                                                                                   ("reference", "ok", 2.0)]
+
+
+# =============================================================================== the whole training step
+from dsgd.advisor import (dtensor_program as dp, model_graph, progress as progress_mod, step_model,  # noqa: E402
+                          step_plans, step_ranking, step_report)
+from dsgd.advisor.model_graph import LayerInfo, ModelGraph, TensorSpecInfo, VarInfo  # noqa: E402
+
+M24 = [("batch", 2), ("model", 4)]
+_MESH = ' mesh:|batch=2,model=4|0,1,2,3,4,5,6,7|0,1,2,3,4,5,6,7|/job:localhost/replica:0/task:0/device:CPU:0"'
+
+
+def _lay(specs: str) -> str:
+    return f'_layout = ["sharding_specs:{specs},{_MESH}]'
+
+
+# One device's program of a Dense pair on batch=2,model=4 as DTensor dumps it (trimmed to the ops that matter):
+# an activation all-reduce over model and two weight-gradient all-reduces over batch, which DTensor merges into
+# one buffer padded to 1024 elements.
+_PRE = f"""
+      %cst = "tf.Const"() <{{value = dense<[[0, 1, 2, 3], [4, 5, 6, 7]]> : tensor<2x4xi32>}}> : () -> tensor<2x4xi32>
+      %cst_0 = "tf.Const"() <{{value = dense<[[0, 4], [1, 5], [2, 6], [3, 7]]> : tensor<4x2xi32>}}> : () -> tensor<4x2xi32>
+      %1:2 = "tf.IteratorGetNext"(%arg1) {{{_lay('batch,unsharded').replace(']', '')}, "sharding_specs:batch,{_MESH}]}} : (tensor<*x!tf_type.resource>) -> (tensor<8x512xf32>, tensor<8xi32>)
+      %2 = "tf.ReadVariableOp"(%arg2) {{_global_shape = [#tf_type.shape<512x2048>], {_lay('unsharded,model')}, device = ""}} : (tensor<!tf_type.resource<tensor<512x512xf32>>>) -> tensor<512x512xf32>
+      %3 = "tf.MatMul"(%1#0, %2) <{{transpose_a = false, transpose_b = false}}> {{_global_shape = [#tf_type.shape<16x2048>], {_lay('batch,model')}}} : (tensor<8x512xf32>, tensor<512x512xf32>) -> tensor<8x512xf32>
+      %4 = "tf.Relu"(%3) {{_global_shape = [#tf_type.shape<16x2048>], {_lay('batch,model')}}} : (tensor<8x512xf32>) -> tensor<8x512xf32>
+      %5 = "tf.DTensorAllReduce"(%4, %cst) <{{reduce_op = "Add"}}> {{{_lay('batch,unsharded')}}} : (tensor<8x512xf32>, tensor<2x4xi32>) -> tensor<8x512xf32>
+      %6 = "tf.DTensorAllReduce"(%2, %cst_0) <{{reduce_op = "Add"}}> {{{_lay('unsharded,model')}}} : (tensor<512x512xf32>, tensor<4x2xi32>) -> tensor<512x512xf32>
+      %7 = "tf.Sum"(%5, %cst) {{_global_shape = [#tf_type.shape<512>], {_lay('unsharded')}}} : (tensor<8x512xf32>, tensor<2x4xi32>) -> tensor<512xf32>
+      %8 = "tf.DTensorAllReduce"(%7, %cst_0) <{{reduce_op = "Add"}}> {{{_lay('unsharded')}}} : (tensor<512xf32>, tensor<4x2xi32>) -> tensor<512xf32>
+"""
+_ISSUED = _PRE.split("      %6 =")[0] + """
+      %7 = "tf.Sum"(%5, %cst) : (tensor<8x512xf32>, tensor<2x4xi32>) -> tensor<512xf32>
+      %f = "tf.Fill"(%c, %z) : (tensor<1xi32>, tensor<f32>) -> tensor<263168xf32>
+      %r1 = "tf.Reshape"(%2, %c1) : (tensor<512x512xf32>, tensor<1xi32>) -> tensor<262144xf32>
+      %u1 = "tf.TensorStridedSliceUpdate"(%f, %b, %e, %s, %r1) : (tensor<263168xf32>, tensor<1xi32>, tensor<1xi32>, tensor<1xi32>, tensor<262144xf32>) -> tensor<263168xf32>
+      %r2 = "tf.Reshape"(%7, %c2) : (tensor<512xf32>, tensor<1xi32>) -> tensor<512xf32>
+      %u2 = "tf.TensorStridedSliceUpdate"(%u1, %b, %e, %s, %r2) : (tensor<263168xf32>, tensor<1xi32>, tensor<1xi32>, tensor<1xi32>, tensor<512xf32>) -> tensor<263168xf32>
+      %m = "tf.DTensorAllReduce"(%u2, %cst_0) <{reduce_op = "Add"}> : (tensor<263168xf32>, tensor<4x2xi32>) -> tensor<263168xf32>
+"""
+_FINAL = """
+      %o1, %c1 = tf_executor.island wraps "tf.CollectiveReduceV2"(%a, %g, %k, %i) <{merge_op = "Add"}> : (tensor<8x512xf32>, tensor<i32>, tensor<i32>, tensor<i32>) -> tensor<8x512xf32>
+      %o2, %c2 = tf_executor.island wraps "tf.CollectiveReduceV2"(%b, %g, %k, %i) <{merge_op = "Add"}> : (tensor<263168xf32>, tensor<i32>, tensor<i32>, tensor<i32>) -> tensor<263168xf32>
+      %o3, %c3 = tf_executor.island wraps "tf.Relu"(%o1) : (tensor<8x512xf32>) -> tensor<8x512xf32>
+"""
+
+
+def _program_files(tmp_path) -> list:
+    names = {"0015.dtensor_mlir.after_DTensorSPMDExpansion": _PRE, "0016.dtensor_mlir.after_CSE": _PRE,
+             "0017.dtensor_mlir.after_DTensorAllReduceCombineOptimization": _ISSUED,
+             "0018.dtensor_mlir.after_DTensorAllReduceLowering": _FINAL,
+             "0027.dtensor_mlir.after_mlir::TF::BreakUpIslands": _FINAL}
+    out = []
+    for stem, text in names.items():
+        f = tmp_path / f"dtensor.{stem}.__inference_train_function_12.mlir"
+        f.write_text(text)
+        out.append(str(f))
+    return out
+
+
+def test_program_parse_types_results_and_group_axes():
+    assert dp.parse_type("8x64x256xf32") == dp.TensorType((8, 64, 256), "f32")
+    assert dp.parse_type("f32").shape == () and dp.parse_type("*x!tf_type.resource").shape is None
+    ops = dp.parse_ops(_PRE)
+    it = next(op for op in ops if op.name == "IteratorGetNext")
+    assert it.results == ["%1#0", "%1#1"] and it.layout(0) == ["batch", "unsharded"] and it.layout(1) == ["batch"]
+    mm = next(op for op in ops if op.name == "MatMul")
+    assert mm.global_shape() == (16, 2048) and dp.op_flops(mm) == 2 * 8 * 512 * 512
+    assert dp.group_axes([[0, 1, 2, 3], [4, 5, 6, 7]], M24) == ("model",)
+    assert dp.group_axes([[0, 4], [1, 5], [2, 6], [3, 7]], M24) == ("batch",)
+    assert dp.group_axes([list(range(8))], M24) == ("batch", "model")
+    assert dp.group_axes([[0, 1], [2, 3], [4, 5], [6, 7]], M24) == ("?",)  # not a set of mesh axes
+
+
+def test_program_summary_reads_what_dtensor_issued_and_scales_it_exactly(tmp_path):
+    s = dp.summarize(_program_files(tmp_path), M24)
+    # as read: one all-reduce of the activations over model, one merged gradient buffer over batch, padded
+    assert {tuple(c.axes): (c.count, c.bytes) for c in s.issued} == {("model",): (1, 8 * 512 * 4),
+                                                                     ("batch",): (1, 263168 * 4)}
+    assert s.consistent and s.final_collectives == 2  # op for op the final program's CollectiveReduceV2
+    assert s.flops == 2 * 8 * 512 * 512 and [g["merged"] for g in s.groups] == [False, True]
+    assert dp.issued_bytes(s) == {tuple(c.axes): (c.count, c.bytes) for c in s.issued}
+    # on batch=4,model=2: activations (16/4) x 512 over model; the kernel 512 x (2048/2) + the bias 512 over
+    # batch, merged and padded again: 524800 -> 525312 elements
+    assert dp.issued_bytes(s, [("batch", 4), ("model", 2)]) == {("model",): (1, 4 * 512 * 4),
+                                                               ("batch",): (1, 525312 * 4)}
+    # an axis of size 1 carries no collective; twice the batch doubles the activations' only
+    assert dp.issued_bytes(s, [("batch", 1), ("model", 8)]) == {("model",): (1, 16 * 512 * 4)}
+    assert dp.issued_bytes(s, M24, batch_ratio=2.0)[("model",)] == (1, 16 * 512 * 4)
+    assert dp.scaled_compute(s, [("batch", 4), ("model", 2)])[0] == 2 * 4 * 512 * 1024  # (16/4) x 512 x (2048/2)
+    assert dp.issued_bytes(s, [("batch", 2), ("model", 3)]) is None  # 2048 does not divide by 3
+    assert dp.ProgramSummary.from_dict(s.to_dict()).to_dict() == s.to_dict()
+
+
+def test_stage_files_are_found_by_position():
+    names = [f"dtensor.{i:04d}.dtensor_mlir.after_{p}.__inference_f_1.mlir" for i, p in enumerate(
+        ["DTensorSPMDExpansion", "CSE", "DTensorAllReduceSumOptimization", "DTensorAllReduceCombineOptimization",
+         "DTensorAllReduceLowering", "mlir::TF::BreakUpIslands"])]
+    st = dp.stage_files(names)
+    assert (st["expanded"], st["pre"], st["issued"], st["final"]) == (names[1], names[2], names[3], names[5])
+
+
+def test_liveness_counts_live_tensors_and_forwards_dying_inputs():
+    text = """
+      %1 = "tf.Relu"(%arg0) : (tensor<100xf32>) -> tensor<100xf32>
+      %2 = "tf.Neg"(%1) : (tensor<100xf32>) -> tensor<100xf32>
+      %3 = "tf.Sum"(%2, %c) : (tensor<100xf32>, tensor<1xi32>) -> tensor<50xf32>
+      %4 = "tf.AddV2"(%2, %3) : (tensor<100xf32>, tensor<50xf32>) -> tensor<100xf32>
+      %5 = "tf.Reshape"(%4, %c) : (tensor<100xf32>, tensor<1xi32>) -> tensor<100xf32>
+      %6 = "tf.Identity"(%5) : (tensor<100xf32>) -> tensor<100xf32>
+"""
+    peak, live = dp.liveness(dp.parse_ops(text), [("batch", 1)])
+    # %2 takes %1's buffer over (it dies there); %3 lives beside it; %4 takes %2's: at most 400 + 200 bytes
+    assert peak == 600 and sum(t["bytes"] for t in live) == 600
+
+
+def _graph(heads: int = 8, width: int = 2048, classes: int = 8) -> ModelGraph:
+    def dense(name, cin, cout, inbound, act="relu"):
+        return LayerInfo(name, "Dense", [VarInfo(f"{name}.kernel", (cin, cout)), VarInfo(f"{name}.bias", (cout,))],
+                         inbound, [None, cout], config={"units": cout, "activation": act})
+
+    layers = [
+        LayerInfo("embed", "Embedding", [VarInfo("embed.embeddings", (1000, 64))], [], [None, 16, 64],
+                  config={"input_dim": 1000, "output_dim": 64}),
+        LayerInfo("mha", "MultiHeadAttention",
+                  [VarInfo(f"mha._{p}_dense.kernel", (64, heads, 64 // heads)) for p in ("query", "key", "value")]
+                  + [VarInfo(f"mha._{p}_dense.bias", (heads, 64 // heads)) for p in ("query", "key", "value")]
+                  + [VarInfo("mha._output_dense.kernel", (heads, 64 // heads, 64)),
+                     VarInfo("mha._output_dense.bias", (64,))], ["embed"], [None, 16, 64],
+                  config={"num_heads": heads, "key_dim": 64 // heads}),
+        LayerInfo("pool", "GlobalAveragePooling1D", [], ["mha"], [None, 64]),
+        dense("a", 64, width, ["pool"], "linear"),
+        LayerInfo("act", "Activation", [], ["a"], [None, width]),
+        dense("b", width, 64, ["act"]),
+        dense("head", 64, classes, ["b"], "linear"),
+    ]
+    return ModelGraph("m:f", layers, [TensorSpecInfo("x", [16], "int32", 16)],
+                      [TensorSpecInfo("y", [classes], "float32", 16)], True, 0)
+
+
+def test_whole_step_plans_follow_the_rules_and_say_why_not():
+    g = _graph()
+    s = step_plans.search(g, 8, global_batch=16, rules=step_plans.RULES)
+    names = [p.name for p in s.plans]
+    assert names == ["1x8 tp", "1x8 tp-mlp", "2x4 tp", "2x4 tp-mlp", "4x2 tp", "4x2 tp-mlp", "8x1 dp"]
+    tp = dict(s.plans[0].layouts)
+    U = "unsharded"
+    # a Dense pair through an Activation: column then row; its head stays replicated (b's output feeds it alone,
+    # but b is taken); attention by heads; the embedding by hidden size
+    assert tp["a.kernel"] == (U, "model") and tp["a.bias"] == ("model",) and tp["b.kernel"] == ("model", U)
+    assert tp["b.bias"] == (U,) and tp["head.kernel"] == (U, U)
+    assert tp["mha._query_dense.kernel"] == (U, "model", U) and tp["mha._query_dense.bias"] == ("model", U)
+    assert tp["mha._output_dense.kernel"] == ("model", U, U) and tp["mha._output_dense.bias"] == (U,)
+    assert tp["embed.embeddings"] == (U, "model")
+    mlp_only = dict(s.plans[1].layouts)
+    assert mlp_only["a.kernel"] == (U, "model") and mlp_only["mha._query_dense.kernel"] == (U, U, U)
+    why = {e.name: e.reason for e in s.excluded}
+    assert "compute the same step 4 times" in why["2x4 dp"] and "nothing to shard" in why["8x1 tp"]
+    assert any("vocabulary" in f for f in s.general)
+    # the layout map tf_keras is given reproduces the plan
+    specs = [VarSpec(v.path, tuple(v.shape)) for v in g.variables()]
+    assert layoutmap.apply(s.plans[0].layout_map(g), specs) == tuple(lay for _, lay in s.plans[0].layouts)
+    # feasibility: 8 heads on model=16 stay replicated (with the reason); a batch of 16 on batch=32 is left out
+    big = step_plans.search(_graph(heads=8), 32, global_batch=16)
+    assert any("heads do not divide by model=16" in n for p in big.plans for n in p.notes)
+    assert any(e.reason == "the global batch 16 does not divide by batch=32" for e in big.excluded)
+    # a forced layout that does not fit leaves its plan out, naming the variable and why
+    forced = step_plans.search(_graph(classes=3), 8, global_batch=16, force=["^head\\.kernel$=unsharded,model"])
+    fwhy = {e.name: e.reason for e in forced.excluded}
+    assert "head.kernel (shape [64, 3]): dimension 1 (size 3) does not divide by mesh axis 'model' (size 2)" in \
+        fwhy["4x2 tp"]
+    assert [p.name for p in forced.plans] == ["8x1 dp"] and dict(forced.plans[0].layouts)["head.kernel"] == (U, "model")
+    with pytest.raises(step_plans.StepPlanError, match="REGEX=LAYOUT"):
+        step_plans.search(g, 8, global_batch=16, force=["nonsense"])
+    with pytest.raises(step_plans.StepPlanError, match="axis 'x'"):
+        step_plans.normalize_mesh("x=2,model=4")
+
+
+def test_conv_kernels_stay_replicated_and_no_pair_means_no_tp_plan():
+    conv = LayerInfo("c", "Conv2D", [VarInfo("c.kernel", (3, 3, 3, 8)), VarInfo("c.bias", (8,))], [], [None, 8, 8, 8])
+    g = ModelGraph("m:f", [conv, LayerInfo("head", "Dense", [VarInfo("head.kernel", (8, 4))], ["c"], [None, 4])],
+                   [TensorSpecInfo("x", [8, 8, 3], "float32", 16)], [TensorSpecInfo("y", [4], "float32", 16)])
+    s = step_plans.search(g, 4, global_batch=16)
+    assert [p.name for p in s.plans] == ["4x1 dp"]
+    assert any("Filter" in f or "replicated filter" in f for f in s.general)
+    assert any(e.name == "2x2 tp" and "no layer can be sharded" in e.reason for e in s.excluded)
+
+
+def test_step_model_parts_and_hardware_files(tmp_path):
+    s = dp.summarize(_program_files(tmp_path), M24)
+    hw = step_model.Hardware("test", flops_per_s=1e9, bytes_per_s=1e9, op_us=10.0, call_ms=1.0, shared=True,
+                             links={"batch": step_model.Link(100.0, 1e-9), "model": step_model.Link(50.0, 2e-9)})
+    p = step_model.predict(s, hw, M24, param_bytes=1_000_000, opts={"momentum": 0.9})
+    assert p["fixed"] == pytest.approx(1.0 + s.ops * 10e-3)
+    assert p["compute"] == pytest.approx((s.flops * 8 / 1e9 + s.out_bytes * 8 / 1e9) * 1e3)
+    assert p["coll:batch"] == pytest.approx((100e-6 + 263168 * 4 * 1e-9) * 1e3)
+    assert p["update"] == pytest.approx(1_000_000 * 5 * 8 / 1e9 * 1e3)  # momentum: 5 accesses per parameter
+    assert p["total"] == pytest.approx(sum(p[k] for k in step_model.PARTS))
+    h100 = step_model.load_hardware("nvidia-h100-sxm")
+    assert h100.source and h100.devices_per_node == 8
+    big = [("batch", 16), ("model", 8)]
+    assert h100.link_for("model", big) is h100.links["intra_node"] and h100.link_for("batch", big) is h100.links[
+        "inter_node"]
+    ring = h100.links["intra_node"].seconds(1, 8e9, 8)
+    assert ring == pytest.approx(10e-6 + 14e-6 + 14 / 8 * 8e9 / 450e9)
+    t = step_model.predict(s, h100, M24, param_bytes=1e6, opts={"momentum": 0.9}, target=big, batch_ratio=8.0)
+    assert t is not None and t["coll:batch"] > 0 and t["compute"] > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "x"}')
+    with pytest.raises(ValueError, match="missing flops_per_s"):
+        step_model.load_hardware(str(bad))
+    with pytest.raises(ValueError, match="no such file"):
+        step_model.load_hardware("no-such-accelerator")
+    assert step_model.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert step_model.spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+
+
+def _ranked_rows():
+    import numpy as np
+
+    def row(name, ms, mem, pred):
+        return {"plan": name, "status": "ok", "step_ms": ms, "mem_bytes": mem, "params_bytes": mem / 3,
+                "pred": pred, "error": None, "description": ""}
+
+    p0 = {"compute": 10.0, "coll:batch": 1.0, "coll_bytes:batch": 2**20, "update": 1.0, "fixed": 1.0, "flops": 1e9}
+    rows = [row("a", 100.0, 30e6, p0), row("b", 103.0, 10e6, p0),
+            row("c", 200.0, 5e6, dict(p0, **{"coll:batch": 90.0, "coll_bytes:batch": 40 * 2**20})),
+            {"plan": "d", "status": "failed", "step_ms": np.nan, "mem_bytes": 1.0, "pred": None,
+             "error": "UnknownError: boom", "description": ""}]
+    return rows
+
+
+def test_whole_step_ranking_says_why():
+    import pandas as pd
+
+    df = step_ranking.rank(pd.DataFrame(_ranked_rows()))
+    assert list(df["plan"]) == ["b", "a", "c", "d"] and df.iloc[0]["recommended"]
+    why = dict(zip(df["plan"], df["why"]))
+    assert why["b"].startswith("3% off the fastest (within 5%), least memory")
+    assert why["c"].startswith("+94%: batch all-reduce 40.0 MiB")
+    assert why["d"].startswith("failed: UnknownError")
+    over = step_ranking.rank(pd.DataFrame(_ranked_rows()), memory_budget=20_000_000)
+    assert list(over["plan"])[:2] == ["b", "c"] and "over --memory-budget" in dict(zip(over["plan"], over["why"]))["a"]
+
+
+def test_whole_step_table_fits_120_columns():
+    rows = [["1*", "2x4 tp", "123.4", "5", "100.0", "23.4", "99.0", "9.16", "27.30", "x" * 300]]
+    lines = step_report.fit_table(["#", "plan", "step ms", "±%", "floor", "dsgd", "pred", "coll", "mem", "why"], rows)
+    assert all(len(line) <= step_report.WIDTH for line in lines) and lines[1].endswith("…")
+    wrapped = step_report.wrap_lines(["\nfirst " + "word " * 60, "  - " + "bullet " * 40])
+    assert all(len(line) <= step_report.WIDTH for line in wrapped) and wrapped[0] == ""
+
+
+def test_pareto_front():
+    from dsgd.advisor.step_plot import pareto_front
+
+    pts = [(100.0, 30.0), (103.0, 10.0), (200.0, 5.0), (150.0, 20.0), (float("nan"), 1.0)]
+    assert pareto_front(pts) == [2, 1, 0]  # by memory; (150, 20) is beaten by (103, 10)
+
+
+def test_progress_estimate_is_remade_from_finished_units(tmp_path):
+    t = progress_mod.Tracker()
+    for key in ("p/dsgd", "q/dsgd"):
+        t.add("build", key)
+        t.add("round", key)
+    assert t.remaining_s() == 2 * progress_mod.GUESS_S["build"] + 2 * progress_mod.GUESS_S["round"]
+    t.finish("build", "p/dsgd", 10.0)
+    t.finish("round", "p/dsgd", 3.0)
+    assert t.remaining_s() == 10.0 + 3.0  # the rest at the mean of their kind
+    path = tmp_path / "progress.jsonl"
+    path.write_text('{"unit": "build"}\n{"unit": "round"}\n{"unit": "par')
+    got = []
+    off = progress_mod.poll_file(str(path), 0, got.append)
+    assert [g["unit"] for g in got] == ["build", "round"] and off == len('{"unit": "build"}\n{"unit": "round"}\n')
+    ticks = []
+    assert progress_mod.run_polling(lambda: 42, None, got.append, lambda: ticks.append(1), every_s=0.01) == 42
+    with pytest.raises(KeyError):
+        progress_mod.run_polling(lambda: {}["x"], None, got.append, lambda: None, every_s=0.01)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", str(ROOT / "tests" / "data" / "nonexistent.json"), "--scope", "whole"], "--scope whole needs"),
+    (["--model", "examples.models:convnet", "--loss", "hinge"], "--loss 'hinge' is not one of"),
+    (["--model", "examples.models:convnet", "--mesh", "x=2"], "axis 'x'"),
+    (["--model", "examples.models:convnet", "--mesh", "batch=4,model=4"], "needs 16 devices"),
+    (["--model", "examples.models:convnet", "--hardware", "tpu-v9", "--target-mesh", "64"], "--hardware 'tpu-v9'"),
+    (["--model", "examples.models:convnet", "--hardware", "nvidia-h100-sxm"], "give --target-mesh too"),
+    (["--model", "examples.models:convnet", "--rules", "dp,zero"], "unknown rule 'zero'"),
+    (["--model", "examples.models:convnet", "--batch-size", "0"], "--batch-size 0"),
+    (["--model", "no_such_module_xyz:f"], "cannot be found"),
+    (["--model", "examples.models:convnet", "--data", "no_such_module_xyz:data"], "--data"),
+])
+def test_whole_step_bad_values_exit_2_naming_the_argument(argv, needle, capsys, monkeypatch):
+    from dsgd.cli import main
+
+    monkeypatch.chdir(ROOT)
+    assert main(["layouts", *argv]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_model_graph_of_a_tf_keras_model_and_its_layout_map_builds_the_model(tmp_path, meshes):
+    """The worker's description of a real model (in-process here), the rules' plan for it, and the emitted
+    layout map: the model builds under it unchanged, its variables laid out as planned."""
+    from tensorflow.experimental import dtensor
+
+    mod = tmp_path / "pairmodel.py"
+    mod.write_text(textwrap.dedent("""
+        import tf_keras
+        def build():
+            x = inp = tf_keras.Input((16,), batch_size=8)
+            x = tf_keras.layers.Dense(32, name="up")(x)
+            x = tf_keras.layers.Activation("relu", name="act")(x)
+            x = tf_keras.layers.Dense(16, name="down")(x)
+            return tf_keras.Model(inp, tf_keras.layers.Dense(4, name="head")(x))
+    """))
+    g = ModelGraph.from_dict(model_graph.describe_model({"target": f"{mod}:build"})["graph"])
+    assert [ly.name for ly in g.layers] == ["up", "act", "down", "head"]
+    assert g.layer("down").inbound == ["act"] and g.inputs[0].batch == 8 and g.outputs[0].shape == [4]
+    plan = next(p for p in step_plans.search(g, 8, global_batch=8).plans if p.name == "2x4 tp")
+    assert plan.sharded() == ["up.kernel", "up.bias", "down.kernel"]
+
+    class A:  # the bits of StepAdvice that write_layout_map reads
+        graph, search, target = g, step_plans.StepPlanSearch([plan]), None
+
+        def recommended(self):
+            return {"plan": plan.name}
+
+    path = tmp_path / "map.json"
+    doc = step_report.write_layout_map(A(), str(path))
+    assert doc["mesh"] == "batch=2,model=4" and json.loads(path.read_text())["layouts"] == plan.layout_map(g)
+    mesh = meshes("batch=2,model=4")
+    with layoutmap.load_layout_map(path, mesh).scope():
+        model = read_model._resolve_function(f"{mod}:build")()
+    got = {v.name.split(":")[0]: tuple(dtensor.fetch_layout(v).sharding_specs) for v in model.trainable_variables}
+    U = "unsharded"
+    assert got == {"up/kernel": (U, "model"), "up/bias": ("model",), "down/kernel": ("model", U),
+                   "down/bias": (U,), "head/kernel": (U, U), "head/bias": (U,)}
+
+
+def test_step_inputs_follow_the_outputs():
+    from dsgd.advisor import step_inputs
+
+    outs = [{"shape": [8], "dtype": "float32"}]
+    assert step_inputs.infer_loss(outs) == "sparse_categorical_crossentropy"
+    assert step_inputs.infer_loss([{"shape": [1], "dtype": "float32"}]) == "mse"
+    x, y = step_inputs.synthetic_examples([{"shape": [64], "dtype": "int32"}], outs,
+                                          "sparse_categorical_crossentropy", 16, vocab=100)
+    assert x.shape == (64, 64) and x.dtype.name == "int32" and 0 <= x.min() and x.max() < 100
+    assert y.shape == (64,) and y.max() < 8
+    _, y2 = step_inputs.synthetic_examples([{"shape": [3], "dtype": "float32"}], [{"shape": [5], "dtype": "float32"}],
+                                           "mse", 4, None)
+    assert y2.shape == (16, 5) and y2.dtype.name == "float32"
+
+
+@pytest.mark.slow
+def test_whole_step_advice_end_to_end_on_four_devices(tmp_path, monkeypatch):
+    """``dsgd layouts --model module:function`` as a user runs it, on 4 devices (1x4, 2x2, 4x1): every plan
+    measured with its floor, the collectives read from DTensor's programs (and one mesh's scaled exactly to
+    another's), parameters and slots exact on the devices, the table within 120 columns, a layout map and a plot."""
+    mod = tmp_path / "tinymlp.py"
+    mod.write_text(textwrap.dedent("""
+        import tf_keras
+        def build():
+            x = inp = tf_keras.Input((32,), batch_size=8)
+            x = tf_keras.layers.Dense(64, activation="relu", name="up")(x)
+            x = tf_keras.layers.Dense(32, name="down")(x)
+            return tf_keras.Model(inp, tf_keras.layers.Dense(4, name="head")(x))
+    """))
+    out_map, out_png = tmp_path / "map.json", tmp_path / "plot.png"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "dsgd", "layouts", "--model", "tinymlp:build", "--devices", "4", "--rounds", "2",
+           "--target-mesh", "batch=8,model=4", "--hardware", "nvidia-h100-sxm", "--emit-layout-map", str(out_map),
+           "--plot", str(out_png), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    text = proc.stdout
+    assert all(len(line) <= 120 for line in text.splitlines()), max(text.splitlines(), key=len)
+    for plan in ("1x4 tp", "2x2 tp", "4x1 dp"):
+        assert plan in text
+    assert "(exact)" in text and "MISMATCH" not in text
+    # 2x2 tp's program predicts 1x4 tp's (not the other way: 1x4 never split the batch)
+    assert "collective bytes exact 1/1, FLOPs exact 1/1" in text
+    assert "predicted on batch=8,model=4" in text and "8x4 tp" in text
+    doc = json.loads(out_map.read_text())
+    assert doc["mesh"] == "batch=8,model=4" and doc["layouts"]
+    assert out_png.read_bytes()[:4] == b"\x89PNG"

@@ -212,12 +212,40 @@ def _axis_for_ratio(ratio: int, mesh) -> Optional[str]:
     return hits[0] if len(hits) == 1 else ("?" if ratio > 1 else None)
 
 
-def value_factors(op: Op, k: int, mesh) -> Optional[list]:
+def layout_hints(ops: list) -> dict:
+    """``{value: sharding specs}`` for results without a ``_layout`` of their own (a partial sum, before its
+    all-reduce): the layout of a consumer whose result has the same local shape (the all-reduce, an
+    elementwise op).  Where two mesh axes have the same size, the global / local ratio cannot tell them apart."""
+    prod = producers(ops)
+    hints: dict[str, list] = {}
+    for op in ops:
+        if op.layout(0) is None:
+            continue
+        passthrough = len(op.out_types) == len(op.operands) > 1  # IdentityN: operand i is result i
+        for i, o in enumerate(op.operands):
+            hit = prod.get(o)
+            if hit is None or o in hints:
+                continue
+            j = i if passthrough else 0
+            lay = op.layout(j)
+            mine = op.out_types[j] if j < len(op.out_types) else None
+            src, k = hit
+            t = src.out_types[k] if k < len(src.out_types) else None
+            if lay is not None and src.layout(k) is None and t is not None and mine is not None \
+                    and t.shape == mine.shape:
+                hints[o] = lay
+    return hints
+
+
+def value_factors(op: Op, k: int, mesh, hints: Optional[dict] = None) -> Optional[list]:
     """``[[local, global, axis], ...]`` for result ``k`` of ``op`` (None when its shape is unknown)."""
     if k >= len(op.out_types) or op.out_types[k].shape is None:
         return None
     local = op.out_types[k].shape
     lay = op.layout(k)
+    if lay is None and hints:
+        lay = next((hints[r] for r in (op.results[k] if k < len(op.results) else None,
+                                       op.result + f"#{k}") if r in hints), None)
     glob_ = op.global_shape(k)
     sizes = dict(mesh)
     out = []
@@ -227,22 +255,24 @@ def value_factors(op: Op, k: int, mesh) -> Optional[list]:
             g = glob_[d]
             if axis is None and g != n and n:
                 axis = _axis_for_ratio(g // n, mesh)
+                if axis == "?" and d == 0 and any(a == "batch" and m == g // n for a, m in mesh):
+                    axis = "batch"  # two axes of that size: a leading dimension split is the batch's
         else:
             g = n * sizes.get(axis, 1) if axis else n
         out.append([int(n), int(g), axis])
     return out
 
 
-def _operand_factors(prod: dict, name: str, mesh) -> Optional[list]:
+def _operand_factors(prod: dict, name: str, mesh, hints: Optional[dict] = None) -> Optional[list]:
     hit = prod.get(name)
     if hit is None:
         return None
-    return value_factors(hit[0], hit[1], mesh)
+    return value_factors(hit[0], hit[1], mesh, hints)
 
 
-def _contracted(op: Op, prod: dict, mesh) -> list:
+def _contracted(op: Op, prod: dict, mesh, hints: Optional[dict] = None) -> list:
     """The factors of the dimensions a compute op sums over (K of a matmul, cin x kh x kw of a conv)."""
-    a = _operand_factors(prod, op.operands[0], mesh) if op.operands else None
+    a = _operand_factors(prod, op.operands[0], mesh, hints) if op.operands else None
     if op.name == "MatMul" and a:
         return [a[0] if "transpose_a = true" in op.attrs else a[-1]]
     if op.name.startswith("BatchMatMul") and a:
@@ -253,7 +283,7 @@ def _contracted(op: Op, prod: dict, mesh) -> list:
             return []
         lhs, _, outs = m.group(1).replace(" ", "").partition("->")
         ia, _, ib = lhs.partition(",")
-        b = _operand_factors(prod, op.operands[1], mesh) if len(op.operands) > 1 else None
+        b = _operand_factors(prod, op.operands[1], mesh, hints) if len(op.operands) > 1 else None
         got, out = set(), []
         for idx, fac in ((ia, a), (ib, b)):
             if fac is None or len(idx) != len(fac):
@@ -267,12 +297,12 @@ def _contracted(op: Op, prod: dict, mesh) -> list:
         kh, kw = op.in_types[1].shape[:2]
         return [a[3], [kh, kh, None], [kw, kw, None]]
     if op.name == "Conv2DBackpropInput" and len(op.operands) > 1 and len(op.in_types) > 1 and op.in_types[1].shape:
-        f = _operand_factors(prod, op.operands[1], mesh)
+        f = _operand_factors(prod, op.operands[1], mesh, hints)
         kh, kw = op.in_types[1].shape[:2]
         cout = f[3] if f and len(f) == 4 else [op.in_types[1].shape[3]] * 2 + [None]
         return [cout, [kh, kh, None], [kw, kw, None]]
     if op.name == "Conv2DBackpropFilter" and len(op.operands) > 2:
-        g = _operand_factors(prod, op.operands[2], mesh)
+        g = _operand_factors(prod, op.operands[2], mesh, hints)
         return g[:3] if g else []
     return []
 
@@ -514,6 +544,7 @@ def _issued_groups(ops: list, mesh, terms: list) -> tuple[list, list]:
 
 def _inventory(ops: list, mesh) -> tuple[list, list, float, float, dict]:
     prod = producers(ops)
+    hints = layout_hints(ops)
     compute, memory = [], {}
     flops = out_bytes = 0.0
     by_op: dict[str, float] = {}
@@ -523,7 +554,7 @@ def _inventory(ops: list, mesh) -> tuple[list, list, float, float, dict]:
             flops += f
             by_op[op.name] = by_op.get(op.name, 0.0) + f
             compute.append({"op": op.name, "flops": f,
-                            "factors": (value_factors(op, 0, mesh) or []) + _contracted(op, prod, mesh)})
+                            "factors": (value_factors(op, 0, mesh, hints) or []) + _contracted(op, prod, mesh, hints)})
         if op.name == "Const" or op.name.startswith("DTensor"):
             continue
         # memory traffic: what the op writes, and what it reads of other ops' results
@@ -533,7 +564,7 @@ def _inventory(ops: list, mesh) -> tuple[list, list, float, float, dict]:
             t = src.out_types[k] if k < len(src.out_types) else None
             if t is None or t.shape is None or not t.elements:
                 continue
-            key = json.dumps(value_factors(src, k, mesh) or [])
+            key = json.dumps(value_factors(src, k, mesh, hints) or [])
             memory[key] = memory.get(key, 0) + t.nbytes
             out_bytes += t.nbytes
     mem = [{"bytes": b, "factors": json.loads(k)} for k, b in memory.items()]
@@ -552,6 +583,7 @@ def liveness(ops: list, mesh) -> tuple[float, list]:
     Each result is alive from its op to its last use.  A result that aliases another buffer (a variable
     read, a reshape) counts nothing, and one the size of an input that dies at its op takes that input's
     buffer over, as TensorFlow's kernels forward their inputs (``forward_input_or_allocate_output``)."""
+    hints = layout_hints(ops)
     last: dict[str, int] = {}
     for i, op in enumerate(ops):
         for o in op.operands:
@@ -573,7 +605,7 @@ def liveness(ops: list, mesh) -> tuple[float, list]:
                     dying.remove(donor)
                     live.pop(donor)
                     cur -= t.nbytes
-                live[r] = (t.nbytes, value_factors(op, k, mesh) or [], end)
+                live[r] = (t.nbytes, value_factors(op, k, mesh, hints) or [], end)
                 cur += t.nbytes
         if cur > peak:
             peak, peak_live = cur, dict(live)
@@ -718,4 +750,4 @@ def function_files(directory: str, since: set) -> dict:
 
 __all__ = ["ProgramSummary", "Collective", "summarize", "parse_ops", "parse_type", "producers", "group_axes",
            "axis_partitions", "op_flops", "function_files", "dump_env", "COMPUTE_OPS", "scale_factor", "issued_bytes",
-           "scaled_compute", "scaled_peak", "issued_list", "value_factors", "stage_files", "liveness"]
+           "scaled_compute", "scaled_peak", "issued_list", "value_factors", "layout_hints", "stage_files", "liveness"]

@@ -192,8 +192,9 @@ def main_whole(args) -> int:
         except ValueError as e:
             print(str(e), file=sys.stderr)
             return 3
-        print(f"\nlayout map of {doc['plan']!r} ({doc['mesh']}) written to {args.emit_layout_map}; build the model "
-              f"under dsgd.layoutmap.load_layout_map({args.emit_layout_map!r}, mesh).scope()", file=out)
+        msg = (f"\nlayout map of {doc['plan']!r} ({doc['mesh']}) written to {args.emit_layout_map}; build the model "
+               f"under dsgd.layoutmap.load_layout_map({args.emit_layout_map!r}, mesh).scope()")
+        print("\n".join(step_report.wrap_lines([msg])), file=out)
     if args.plot:
         from dsgd.advisor.step_plot import plot as plot_step
 

@@ -204,7 +204,7 @@ def describe_model(payload: dict) -> dict:
             except AttributeError:
                 continue
             ins = ins if isinstance(ins, (list, tuple)) else [ins]
-            inbound += [x.name for x in ins if x.__class__.__name__ != "InputLayer" and x.name not in inbound]
+            inbound = list(dict.fromkeys(inbound + [x.name for x in ins if x.__class__.__name__ != "InputLayer"]))
         variables = []
         for v in layer.trainable_weights:
             if id(v) in seen:
