@@ -17,7 +17,7 @@ def convnet(image: int = 32, channels: int = 3, widths: tuple = (32, 64, 128, 12
     """``image x image x channels`` inputs -> two stages of two 3x3 ``Conv2D`` (ReLU) and a 2x2 max-pool
     -> global average pooling -> ``Dense(dense, relu)`` -> ``Dense(classes)`` logits.
 
-    0.33M parameters by default, batches of 16: a convnet small enough to time its whole training step on
+    0.28M parameters by default, batches of 16: a convnet small enough to time its whole training step on
     eight logical CPU devices in seconds.
     """
     import tf_keras

@@ -605,6 +605,8 @@ def test_progress_estimate_is_remade_from_finished_units(tmp_path):
     t.finish("build", "p/dsgd", 10.0)
     t.finish("round", "p/dsgd", 3.0)
     assert t.remaining_s() == 10.0 + 3.0  # the rest at the mean of their kind
+    t.hint("round", "q/dsgd", 0.5)  # from q's step time, before any of its rounds has run
+    assert t.remaining_s() == 10.0 + 0.5
     path = tmp_path / "progress.jsonl"
     path.write_text('{"unit": "build"}\n{"unit": "round"}\n{"unit": "par')
     got = []

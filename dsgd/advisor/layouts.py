@@ -67,6 +67,8 @@ def add_arguments(p) -> None:
     p.add_argument("--hardware", help="whole: the target's description for --target-mesh: a JSON file or a shipped "
                    "name (this-host, nvidia-h100-sxm; default: this host's rates, measured)")
     p.add_argument("--rounds", type=int, help="whole: interleaved timing rounds per mesh (default 4)")
+    p.add_argument("--save-hardware", metavar="FILE",
+                   help="whole: write this host's measured rates as a hardware file (for --hardware)")
     p.add_argument("--rules", default="dp,tp",
                    help="whole: the plan rules to build, comma-separated, of dp, tp, tp-mlp (default dp,tp)")
     p.add_argument("--options", default="momentum", choices=sorted(OPTION_PRESETS), help="optimizer options preset")
@@ -195,6 +197,16 @@ def main_whole(args) -> int:
         msg = (f"\nlayout map of {doc['plan']!r} ({doc['mesh']}) written to {args.emit_layout_map}; build the model "
                f"under dsgd.layoutmap.load_layout_map({args.emit_layout_map!r}, mesh).scope()")
         print("\n".join(step_report.wrap_lines([msg])), file=out)
+    if args.save_hardware:
+        import json
+
+        from dsgd.advisor.step_advice import host_hardware_doc
+
+        doc = host_hardware_doc(advice, "dsgd layouts " + " ".join(sys.argv[2:]))
+        with open(args.save_hardware, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        print(f"this host's rates written to {args.save_hardware}", file=out)
     if args.plot:
         from dsgd.advisor.step_plot import plot as plot_step
 

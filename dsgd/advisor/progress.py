@@ -50,10 +50,18 @@ class Tracker:
                 return
         u.done, u.seconds = True, max(0.0, seconds)
 
+    hints: dict = field(default_factory=dict)  # (kind, key) -> seconds, until a unit of them has finished
+
+    def hint(self, kind: str, key: str, seconds: float) -> None:
+        """What one unit of ``kind`` and ``key`` should take (e.g. a timing round, from one step's time)."""
+        self.hints[(kind, key)] = max(0.0, float(seconds))
+
     def estimate(self, u: Unit) -> float:
         same = [x.seconds for x in self.units if x.done and x.kind == u.kind and x.key == u.key and u.key]
         if same:
             return sum(same) / len(same)
+        if (u.kind, u.key) in self.hints:
+            return self.hints[(u.kind, u.key)]
         kind = [x.seconds for x in self.units if x.done and x.kind == u.kind]
         if kind:
             return sum(kind) / len(kind)
@@ -69,6 +77,7 @@ class Bar:
     def __init__(self, tracker: Tracker, desc: str = "dsgd layouts", enabled: bool = True):
         self.tracker = tracker
         self.t0 = time.perf_counter()
+        self.history: list = []  # (seconds spent, estimated total): how the estimate held
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
@@ -77,9 +86,11 @@ class Bar:
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
 
     def refresh(self, note: str = "") -> None:
+        spent = time.perf_counter() - self.t0
+        if not self.history or spent - self.history[-1][0] >= 1.0:
+            self.history.append((round(spent, 1), round(spent + self.tracker.remaining_s(), 1)))
         if self.bar is None:
             return
-        spent = time.perf_counter() - self.t0
         self.bar.total = round(spent + self.tracker.remaining_s(), 1)
         self.bar.n = round(min(spent, self.bar.total), 1)
         if note:

@@ -52,6 +52,7 @@ class StepAdvice:
     target: Any = None  # DataFrame of the target mesh's plans, predicted
     target_search: Any = None
     rows: list = field(default_factory=list)  # the raw worker rows
+    estimates: list = field(default_factory=list)  # (seconds spent, estimated total seconds) as the run went
 
     def plan(self, name: str):
         return next(p for p in self.search.plans if p.name == name)
@@ -230,7 +231,7 @@ def predict_target(graph: ModelGraph, rows: list, tsearch, hw: step_model.Hardwa
         row["coll_bytes"] = sum(v for k, v in (pred or {}).items() if k.startswith("coll_bytes:")) if pred else np.nan
         if src is None:
             why = "; ".join(p.notes)
-            row["note"] = (f"no plan with these layouts was measured here with every axis this mesh splits"
+            row["note"] = ("no plan with these layouts was measured here with every axis this mesh splits"
                            + (f" ({why})" if why else ""))
         elif pred is None:
             row["note"] = f"a tensor of {src['plan']}'s program does not divide on {p.mesh_spec}"
@@ -265,6 +266,11 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
         t_desc = time.perf_counter()
         graph = read_graph(model)
         tracker.finish("describe", "model", time.perf_counter() - t_desc)
+        # a plan's build (trace, DTensor's expansion, compile) grows with the model's layers: 2.5-9 s here for
+        # the MLP (10 layers) to the transformer (17, two of them attention); the guess until one has finished
+        weight = len(graph.layers) + 3 * sum(ly.cls == "MultiHeadAttention" for ly in graph.layers)
+        tracker.guesses["build"] = 1.0 + 0.3 * weight
+        tracker.guesses["rewarm"] = 0.1 * weight
         bar.refresh("model read")
         fixed = graph.inputs[0].batch if graph.inputs else None
         if batch_size and fixed and batch_size != fixed:
@@ -316,8 +322,28 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
         advice.target_search = tsearch
         advice.target = rank(pd.DataFrame(trows), memory_budget=memory_budget, time_col="pred_ms") if trows else None
     advice.elapsed_s = time.perf_counter() - t0
+    advice.estimates = list(bar.history)
     return advice
 
 
+def host_hardware_doc(advice: StepAdvice, command: str = "") -> dict:
+    """This host's rates as a hardware file (``--save-hardware``): the microbenchmarks' medians, and one link
+    for its logical devices (the medians of the measured axes' alpha and beta), with where they come from."""
+    h = advice.host
+    axes = [v for c in advice.calibration.values() for v in (c or {}).get("axes", {}).values()]
+    alpha = float(np.median([a["alpha_us"] for a in axes])) if axes else 0.0
+    beta = float(np.median([a["beta_s_per_byte"] for a in axes])) if axes else 0.0
+    return {"name": f"this host: {advice.devices} logical CPU devices sharing its cores", "flops_per_s": h.flops_per_s,
+            "bytes_per_s": h.bytes_per_s, "op_us": h.op_us, "call_ms": h.call_ms, "shared": True,
+            "devices_per_node": advice.devices,
+            "links": {"intra_node": {"alpha_us": alpha, "beta_s_per_byte": beta}},
+            "source": {"measured": f"dsgd.advisor.step_calibrate on {len(advice.calibration)} meshes of "
+                                   f"{advice.devices} logical CPU devices, {time.strftime('%Y-%m-%d')}: medians of each "
+                                   "figure over the rounds (a 256x512x512 matmul per device, a 4 MiB elementwise op per "
+                                   "device, a chain of 128 small ops, all-reduces of 64 KiB / 1 MiB / 8 MiB per device "
+                                   "over each mesh axis)",
+                       "command": command}}
+
+
 __all__ = ["StepAdvice", "StepAdviceError", "advise_step", "build_rows", "scaling_checks", "predict_target",
-           "DEFAULT_BATCH"]
+           "host_hardware_doc", "DEFAULT_BATCH"]

@@ -43,10 +43,18 @@ def check_function(spec: str, flag: str) -> None:
             raise UsageError(f"{flag} {spec!r}: file {mod!r} does not exist; give the path of the file that defines "
                              f"{fn}()")
         return
+    import sys
+
+    added = os.getcwd() not in sys.path  # the workers import it from here (the console script's path lacks it)
+    if added:
+        sys.path.insert(0, os.getcwd())
     try:
         found = importlib.util.find_spec(mod)
     except (ImportError, ValueError):
         found = None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
     if found is None:
         raise UsageError(f"{flag} {spec!r}: module {mod!r} cannot be found; check the name, or run from the directory "
                          "that holds it (or give path/to/file.py:function)")
@@ -123,6 +131,7 @@ def check_step(args) -> None:
         except re.error as e:
             raise UsageError(f"--force {f!r}: bad regex {rx!r} ({e}); fix the pattern") from None
     argcheck.check_output_file(args.emit_layout_map, "--emit-layout-map")
+    argcheck.check_output_file(getattr(args, "save_hardware", None), "--save-hardware")
     argcheck.check_plot_file(args.plot)
 
 

@@ -38,7 +38,7 @@ def plot(advice, path: str) -> None:
         if len(rec):
             ax.scatter(rec["mem_bytes"] / 2**20, rec[col], marker="*", s=320, color="gold", edgecolors="k",
                        zorder=4, label=f"recommended: {rec['plan'].iloc[0]}")
-        ax.set_xlabel("memory per device (MiB): params + grads + slots + activations")
+        ax.set_xlabel("memory per device (MiB): params + slots + the step's transient peak")
         ax.set_ylabel("whole training step (ms)")
         ax.set_title(f"{advice.model} on {where} ({kind})", fontsize=9)
         ax.grid(alpha=0.3)

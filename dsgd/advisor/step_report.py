@@ -130,7 +130,9 @@ def render_lines(advice) -> list:
     out += render_left_out(advice.search, "left out")
     if advice.target is not None:
         out += render_target(advice)
-    out.append(f"\ntime taken: {advice.elapsed_s:.0f} s")
+    est = next((e for s, e in getattr(advice, "estimates", []) if s >= 15), None)
+    out.append(f"\ntime taken: {advice.elapsed_s:.0f} s" + (f" (the progress bar's estimate of the total after 15 s: "
+                                                            f"{est:.0f} s)" if est else ""))
     return out
 
 
@@ -200,7 +202,7 @@ def advice_dict(advice) -> dict:
         "target_mesh": advice.target_mesh, "target_batch": advice.target_batch,
         "target": records(advice.target) if advice.target is not None else None,
         "hardware": None if advice.hardware is None else {"name": advice.hardware.name, "source": advice.hardware.source},
-        "elapsed_s": advice.elapsed_s,
+        "elapsed_s": advice.elapsed_s, "estimates": getattr(advice, "estimates", []),
     })
 
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from dsgd.advisor import dtensor_program
 from dsgd.advisor.progress import Bar, Tracker, run_polling
-from dsgd.advisor.step_measure import JOBS, ROUNDS
+from dsgd.advisor.step_measure import JOBS, MIN_STEPS, MIN_TIMED_S, ROUNDS
 
 WORKER = "dsgd.advisor.step_measure:measure_plans"
 
@@ -54,6 +54,10 @@ def run_worker(plans: Sequence[dict], common: dict, *, devices: int, tracker: Tr
         state["t"] = float(ev.get("t", 0.0))
         key = "" if kind == "start" else ev.get("mesh") if kind == "calibrate" else f"{ev.get('plan')}/{ev.get('job')}"
         tracker.finish(kind, key, dur)
+        if kind == "build" and ev.get("step_s"):  # a round: a warm-up step, then MIN_STEPS or min_time of them
+            step = float(ev["step_s"])
+            per_round = float(common.get("min_time", MIN_TIMED_S)) / int(common.get("rounds", ROUNDS))
+            tracker.hint("round", key, step + max(MIN_STEPS * step, per_round))
         bar.refresh(f"{kind} {ev.get('plan') or ev.get('mesh') or ''}")
 
     try:
