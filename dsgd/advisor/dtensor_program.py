@@ -654,9 +654,10 @@ def summarize(files: Sequence[str], mesh: Sequence[tuple]) -> ProgramSummary:
 
 def issued_list(summary: ProgramSummary, target: Optional[Sequence[tuple]] = None, batch_ratio: float = 1.0,
                 data_axis: str = "batch") -> Optional[list]:
-    """``[(axes, bytes)]``, one per all-reduce the step issues -- as read (``target`` None), or predicted for
-    another mesh of the same plan by scaling each collective's tensor and padding each merged buffer to 1024
-    elements again.  None when a tensor does not divide on ``target``."""
+    """``[(axes, bytes, merged)]``, one per all-reduce the step issues -- as read (``target`` None), or
+    predicted for another mesh of the same plan by scaling each collective's tensor and padding each merged
+    buffer to 1024 elements again; ``merged``: DTensor concatenated several tensors into it.  None when a tensor
+    does not divide on ``target``."""
     out = []
     sizes = dict(target) if target is not None else None
     for g in summary.groups:
@@ -681,7 +682,7 @@ def issued_list(summary: ProgramSummary, target: Optional[Sequence[tuple]] = Non
         e = int(round(elems))
         if g["merged"] and e % 1024:
             e = e // 1024 * 1024 + 1024
-        out.append((axes, e * members[0]["dtype_bytes"]))
+        out.append((axes, e * members[0]["dtype_bytes"], bool(g["merged"])))
     return out
 
 
@@ -692,7 +693,7 @@ def issued_bytes(summary: ProgramSummary, target: Optional[Sequence[tuple]] = No
     if got is None:
         return None
     out: dict[tuple, list] = {}
-    for axes, b in got:
+    for axes, b, _ in got:
         c = out.setdefault(axes, [0, 0])
         c[0] += 1
         c[1] += b
@@ -732,7 +733,7 @@ def scaled_peak(summary: ProgramSummary, target: Sequence[tuple], batch_ratio: f
             return None
         total += t["bytes"] * f
     issued = issued_list(summary, target, batch_ratio, data_axis) or []
-    biggest = max((b for _, b in issued), default=0)
+    biggest = max((b for _, b, _ in issued), default=0)
     return max(summary.peak_bytes * total / summary.peak_expanded, grads_bytes + biggest)
 
 

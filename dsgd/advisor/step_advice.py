@@ -82,9 +82,7 @@ def _host_hardware(cals: dict) -> step_model.Hardware:
 
 
 def _mesh_hardware(host: step_model.Hardware, cal: Optional[dict]) -> step_model.Hardware:
-    links = {}
-    for a, v in ((cal or {}).get("axes") or {}).items():
-        links[a] = step_model.Link(v["alpha_us"], v["beta_s_per_byte"])
+    links = {a: step_model.link_of(v) for a, v in ((cal or {}).get("axes") or {}).items()}
     return step_model.Hardware(host.name, host.flops_per_s, host.bytes_per_s, host.op_us, host.call_ms, True, 0,
                                links, host.source)
 
@@ -314,7 +312,7 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
             for r in (cals or {}).values():
                 for a, v in (r or {}).get("axes", {}).items():
                     if a not in hw.links or v["group"] > 2:
-                        hw.links[a] = step_model.Link(v["alpha_us"], v["beta_s_per_byte"])
+                        hw.links[a] = step_model.link_of(v)
         trows = predict_target(graph, rows, tsearch, hw, batch=batch, target_batch=tb, opts=opts,
                                local_plans=search.plans)
         advice.target_mesh = f"{tdev} devices" if count else meshspec.format_mesh_spec(tdims)
@@ -331,17 +329,20 @@ def host_hardware_doc(advice: StepAdvice, command: str = "") -> dict:
     for its logical devices (the medians of the measured axes' alpha and beta), with where they come from."""
     h = advice.host
     axes = [v for c in advice.calibration.values() for v in (c or {}).get("axes", {}).values()]
-    alpha = float(np.median([a["alpha_us"] for a in axes])) if axes else 0.0
-    beta = float(np.median([a["beta_s_per_byte"] for a in axes])) if axes else 0.0
+    def med(k):
+        vals = [a[k] for a in axes if a.get(k) is not None]
+        return float(np.median(vals)) if vals else 0.0
+
     return {"name": f"this host: {advice.devices} logical CPU devices sharing its cores", "flops_per_s": h.flops_per_s,
             "bytes_per_s": h.bytes_per_s, "op_us": h.op_us, "call_ms": h.call_ms, "shared": True,
             "devices_per_node": advice.devices,
-            "links": {"intra_node": {"alpha_us": alpha, "beta_s_per_byte": beta}},
+            "links": {"intra_node": {k: med(k) for k in ("alpha_us", "beta_s_per_byte", "merged_alpha_us",
+                                                          "merged_beta_s_per_byte")}},
             "source": {"measured": f"dsgd.advisor.step_calibrate on {len(advice.calibration)} meshes of "
                                    f"{advice.devices} logical CPU devices, {time.strftime('%Y-%m-%d')}: medians of each "
                                    "figure over the rounds (a 256x512x512 matmul per device, a 4 MiB elementwise op per "
                                    "device, a chain of 128 small ops, all-reduces of 64 KiB / 1 MiB / 8 MiB per device "
-                                   "over each mesh axis)",
+                                   "over each mesh axis, and of 1 / 8 MiB in 8 tensors DTensor merges)",
                        "command": command}}
 
 

@@ -7,9 +7,11 @@ Run inside a measuring worker, on the mesh being measured (so all its devices ta
 * ``flops_per_s`` -- the host's matmul rate with every device multiplying at once (a 256x512 by 512x512
   matmul per device);
 * ``bytes_per_s`` -- the host's rate for elementwise ops (every device writing 4 MiB tensors);
-* ``axes`` -- per mesh axis of size > 1, an all-reduce over that axis (every group at once, as DTensor
-  reduces a gradient) of 64 KiB, 1 MiB and 8 MiB per device: ``alpha_us`` + ``beta_s_per_byte`` x bytes,
-  fitted by least squares.
+* ``axes`` -- per mesh axis of size > 1, an all-reduce over that axis (every group at once) of 64 KiB,
+  1 MiB and 8 MiB per device: ``alpha_us`` + ``beta_s_per_byte`` x bytes, fitted by least squares; and the
+  same for 1 and 8 MiB in 8 tensors (``merged_*``), which DTensor concatenates into one buffer before it
+  reduces them, as it does a step's gradients: on 8 devices that cost 2-3x a single tensor's all-reduce
+  (32 MiB over batch=8: 51 ms as one tensor, 134-158 ms as 8 or 32).
 
 Each figure is the median of a few calls, synchronised (:func:`dsgd.harness.measure.sync`).
 """
@@ -21,6 +23,8 @@ from typing import Callable
 import numpy as np
 
 COLLECTIVE_SIZES = (64 << 10, 1 << 20, 8 << 20)  # bytes per device
+MERGED_SIZES = (1 << 20, 8 << 20)  # bytes per device, in MERGED_PIECES tensors that DTensor merges into one
+MERGED_PIECES = 8
 
 
 def _median_s(fn: Callable, reps: int, warmup: int = 1) -> float:
@@ -82,11 +86,18 @@ class Calibrator:
         self.big = const(*split(1 << 20))
         self.ew = tf.function(lambda x: x * 1.5)
         self.reds = {}
+        self.merged = {}
         for a in names:
             if self.sizes[a] < 2:
                 continue
             self.reds[a] = [(nbytes, const([self.sizes[a], nbytes // 4], [a, U]),
                              tf.function(lambda x: tf.reduce_sum(x, axis=0))) for nbytes in COLLECTIVE_SIZES]
+            # gradients: several independent all-reduces of one group, which DTensor concatenates into one
+            # buffer first (a chain of TensorStridedSliceUpdate) and slices apart after
+            self.merged[a] = [(nbytes, [const([self.sizes[a], nbytes // 4 // MERGED_PIECES], [a, U])
+                                        for _ in range(MERGED_PIECES)],
+                               tf.function(lambda *xs: [tf.reduce_sum(x, axis=0) for x in xs]))
+                              for nbytes in MERGED_SIZES]
 
     def run(self, reps: int = 3) -> dict:
         """One measurement of every figure (medians of ``reps`` calls each)."""
@@ -98,8 +109,12 @@ class Calibrator:
         for a, cases in self.reds.items():
             secs = [max(0.0, _median_s(lambda f=f, x=x: f(x), reps) - call_s) for _, x, f in cases]
             alpha, beta = _fit_alpha_beta(COLLECTIVE_SIZES, secs)
+            msecs = [max(0.0, _median_s(lambda f=f, xs=xs: f(*xs), reps) - call_s) for _, xs, f in self.merged[a]]
+            malpha, mbeta = _fit_alpha_beta(MERGED_SIZES, msecs)
             axes[a] = {"group": self.sizes[a], "alpha_us": alpha * 1e6, "beta_s_per_byte": beta,
-                       "sizes": list(COLLECTIVE_SIZES), "ms": [x * 1e3 for x in secs]}
+                       "sizes": list(COLLECTIVE_SIZES), "ms": [x * 1e3 for x in secs],
+                       "merged_alpha_us": malpha * 1e6, "merged_beta_s_per_byte": mbeta,
+                       "merged_sizes": list(MERGED_SIZES), "merged_ms": [x * 1e3 for x in msecs]}
         return {"devices": self.devices, "call_ms": call_s * 1e3, "op_us": op_s * 1e6,
                 "flops_per_s": 2.0 * 256 * 512 * 512 * self.devices / mm_s,
                 "bytes_per_s": 2.0 * (4 << 20) * self.devices / ew_s, "axes": axes}
@@ -124,6 +139,11 @@ def combine(runs: list) -> dict:
         ms = [float(np.median([r["axes"][a]["ms"][i] for r in good if a in r["axes"]])) for i in range(len(v["ms"]))]
         alpha, beta = _fit_alpha_beta(v["sizes"], [m * 1e-3 for m in ms])
         axes[a] = dict(v, ms=ms, alpha_us=alpha * 1e6, beta_s_per_byte=beta)
+        if "merged_ms" in v:
+            mms = [float(np.median([r["axes"][a]["merged_ms"][i] for r in good if a in r["axes"]]))
+                   for i in range(len(v["merged_ms"]))]
+            malpha, mbeta = _fit_alpha_beta(v["merged_sizes"], [m * 1e-3 for m in mms])
+            axes[a].update(merged_ms=mms, merged_alpha_us=malpha * 1e6, merged_beta_s_per_byte=mbeta)
     out["axes"] = axes
     return out
 

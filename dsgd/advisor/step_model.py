@@ -42,14 +42,18 @@ class Link:
     beta_s_per_byte: float = 0.0  # measured here: seconds per byte of payload
     bandwidth_gbps: float = 0.0  # a data sheet's: GB/s per device, one direction (ring model)
     latency_us: float = 0.0
+    merged_alpha_us: Optional[float] = None  # measured here: an all-reduce DTensor merged from several tensors
+    merged_beta_s_per_byte: Optional[float] = None  # (it concatenates them first): None -- as any other
 
-    def seconds(self, count: int, nbytes: float, group: int) -> float:
+    def seconds(self, count: int, nbytes: float, group: int, merged: bool = False) -> float:
         if group < 2 or not count:
             return 0.0
         if self.bandwidth_gbps:  # ring all-reduce
             steps = 2 * (group - 1)
             return count * (self.alpha_us * 1e-6 + steps * self.latency_us * 1e-6) + \
                 steps / group * nbytes / (self.bandwidth_gbps * 1e9)
+        if merged and self.merged_beta_s_per_byte is not None:
+            return count * (self.merged_alpha_us or 0.0) * 1e-6 + nbytes * self.merged_beta_s_per_byte
         return count * self.alpha_us * 1e-6 + nbytes * self.beta_s_per_byte
 
 
@@ -84,9 +88,17 @@ class Hardware:
 
     @classmethod
     def from_calibration(cls, cal: dict, name: str = "this host (measured)") -> "Hardware":
-        links = {a: Link(v["alpha_us"], v["beta_s_per_byte"]) for a, v in cal.get("axes", {}).items()}
+        links = {a: link_of(v) for a, v in cal.get("axes", {}).items()}
         return cls(name, cal["flops_per_s"], cal["bytes_per_s"], cal["op_us"], cal["call_ms"], True, 0, links,
                    {"measured": "dsgd.advisor.step_calibrate on the mesh measured"})
+
+
+def link_of(v: dict) -> Link:
+    """A :class:`Link` from a hardware file's or a calibration's figures."""
+    return Link(float(v.get("alpha_us", 0.0)), float(v.get("beta_s_per_byte", 0.0)),
+                float(v.get("bandwidth_gbps", 0.0)), float(v.get("latency_us", 0.0)),
+                None if v.get("merged_alpha_us") is None else float(v["merged_alpha_us"]),
+                None if v.get("merged_beta_s_per_byte") is None else float(v["merged_beta_s_per_byte"]))
 
 
 def load_hardware(path: str) -> Hardware:
@@ -108,9 +120,7 @@ def load_hardware(path: str) -> Hardware:
     missing = [k for k in need if k not in d]
     if missing:
         raise ValueError(f"--hardware {path!r}: missing {', '.join(missing)}; see {HARDWARE_DIR}/*.json")
-    links = {k: Link(float(v.get("alpha_us", 0.0)), float(v.get("beta_s_per_byte", 0.0)),
-                     float(v.get("bandwidth_gbps", 0.0)), float(v.get("latency_us", 0.0)))
-             for k, v in d["links"].items()}
+    links = {k: link_of(v) for k, v in d["links"].items()}
     return Hardware(d["name"], float(d["flops_per_s"]), float(d["bytes_per_s"]), float(d["op_us"]),
                     float(d["call_ms"]), bool(d.get("shared", False)), int(d.get("devices_per_node", 0)), links,
                     d.get("source", {}))
@@ -133,10 +143,12 @@ def predict(program: dp.ProgramSummary, hw: Hardware, mesh: Sequence[tuple], *, 
     n_dev = math.prod(n for _, n in tgt)
     if target is None:  # as read: the issued all-reduces, checked against the final program
         flops, nbytes = program.flops, program.out_bytes
-        issued = {tuple(c.axes): (c.count, c.bytes) for c in program.issued}
+        issued = dp.issued_list(program)
+        if issued is None:  # not matched to their tensors: none counted as merged
+            issued = [(tuple(c.axes), c.bytes / c.count, False) for c in program.issued for _ in range(c.count)]
     else:
         sc = dp.scaled_compute(program, tgt, batch_ratio)
-        issued = dp.issued_bytes(program, tgt, batch_ratio)
+        issued = dp.issued_list(program, tgt, batch_ratio)
         if sc is None or issued is None:
             return None
         flops, nbytes = sc
@@ -145,15 +157,16 @@ def predict(program: dp.ProgramSummary, hw: Hardware, mesh: Sequence[tuple], *, 
            "compute": (flops * devs / hw.flops_per_s + nbytes * devs / hw.bytes_per_s) * 1e3}
     coll = 0.0
     sizes = dict(tgt)
-    for axes, (count, b) in sorted(issued.items()):
+    for axes, b, merged in issued:
         group = math.prod(sizes.get(a, 1) for a in axes)
         t = 0.0
         for a in axes:  # a collective over several axes: the slowest of their links
             link = hw.link_for(a, tgt)
             if link is not None:
-                t = max(t, link.seconds(count, b, group))
-        out["coll:" + "+".join(axes)] = t * 1e3
-        out["coll_bytes:" + "+".join(axes)] = b
+                t = max(t, link.seconds(1, b, group, merged))
+        name = "+".join(axes)
+        out["coll:" + name] = out.get("coll:" + name, 0.0) + t * 1e3
+        out["coll_bytes:" + name] = out.get("coll_bytes:" + name, 0) + b
         coll += t * 1e3
     out["collectives"] = coll
     out["update"] = update_bytes(param_bytes, opts) * devs / hw.bytes_per_s * 1e3 if with_update else 0.0
@@ -187,4 +200,4 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-__all__ = ["Hardware", "Link", "load_hardware", "predict", "spearman", "update_bytes", "PARTS", "HARDWARE_DIR"]
+__all__ = ["Hardware", "Link", "link_of", "load_hardware", "predict", "spearman", "update_bytes", "PARTS", "HARDWARE_DIR"]
