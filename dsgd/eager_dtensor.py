@@ -101,6 +101,7 @@ def _self_check(mod, mesh) -> None:
     import numpy as np
 
     from dsgd import kernels
+    from dsgd.kernels import dispatch
 
     kernels.load()  # registers DsgdMultiSumSqAt, the op the check runs
     mod.init(dtensor.copy_to_mesh(tf.zeros([1]), dtensor.Layout.replicated(mesh, 1)))
@@ -114,8 +115,8 @@ def _self_check(mod, mesh) -> None:
     comps = mod.components([x], devices)
     # one call over every device's component, each summed into its own slot k
     slots = tf.constant(list(range(len(devices))), tf.int32)
-    got = mod.run_all(_context.context()._handle, comps, [[0]] * len(devices), "DsgdMultiSumSqAt", devices[0],
-                      [], [slots], {"size": len(devices)}, None, None, 1).numpy()
+    got = dispatch.run_all(mod, comps, op="DsgdMultiSumSqAt", device=devices[0], select=[[0]] * len(devices),
+                           after=[slots], ints={"size": len(devices)}, outputs=1).numpy()
     for k, w in enumerate(want):
         expect = float(np.sum(np.square(w.numpy(), dtype=np.float64)))
         if abs(float(got[k]) - expect) > 1e-3 * max(expect, 1.0):

@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import tensorflow as tf
 from tensorflow.python.framework.ops import EagerTensor
 
-from dsgd import eager_dtensor, pairs
+from dsgd import eager_dtensor, pairs, rules
 from dsgd import impl as impl_registry
 from dsgd.impl.base import Implementation
 from dsgd.plan import Entry, Group, StepArgs, group_entries
@@ -194,8 +194,7 @@ class StepEngine:
             sizes = [len(p) for p in prepared]
             sumsq = reduce_partials(partials, domain)  # one reduction for every variable
             if args.clipnorm:
-                norms = tf.sqrt(sumsq)
-                coeff = args.clipnorm / tf.maximum(norms, args.clipnorm)
+                coeff = rules.clip_norm_scale(sumsq, args.clipnorm)  # one per variable
                 parts = tf.split(coeff, sizes) if len(sizes) > 1 else [coeff]
                 scales_per_group = [p if getattr(imp, "vector_scales", False) else tf.unstack(p)
                                     for imp, p in zip(impls, parts)]

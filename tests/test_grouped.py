@@ -238,7 +238,7 @@ def test_auto_picks_grouped_eagerly(meshes):
 
 
 def test_supports_and_unavailable_reason(meshes, tmp_path, monkeypatch):
-    from dsgd.impl.multi_tensor import Grouped
+    from dsgd.impl.grouped import Grouped
     from dsgd.plan import Group
 
     mesh = meshes("batch=8")
@@ -325,7 +325,7 @@ def test_global_clip_scale_op_equals_rules(case):
     rules.global_clip_scale: within float32 rounding of the sum, NaN stays NaN, a zero norm
     and a norm under the limit give clipnorm * float32(1 / clipnorm)."""
     from dsgd import rules
-    from dsgd.impl.multi_tensor import Grouped
+    from dsgd.impl.grouped import Grouped
 
     rng = np.random.default_rng(5)
     clipnorm = 0.7

@@ -1,4 +1,4 @@
-"""``grouped`` inside ``tf.function``: the labelled ``Assert`` node (:mod:`dsgd.impl.in_graph`).
+"""``grouped`` inside ``tf.function``: the labelled ``Assert`` node (:mod:`dsgd.impl.grouped_graph`).
 
 The float64 grids (``test_optimizer_numerics``, ``test_sparse``) run it in their ``function``
 mode and ``test_keras_fit`` under ``model.fit``; here: what is particular to the node — one
@@ -14,7 +14,7 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from _helpers import U, assert_close, check_subprocess, dgrad, dsgd, dvar, r64, randn, require_impl, run_subprocess, value
-from dsgd.impl.in_graph import KERNEL_LABEL
+from dsgd.impl.grouped_graph import KERNEL_LABEL
 from dsgd.state import to_layout
 
 

@@ -1,5 +1,11 @@
-"""The registry of step implementations (add one: write its module, list its class below),
-``auto``'s choice among them, and the iteration counter the local domain uses (:func:`counter`)."""
+"""The registry of step implementations (add one: write its module, named after its registry name,
+and list its class below), ``auto``'s choice among them, and the iteration counter the local domain
+uses (:func:`counter`).
+
+Modules: :mod:`~dsgd.impl.base` (the interface), :mod:`~dsgd.impl.gradients` (the gradient every
+update takes), :mod:`~dsgd.impl.local` (the local domain's base); one per implementation:
+``ops``, ``fused``, ``per_shard``, ``grouped``, ``grouped_graph`` (``grouped`` inside
+``tf.function``), ``xla``, ``sharded_state``."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -8,10 +14,11 @@ import tensorflow as tf
 
 from dsgd import kernels
 from dsgd.impl.base import Implementation
-from dsgd.impl.dtensor_ops import FusedDTensor, OpsDTensor
-from dsgd.impl.in_graph import GroupedInGraph
+from dsgd.impl.fused import FusedDTensor
+from dsgd.impl.grouped import Counter, Grouped
+from dsgd.impl.grouped_graph import GroupedInGraph
 from dsgd.impl.local import PerDeviceCounter
-from dsgd.impl.multi_tensor import Counter, Grouped
+from dsgd.impl.ops import OpsDTensor
 from dsgd.impl.per_shard import PerShard
 from dsgd.impl.sharded_state import ShardedState
 from dsgd.impl.xla import XLA
@@ -48,7 +55,7 @@ def choose(group, options, eager: bool) -> str:
 
     1. ``jit_compile=True``: ``xla`` (eagerly; inside ``tf.function``: ``fused``);
     2. ``grouped`` when its multi-tensor kernel is built and handles the group (inside
-       ``tf.function``, e.g. ``model.fit``, its in-graph form: :mod:`dsgd.impl.in_graph`);
+       ``tf.function``, e.g. ``model.fit``, its in-graph form: :mod:`dsgd.impl.grouped_graph`);
     3. eagerly, ``per_shard`` when it handles the group (same dtype for variable and momentum);
     4. inside ``tf.function``, ``fused``; eagerly, ``ops``.
     """
@@ -75,7 +82,7 @@ def get(name: str) -> type[Implementation]:
 def counter(handles: Sequence[tf.Tensor], dtype: tf.DType) -> Callable[[], None]:
     """Adds 1 to every local copy (``handles``) of a replicated variable when called: the
     optimizer's iterations in the local domain.  One op for all devices when the grouped
-    kernels are loaded (:class:`~dsgd.impl.multi_tensor.Counter`, int64), else one per device."""
+    kernels are loaded (:class:`~dsgd.impl.grouped.Counter`, int64), else one per device."""
     if kernels.loaded() is not None and dtype == tf.int64:
         return Counter(handles)
     return PerDeviceCounter(handles, dtype)

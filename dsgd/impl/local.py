@@ -1,4 +1,6 @@
-"""Helpers for the local domain: each device's shards of variables, slots and gradients.
+"""The local domain: each device's shards of variables, slots and gradients, and the base
+class of the implementations that work on them (:class:`LocalImplementation`: ``per_shard``,
+``grouped``, ``xla``).
 
 ``dtensor.unpack`` of a DVariable's handle gives one resource handle per local device;
 ops on those handles update the DVariable's buffers in place at plain-TensorFlow speed
@@ -12,9 +14,11 @@ from typing import Optional
 
 import tensorflow as tf
 from tensorflow.experimental import dtensor
+from tensorflow.python.framework.ops import EagerTensor
 
-from dsgd import eager_dtensor, meshspec
-from dsgd.plan import Entry
+from dsgd import eager_dtensor, meshspec, rules
+from dsgd.impl.base import Implementation, Items
+from dsgd.plan import Entry, Group
 
 
 @dataclass
@@ -82,7 +86,7 @@ def unpack_sparse(g: tf.IndexedSlices, le: LocalEntry) -> list[tf.IndexedSlices]
     """An IndexedSlices gradient cut into each device's block (rows re-based, others dropped).
 
     Indices that fall outside a device's rows become -1, which ``unsorted_segment_sum``
-    (used by :func:`densify_local`) drops.
+    (:func:`dsgd.impl.gradients.densify`) drops.
     """
     values, indices = g.values, g.indices
     if le.entry.layout is None:
@@ -97,7 +101,8 @@ def unpack_sparse(g: tf.IndexedSlices, le: LocalEntry) -> list[tf.IndexedSlices]
         with tf.device(dev):
             off = le.offsets[k]
             v = vals[k]
-            if len(off) > 1 and any(off[1:]) or (len(le.local_shape) > 1 and le.local_shape[1:] != list(le.entry.var.shape[1:])):
+            if len(off) > 1 and any(off[1:]) or (len(le.local_shape) > 1
+                                                 and le.local_shape[1:] != list(le.entry.var.shape[1:])):
                 begin = [0] + off[1:]
                 size = [-1] + le.local_shape[1:]
                 v = tf.slice(v, begin, size)
@@ -107,15 +112,51 @@ def unpack_sparse(g: tf.IndexedSlices, le: LocalEntry) -> list[tf.IndexedSlices]
     return out
 
 
-def densify_local(g, rows: int) -> tf.Tensor:
+def split_gradient(g, le: LocalEntry) -> list:
+    """A gradient's per-device pieces (dense components, or each device's block of the slices)."""
+    return unpack_sparse(g, le) if isinstance(g, tf.IndexedSlices) else unpack_dense(g, le)
+
+
+def local_sumsq(g) -> tf.Tensor:
+    """One device's piece's sum of squares, the rows on other devices (index -1) left out."""
     if isinstance(g, tf.IndexedSlices):
-        return tf.math.unsorted_segment_sum(g.values, g.indices, rows)
-    return g
+        keep = tf.cast(tf.reshape(g.indices >= 0, [-1] + [1] * (g.values.shape.rank - 1)), tf.float32)
+        return rules.sum_of_squares(tf.cast(g.values, tf.float32) * keep)
+    return rules.sum_of_squares(g)
+
+
+class LocalImplementation(Implementation):
+    """Shared set-up for implementations in the local domain: each entry's per-device handles
+    (:class:`LocalEntry`), each step's gradients split per device, the sums of squares per device."""
+
+    domain = "local"
+
+    def __init__(self, group: Group, options, locals_: Optional[dict] = None) -> None:
+        """``locals_``: the entries' :class:`LocalEntry` by ``id(entry)``, when another instance
+        already unpacked them (see ``Grouped.combine``); else unpacked here."""
+        super().__init__(group, options)
+        self.locals = locals_ if locals_ is not None else {id(e): local_entry(e) for e in group.entries}
+        self.devices = self.locals[id(group.entries[0])].devices if group.entries else []
+
+    def prepare(self, items: Items) -> list[tuple[LocalEntry, list]]:
+        """Each item's gradient split into its per-device pieces."""
+        locs = self.locals
+        if all(type(g) is EagerTensor for _, g in items) and all(e.layout is not None for e, _ in items):
+            parts = eager_dtensor.components_many([g for _, g in items])  # the common case, batched
+            return [(locs[id(e)], p) for (e, _), p in zip(items, parts)]
+        return [(locs[id(e)], split_gradient(g, locs[id(e)])) for e, g in items]
+
+    def partial_sumsq(self, split) -> list[tf.Tensor]:
+        out = []
+        for k, dev in enumerate(self.devices):
+            with tf.device(dev):
+                out.append(tf.stack([local_sumsq(parts[k]) * le.inv_replication for le, parts in split]))
+        return out
 
 
 class PerDeviceCounter:
     """Adds 1 to every local copy of a replicated variable, one ``AssignAddVariableOp`` per
-    device (where the grouped kernels' one-op :class:`dsgd.impl.multi_tensor.Counter` is not loaded)."""
+    device (where the grouped kernels' one-op :class:`dsgd.impl.grouped.Counter` is not loaded)."""
 
     def __init__(self, handles: list[tf.Tensor], dtype: tf.DType) -> None:
         self._handles = list(handles)

@@ -14,14 +14,16 @@ price of one all-gather of the weights per step.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from dsgd import meshspec, rules
-from dsgd.impl.dtensor_ops import OpsDTensor, densify, ema_one
 from dsgd.impl.base import Items
+from dsgd.impl.gradients import update_gradient
+from dsgd.impl.ops import OpsDTensor, ema_one
 from dsgd.plan import StepArgs, variable_layout
 
 
@@ -57,7 +59,7 @@ class ShardedState(OpsDTensor):
         for i, (e, g) in enumerate(items):
             dtype = e.var.dtype
             lr = tf.cast(args.lr, dtype)
-            g = densify(rules.scale_and_clip(g, None if scales is None else scales[i], args.clipvalue, dtype), e)
+            g = update_gradient(g, scales, i, args.clipvalue, dtype, e.var.shape, e.layout)
             slot = e.momentum if e.momentum is not None else e.average
             m_layout = variable_layout(slot) if slot is not None else e.layout  # .layout: graph-safe
             if m_layout == e.layout:
@@ -81,6 +83,5 @@ class ShardedState(OpsDTensor):
 
 
 def _no_clip(args: StepArgs) -> StepArgs:
-    from dataclasses import replace
-
+    """``args`` for a gradient already through step 1 (clipped once, not twice)."""
     return replace(args, clipvalue=None)

@@ -8,7 +8,7 @@ XLA service is never even initialised, ``XLA_FLAGS=--xla_dump_to`` writes nothin
 ``experimental_get_compiler_ir`` refuses the DTensor inputs ("Invalid Tensor call on a
 REMOTE handle").  (``use_xla_spmd`` is refused for CPU meshes.)
 
-So this implementation works in the local domain (:mod:`dsgd.impl.per_shard`): for every
+So this implementation works in the local domain (:mod:`dsgd.impl.local`): for every
 local device it builds one plain ``tf.function(jit_compile=True)`` whose inputs are that
 device's variable, momentum and average *resource handles* (``dtensor.unpack`` of the
 DVariables' handles — the DVariables' own buffers, updated in place) and its local
@@ -36,8 +36,8 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from dsgd import rules
-from dsgd.impl.local import LocalEntry, densify_local
-from dsgd.impl.per_shard import LocalImplementation
+from dsgd.impl.gradients import update_gradient
+from dsgd.impl.local import LocalEntry, LocalImplementation
 from dsgd.plan import Group, StepArgs
 
 
@@ -61,7 +61,7 @@ def _program(n: int, *, decay_mask: tuple, has_momentum: bool, has_ema: bool, mo
         for i in range(n):
             g = grads[i]
             if clip_mask is None or clip_mask[i]:
-                g = rules.scale_and_clip(g, scales[i] if scaled else None, clipvalue, var_dtype)
+                g = rules.gradient(g, scales[i] if scaled else None, clipvalue, var_dtype)
             w = tf.raw_ops.ReadVariableOp(resource=var_h[i], dtype=var_dtype)
             # compute in the slot dtype (float32 momentum for bfloat16 weights), store in each own dtype
             cd = slot_dtype if has_momentum else var_dtype
@@ -94,8 +94,7 @@ def _sumsq_program(n: int, inv_rep: tuple, name: str):
     def sumsq(grads):
         out = []
         for i in range(n):
-            v = tf.cast(grads[i], tf.float32)
-            out.append(tf.reduce_sum(v * v) * inv_rep[i])
+            out.append(rules.sum_of_squares(grads[i]) * inv_rep[i])
         return tf.stack(out)
 
     sumsq.__name__ = name
@@ -205,9 +204,7 @@ class XLA(LocalImplementation):
                 g = parts[k]
                 if isinstance(g, tf.IndexedSlices):
                     with tf.device(dev):  # scaled and clipped per slice, then summed (clip_mask)
-                        g = rules.scale_and_clip(g, None if scales is None else scales[i], args.clipvalue,
-                                                 self.group.dtype)
-                        g = densify_local(g, le.local_shape[0])
+                        g = update_gradient(g, scales, i, args.clipvalue, self.group.dtype, le.local_shape)
                 grads.append(g)
             per_device.append((var_h, mom_h, avg_h, grads))
         for k, dev in enumerate(self.devices):  # serially: threads and one graph over all devices were slower
@@ -336,7 +333,8 @@ def capture_hlo(obj, out_dir: str, per_device: bool = False) -> list[str]:
                 paths.append(os.path.join(out_dir, name))
                 mesh = imp.group.mesh
                 manifest[name] = {"mesh": ",".join(f"{n}={mesh.dim_size(n)}" for n in mesh.dim_names) if mesh else None,
-                                  "layout": imp.group.layout_spec, "dtype": imp.group.dtype.name, "stage": suffix, "program": prog_label.split(".")[0],
+                                  "layout": imp.group.layout_spec, "dtype": imp.group.dtype.name, "stage": suffix,
+                                  "program": prog_label.split(".")[0],
                                   "devices": [imp.devices[k] for k in devs], "variables": len(imp.group.entries),
                                   "fusions": count_fusions(text) if stage == "optimized_hlo" else None}
     if not paths:

@@ -23,7 +23,10 @@ harness can keep that time out of a step's first-call time (``dsgd bench``'s ``b
 A second artifact, ``dispatch.cc``, is a small CPython extension (``_dsgd_dispatch``) built the
 same way: it hands the components of many DTensors on every local device to one kernel call
 from C++, by address, without a Python object per component (:func:`load_dispatch`; ``DSGD_DISABLE_DISPATCH=1`` turns it
-off, and then the kernels are fed through ``dtensor.unpack``).
+off, and then the kernels are fed through ``dtensor.unpack``); :func:`dsgd.kernels.dispatch.run_all` calls it by name.
+
+The Python-C++ interface of the kernels (the ``hyper`` and ``meta`` vectors, the in-graph node's
+inputs) is named once in :mod:`dsgd.kernels.abi`.
 """
 from __future__ import annotations
 
@@ -141,7 +144,8 @@ def build(force: bool = False, source: Path = SOURCE) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise KernelUnavailable(f"cannot create the kernel cache {target.parent}: {e} (set DSGD_KERNEL_CACHE)") from None
+        raise KernelUnavailable(
+            f"cannot create the kernel cache {target.parent}: {e} (set DSGD_KERNEL_CACHE)") from None
     with _file_lock(target.with_suffix(".lock")):
         if target.exists() and not force:  # another process built it while we waited
             return target

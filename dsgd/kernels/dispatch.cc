@@ -225,6 +225,7 @@ TFE_TensorHandle* AddressTensor(const std::vector<TFE_TensorHandle*>& parts, TF_
 }
 
 // run_all(ctx, comps, select, op, device, before, after, ints, bools, types, outputs)
+//   (positional; dsgd calls it through dsgd/kernels/dispatch.py's run_all, which names them)
 //   One `op` (DsgdMultiSgdAll, DsgdMultiSumSqAt) on `device` for the components on every
 //   device: inputs before + [addresses and counts of comps[i][k], device-major, for i in
 //   select[k] (all when select is None)] + after; attribute T.  Returns the op's first

@@ -1,7 +1,7 @@
 """``grouped`` inside ``tf.function``: the whole step as one kernel call per device, in the graph.
 
 Eagerly, ``grouped`` feeds its kernel each device's shards from outside DTensor
-(:mod:`dsgd.impl.multi_tensor`).  Inside a ``tf.function`` (a custom train step,
+(:mod:`dsgd.impl.grouped`).  Inside a ``tf.function`` (a custom train step,
 ``model.fit``) there is no outside: every op goes through DTensor's SPMD expansion, and a
 custom op has no expander (DTensor refuses it, or all-gathers its resource inputs).  So the
 step is an ``Assert`` node whose ``_kernel`` attribute is ``"dsgd_sgd"``:
@@ -43,12 +43,13 @@ import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2
 from tensorflow.python.ops import control_flow_util
 
-from dsgd import kernels, rules
-from dsgd.kernels import abi
-from dsgd.impl.dtensor_ops import OpsDTensor, densify
-from dsgd.impl.local import local_entry
+from dsgd import kernels
 from dsgd.impl.base import Items
-from dsgd.impl.multi_tensor import Grouped, _momentum_dtype, pack_varsets
+from dsgd.impl.gradients import densify, update_gradient
+from dsgd.impl.grouped import Grouped, momentum_dtype, pack_varsets
+from dsgd.impl.local import local_entry
+from dsgd.impl.ops import OpsDTensor
+from dsgd.kernels import abi
 from dsgd.plan import Group, StepArgs
 
 KERNEL_LABEL = "dsgd_sgd"  # GraphSgdOp's label in multi_momentum.cc
@@ -102,7 +103,7 @@ class GroupedInGraph(OpsDTensor):
     def __init__(self, group: Group, options) -> None:
         super().__init__(group, options)
         self._ops = kernels.load()  # also registers the labelled kernel in this process
-        self._tmomentum = _momentum_dtype(group)
+        self._tmomentum = momentum_dtype(group)
         # never evicted: a traced function keeps using its sets for as long as it lives
         self._packed: dict[tuple, tuple[tuple, list, list[int]]] = {}
 
@@ -136,11 +137,11 @@ class GroupedInGraph(OpsDTensor):
         if any(isinstance(g, tf.IndexedSlices) for _, g in items):
             # as fused: scale and clip the slices before duplicated rows are summed, so the
             # kernel's own scaling and clipping are off for this step
-            grads = [densify(rules.scale_and_clip(g, None if scales is None else scales[i], clipvalue, e.var.dtype), e)
+            grads = [update_gradient(g, scales, i, clipvalue, e.var.dtype, e.var.shape, e.layout)
                      for i, (e, g) in enumerate(items)]
             scales, clipvalue = None, None
         else:
-            grads = [densify(g, e) for e, g in items]
+            grads = [densify(g, e.var.shape, e.layout) for e, g in items]
         if scales is None:
             scale_t = tf.zeros([0], tf.float32)
         elif tf.is_tensor(scales):

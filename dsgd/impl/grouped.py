@@ -40,13 +40,12 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tensorflow.python.eager import context as _context
 from tensorflow.python.framework.ops import EagerTensor
 
-from dsgd import eager_dtensor, kernels, rules
-from dsgd.kernels import abi
-from dsgd.impl.local import LocalEntry, densify_local
-from dsgd.impl.per_shard import LocalImplementation
+from dsgd import eager_dtensor, kernels
+from dsgd.impl.gradients import update_gradient
+from dsgd.impl.local import LocalEntry, LocalImplementation
+from dsgd.kernels import abi, dispatch
 from dsgd.plan import Group, StepArgs
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -116,7 +115,7 @@ class Grouped(LocalImplementation):
     def __init__(self, group: Group, options, locals_: Optional[dict] = None) -> None:
         super().__init__(group, options, locals_)
         self._ops = kernels.load()
-        self._tmomentum = _momentum_dtype(group)
+        self._tmomentum = momentum_dtype(group)
         self._plans: dict[tuple, list[_Call]] = {}
         self._sumsq_plans: dict[tuple, _SumSq] = {}
         self._hypers: dict[tuple, tf.Tensor] = {}
@@ -217,9 +216,8 @@ class Grouped(LocalImplementation):
         sumsq = self._ops.dsgd_multi_sum_sq
         if isinstance(split, _Direct):  # one call sums every device's primaries: the totals on device 0
             plan = self._sumsq_plan(split.les)
-            total = split.mod.run_all(
-                _context.context()._handle, split.comps, plan.index, "DsgdMultiSumSqAt", self.devices[0], [],
-                [plan.all_slots], {"size": len(split)}, None, None, 1)
+            total = dispatch.run_all(split.mod, split.comps, op="DsgdMultiSumSqAt", device=self.devices[0],
+                                     select=plan.index, after=[plan.all_slots], ints={"size": len(split)}, outputs=1)
             return [plan.zeros[0] if total is None else total]  # no zeros to add for the other devices
         plan = self._sumsq_plan([le for le, _ in split])
         out = []
@@ -256,11 +254,13 @@ class Grouped(LocalImplementation):
             if call.sparse:
                 call_scales, hyper = self._no_scales, self._hyper(args, clip=False)
             else:
-                call_scales, hyper = _scale_vector(scales, call.index, len(split), self._no_scales), self._hyper(args, True)
+                call_scales = _scale_vector(scales, call.index, len(split), self._no_scales)
+                hyper = self._hyper(args, True)
             for k, dev in enumerate(self.devices):
                 with tf.device(dev):
-                    if call.sparse:
-                        grads = [self._sparse_dense(split[i][1][k], le, scales, i, args)
+                    if call.sparse:  # scaled and clipped slice by slice, then summed (the kernel's clipping off)
+                        grads = [update_gradient(split[i][1][k], scales, i, args.clipvalue, self.group.dtype,
+                                                 le.local_shape)
                                  for i, le in zip(call.index, call.entries)]
                     else:
                         grads = [split[i][1][k] for i in call.index] if sparse else list(per_device[k])
@@ -279,13 +279,9 @@ class Grouped(LocalImplementation):
         after = [args.lr, call_scales, call.decay, self._hyper(args, True)]
         bools = {"use_momentum": use_momentum, "nesterov": bool(args.nesterov), "use_ema": use_ema,
                  "ema_overwrite": bool(args.ema_overwrite) and use_ema}
-        split.mod.run_all(
-            _context.context()._handle, split.comps, None, "DsgdMultiSgdAll", self.devices[0], [call.addresses],
-            after, None, bools, {"Tmomentum": self._tmomentum.as_datatype_enum}, 0)
-
-    def _sparse_dense(self, g: tf.IndexedSlices, le: LocalEntry, scales, i: int, args: StepArgs) -> tf.Tensor:
-        g = rules.scale_and_clip(g, None if scales is None else scales[i], args.clipvalue, self.group.dtype)
-        return densify_local(g, le.local_shape[0])
+        dispatch.run_all(split.mod, split.comps, op="DsgdMultiSgdAll", device=self.devices[0],
+                         before=[call.addresses], after=after, bools=bools,
+                         types={"Tmomentum": self._tmomentum.as_datatype_enum})
 
 
 class Counter:
@@ -334,7 +330,8 @@ def _set_addresses(ops, devices: Sequence[str], varsets: Sequence[tf.Tensor]) ->
         return tf.stack(parts)
 
 
-def _momentum_dtype(group: Group) -> tf.DType:
+def momentum_dtype(group: Group) -> tf.DType:
+    """The dtype the group's momentum slots are kept in (the kernel's ``Tmomentum``)."""
     first = group.entries[0]
     return first.momentum.dtype if first.momentum is not None else group.dtype
 
