@@ -184,7 +184,7 @@ def main_whole(args) -> int:
                          force=args.force, memory_budget=args.memory_budget, target_mesh=args.target_mesh,
                          target_batch=args.target_batch_size, hardware=args.hardware,
                          rounds=args.rounds or ROUNDS, progress=not args.quiet,
-                         rules=[r.strip() for r in args.rules.split(",") if r.strip()])
+                         rules=[r.strip() for r in args.rules.split(",") if r.strip()], statistic=args.statistic)
     print(step_report.render(advice, args.format))
     out = sys.stdout if args.format == "table" else sys.stderr
     if args.emit_layout_map:

@@ -52,6 +52,7 @@ class StepAdvice:
     target: Any = None  # DataFrame of the target mesh's plans, predicted
     target_search: Any = None
     rows: list = field(default_factory=list)  # the raw worker rows
+    statistic: str = "median"  # of the timed steps, what step_ms is
     estimates: list = field(default_factory=list)  # (seconds spent, estimated total seconds) as the run went
 
     def plan(self, name: str):
@@ -87,10 +88,10 @@ def _mesh_hardware(host: step_model.Hardware, cal: Optional[dict]) -> step_model
                                links, host.source)
 
 
-def _stats(r: Optional[dict]) -> dict:
+def _stats(r: Optional[dict], statistic: str = "median") -> dict:
     if not r or r.get("status") != "ok" or "median_ms" not in r:
         return {}
-    return {"ms": r["median_ms"], "p25": r["p25_ms"], "p75": r["p75_ms"],
+    return {"ms": r[f"{statistic}_ms"], "p25": r["p25_ms"], "p75": r["p75_ms"],
             "spread": (r["p75_ms"] - r["p25_ms"]) / r["median_ms"]}
 
 
@@ -106,13 +107,13 @@ def _collective_text(prog: dp.ProgramSummary) -> str:
 
 
 def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step_model.Hardware, *,
-               batch: int, opts: dict) -> list:
+               batch: int, opts: dict, statistic: str = "median") -> list:
     """One row per plan: measured (dsgd, floor), the program, memory and the prediction."""
     out = []
     for p in plans:
         mine = next((r for r in raw if r["plan"] == p.name and r["job"] == "dsgd"), None)
         floor = next((r for r in raw if r["plan"] == p.name and r["job"] == "floor"), None)
-        s, f = _stats(mine), _stats(floor)
+        s, f = _stats(mine, statistic), _stats(floor, statistic)
         mem = step_memory.state_bytes(graph, p, opts)
         n_dev = meshspec.mesh_size(p.mesh)
         prog_d = (mine or {}).get("program")
@@ -245,7 +246,8 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
                 memory_budget: Optional[int] = None, target_mesh: Optional[str] = None,
                 target_batch: Optional[int] = None, hardware: Optional[str] = None, rounds: int = ROUNDS,
                 min_time: float = MIN_TIMED_S, progress: bool = True, timeout: Optional[float] = None,
-                cwd: Optional[str] = None, rules: Sequence[str] = step_plans.DEFAULT_RULES) -> StepAdvice:
+                cwd: Optional[str] = None, rules: Sequence[str] = step_plans.DEFAULT_RULES,
+                statistic: str = "median") -> StepAdvice:
     """The whole-step advisor as a library call (``dsgd layouts --model module:function`` prints it)."""
     import os
 
@@ -294,7 +296,9 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
     finally:
         bar.close()
     host = _host_hardware(cals)
-    rows = build_rows(graph, search.plans, raw, cals, host, batch=batch, opts=opts)
+    if statistic not in ("median", "p25", "min"):
+        raise StepAdviceError(f"--statistic {statistic!r}: choose one of median, p25, min")
+    rows = build_rows(graph, search.plans, raw, cals, host, batch=batch, opts=opts, statistic=statistic)
     table = rank(pd.DataFrame(rows), memory_budget=memory_budget)
     ok = table[table["status"] == "ok"]
     advice = StepAdvice(model, devices, batch, loss_name, options, implementation, graph, search, table, cals, host,
@@ -321,6 +325,7 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
         advice.target = rank(pd.DataFrame(trows), memory_budget=memory_budget, time_col="pred_ms") if trows else None
     advice.elapsed_s = time.perf_counter() - t0
     advice.estimates = list(bar.history)
+    advice.statistic = statistic
     return advice
 
 

@@ -92,7 +92,8 @@ def render_lines(advice) -> list:
            f"dsgd {advice.implementation!r} ({advice.options})"]
     out.append("")
     out += render_table(advice)
-    out.append("step ms: the median measured step (±%: interquartile range / median), all plans timed interleaved in "
+    out.append(f"step ms: the {getattr(advice, 'statistic', 'median')} measured step (±%: interquartile range / "
+               "median), all plans timed interleaved in "
                "one process; floor: the same step with the no-update optimizer; dsgd: step - floor, the optimizer's "
                "share; pred ms: the step model (below); coll MiB: all-reduce payload per device per step, as DTensor "
                "ran it; mem MiB: params + slots (exact) + the step's transient peak (activations, gradients, buffers; "
