@@ -629,6 +629,7 @@ def test_progress_estimate_is_remade_from_finished_units(tmp_path):
     (["--model", "examples.models:convnet", "--batch-size", "0"], "--batch-size 0"),
     (["--model", "no_such_module_xyz:f"], "cannot be found"),
     (["--model", "examples.models:convnet", "--data", "no_such_module_xyz:data"], "--data"),
+    (["--model", "examples.models:convnet", "--steps", "3"], "--steps applies to --scope optimizer only"),
 ])
 def test_whole_step_bad_values_exit_2_naming_the_argument(argv, needle, capsys, monkeypatch):
     from dsgd.cli import main

@@ -11,6 +11,7 @@ import os
 from typing import Optional
 
 from dsgd import argcheck, meshspec
+from dsgd.advisor import plans
 from dsgd.argcheck import UsageError
 
 SCOPES = ("whole", "optimizer")
@@ -76,8 +77,21 @@ def check_step_mesh(spec: str, flag: str, devices: Optional[int]) -> None:
                          f"--devices {n}")
 
 
+#: options of the optimizer scope alone: (attribute, its default, the flag), refused with --scope whole
+OPTIMIZER_ONLY = (("no_reference", False, "--no-reference"), ("top", None, "--top"), ("steps", 8, "--steps"),
+                  ("max_plans", 8, "--max-plans"), ("min_shard_bytes", plans.DEFAULT_MIN_SHARD_BYTES,
+                                                    "--min-shard-bytes"),
+                  ("coverage", plans.DEFAULT_COVERAGE, "--coverage"), ("allow_fsdp", False, "--allow-fsdp"),
+                  ("data_axis", None, "--data-axis"), ("calibration_meshes", "1", "--calibration-meshes"),
+                  ("calibration", None, "--calibration"), ("devices_per_host", None, "--devices-per-host"))
+
+
 def check_step(args) -> None:
-    """Every value ``dsgd layouts --scope whole`` uses."""
+    """Every value ``dsgd layouts --scope whole`` uses (and none it would ignore)."""
+    for attr, default, flag in OPTIMIZER_ONLY:
+        if getattr(args, attr, default) != default:
+            raise UsageError(f"{flag} applies to --scope optimizer only; the whole step (--model module:function) "
+                             "does not use it (see dsgd layouts --help: the options marked 'whole')")
     from dsgd.advisor.step_inputs import LOSSES
     from dsgd.names import OPTION_PRESETS
 
