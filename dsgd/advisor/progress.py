@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 #: starting guesses (seconds) before a unit of the kind has finished, from runs on a 2-core VM
-GUESS_S = {"describe": 12.0, "start": 7.0, "build": 5.0, "rewarm": 1.5, "calibrate": 1.0, "round": 1.0}
+GUESS_S = {"describe": 12.0, "start": 7.0, "build": 5.0, "rewarm": 1.5, "calibrate": 0.6, "round": 0.7}
 
 
 @dataclass
