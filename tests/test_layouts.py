@@ -601,12 +601,12 @@ def test_progress_estimate_is_remade_from_finished_units(tmp_path):
     for key in ("p/dsgd", "q/dsgd"):
         t.add("build", key)
         t.add("round", key)
-    assert t.remaining_s() == 2 * progress_mod.GUESS_S["build"] + 2 * progress_mod.GUESS_S["round"]
+    assert t.remaining_s() == pytest.approx(2 * progress_mod.GUESS_S["build"] + 2 * progress_mod.GUESS_S["round"])
     t.finish("build", "p/dsgd", 10.0)
     t.finish("round", "p/dsgd", 3.0)
-    assert t.remaining_s() == 10.0 + 3.0  # the rest at the mean of their kind
+    assert t.remaining_s() == pytest.approx(10.0 + 3.0)  # the rest at the mean of their kind
     t.hint("round", "q/dsgd", 0.5)  # from q's step time, before any of its rounds has run
-    assert t.remaining_s() == 10.0 + 0.5
+    assert t.remaining_s() == pytest.approx(10.0 + 0.5)
     path = tmp_path / "progress.jsonl"
     path.write_text('{"unit": "build"}\n{"unit": "round"}\n{"unit": "par')
     got = []
