@@ -725,3 +725,25 @@ def test_whole_step_advice_end_to_end_on_four_devices(tmp_path, monkeypatch):
     doc = json.loads(out_map.read_text())
     assert doc["mesh"] == "batch=8,model=4" and doc["layouts"]
     assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+WHOLE_STEP_RUNS = Path(__file__).parent / "data" / "layouts_whole_step_2026-12-07.json.gz"
+
+
+@pytest.mark.parametrize("model, spearman_runs", [("mlp", (1.0, 1.0)), ("transformer", (0.8, 0.6)),
+                                                  ("convnet", (1.0, 1.0))])
+def test_the_documented_whole_step_runs(model, spearman_runs):
+    """docs/layouts-whole-step.md's figures, from the two runs of each model saved then (``--format json``):
+    the first run's recommendation is the second run's fastest plan, the predicted rankings' Spearman as
+    documented, every scaled program's collective bytes and FLOPs exact, parameters and slots exact."""
+    import gzip
+
+    doc = json.loads(gzip.decompress(WHOLE_STEP_RUNS.read_bytes()))
+    first, second = doc["runs"][model]
+    rec = next(r["plan"] for r in first["plans"] if r["recommended"])
+    assert min(second["plans"], key=lambda r: r["step_ms"])["plan"] == rec
+    for run, want in zip((first, second), spearman_runs):
+        got = step_model.spearman([r["pred_ms"] for r in run["plans"]], [r["step_ms"] for r in run["plans"]])
+        assert got == pytest.approx(want) and run["spearman"] == pytest.approx(want)
+        assert run["scaling_checks"] and all(c["bytes_exact"] and c["flops_exact"] for c in run["scaling_checks"])
+        assert all(r["state_exact"] for r in run["plans"]) and run["elapsed_s"] < 300
