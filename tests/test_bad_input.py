@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 
 import numpy as np
@@ -71,8 +72,12 @@ CTOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, exc, name", CTOR_CASES, ids=[
-    "-".join(f"{k}={v!r}"[:30] for k, v in c[0].items()) for c in CTOR_CASES])
+def _ctor_id(kwargs: dict) -> str:
+    """A stable test id (the same in every process, as pytest-xdist needs): no object addresses."""
+    return "-".join(re.sub(r" at 0x[0-9a-f]+", "", f"{k}={v!r}")[:30] for k, v in kwargs.items())
+
+
+@pytest.mark.parametrize("kwargs, exc, name", CTOR_CASES, ids=[_ctor_id(c[0]) for c in CTOR_CASES])
 def test_constructor_rejects(kwargs, exc, name):
     with pytest.raises(exc, match=name) as info:
         dsgd.SGD(**kwargs)
