@@ -221,9 +221,10 @@ def test_a_fit_step_failing_before_the_update_changes_nothing():
             model.fit(data(16, nan_row=3), epochs=1, steps_per_epoch=1, verbose=0)
             print("RESULT ran")
         except tf.errors.OpError as e:
-            print("ERROR", type(e).__name__, "labels are not finite" in str(e))
+            print("ERROR", type(e).__name__, "labels are not finite" in str(e), "dsgd_sgd" in str(e))
         after = local_values(handles)
         print("UNCHANGED", all(np.array_equal(a, b) for a, b in zip(before, after)), int(before[-1]), int(after[-1]))
     """), timeout=240))
-    assert "ERROR InvalidArgumentError True" in out, out
+    # the NaN's error, or now and then DTensor's own cancellation of another device's part (never dsgd's node's)
+    assert "ERROR InvalidArgumentError True False" in out or "ERROR CancelledError False False" in out, out
     assert "UNCHANGED True 2 2" in out, out

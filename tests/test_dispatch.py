@@ -129,7 +129,8 @@ def test_all_devices_call_checks_its_inputs(meshes):
     assert call.addresses is not None and call.addresses.shape == [8]
     devices = impl.devices
     two = mod.components([g, g], devices)  # 16 gradients for 8 sets of 1 variable
-    after = [tf.constant(0.5), tf.zeros([0]), tf.zeros([0], tf.bool), tf.constant([0.9, 0, 0, 0], tf.float64)]
+    after = [tf.constant(0.5), tf.zeros([0]), tf.zeros([0], tf.bool), tf.constant([0.9, 0, 0, 0], tf.float64),
+             tf.zeros([0], tf.int32)]
     before = to_numpy(v).copy()
     with pytest.raises(RuntimeError, match="variable sets"):
         mod.run_all(context.context()._handle, two, None, "DsgdMultiSgdAll", devices[0], [call.addresses], after,

@@ -345,3 +345,61 @@ def test_global_clip_scale_op_equals_rules(case):
     else:
         assert got == want  # the same float32 steps, no rounding of a sum involved
         assert got == pytest.approx(0.0 if case == "inf" else 1.0, abs=1e-7)
+
+
+def _replicas_agree(v) -> None:
+    """Every device's copy of each block of ``v`` (a variable or slot) is bit-equal to its first replica's."""
+    from dsgd.impl.local import local_entry
+    from dsgd.plan import new_entry, variable_layout
+
+    layout = variable_layout(v)
+    entry = new_entry(0, v, id(v), None, None, True, layout)
+    offsets = local_entry(entry).offsets
+    comps = [c.numpy() for c in dtensor.unpack(v.read_value())]
+    for k, off in enumerate(offsets):
+        first = offsets.index(off)
+        np.testing.assert_array_equal(comps[k], comps[first], err_msg=f"{v.name}: device {k}'s copy of its block")
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize("mesh_spec", ["batch=8", "batch=2,model=4"])
+@pytest.mark.parametrize("option", ["momentum", "full"])
+def test_every_replica_of_a_block_is_written(meshes, mesh_spec, option, mode):
+    """The kernel computes each replicated block once and copies the results to the other devices
+    holding it: after several steps every device's weights, momentum and average equal their first
+    replica's, bit for bit, and the float64 model (eagerly through the by-address call, inside
+    ``tf.function`` through the in-graph node's replica map)."""
+    mesh, variables, layouts = _model(meshes, mesh_spec, "float32")
+    opts = OPTIONS[option]
+    opt = dsgd.SGD(mesh=mesh, implementation="grouped", **opts)
+    o64 = r64.Options64(**{k: v for k, v in opts.items() if k in r64.Options64.__dataclass_fields__})
+    state = r64.init_state([to_numpy(v) for v in variables], o64)
+    step = tf.function(lambda gs: opt.apply_gradients(zip(gs, variables))) if mode == "function" else \
+        (lambda gs: opt.apply_gradients(zip(gs, variables)))
+    for k in range(3):
+        grads = _grads(variables, layouts, k, "float32")
+        step(grads)
+        r64.step(state, [to_numpy(g) for g in grads], o64)
+    assert resolved_implementations(opt) == ("grouped_graph" if mode == "function" else "grouped")
+    _check_against_float64(variables, state, "float32")
+    for v in variables + list(opt.momentums) + list(opt._model_variables_moving_average):
+        _replicas_agree(v)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_a_replicated_block_is_computed_once_from_its_first_replica(meshes, mode):
+    """What the copying means: a replicated gradient is the same on every device (DTensor's invariant,
+    an all-reduce's result), so only its first replica is read.  Packed by hand with a different value
+    on each device, every device's copy of the weights gets the first device's update."""
+    mesh = meshes("batch=8")
+    lay = dtensor.Layout([U], mesh)
+    v = dtensor.DVariable(to_layout(np.zeros(4, np.float32), lay))
+    opt = dsgd.SGD(0.5, mesh=mesh, implementation="grouped")
+    g = dtensor.pack([tf.fill([4], float(k + 1)) for k in range(8)], lay)
+    if mode == "function":
+        tf.function(lambda g: opt.apply_gradients([(g, v)]))(g)
+    else:
+        opt.apply_gradients([(g, v)])
+    comps = [c.numpy() for c in dtensor.unpack(v.read_value())]
+    for c in comps:
+        np.testing.assert_array_equal(c, np.full(4, -0.5, np.float32))

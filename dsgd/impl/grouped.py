@@ -44,7 +44,7 @@ from tensorflow.python.framework.ops import EagerTensor
 
 from dsgd import eager_dtensor, kernels
 from dsgd.impl.gradients import update_gradient
-from dsgd.impl.local import LocalEntry, LocalImplementation
+from dsgd.impl.local import LocalEntry, LocalImplementation, replica_sources
 from dsgd.kernels import abi, dispatch
 from dsgd.plan import Group, StepArgs
 
@@ -62,6 +62,7 @@ class _Call:
     varsets: list[tf.Tensor]  # per device: DsgdPackVars of the variables and their slots
     decay: tf.Tensor  # host bool [n], or [0]: every variable decays
     addresses: Optional[tf.Tensor] = None  # host int64 [devices]: the varsets, for DsgdMultiSgdAll (dense)
+    sources: Optional[tf.Tensor] = None  # host int32 [devices * n] or [0]: replica map (local.replica_sources)
 
 
 @dataclass
@@ -179,7 +180,12 @@ class Grouped(LocalImplementation):
         mask = [le.entry.decay for le in les]
         decay = self._no_mask if all(mask) else tf.constant(mask, tf.bool)
         addresses = None if sparse else _set_addresses(self._ops, self.devices, varsets)
-        return _Call(index=index, entries=les, sparse=sparse, varsets=varsets, decay=decay, addresses=addresses)
+        sources = None
+        if not sparse:  # one call for every device: each replicated block computed once, copied to the others
+            with tf.device(self.devices[0]):
+                sources = tf.constant(replica_sources(les) or [], tf.int32)
+        return _Call(index=index, entries=les, sparse=sparse, varsets=varsets, decay=decay, addresses=addresses,
+                     sources=sources)
 
     def _hyper(self, args: StepArgs, clip: bool) -> tf.Tensor:
         key = tuple(abi.hyper(momentum=args.momentum or 0.0, weight_decay=args.weight_decay or 0.0,
@@ -276,7 +282,7 @@ class Grouped(LocalImplementation):
         use_momentum = call.entries[0].momentum is not None
         use_ema = args.ema_momentum is not None
         call_scales = _scale_vector(scales, call.index, len(split), self._no_scales)
-        after = [args.lr, call_scales, call.decay, self._hyper(args, True)]
+        after = [args.lr, call_scales, call.decay, self._hyper(args, True), call.sources]
         bools = {"use_momentum": use_momentum, "nesterov": bool(args.nesterov), "use_ema": use_ema,
                  "ema_overwrite": bool(args.ema_overwrite) and use_ema}
         dispatch.run_all(split.mod, split.comps, op="DsgdMultiSgdAll", device=self.devices[0],

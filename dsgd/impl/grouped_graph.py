@@ -47,7 +47,7 @@ from dsgd import kernels
 from dsgd.impl.base import Items
 from dsgd.impl.gradients import densify, update_gradient
 from dsgd.impl.grouped import Grouped, momentum_dtype, pack_varsets
-from dsgd.impl.local import local_entry
+from dsgd.impl.local import local_entry, replica_sources
 from dsgd.impl.ops import OpsDTensor
 from dsgd.kernels import abi
 from dsgd.plan import Group, StepArgs
@@ -107,9 +107,10 @@ class GroupedInGraph(OpsDTensor):
         # never evicted: a traced function keeps using its sets for as long as it lives
         self._packed: dict[tuple, tuple[tuple, list, list[int]]] = {}
 
-    def _sets(self, entries, use_momentum: bool, use_ema: bool) -> list[int]:
+    def _sets(self, entries, use_momentum: bool, use_ema: bool) -> tuple[list[int], list[int]]:
         """(device index, set address) for each local device: the variables and slots packed
-        per device (``DsgdPackVars``, eagerly, once per set of variables), kept alive here."""
+        per device (``DsgdPackVars``, eagerly, once per set of variables), kept alive here; and the
+        replica map over those devices (:func:`dsgd.impl.local.replica_sources`; empty: none)."""
         key = (tuple(id(e) for e in entries), use_momentum, use_ema)
         packed = self._packed.get(key)
         if packed is None:
@@ -122,9 +123,12 @@ class GroupedInGraph(OpsDTensor):
                     with tf.device(dev):
                         address = int(self._ops.dsgd_var_set_address(h).numpy())
                     pairs += [tf.DeviceSpec.from_string(dev).device_index, address]
+                n = len(les)
+                sources = replica_sources(les) or []
+                replicas = [s // n for s in sources]  # item k * n + i -> the position of the computing device
             # the entries are kept too, so their ids (the key) are never reused for others
-            packed = self._packed[key] = (tuple(entries), handles, pairs)
-        return packed[2]
+            packed = self._packed[key] = (tuple(entries), handles, pairs, replicas)
+        return packed[2], packed[3]
 
     def apply(self, items: Items, args: StepArgs, scales: Optional[Sequence[tf.Tensor]]) -> None:
         if not items:
@@ -154,7 +158,7 @@ class GroupedInGraph(OpsDTensor):
                                       clipvalue=clipvalue or 0.0, ema_momentum=args.ema_momentum if use_ema else 0.0),
                             tf.float64)
         overwrite = args.ema_overwrite if tf.is_tensor(args.ema_overwrite) else tf.constant(bool(args.ema_overwrite))
-        sets = self._sets(entries, use_momentum, use_ema)
+        sets, replicas = self._sets(entries, use_momentum, use_ema)
         meta = tf.constant(abi.meta(n=n, use_momentum=use_momentum, nesterov=bool(args.nesterov), use_ema=use_ema,
                                     dtype=self.group.dtype.as_datatype_enum,
                                     momentum_dtype=self._tmomentum.as_datatype_enum, local_devices=len(sets) // 2,
@@ -166,6 +170,7 @@ class GroupedInGraph(OpsDTensor):
         if args.counter is not None:  # the kernel counts the step on every device, after the update
             data.append(args.counter.handle)
         data.append(tf.constant(sets, tf.int64))
+        data.append(tf.constant(replicas, tf.int32))
         graph = tf.compat.v1.get_default_graph()
         no_xla = {"_XlaCompile": attr_value_pb2.AttrValue(b=False)}
         with graph._kernel_label_map({"Assert": KERNEL_LABEL}), graph._attr_scope(no_xla):

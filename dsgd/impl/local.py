@@ -10,7 +10,7 @@ mesh only this client's devices are local; everything here works on those.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import tensorflow as tf
 from tensorflow.experimental import dtensor
@@ -73,6 +73,17 @@ def local_entry(entry: Entry) -> LocalEntry:
         momentum=_handles(entry.momentum), average=_handles(entry.average),
         offsets=offsets, local_shape=lshape, inv_replication=1.0 / entry.replication, primary=primary,
     )
+
+
+def replica_sources(les: Sequence[LocalEntry]) -> Optional[list[int]]:
+    """The kernels' replica map for one call over every local device (items device-major: device
+    ``k``'s variable ``i`` is item ``k * n + i``): for each item, the item that computes its shard --
+    the first local device holding the same block (the same offsets) -- or None when no device holds
+    another's block.  The kernel then runs the rule once per block and copies the results to the
+    replicas (``SgdStep`` in ``multi_momentum.cc``)."""
+    n = len(les)
+    out = [le.offsets.index(le.offsets[k]) * n + i for k in range(len(les[0].devices)) for i, le in enumerate(les)]
+    return None if out == list(range(len(out))) else out
 
 
 def unpack_dense(g, le: LocalEntry) -> list[tf.Tensor]:

@@ -22,8 +22,10 @@ META: tuple[str, ...] = ("n", "use_momentum", "nesterov", "use_ema", "dtype", "m
                          "token", "counter")
 
 #: The in-graph node's inputs (an ``Assert``'s condition, then its data), in order; after the
-#: ``n`` gradients: ``n`` variable handles, the counter's handle when ``meta.counter``, and the
-#: per-device variable sets ``int64 [2 * local_devices]`` (device index, set address).
+#: ``n`` gradients: ``n`` variable handles, the counter's handle when ``meta.counter``, the
+#: per-device variable sets ``int64 [2 * local_devices]`` (device index, set address), and the
+#: replica map ``int32 [local_devices * n]`` or ``[0]`` (which device's copy computes each shard:
+#: :func:`dsgd.impl.local.replica_sources`).
 GRAPH_INPUTS: tuple[str, ...] = ("condition", "meta", "lr", "scales", "decay", "hyper", "overwrite", "grads")
 
 

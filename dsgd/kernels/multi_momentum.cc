@@ -47,6 +47,10 @@
 #include <unordered_set>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "tensorflow/core/framework/cancellation.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -163,6 +167,7 @@ REGISTER_OP("DsgdMultiSgdAll")
     .Input("scales: float")   // [n], [1] or [0]: per variable i, shared by the devices
     .Input("decay: bool")     // [n] or [0]
     .Input("hyper: double")
+    .Input("sources: int32")  // [D n] or [0]: item j is a replica of item sources[j] (see SgdStep)
     .Attr("T: {float, double, bfloat16, half}")
     .Attr("Tmomentum: {float, double, bfloat16, half}")
     .Attr("use_momentum: bool = true")
@@ -172,7 +177,7 @@ REGISTER_OP("DsgdMultiSgdAll")
     .SetIsStateful()
     .SetShapeFn(shape_inference::NoOutputs)
     .Doc("DsgdMultiSgd over the variable sets of several devices in one call, gradients by address "
-         "(dsgd's C++ dispatch only).");
+         "(dsgd's C++ dispatch only); each replica of a variable's shard is written from one computation.");
 
 // Arithmetic type: double for double, float for everything else.
 template <typename T> struct Compute { using type = float; };
@@ -498,13 +503,56 @@ struct Grads {
   X(float, float) X(double, double) X(Eigen::bfloat16, Eigen::bfloat16) X(Eigen::bfloat16, float) \
   X(Eigen::half, Eigen::half) X(Eigen::half, float)
 
+// Elements per block of a computed update that is copied to the shard's replicas before the next
+// block: the fresh results are still in the core's cache (w, m and the average: 96 KB of float32).
+constexpr int64_t kReplicaBlock = 8192;
+
+// A replica's block written with non-temporal stores where the destination is 16-byte aligned (a
+// block's start is, in TensorFlow's 64-byte aligned buffers): the replica's old values are never
+// read, so a cached store's read-for-ownership would double its traffic.  The caller fences.
+inline void StreamCopy(void* dst_v, const void* src_v, int64_t bytes) {
+  char* dst = static_cast<char*>(dst_v);
+  const char* src = static_cast<const char*>(src_v);
+  int64_t i = 0;
+#if defined(__SSE2__)
+  if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    for (; i + 64 <= bytes; i += 64) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+    }
+  }
+#endif
+  if (i < bytes) std::memcpy(dst + i, src + i, bytes - i);
+}
+
+// Orders this thread's non-temporal stores before what follows (its part of the work is done).
+inline void StoreFence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // The update of one call: the variables of `sets` (set j / n's variable j % n for gradient j),
 // in place, all checked before any is written.  Shared by DsgdMultiSgd(All) and the in-graph
 // step (GraphSgdOp).
+//
+// Replicas (`sources`, nullable, one entry per item): item j holds the same shard of the same
+// variable as item sources[j] (its own index for the item that computes).  A replicated shard has
+// the same weights, slots and gradient on every device that holds it (DTensor's invariant, and an
+// all-reduce hands every device the same sum), so the rule runs once per shard and its results
+// are copied into the other replicas' weights and slots, block by block while they are in cache:
+// per element and replica 8 bytes written (w, m) instead of 12 read and 8 written.  The replicas'
+// gradients are not read.
 template <typename T, typename Tm>
 void SgdStep(OpKernelContext* ctx, const Grads<T>& grads, const std::vector<core::RefCountPtr<VarSet>>& sets,
              const Tensor& lr_t, const Tensor& scales_t, const Tensor& decay_t, const Tensor& hyper_t,
-             bool use_momentum, bool nesterov, bool use_ema, bool ema_overwrite) {
+             bool use_momentum, bool nesterov, bool use_ema, bool ema_overwrite, const int32_t* sources = nullptr) {
   using C = typename Compute<T>::type;
   const int total = grads.n();
   const int n = sets[0]->n();  // variables per set; item j is set j / n's variable j % n
@@ -584,15 +632,50 @@ void SgdStep(OpKernelContext* ctx, const Grads<T>& grads, const std::vector<core
     it.k = step;
     it.k.scale = ns == 0 ? C(1) : static_cast<C>(scales[ns == 1 ? 0 : i]);
     it.decay = wd != C(0) && (nd == 0 || decay[i]);
-    slices.offsets[j + 1] = slices.offsets[j] + gcount;
   }
+  // the items that compute (all, without sources), and each one's replicas
+  std::vector<int> computing;
+  std::vector<std::vector<int>> replicas(total);
+  for (int j = 0; j < total; ++j) {
+    const int src = sources == nullptr ? j : sources[j];
+    OP_REQUIRES(ctx, src >= 0 && src < total && (sources == nullptr || sources[src] == src) && src % n == j % n &&
+                         grads.count[src] == grads.count[j],
+                absl::InvalidArgumentError(absl::StrCat("sources[", j, "] = ", src, " is not an item that computes "
+                                                        "the same variable's shard")));
+    if (src == j) {
+      computing.push_back(j);
+    } else {
+      replicas[src].push_back(j);
+    }
+  }
+  slices.offsets.resize(computing.size() + 1);
+  for (size_t c = 0; c < computing.size(); ++c) slices.offsets[c + 1] = slices.offsets[c] + grads.count[computing[c]];
   const UpdateFn<T, Tm> with_decay = PickUpdate<T, Tm>(mom, true, has_a);
   const UpdateFn<T, Tm> without_decay = PickUpdate<T, Tm>(mom, false, has_a);
-  const int64_t bytes_per_elem = (has_m ? 2 * sizeof(Tm) : 0) + (has_a ? 2 : 0) * sizeof(T) + 3 * sizeof(T);
-  ParallelRange(ctx, slices.offsets[total], bytes_per_elem, [&](int64_t begin, int64_t end) {
-    slices.ForEach(begin, end, [&](int i, int64_t b, int64_t e) {
-      const Item& it = items[i];
-      (it.decay ? with_decay : without_decay)(it.w, it.m, it.a, it.g, b, e, it.k);
+  const int64_t copies = total - static_cast<int64_t>(computing.size());
+  const int64_t state_bytes = (has_m ? sizeof(Tm) : 0) + (has_a ? 2 : 1) * sizeof(T);  // w, m, a: written per replica
+  const int64_t bytes_per_elem = (has_m ? 2 * sizeof(Tm) : 0) + (has_a ? 2 : 0) * sizeof(T) + 3 * sizeof(T) +
+                                 (computing.empty() ? 0 : copies * state_bytes / static_cast<int64_t>(computing.size()));
+  ParallelRange(ctx, slices.offsets[computing.size()], bytes_per_elem, [&](int64_t begin, int64_t end) {
+    slices.ForEach(begin, end, [&](int c, int64_t b, int64_t e) {
+      const Item& it = items[computing[c]];
+      const UpdateFn<T, Tm> update = it.decay ? with_decay : without_decay;
+      const std::vector<int>& reps = replicas[computing[c]];
+      if (reps.empty()) {
+        update(it.w, it.m, it.a, it.g, b, e, it.k);
+        return;
+      }
+      for (int64_t bb = b; bb < e; bb += kReplicaBlock) {
+        const int64_t ee = std::min(e, bb + kReplicaBlock);
+        update(it.w, it.m, it.a, it.g, bb, ee, it.k);
+        for (int r : reps) {
+          const Item& rep = items[r];
+          StreamCopy(rep.w + bb, it.w + bb, (ee - bb) * sizeof(T));
+          if (has_m) StreamCopy(rep.m + bb, it.m + bb, (ee - bb) * sizeof(Tm));
+          if (has_a) StreamCopy(rep.a + bb, it.a + bb, (ee - bb) * sizeof(T));
+        }
+      }
+      StoreFence();
     });
   });
 }
@@ -626,8 +709,15 @@ class MultiSgdOp : public OpKernel {
       OP_REQUIRES_OK(ctx, LookupResource<VarSet, false>(ctx, HandleFromInput(ctx, 0), &set_raw));
       sets.emplace_back(set_raw);
     }
+    const int32_t* sources = nullptr;
+    if (by_address_) {
+      const Tensor& sources_t = ctx->input(g1 + 4);
+      OP_REQUIRES(ctx, sources_t.NumElements() == 0 || sources_t.NumElements() == grads.n(),
+                  absl::InvalidArgumentError(absl::StrCat("sources must have 0 or ", grads.n(), " elements")));
+      if (sources_t.NumElements() > 0) sources = sources_t.flat<int32_t>().data();
+    }
     SgdStep<T, Tm>(ctx, grads, sets, ctx->input(g1), ctx->input(g1 + 1), ctx->input(g1 + 2), ctx->input(g1 + 3),
-                   use_momentum_, nesterov_, use_ema_, ema_overwrite_);
+                   use_momentum_, nesterov_, use_ema_, ema_overwrite_, sources);
   }
 
  private:
@@ -647,7 +737,9 @@ class MultiSgdOp : public OpKernel {
 // data (inputs 1..., GraphInput; meta's fields are Meta's, hyper's Hyper's):
 //   meta int64 [kMetaSize], lr float [], scales float [n|1|0], decay bool [n|0], hyper double [kHyperSize],
 //   ema_overwrite bool [], grads n * T, vars n * resource, the counter's resource when meta[kMetaCounter],
-//   sets int64 [2 * local]: (device index, DsgdVarSet address) for each local device
+//   sets int64 [2 * local]: (device index, DsgdVarSet address) for each local device,
+//   replicas int32 [local * n] or [0]: for the device at position p of the sets and variable i, the
+//     position of the device whose copy computes that shard (SgdStep's replicas)
 //
 // The counter (the optimizer's iterations, an int64 scalar variable) is incremented by the step
 // itself, on every device's copy, after the update and only when it succeeded: a step that fails
@@ -837,7 +929,7 @@ class GraphSgdOp : public AsyncOpKernel {
     const int n = static_cast<int>(meta(kMetaN));
     const bool use_m = meta(kMetaUseMomentum) != 0, use_ema = meta(kMetaUseEma) != 0;
     const DataType t = static_cast<DataType>(meta(kMetaDtype));
-    if (n < 1 || ctx->num_inputs() != SetsInput(meta) + 1) {
+    if (n < 1 || ctx->num_inputs() != ReplicasInput(meta) + 1) {
       return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: ", ctx->num_inputs(), " inputs for ", n, " variables"));
     }
     for (int i = 0; i < n; ++i) {
@@ -883,6 +975,45 @@ class GraphSgdOp : public AsyncOpKernel {
   static int SetsInput(const M& meta) {
     return CounterInput(meta) + (meta(kMetaCounter) != 0 ? 1 : 0);
   }
+  template <typename M>
+  static int ReplicasInput(const M& meta) {
+    return SetsInput(meta) + 1;
+  }
+
+  // SgdStep's sources for the gathered copies (`ctxs` in the order they joined): the node's replica
+  // map says, for each device of the sets (in their order) and variable, which device's copy computes
+  // it; empty when nothing is replicated (or one copy runs alone).
+  static absl::Status Sources(const std::vector<OpKernelContext*>& ctxs, int n, std::vector<int32_t>* out) {
+    OpKernelContext* ctx = ctxs[0];
+    const auto meta = ctx->input(kGraphInputMeta).flat<int64_t>();
+    const Tensor& map_t = ctx->input(ReplicasInput(meta));
+    const int local = static_cast<int>(meta(kMetaLocalDevices));
+    if (map_t.NumElements() == 0 || ctxs.size() < 2) return absl::OkStatus();
+    if (map_t.dtype() != DT_INT32 || map_t.NumElements() != static_cast<int64_t>(local) * n ||
+        static_cast<int>(ctxs.size()) != local) {
+      return absl::InvalidArgumentError(absl::StrCat("dsgd_sgd: the replica map must be int32 [", local, " * ", n, "]"));
+    }
+    const auto pairs = ctx->input(SetsInput(meta)).flat<int64_t>();
+    const auto map = map_t.flat<int32_t>();
+    std::vector<int> ctx_at(local, -1);  // position in the sets -> index in ctxs
+    for (int c = 0; c < local; ++c) {
+      const int id = ctxs[c]->device()->parsed_name().id;
+      for (int p = 0; p < local; ++p) {
+        if (pairs(2 * p) == id) ctx_at[p] = c;
+      }
+    }
+    out->assign(static_cast<size_t>(local) * n, 0);
+    for (int p = 0; p < local; ++p) {
+      for (int i = 0; i < n; ++i) {
+        const int src = map(p * n + i);
+        if (ctx_at[p] < 0 || src < 0 || src >= local || ctx_at[src] < 0) {
+          return absl::InvalidArgumentError("dsgd_sgd: the replica map names a device outside the step");
+        }
+        (*out)[ctx_at[p] * n + i] = ctx_at[src] * n + i;
+      }
+    }
+    return absl::OkStatus();
+  }
 
   // Adds 1 to the counter of every copy (each device's copy of the iterations variable), all
   // checked before any is changed.
@@ -926,6 +1057,8 @@ class GraphSgdOp : public AsyncOpKernel {
     const DataType t = static_cast<DataType>(meta(kMetaDtype)), tm = static_cast<DataType>(meta(kMetaMomentumDtype));
     const Tensor& overwrite_t = ctx->input(kGraphInputOverwrite);
     const bool overwrite = overwrite_t.NumElements() == 1 && overwrite_t.flat<bool>()(0);
+    std::vector<int32_t> sources;
+    OP_REQUIRES_OK(ctx, Sources(ctxs, n, &sources));
     bool known = false;
 #define DSGD_GRAPH_CASE(TT, TM)                                                                            \
   if (!known && t == DataTypeToEnum<TT>::value && tm == DataTypeToEnum<TM>::value) {                       \
@@ -934,7 +1067,7 @@ class GraphSgdOp : public AsyncOpKernel {
     for (OpKernelContext* c : ctxs) OP_REQUIRES_OK(ctx, grads.Read(c, false, kGraphInputGrads, n));        \
     SgdStep<TT, TM>(ctx, grads, sets, ctx->input(kGraphInputLr), ctx->input(kGraphInputScales),            \
                     ctx->input(kGraphInputDecay), ctx->input(kGraphInputHyper), use_m, nesterov, use_ema,  \
-                    overwrite);                                                                            \
+                    overwrite, sources.empty() ? nullptr : sources.data());                                \
   }
     DSGD_SGD_DTYPES(DSGD_GRAPH_CASE)
 #undef DSGD_GRAPH_CASE
@@ -1098,7 +1231,7 @@ class MultiSumSqOp : public OpKernel {
   REGISTER_KERNEL_BUILDER(                                                                         \
       Name("DsgdMultiSgdAll").Device(DEVICE_CPU).TypeConstraint<T>("T").TypeConstraint<TM>("Tmomentum") \
           .HostMemory("varsets").HostMemory("grads").HostMemory("lr").HostMemory("scales")          \
-          .HostMemory("decay").HostMemory("hyper"),                                               \
+          .HostMemory("decay").HostMemory("hyper").HostMemory("sources"),                         \
       MultiSgdOp<T, TM>);
 
 DSGD_SGD_DTYPES(DSGD_REGISTER_SGD)
