@@ -109,7 +109,11 @@ OPTIONS = ["momentum", "full"]  # full: weight decay + global_clipnorm + EMA
 #: custom tf.function training step, or a model.fit step of :data:`MODEL`.
 MODES = ["eager", "graph", "train_step", "fit"]
 MODEL_MODES = ("train_step", "fit")
-MODEL = "resmlp"  # dsgd.harness.models: residual MLP, 8.7M parameters, global batch 16
+#: The whole-step modes' model: dsgd.harness.models' residual MLP (8.7M parameters, global batch 16), or
+#: a user's ``module:function`` (DSGD_ASV_MODEL) laid out by a layout-map file (DSGD_ASV_MODEL_LAYOUT, e.g.
+#: from ``dsgd layouts --emit-layout-map``; the ``layout`` parameter then applies to the optimizer-step modes).
+MODEL = os.environ.get("DSGD_ASV_MODEL", "resmlp")
+MODEL_LAYOUT = os.environ.get("DSGD_ASV_MODEL_LAYOUT")
 NO_UPDATE = "no-update"  # the floor: the same function applying nothing (whole steps; graph since FLOOR_MODES)
 
 PARAM_NAMES = ["mesh", "layout", "dtype", "device", "xla", "implementation", "options"]
@@ -188,8 +192,10 @@ def case(mesh, layout, dtype, device, xla, implementation, options, mode: str = 
     """The measure.Case of a parameter set; ``mode`` (a trailing eighth parameter where a class
     sweeps it) runs a whole training step of :data:`MODEL` in the ``train_step``/``fit`` modes."""
     extra = {} if mode == "eager" else {"mode": mode}
-    workload = MODEL if mode in MODEL_MODES else WORKLOAD
-    return measure.Case(workload=workload, mesh=mesh, layout=LAYOUTS[layout], dtype=dtype,
+    whole = mode in MODEL_MODES
+    workload = MODEL if whole else WORKLOAD
+    return measure.Case(workload=workload, mesh=mesh, layout=MODEL_LAYOUT if whole and MODEL_LAYOUT else LAYOUTS[layout],
+                        dtype=dtype,
                         implementation=implementation, xla=(xla == "on"), options=options, device=device, **extra)
 
 

@@ -172,3 +172,23 @@ def test_step_and_state_bytes_in_process(suite):
     assert row["state_bytes_per_device"] == ideal.momentum_per_device
     with pytest.raises(NotImplementedError):
         bench_metrics.StepMetrics().setup({}, *params)  # not in the cache: not measured
+
+
+def test_a_users_model_and_layout_map_in_the_whole_step_modes():
+    """``DSGD_ASV_MODEL=module:function DSGD_ASV_MODEL_LAYOUT=FILE``: the suite's whole-step modes time a
+    user's model laid out by a layout-map file; the optimizer-step modes keep their workload and layout."""
+    import subprocess
+    import sys
+
+    data = ROOT / "tests" / "data"
+    env = dict(os.environ, DSGD_ASV_MODEL=f"{data}/tiny_user_model.py:build",
+               DSGD_ASV_MODEL_LAYOUT=str(data / "tiny_user_layout.json"), PYTHONPATH=str(ROOT))
+    code = ("from benchmarks import common\n"
+            "fit = common.case('batch=2,model=4', 'sharded', 'float32', 'CPU', 'off', 'auto', 'momentum', 'fit')\n"
+            "eager = common.case('batch=2,model=4', 'sharded', 'float32', 'CPU', 'off', 'auto', 'momentum')\n"
+            "print(fit.workload, fit.layout, eager.workload, eager.layout)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fit_w, fit_l, eager_w, eager_l = out.stdout.split()
+    assert fit_w.endswith("tiny_user_model.py:build") and fit_l.endswith("tiny_user_layout.json")
+    assert eager_w != fit_w and eager_l == "sharded"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -456,3 +457,50 @@ def test_a_floor_slower_than_a_real_step_is_flagged():
     assert "WARNING: the floor (76 ms) is slower than auto's whole step (70 ms)" in " ".join(
         render(frame(76.0)).split())
     assert "WARNING" not in render(frame(60.0))
+
+
+def test_a_users_model_and_layout_map_through_the_whole_step_modes(tmp_path):
+    """``dsgd bench --mode fit --model module:function --layout FILE`` as a user runs it: their own model
+    (which knows nothing of meshes), laid out by a layout-map file (what ``dsgd layouts --emit-layout-map``
+    writes), beside tf_keras and the floor; the file's layouts are the variables' own."""
+    import subprocess
+    import sys
+
+    from dsgd.harness import models
+    DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+    model, layout = f"{DATA}/tiny_user_model.py:build", f"{DATA}/tiny_user_layout.json"
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "dsgd", "bench", "--mode", "fit", "--model", model, "--layout", layout,
+                           "--mesh", "batch=2,model=4", "--steps", "2", "--quiet", "--format", "json", "-o", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert sorted(r["implementation"] for r in rows) == ["auto", "no-update", "reference"]
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert {r["impl_used"] for r in rows if r["implementation"] == "auto"} == {"grouped_graph"}
+    # the same model and map give the layouts the file names (sharded over model), others replicated
+    check = subprocess.run([sys.executable, "-c", f"""
+from dsgd.devices import configure_devices; configure_devices(8)
+from dsgd.harness import models
+from dsgd.meshspec import make_mesh
+m = models.build_model(models.get_model_spec({model!r}), make_mesh("batch=2,model=4"), {layout!r})
+print({{v.name: v.layout.sharding_specs for v in m.trainable_variables}})
+"""], capture_output=True, text=True, timeout=300)
+    specs = eval(check.stdout.strip().splitlines()[-1])
+    assert specs["up/kernel:0"] == ["unsharded", "model"] and specs["down/kernel:0"] == ["model", "unsharded"]
+    assert specs["head/kernel:0"] == ["unsharded", "unsharded"]
+    assert models.is_user_model(model) and not models.is_user_model("mlp")
+
+
+def test_a_users_model_needs_a_layout_map_or_replicated():
+    """A ``module:function`` model has no sharding rules of its own: ``--layout sharded`` is refused
+    (exit 2, naming what to give) before anything runs; so is a layout that is no .json file."""
+    import subprocess
+    import sys
+
+    model = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_user_model.py") + ":build"
+    for layout, needle in (("sharded", "layout map"), ("nope.txt", "layout-map .json file")):
+        proc = subprocess.run([sys.executable, "-m", "dsgd", "bench", "--mode", "fit", "--model", model, "--layout",
+                               layout, "--mesh", "batch=2,model=4"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr, (layout, proc.stderr[-1000:])

@@ -5,7 +5,7 @@ them up with), how the layers connect, and the model's inputs and outputs.
 ``LayoutMap`` on a one-device mesh, as :mod:`dsgd.advisor.read_model` does, and walks the functional
 graph); :class:`ModelGraph` is what it returns, read without TensorFlow by the plan rules
 (:mod:`dsgd.advisor.step_plans`), the compute model (:mod:`dsgd.advisor.step_compute`) and the
-input builder (:mod:`dsgd.advisor.step_inputs`).
+input builder (:mod:`dsgd.harness.model_data`).
 """
 from __future__ import annotations
 

@@ -40,26 +40,9 @@ def read_keras_model(target: str, *, timeout: float = 300.0) -> list[VarSpec]:
 
 
 def _resolve_function(target: str, cwd: Optional[str] = None):
-    import importlib
-    import importlib.util
+    from dsgd.harness.model_data import resolve_function
 
-    mod, sep, fn = target.rpartition(":")
-    if not sep or not mod or not fn:
-        raise WorkloadError(f"--model {target!r}: expected module:function")
-    if cwd and cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    if mod.endswith(".py"):
-        p = Path(mod) if Path(mod).is_absolute() or not cwd else Path(cwd) / mod
-        if not p.is_file():
-            raise WorkloadError(f"--model {target!r}: file {p} does not exist")
-        s = importlib.util.spec_from_file_location(p.stem, p)
-        module = importlib.util.module_from_spec(s)
-        s.loader.exec_module(module)
-    else:
-        module = importlib.import_module(mod)
-    if not hasattr(module, fn):
-        raise WorkloadError(f"--model {target!r}: module {mod!r} has no attribute {fn!r}")
-    return getattr(module, fn)
+    return resolve_function(target, cwd)
 
 
 def read_model_variables(payload: dict) -> dict:

@@ -12,7 +12,8 @@ import numpy as np
 
 from dsgd import meshspec
 from dsgd.advisor import dtensor_program as dp
-from dsgd.advisor import step_inputs, step_memory, step_model, step_plans
+from dsgd.advisor import step_memory, step_model, step_plans
+from dsgd.harness import model_data
 from dsgd.advisor.model_graph import ModelGraph, read_graph
 from dsgd.advisor.progress import Bar, Tracker
 from dsgd.advisor.step_measure import MIN_TIMED_S, ROUNDS
@@ -280,8 +281,8 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
         outputs = [vars(o) for o in graph.outputs]
         if loss is None and len(outputs) != 1 and not data:
             raise StepAdviceError(f"the model has {len(outputs)} outputs: give --loss (one of "
-                                  f"{', '.join(sorted(step_inputs.LOSSES))}) and --data module:function")
-        loss_name = loss or step_inputs.infer_loss(outputs)
+                                  f"{', '.join(sorted(model_data.LOSSES))}) and --data module:function")
+        loss_name = loss or model_data.infer_loss(outputs)
         search = step_plans.search(graph, devices, global_batch=batch, meshes=meshes, force=force, rules=rules)
         if not search.plans:
             raise StepAdviceError("no candidate plan is feasible: " + "; ".join(

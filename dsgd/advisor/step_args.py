@@ -92,7 +92,7 @@ def check_step(args) -> None:
         if getattr(args, attr, default) != default:
             raise UsageError(f"{flag} applies to --scope optimizer only; the whole step (--model module:function) "
                              "does not use it (see dsgd layouts --help: the options marked 'whole')")
-    from dsgd.advisor.step_inputs import LOSSES
+    from dsgd.harness.model_data import LOSSES
     from dsgd.names import OPTION_PRESETS
 
     if not args.model:

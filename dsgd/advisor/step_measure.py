@@ -67,7 +67,8 @@ def _build_job(payload: dict, plan: dict, which: str, mesh, dataset_fn, dump_dir
 
     import dsgd
     from dsgd import layoutmap
-    from dsgd.advisor import dtensor_program, step_inputs
+    from dsgd.advisor import dtensor_program
+    from dsgd.harness import model_data
     from dsgd.advisor.model_graph import build_under
     from dsgd.harness import measure, models
     from dsgd.names import OPTION_PRESETS
@@ -79,7 +80,7 @@ def _build_job(payload: dict, plan: dict, which: str, mesh, dataset_fn, dump_dir
     else:
         opts = dict(OPTION_PRESETS[payload.get("options", "momentum")])
         opt = dsgd.SGD(mesh=mesh, implementation=payload.get("implementation", "auto"), **opts)
-    model.compile(optimizer=opt, loss=step_inputs.make_loss(payload["loss"]))
+    model.compile(optimizer=opt, loss=model_data.make_loss(payload["loss"]))
     train = model.make_train_function()
     it = iter(dataset_fn())
     t0 = time.perf_counter()
@@ -143,7 +144,7 @@ def measure_plans(payload: dict) -> dict:
     import numpy as np
 
     from dsgd import meshspec
-    from dsgd.advisor import step_inputs
+    from dsgd.harness import model_data
     from dsgd.harness import measure
 
     progress = _Progress(payload.get("progress"))
@@ -153,12 +154,12 @@ def measure_plans(payload: dict) -> dict:
     for plan in payload["plans"]:
         if plan["mesh"] not in meshes:
             meshes[plan["mesh"]] = meshspec.make_mesh(plan["mesh"])
-    ds = step_inputs.user_dataset(payload["data"], payload.get("cwd")) if payload.get("data") else None
-    examples = None if ds is not None else step_inputs.synthetic_examples(
+    ds = model_data.user_dataset(payload["data"], payload.get("cwd")) if payload.get("data") else None
+    examples = None if ds is not None else model_data.synthetic_examples(
         payload["inputs"], payload["outputs"], payload["loss"], batch, payload.get("vocab"))
 
     def dataset_fn_for(mesh):
-        return lambda: step_inputs.dtensor_dataset(mesh, batch, examples=examples, dataset=ds)
+        return lambda: model_data.dtensor_dataset(mesh, batch, examples=examples, dataset=ds)
 
     progress("start")
     dump_dir = payload.get("dump_dir")

@@ -112,16 +112,31 @@ def check_grid(args, *, workloads: Sequence[str], meshes: Sequence[str], impleme
 
 
 def check_models(args, modes: Sequence[str]) -> None:
-    """``--model`` names (the train_step/fit modes' models), and layouts those of ``modes`` can give them."""
+    """``--model`` names (the train_step/fit modes' models: a named one, or a user's ``module:function``),
+    and layouts those of ``modes`` can give them: a policy, or a layout-map ``.json`` file."""
+    from dsgd import layoutmap
     from dsgd.harness import models
 
-    for m in getattr(args, "model", None) or ():
-        if m not in models.MODELS:
+    names = getattr(args, "model", None) or ()
+    for m in names:
+        if m not in models.MODELS and not models.is_user_model(m):
             raise argcheck.UsageError(f"--model {m!r} is not a model of the train_step/fit modes; choose one of "
-                                      f"{argcheck.listed(sorted(models.MODELS))}")
+                                      f"{argcheck.listed(sorted(models.MODELS))}, or give module:function")
     whole = [m for m in modes if m in MODEL_MODES]
-    odd = [lay for lay in (args.layout or ["sharded"]) if lay not in models.LAYOUT_POLICIES]
-    if whole and odd:
-        raise argcheck.UsageError(
-            f"--layout {odd[0]!r}: mode {'/'.join(whole)} lays its model out by a policy "
-            f"({argcheck.listed(models.LAYOUT_POLICIES)}); give one of those, or --mode eager/graph for a layout map")
+    if not whole:
+        return
+    for lay in args.layout or ["sharded"]:
+        if lay in models.LAYOUT_POLICIES:
+            if lay == "sharded" and any(models.is_user_model(m) for m in names):
+                raise argcheck.UsageError(
+                    "--layout sharded: a module:function model has no sharding rules of its own; give --layout FILE "
+                    "(a layout map, e.g. written by dsgd layouts --emit-layout-map) or --layout replicated")
+            continue
+        if not lay.endswith(".json"):
+            raise argcheck.UsageError(
+                f"--layout {lay!r}: mode {'/'.join(whole)} lays its model out by a policy "
+                f"({argcheck.listed(models.LAYOUT_POLICIES)}) or a layout-map .json file")
+        try:
+            layoutmap.read(lay)
+        except ValueError as e:
+            raise argcheck.UsageError(f"--layout {lay!r}: {e}") from None

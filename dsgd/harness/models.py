@@ -140,22 +140,55 @@ MODELS = {m.name: m for m in (
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    try:
+    """A named model, or a user's ``module:function`` (``file.py:function``) returning a tf_keras model:
+    its data and loss then follow its inputs and outputs (:mod:`dsgd.harness.model_data`), and it is
+    laid out by a layout-map file (``--layout FILE``, e.g. from ``dsgd layouts --emit-layout-map``)."""
+    if name in MODELS:
         return MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
+    if is_user_model(name):
+        # an Embedding's sparse gradient is possible: tf_keras' reference gets dense ones (dense_gradients)
+        return ModelSpec(name, functools.partial(_user_model, name), sparse_gradients=True,
+                         description=f"the tf_keras model {name} returns")
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}, or give module:function")
+
+
+def is_user_model(name: str) -> bool:
+    """Whether ``name`` names a user's ``module:function`` rather than one of :data:`MODELS`."""
+    return name not in MODELS and ":" in name
+
+
+def _user_model(target: str):
+    import os
+
+    import tf_keras
+
+    from dsgd.harness.model_data import resolve_function
+
+    tf_keras.backend.experimental.enable_tf_random_generator()  # DTensor: any dropout's RNG
+    model = resolve_function(target, os.getcwd())()
+    if not isinstance(model, tf_keras.Model):
+        raise TypeError(f"--model {target}: the function returned {type(model).__name__}, not a tf_keras Model")
+    return model
 
 
 # ------------------------------------------------------------------------------ on a mesh
 def layout_map(spec: ModelSpec, mesh, policy: str = "sharded"):
     """The model's ``LayoutMap``: its Megatron-style sharding over ``model`` (``policy="sharded"``
-    on a mesh with a ``model`` axis), else everything replicated."""
+    on a mesh with a ``model`` axis), everything replicated (``"replicated"``), or a layout-map file's
+    (a path: :func:`dsgd.layoutmap.load_layout_map`)."""
     import tf_keras
     from tensorflow.experimental import dtensor
 
     if policy not in LAYOUT_POLICIES:
-        raise ValueError(f"layout policy must be one of {LAYOUT_POLICIES} for a model of dsgd.harness.models, "
-                         f"got {policy!r}")
+        if not policy.endswith(".json"):
+            raise ValueError(f"layout must be one of {LAYOUT_POLICIES} or a layout-map .json file for a whole-step "
+                             f"model, got {policy!r}")
+        from dsgd.layoutmap import load_layout_map
+
+        return load_layout_map(policy, mesh)
+    if policy == "sharded" and is_user_model(spec.name):
+        raise ValueError(f"--model {spec.name}: a module:function model has no sharding rules of its own; give "
+                         "--layout FILE (a layout map, e.g. written by dsgd layouts --emit-layout-map) or replicated")
     lm = tf_keras.dtensor.experimental.LayoutMap(mesh=mesh)
     if policy == "sharded" and "model" in mesh.dim_names:
         for key, specs in spec.sharded.items():
@@ -173,19 +206,33 @@ def build_model(spec: ModelSpec, mesh, policy: str = "sharded"):
         return spec.build()
 
 
-def loss(spec: ModelSpec):
+def loss(spec: ModelSpec, model=None):
+    """The loss a named model trains with, or the one a user's model's outputs imply (``model``)."""
     import tf_keras
 
+    if is_user_model(spec.name):
+        from dsgd.harness import model_data
+
+        return model_data.make_loss(model_data.infer_loss(model_data.tensor_specs(model.outputs)))
     if spec.classes:
         return tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return tf_keras.losses.MeanSquaredError()
 
 
-def dataset(spec: ModelSpec, mesh, seed: int = 0):
-    """A repeating ``DTensorDataset`` of random batches, sharded over the first mesh axis."""
+def dataset(spec: ModelSpec, mesh, seed: int = 0, model=None):
+    """A repeating ``DTensorDataset`` of random batches, sharded over the first mesh axis (for a user's
+    model, from its input and output specs: ``model``)."""
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
+    if is_user_model(spec.name):
+        from dsgd.harness import model_data
+
+        outputs = model_data.tensor_specs(model.outputs)
+        examples = model_data.synthetic_examples(model_data.tensor_specs(model.inputs), outputs,
+                                                 model_data.infer_loss(outputs), GLOBAL_BATCH,
+                                                 model_data.smallest_vocabulary(model), seed=seed)
+        return model_data.dtensor_dataset(mesh, GLOBAL_BATCH, examples=examples, axis=mesh.dim_names[0])
     rng = np.random.default_rng(seed)
     n = 4 * GLOBAL_BATCH
     if spec.vocab:
@@ -302,8 +349,8 @@ def build_training_step(spec: ModelSpec, mesh, optimizer, mode: str, policy: str
     if mode not in ("fit", "train_step"):
         raise ValueError(f"mode must be 'fit' or 'train_step', got {mode!r}")
     model = build_model(spec, mesh, policy)
-    iterator = iter(dataset(spec, mesh))
-    loss_fn = loss(spec)
+    iterator = iter(dataset(spec, mesh, model=model))
+    loss_fn = loss(spec, model)
     if mode == "fit":
         model.compile(optimizer=optimizer, loss=loss_fn, jit_compile=jit_compile)
         train = model.make_train_function()

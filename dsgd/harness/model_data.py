@@ -1,4 +1,6 @@
-"""What a whole training step of a user's model learns from, on a mesh: a loss and a ``DTensorDataset``.
+"""What a whole training step of a user's model learns from, on a mesh: a loss and a ``DTensorDataset``;
+and the user's ``module:function`` itself (:func:`resolve_function`).  ``dsgd bench|profile --model
+module:function`` and ``dsgd layouts`` build their steps from here.
 
 Inputs come from the model's input specs and the global batch (``--batch-size``): token ids below the
 smallest ``Embedding``'s ``input_dim`` for integer inputs, standard normal floats otherwise.  Labels
@@ -12,9 +14,13 @@ The dataset is split over the mesh's data axis (``batch``) and repeats; tf.data'
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from dsgd.workloads import WorkloadError
 
 #: ``--loss`` names -> (tf_keras loss class, its keyword arguments, label kind)
 LOSSES = {
@@ -25,6 +31,51 @@ LOSSES = {
     "mae": ("MeanAbsoluteError", {}, "normal"),
 }
 EXAMPLES = 4  # batches of distinct examples the dataset cycles through
+
+
+def resolve_function(target: str, cwd: Optional[str] = None, flag: str = "--model"):
+    """The function ``target`` names: ``module:function`` (importable, or from ``cwd``) or
+    ``file.py:function``; a :class:`~dsgd.workloads.WorkloadError` naming ``flag`` otherwise."""
+    import importlib
+    import importlib.util
+
+    mod, sep, fn = target.rpartition(":")
+    if not sep or not mod or not fn:
+        raise WorkloadError(f"{flag} {target!r}: expected module:function")
+    if cwd and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    if mod.endswith(".py"):
+        p = Path(mod) if Path(mod).is_absolute() or not cwd else Path(cwd) / mod
+        if not p.is_file():
+            raise WorkloadError(f"{flag} {target!r}: file {p} does not exist")
+        s = importlib.util.spec_from_file_location(p.stem, p)
+        module = importlib.util.module_from_spec(s)
+        s.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod)
+        except ImportError as e:
+            raise WorkloadError(f"{flag} {target!r}: cannot import {mod!r} ({e})") from None
+    if not hasattr(module, fn):
+        raise WorkloadError(f"{flag} {target!r}: module {mod!r} has no attribute {fn!r}")
+    return getattr(module, fn)
+
+
+def tensor_specs(tensors) -> list[dict]:
+    """``{"shape", "dtype"}`` of one example of each of a model's inputs or outputs (``model.inputs``)."""
+    return [{"shape": [None if d is None else int(d) for d in t.shape[1:]], "dtype": t.dtype.name} for t in tensors]
+
+
+def smallest_vocabulary(model) -> Optional[int]:
+    """The smallest ``input_dim`` of the model's ``Embedding`` layers (token ids must stay below it)."""
+    dims = [layer.input_dim for layer in _layers(model) if type(layer).__name__ == "Embedding"]
+    return min(dims) if dims else None
+
+
+def _layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _layers(layer)
 
 
 def infer_loss(outputs: list) -> str:
@@ -73,9 +124,7 @@ def user_dataset(target: str, cwd: Optional[str] = None):
     """The ``tf.data.Dataset`` of unbatched ``(x, y)`` examples that ``--data module:function`` returns."""
     import tensorflow as tf
 
-    from dsgd.advisor.read_model import _resolve_function
-
-    ds = _resolve_function(target, cwd)()
+    ds = resolve_function(target, cwd, flag="--data")()
     if not isinstance(ds, tf.data.Dataset):
         raise TypeError(f"--data {target}: the function returned {type(ds).__name__}, not a tf.data.Dataset")
     if not isinstance(ds.element_spec, tuple) or len(ds.element_spec) != 2:
@@ -100,4 +149,5 @@ def dtensor_dataset(mesh, batch: int, *, examples: Optional[tuple] = None, datas
     return dtensor.DTensorDataset(ds, mesh=mesh, layouts=layouts, global_batch_size=batch, batch_dim=axis)
 
 
-__all__ = ["LOSSES", "infer_loss", "make_loss", "synthetic_examples", "user_dataset", "dtensor_dataset"]
+__all__ = ["LOSSES", "resolve_function", "tensor_specs", "smallest_vocabulary", "infer_loss", "make_loss",
+           "synthetic_examples", "user_dataset", "dtensor_dataset"]
