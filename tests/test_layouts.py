@@ -679,7 +679,7 @@ def test_model_graph_of_a_tf_keras_model_and_its_layout_map_builds_the_model(tmp
 
 
 def test_step_inputs_follow_the_outputs():
-    from dsgd.advisor import step_inputs
+    from dsgd.harness import model_data as step_inputs
 
     outs = [{"shape": [8], "dtype": "float32"}]
     assert step_inputs.infer_loss(outs) == "sparse_categorical_crossentropy"
