@@ -14,6 +14,7 @@ neither the harness nor the advisor.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,3 +221,31 @@ def multiclient_devices() -> Optional[Devices]:
         return None
     cfg = multiclient.config_from_env()
     return Devices(cfg.global_devices, True, f"{cfg.num_clients} clients x {cfg.local_devices} devices")
+
+
+def check_function(spec: str, flag: str) -> None:
+    """``module:function`` or ``file.py:function`` whose module can be found."""
+    mod, sep, fn = spec.rpartition(":")
+    if not sep or not mod or not fn or not fn.isidentifier():
+        raise UsageError(f"{flag} {spec!r} is not module:function (or path/file.py:function); give e.g. "
+                         "examples.models:convnet")
+    if mod.endswith(".py"):
+        if not os.path.isfile(mod):
+            raise UsageError(f"{flag} {spec!r}: file {mod!r} does not exist; give the path of the file that defines "
+                             f"{fn}()")
+        return
+    import sys
+
+    added = os.getcwd() not in sys.path  # the workers import it from here (the console script's path lacks it)
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.util.find_spec(mod)
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    if found is None:
+        raise UsageError(f"{flag} {spec!r}: module {mod!r} cannot be found; check the name, or run from the directory "
+                         "that holds it (or give path/to/file.py:function)")

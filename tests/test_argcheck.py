@@ -182,8 +182,10 @@ def test_profile_checks_workloads_for_step_modes_and_models_for_whole_steps(file
     check_profile(_profile_args(mode=["fit"], model=["resmlp-small"], layout=["replicated"]))
     with pytest.raises(argcheck.UsageError, match="--model 'nope'"):
         check_profile(_profile_args(mode=["train_step"], model=["nope"]))
-    with pytest.raises(argcheck.UsageError, match="mode fit lays its model out by a policy"):
+    with pytest.raises(argcheck.UsageError, match="names axis 'expert', which mesh"):  # a map it cannot use
         check_profile(_profile_args(mode=["fit"], layout=["bad_axis.json"]))
+    with pytest.raises(argcheck.UsageError, match="by a policy .* or a layout-map .json file"):
+        check_profile(_profile_args(mode=["fit"], layout=["nope"]))
     with pytest.raises(argcheck.UsageError, match="'expert'"):  # the layout map against the workload: graph mode
         check_profile(_profile_args(mode=["graph"], workload=["tiny.json"], mesh=["batch=2,model=4"],
                                     layout=["bad_axis.json"]))

@@ -1,7 +1,6 @@
 """``dsgd layouts``' checks of its values, beside the command (:mod:`dsgd.advisor.layouts`)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 
@@ -15,22 +14,10 @@ def check_model(spec: str, flag: str = "--model") -> None:
     if spec in WORKLOADS or spec.endswith(".json") or os.path.isfile(spec):
         argcheck.check_workload(spec, flag)
         return
-    mod, sep, fn = spec.rpartition(":")
-    if not sep or not mod or not fn or not fn.isidentifier():
+    if ":" not in spec:
         raise UsageError(f"{flag} {spec!r} is not a named workload ({listed(sorted(WORKLOADS))}), not an existing "
                          "JSON file, and not module:function; give one of those")
-    if mod.endswith(".py"):
-        if not os.path.isfile(mod):
-            raise UsageError(f"{flag} {spec!r}: file {mod!r} does not exist; give the path of the file that defines "
-                             f"{fn}()")
-        return
-    try:
-        found = importlib.util.find_spec(mod)
-    except (ImportError, ValueError):
-        found = None
-    if found is None:
-        raise UsageError(f"{flag} {spec!r}: module {mod!r} cannot be found; check the name, or run from the directory "
-                         "that holds it (or give path/to/file.py:function)")
+    argcheck.check_function(spec, flag)
 
 
 def check_force(value: str) -> None:

@@ -172,22 +172,12 @@ def describe_model(payload: dict) -> dict:
     """Worker: build ``payload["target"]`` on a one-device mesh and return its :class:`ModelGraph` as a dict."""
     import tf_keras
     from tensorflow.experimental import dtensor
-    from tf_keras.src.dtensor import layout_map as lm
+
+    from dsgd.advisor.read_model import recorded_paths
 
     mesh = dtensor.create_mesh([("batch", 1)], devices=["CPU:0"])
-    paths: dict[int, str] = {}
-    original = lm._create_dvariable
-
-    def recording(layout_map, object_path, variable):
-        new = original(layout_map, object_path, variable)
-        paths[id(new)] = object_path
-        return new
-
-    lm._create_dvariable = recording
-    try:
+    with recorded_paths() as paths:
         model = build_under(payload["target"], tf_keras.dtensor.experimental.LayoutMap(mesh), payload.get("cwd"))
-    finally:
-        lm._create_dvariable = original
     if not model.trainable_variables:
         raise ValueError(f"--model {payload['target']}: the model has no trainable variables; build it (give it an "
                          "Input) inside the function")

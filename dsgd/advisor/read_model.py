@@ -3,6 +3,7 @@ or ``module:function`` returning a tf_keras model (built in a worker process, re
 recording ``LayoutMap`` so the names are the keys tf_keras looks layouts up by)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -45,14 +46,13 @@ def _resolve_function(target: str, cwd: Optional[str] = None):
     return resolve_function(target, cwd)
 
 
-def read_model_variables(payload: dict) -> dict:
-    """Worker: build the model under a recording ``LayoutMap`` (everything replicated on one device)."""
-    import tf_keras
-    from tensorflow.experimental import dtensor
+@contextlib.contextmanager
+def recorded_paths():
+    """Within: ``{id(DVariable): object path}`` of every DVariable a ``LayoutMap`` creates -- the keys tf_keras
+    looks layouts up by (``dense_1.kernel``).  tf_keras keeps no record of them, so its one creation function
+    (``layout_map._create_dvariable``) is wrapped for the duration, and restored."""
     from tf_keras.src.dtensor import layout_map as lm
 
-    fn = _resolve_function(payload["target"], payload.get("cwd"))
-    mesh = dtensor.create_mesh([("batch", 1)], devices=["CPU:0"])
     paths: dict[int, str] = {}
     original = lm._create_dvariable
 
@@ -63,10 +63,21 @@ def read_model_variables(payload: dict) -> dict:
 
     lm._create_dvariable = recording
     try:
-        with lm.layout_map_scope(tf_keras.dtensor.experimental.LayoutMap(mesh)):
-            model = fn()
+        yield paths
     finally:
         lm._create_dvariable = original
+
+
+def read_model_variables(payload: dict) -> dict:
+    """Worker: build the model under a recording ``LayoutMap`` (everything replicated on one device)."""
+    import tf_keras
+    from tensorflow.experimental import dtensor
+    from tf_keras.src.dtensor import layout_map as lm
+
+    fn = _resolve_function(payload["target"], payload.get("cwd"))
+    mesh = dtensor.create_mesh([("batch", 1)], devices=["CPU:0"])
+    with recorded_paths() as paths, lm.layout_map_scope(tf_keras.dtensor.experimental.LayoutMap(mesh)):
+        model = fn()
     if not isinstance(model, tf_keras.layers.Layer):
         raise TypeError(f"{payload['target']} returned {type(model).__name__}, not a tf_keras model")
     variables = model.trainable_variables

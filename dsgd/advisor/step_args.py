@@ -6,7 +6,6 @@ allowed.  No TensorFlow: the checks run in well under a second.  (The optimizer 
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional
 
@@ -31,34 +30,6 @@ def resolve_scope(args) -> str:
     if getattr(args, "scope", None):
         return args.scope
     return "whole" if is_model_function(getattr(args, "model", None)) else "optimizer"
-
-
-def check_function(spec: str, flag: str) -> None:
-    """``module:function`` or ``file.py:function`` whose module can be found."""
-    mod, sep, fn = spec.rpartition(":")
-    if not sep or not mod or not fn or not fn.isidentifier():
-        raise UsageError(f"{flag} {spec!r} is not module:function (or path/file.py:function); give e.g. "
-                         "examples.models:convnet")
-    if mod.endswith(".py"):
-        if not os.path.isfile(mod):
-            raise UsageError(f"{flag} {spec!r}: file {mod!r} does not exist; give the path of the file that defines "
-                             f"{fn}()")
-        return
-    import sys
-
-    added = os.getcwd() not in sys.path  # the workers import it from here (the console script's path lacks it)
-    if added:
-        sys.path.insert(0, os.getcwd())
-    try:
-        found = importlib.util.find_spec(mod)
-    except (ImportError, ValueError):
-        found = None
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
-    if found is None:
-        raise UsageError(f"{flag} {spec!r}: module {mod!r} cannot be found; check the name, or run from the directory "
-                         "that holds it (or give path/to/file.py:function)")
 
 
 def check_step_mesh(spec: str, flag: str, devices: Optional[int]) -> None:
@@ -101,7 +72,7 @@ def check_step(args) -> None:
     if not is_model_function(args.model):
         raise UsageError(f"--scope whole needs --model module:function (a function returning a tf_keras model), "
                          f"got {args.model!r}, a variable list: give --scope optimizer for it")
-    check_function(args.model, "--model")
+    argcheck.check_function(args.model, "--model")
     argcheck.check_int(args.devices, "--devices")
     for flag in ("batch_size", "memory_budget", "target_batch_size", "rounds"):
         argcheck.check_int(getattr(args, flag, None), "--" + flag.replace("_", "-"))
@@ -112,7 +83,7 @@ def check_step(args) -> None:
         raise UsageError(f"--loss {args.loss!r} is not one of: {', '.join(sorted(LOSSES))}; give one of those (or "
                          "leave it out: logits of a classifier or mean squared error, from the model's output)")
     if args.data:
-        check_function(args.data, "--data")
+        argcheck.check_function(args.data, "--data")
     from dsgd.advisor.step_plans import RULES
 
     rules = [r.strip() for r in (args.rules or "").split(",") if r.strip()]
@@ -149,4 +120,4 @@ def check_step(args) -> None:
     argcheck.check_plot_file(args.plot)
 
 
-__all__ = ["check_step", "resolve_scope", "is_model_function", "check_function", "check_step_mesh", "SCOPES"]
+__all__ = ["check_step", "resolve_scope", "is_model_function", "check_step_mesh", "SCOPES"]

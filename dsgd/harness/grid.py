@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from dsgd import argcheck
+from dsgd import argcheck, meshspec
 from dsgd.harness.measure import Case
 from dsgd.names import (DTYPE_BYTES, FLOOR_MODES, IMPLEMENTATIONS, MODEL_MODES, MODES, NO_UPDATE, OPTION_PRESETS,
                         REFERENCE)
@@ -108,12 +108,13 @@ def check_grid(args, *, workloads: Sequence[str], meshes: Sequence[str], impleme
     argcheck.check_sweep(workloads=(given or workloads) if step_modes else given, meshes=args.mesh or meshes,
                          layouts=(args.layout or ["sharded"]) if step_modes else [],
                          implementations=args.implementation or implementations, devices=devices)
-    check_models(args, modes)
+    check_models(args, modes, args.mesh or meshes)
 
 
-def check_models(args, modes: Sequence[str]) -> None:
+def check_models(args, modes: Sequence[str], meshes: Sequence[str] = ()) -> None:
     """``--model`` names (the train_step/fit modes' models: a named one, or a user's ``module:function``),
-    and layouts those of ``modes`` can give them: a policy, or a layout-map ``.json`` file."""
+    and layouts those of ``modes`` can give them: a policy, or a layout-map ``.json`` file whose axes are
+    those of every mesh in ``meshes``."""
     from dsgd import layoutmap
     from dsgd.harness import models
 
@@ -122,6 +123,8 @@ def check_models(args, modes: Sequence[str]) -> None:
         if m not in models.MODELS and not models.is_user_model(m):
             raise argcheck.UsageError(f"--model {m!r} is not a model of the train_step/fit modes; choose one of "
                                       f"{argcheck.listed(sorted(models.MODELS))}, or give module:function")
+        if models.is_user_model(m):
+            argcheck.check_function(m, "--model")
     whole = [m for m in modes if m in MODEL_MODES]
     if not whole:
         return
@@ -137,6 +140,14 @@ def check_models(args, modes: Sequence[str]) -> None:
                 f"--layout {lay!r}: mode {'/'.join(whole)} lays its model out by a policy "
                 f"({argcheck.listed(models.LAYOUT_POLICIES)}) or a layout-map .json file")
         try:
-            layoutmap.read(lay)
+            specs = layoutmap.read(lay)
         except ValueError as e:
             raise argcheck.UsageError(f"--layout {lay!r}: {e}") from None
+        for mesh in meshes:
+            axes = set(meshspec.MeshSpec.of(mesh).names)
+            for key, spec in specs.items():
+                odd = [a for a in spec.split(",") if a.strip() not in axes | {meshspec.UNSHARDED}]
+                if odd:
+                    raise argcheck.UsageError(
+                        f"--layout {lay!r}: {key!r} -> {spec!r} names axis {odd[0].strip()!r}, which mesh {mesh!r} "
+                        f"does not have (axes {argcheck.listed(sorted(axes))}, or unsharded)")
