@@ -48,6 +48,20 @@ def read(path: str | Path) -> dict[str, str]:
     return out
 
 
+def parse_force(item: str) -> tuple[re.Pattern, str]:
+    """One ``--force REGEX=LAYOUT`` item (``dsgd layouts``): the compiled regex and the layout (a full spec,
+    ``replicated``, or one axis name), split at the last ``=`` (a layout never holds one); a ValueError
+    naming the item otherwise."""
+    rx, sep, lay = item.rpartition("=")
+    if not sep or not rx or not lay.strip():
+        raise ValueError(f"--force {item!r}: expected REGEX=LAYOUT, e.g. 'word_embeddings=unsharded,model' or "
+                         "'kernel=model'")
+    try:
+        return re.compile(rx), lay.strip()
+    except re.error as e:
+        raise ValueError(f"--force {item!r}: bad regex {rx!r} ({e}); fix the pattern") from None
+
+
 def lookup(layout_map: Mapping[str, str], name: str) -> Optional[str]:
     """The spec ``name`` gets: exact key, else the first key that ``re.match``-es; else None.
 

@@ -103,3 +103,28 @@ def test_bench_asv_profile_and_tf_keras_give_the_same_layouts(files, meshes, mon
     keras = {v.name.split(":")[0].replace("/", "."): tuple(dtensor.fetch_layout(v).sharding_specs)
              for v in model.trainable_variables}
     assert keras == EXPECTED
+
+
+def test_force_items_parse_in_one_place():
+    """``--force REGEX=LAYOUT``: split at the last ``=`` (a regex may hold one, a layout never does), the
+    regex compiled; a bad item names itself -- the same parse for the checks and both advisors."""
+    import re
+
+    import pytest
+
+    from dsgd.advisor import plans
+    from dsgd.advisor.layouts_args import check_force
+    from dsgd.argcheck import UsageError
+    from dsgd.layoutmap import parse_force
+
+    rx, lay = parse_force("a=b.*kernel= unsharded,model")
+    assert rx.pattern == "a=b.*kernel" and lay == "unsharded,model"
+    assert plans.parse_force(["embed=model"]) == [(re.compile("embed"), "model")]
+    for bad, needle in (("no-equals", "expected REGEX=LAYOUT"), ("=model", "expected REGEX=LAYOUT"),
+                        ("dense(=model", "bad regex")):
+        with pytest.raises(ValueError, match=needle):
+            parse_force(bad)
+        with pytest.raises(UsageError, match=re.escape(repr(bad))):
+            check_force(bad)
+        with pytest.raises(plans.PlanError):
+            plans.parse_force([bad])

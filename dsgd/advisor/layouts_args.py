@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import os
-import re
 
-from dsgd import argcheck
+from dsgd import argcheck, layoutmap
 from dsgd.argcheck import UsageError, listed
 from dsgd.workloads import WORKLOADS
 
@@ -22,13 +21,10 @@ def check_model(spec: str, flag: str = "--model") -> None:
 
 def check_force(value: str) -> None:
     """A ``--force REGEX=LAYOUT`` item whose regex compiles."""
-    rx, sep, lay = value.partition("=")
-    if not sep or not rx or not lay:
-        raise UsageError(f"--force {value!r}: expected REGEX=LAYOUT, e.g. 'word_embeddings=unsharded,model'")
     try:
-        re.compile(rx)
-    except re.error as e:
-        raise UsageError(f"--force {value!r}: bad regex {rx!r} ({e}); fix the pattern") from None
+        layoutmap.parse_force(value)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_layouts(args) -> None:

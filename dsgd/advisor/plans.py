@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from dsgd import meshspec
+from dsgd import layoutmap, meshspec
 from dsgd.meshspec import layout_str
 from dsgd.harness.measure import DTYPE_BYTES
 from dsgd.workloads import VarSpec
@@ -163,13 +163,10 @@ def parse_force(items: Optional[Sequence[str]]) -> list[tuple[re.Pattern, str]]:
     or one axis name (``model``: shard on that axis, on whichever dimension divides)."""
     out = []
     for item in items or ():
-        rx, sep, lay = item.rpartition("=")
-        if not sep or not rx or not lay:
-            raise PlanError(f"--force {item!r}: expected REGEX=LAYOUT, e.g. 'word_embeddings=unsharded,model' or 'kernel=model'")
         try:
-            out.append((re.compile(rx), lay.strip()))
-        except re.error as e:
-            raise PlanError(f"--force {item!r}: bad regex {rx!r}: {e}") from None
+            out.append(layoutmap.parse_force(item))
+        except ValueError as e:
+            raise PlanError(str(e)) from None
     return out
 
 

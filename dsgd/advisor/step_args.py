@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from dsgd import argcheck, meshspec
+from dsgd import argcheck, layoutmap, meshspec
 from dsgd.advisor import plans
 from dsgd.argcheck import UsageError
 
@@ -106,15 +106,10 @@ def check_step(args) -> None:
         if not args.target_mesh:
             raise UsageError("--hardware describes the target of --target-mesh; give --target-mesh too")
     for f in args.force or ():
-        rx, sep, lay = f.rpartition("=")
-        if not sep or not rx or not lay:
-            raise UsageError(f"--force {f!r}: expected REGEX=LAYOUT, e.g. 'embed=unsharded,model'")
-        import re
-
         try:
-            re.compile(rx)
-        except re.error as e:
-            raise UsageError(f"--force {f!r}: bad regex {rx!r} ({e}); fix the pattern") from None
+            layoutmap.parse_force(f)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     argcheck.check_output_file(args.emit_layout_map, "--emit-layout-map")
     argcheck.check_output_file(getattr(args, "save_hardware", None), "--save-hardware")
     argcheck.check_plot_file(args.plot)

@@ -29,7 +29,6 @@ divisible by ``batch``) is left out with its reason: :class:`Excluded`.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -202,13 +201,10 @@ def _general_facts(graph: ModelGraph) -> list:
 def _parse_force(force: Optional[Sequence[str]]) -> list:
     out = []
     for item in force or ():
-        rx, sep, lay = item.rpartition("=")
-        if not sep or not rx or not lay:
-            raise StepPlanError(f"--force {item!r}: expected REGEX=LAYOUT, e.g. 'embed=unsharded,model'")
         try:
-            out.append((re.compile(rx), lay.strip(), item))
-        except re.error as e:
-            raise StepPlanError(f"--force {item!r}: bad regex {rx!r}: {e}") from None
+            out.append((*layoutmap.parse_force(item), item))
+        except ValueError as e:
+            raise StepPlanError(str(e)) from None
     return out
 
 
