@@ -333,22 +333,24 @@ def issued_bytes(summary: ProgramSummary, target: Optional[Sequence[tuple]] = No
     return {k: tuple(v) for k, v in out.items()}
 
 
+def _scaled_total(items: Sequence[dict], key: str, target: Sequence[tuple], batch_ratio: float,
+                  data_axis: str) -> Optional[float]:
+    """The sum of ``item[key]`` each scaled to ``target`` by its tensor's factors; None when one does not divide."""
+    total = 0.0
+    for item in items:
+        f = scale_factor(item["factors"], target, batch_ratio, data_axis)
+        if f is None:
+            return None
+        total += item[key] * f
+    return total
+
+
 def scaled_compute(summary: ProgramSummary, target: Sequence[tuple], batch_ratio: float = 1.0,
                    data_axis: str = "batch") -> Optional[tuple[float, float]]:
     """(FLOPs, output bytes) per device of the same program on ``target``; None when a tensor does not divide."""
-    flops = 0.0
-    for c in summary.compute:
-        f = scale_factor(c["factors"], target, batch_ratio, data_axis)
-        if f is None:
-            return None
-        flops += c["flops"] * f
-    nbytes = 0.0
-    for m in summary.memory:
-        f = scale_factor(m["factors"], target, batch_ratio, data_axis)
-        if f is None:
-            return None
-        nbytes += m["bytes"] * f
-    return flops, nbytes
+    flops = _scaled_total(summary.compute, "flops", target, batch_ratio, data_axis)
+    nbytes = _scaled_total(summary.memory, "bytes", target, batch_ratio, data_axis)
+    return None if flops is None or nbytes is None else (flops, nbytes)
 
 
 def scaled_peak(summary: ProgramSummary, target: Sequence[tuple], batch_ratio: float = 1.0, *,
@@ -359,12 +361,9 @@ def scaled_peak(summary: ProgramSummary, target: Sequence[tuple], batch_ratio: f
     not divide there."""
     if not summary.peak_expanded:
         return None
-    total = 0.0
-    for t in summary.peak_set:
-        f = scale_factor(t["factors"], target, batch_ratio, data_axis)
-        if f is None:
-            return None
-        total += t["bytes"] * f
+    total = _scaled_total(summary.peak_set, "bytes", target, batch_ratio, data_axis)
+    if total is None:
+        return None
     issued = issued_list(summary, target, batch_ratio, data_axis) or []
     biggest = max((b for _, b, _ in issued), default=0)
     return max(summary.peak_bytes * total / summary.peak_expanded, grads_bytes + biggest)
