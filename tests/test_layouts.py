@@ -452,6 +452,23 @@ def test_liveness_counts_live_tensors_and_forwards_dying_inputs():
     assert peak == 600 and sum(t["bytes"] for t in live) == 600
 
 
+def test_an_all_to_all_is_counted_on_the_axis_it_moves():
+    """DTensor's all-to-all (fsdp plans: a weight's shard moving to another dimension) has no group assignment:
+    its axis is the one that changes dimension between its input and output layouts."""
+    def lay(specs):
+        return f"#dtensor.layout<sharding_specs:{specs}, mesh:|batch=4,model=2|0,1,2,3,4,5,6,7|0,1,2,3,4,5,6,7|cpus>"
+
+    line = (f'%24 = "tf.DTensorAllToAll"(%22) <{{input_layout = {lay("batch,model")}, output_layout = '
+            f'{lay("model,batch")}}}> {{_layout = ["sharding_specs:model,batch, mesh:|batch=4,model=2|cpus"]}} : '
+            "(tensor<2x32xf32>) -> tensor<4x16xf32>")
+    (op,) = dp.parse_ops(line)
+    info = dp._coll_info(op, {}, [("batch", 4), ("model", 2)])
+    assert info["kind"] == "all-to-all" and info["axes"] == ["batch", "model"] and info["group"] == 8
+    assert info["bytes"] == 2 * 32 * 4
+    same = line.replace(lay("model,batch"), lay("batch,unsharded")).replace("model,batch, mesh", "batch,unsharded, mesh")
+    assert dp._coll_info(dp.parse_ops(same)[0], {}, [("batch", 4), ("model", 2)])["axes"] == ["?"]
+
+
 def _graph(heads: int = 8, width: int = 2048, classes: int = 8) -> ModelGraph:
     def dense(name, cin, cout, inbound, act="relu"):
         return LayerInfo(name, "Dense", [VarInfo(f"{name}.kernel", (cin, cout)), VarInfo(f"{name}.bias", (cout,))],
@@ -480,9 +497,22 @@ def test_whole_step_plans_follow_the_rules_and_say_why_not():
     g = _graph()
     s = step_plans.search(g, 8, global_batch=16, rules=step_plans.RULES)
     names = [p.name for p in s.plans]
-    assert names == ["1x8 tp", "1x8 tp-mlp", "2x4 tp", "2x4 tp-mlp", "4x2 tp", "4x2 tp-mlp", "8x1 dp"]
-    tp = dict(s.plans[0].layouts)
+    assert names == ["1x8 tp", "1x8 tp-mlp", "2x4 tp", "2x4 fsdp", "2x4 tp-mlp", "4x2 tp", "4x2 fsdp", "4x2 tp-mlp",
+                     "8x1 dp", "8x1 fsdp"]
+    plan = {p.name: dict(p.layouts) for p in s.plans}
+    tp = plan["1x8 tp"]
     U = "unsharded"
+    # fsdp: the tp plan's layouts with batch on each weight's first free dimension that divides; attention
+    # sharded by heads on its last; the embedding never on its rows; alone on 8x1
+    fsdp = plan["2x4 fsdp"]
+    assert fsdp["a.kernel"] == ("batch", "model") and fsdp["b.kernel"] == ("model", "batch")
+    assert fsdp["a.bias"] == ("model",) and fsdp["head.kernel"] == ("batch", U) and fsdp["head.bias"] == ("batch",)
+    assert fsdp["mha._query_dense.kernel"] == (U, "model", "batch") and fsdp["embed.embeddings"] == (U, "model")
+    assert fsdp["mha._output_dense.kernel"] == ("model", U, "batch")
+    assert any("a.bias" in n and "batch=2" in n for p in s.plans if p.name == "2x4 fsdp" for n in p.notes)
+    alone = plan["8x1 fsdp"]
+    assert alone["embed.embeddings"] == (U, "batch") and alone["mha._query_dense.kernel"] == ("batch", U, U)
+    assert alone["a.kernel"] == ("batch", U) and alone["a.bias"] == ("batch",)
     # a Dense pair through an Activation: column then row; its head stays replicated (b's output feeds it alone,
     # but b is taken); attention by heads; the embedding by hidden size
     assert tp["a.kernel"] == (U, "model") and tp["a.bias"] == ("model",) and tp["b.kernel"] == ("model", U)
@@ -490,10 +520,11 @@ def test_whole_step_plans_follow_the_rules_and_say_why_not():
     assert tp["mha._query_dense.kernel"] == (U, "model", U) and tp["mha._query_dense.bias"] == ("model", U)
     assert tp["mha._output_dense.kernel"] == ("model", U, U) and tp["mha._output_dense.bias"] == (U,)
     assert tp["embed.embeddings"] == (U, "model")
-    mlp_only = dict(s.plans[1].layouts)
+    mlp_only = plan["1x8 tp-mlp"]
     assert mlp_only["a.kernel"] == (U, "model") and mlp_only["mha._query_dense.kernel"] == (U, U, U)
     why = {e.name: e.reason for e in s.excluded}
     assert "compute the same step 4 times" in why["2x4 dp"] and "nothing to shard" in why["8x1 tp"]
+    assert "no data axis" in why["1x8 fsdp"]
     assert any("vocabulary" in f for f in s.general)
     # the layout map tf_keras is given reproduces the plan
     specs = [VarSpec(v.path, tuple(v.shape)) for v in g.variables()]
@@ -507,7 +538,8 @@ def test_whole_step_plans_follow_the_rules_and_say_why_not():
     fwhy = {e.name: e.reason for e in forced.excluded}
     assert "head.kernel (shape [64, 3]): dimension 1 (size 3) does not divide by mesh axis 'model' (size 2)" in \
         fwhy["4x2 tp"]
-    assert [p.name for p in forced.plans] == ["8x1 dp"] and dict(forced.plans[0].layouts)["head.kernel"] == (U, "model")
+    assert [p.name for p in forced.plans] == ["8x1 dp", "8x1 fsdp"]
+    assert dict(forced.plans[0].layouts)["head.kernel"] == (U, "model")
     with pytest.raises(step_plans.StepPlanError, match="REGEX=LAYOUT"):
         step_plans.search(g, 8, global_batch=16, force=["nonsense"])
     with pytest.raises(step_plans.StepPlanError, match="axis 'x'"):
@@ -519,7 +551,11 @@ def test_conv_kernels_stay_replicated_and_no_pair_means_no_tp_plan():
     g = ModelGraph("m:f", [conv, LayerInfo("head", "Dense", [VarInfo("head.kernel", (8, 4))], ["c"], [None, 4])],
                    [TensorSpecInfo("x", [8, 8, 3], "float32", 16)], [TensorSpecInfo("y", [4], "float32", 16)])
     s = step_plans.search(g, 4, global_batch=16)
-    assert [p.name for p in s.plans] == ["4x1 dp"]
+    assert [p.name for p in s.plans] == ["4x1 dp", "4x1 fsdp"]
+    fsdp = dict(s.plans[1].layouts)  # the conv kernel stays replicated; its bias and the head shard over batch
+    assert fsdp["c.kernel"] == ("unsharded",) * 4 and fsdp["c.bias"] == ("batch",)
+    assert fsdp["head.kernel"] == ("batch", "unsharded")
+    assert any(e.name == "2x2 fsdp" and "same step 2 times" in e.reason for e in s.excluded)
     assert any("Filter" in f or "replicated filter" in f for f in s.general)
     assert any(e.name == "2x2 tp" and "no layer can be sharded" in e.reason for e in s.excluded)
 

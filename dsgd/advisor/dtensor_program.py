@@ -21,6 +21,7 @@ Everything here is text parsing, no TensorFlow: tests feed it small programs.
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 from dataclasses import dataclass, field
@@ -106,11 +107,27 @@ class ProgramSummary:
 _COLL_OPS = ("DTensorAllReduce", "DTensorReduceScatter", "DTensorAllToAll")
 
 
+def _all_to_all_axes(op: Op, mesh) -> tuple:
+    """The mesh axes a ``DTensorAllToAll`` exchanges over: those that move to another dimension between its
+    ``input_layout`` and ``output_layout`` (it has no group assignment operand)."""
+    specs = [s.rstrip(",").split(",") for s in re.findall(r"_layout = #dtensor\.layout<sharding_specs:([^ ]*) mesh:",
+                                                           op.attrs)]
+    if len(specs) != 2:
+        return ("?",)
+    sizes = dict(mesh)
+    moved = tuple(a for a in dict(mesh) if sizes[a] > 1 and
+                  (a in specs[0]) and (a in specs[1]) and specs[0].index(a) != specs[1].index(a))
+    return moved or ("?",)
+
+
 def _coll_info(op: Op, prod: dict, mesh) -> dict:
     t = op.in_types[0] if op.in_types else TensorType(None, "f32")
     axes: tuple = ("?",)
     group = 0
-    if len(op.operands) > 1 and op.operands[1] in prod:
+    if op.name == "DTensorAllToAll":
+        axes = _all_to_all_axes(op, mesh)
+        group = math.prod(dict(mesh)[a] for a in axes) if axes != ("?",) else 0
+    elif len(op.operands) > 1 and op.operands[1] in prod:
         groups = const_value(prod[op.operands[1]][0])
         if isinstance(groups, list) and groups and isinstance(groups[0], list):
             axes = group_axes(groups, mesh)

@@ -38,6 +38,8 @@ from dsgd.advisor import plans as plans_mod
 from dsgd.advisor.advice import advise
 from dsgd.advisor.plot import plot
 from dsgd.advisor.report import render
+from dsgd.advisor.step_measure import ROUNDS as STEP_ROUNDS
+from dsgd.advisor.step_plans import DEFAULT_RULES, RULES
 from dsgd.advisor.validation import run_validation
 from dsgd.harness.measure import OPTION_PRESETS
 from dsgd.workloads import WORKLOADS
@@ -66,11 +68,13 @@ def add_arguments(p) -> None:
                    "(default: random inputs from the model's input specs)")
     p.add_argument("--hardware", help="whole: the target's description for --target-mesh: a JSON file or a shipped "
                    "name (this-host, nvidia-h100-sxm; default: this host's rates, measured)")
-    p.add_argument("--rounds", type=int, help="whole: interleaved timing rounds per mesh (default 4)")
+    p.add_argument("--rounds", type=int,
+                   help=f"whole: interleaved timing rounds, over every plan of every mesh (default {STEP_ROUNDS})")
     p.add_argument("--save-hardware", metavar="FILE",
                    help="whole: write this host's measured rates as a hardware file (for --hardware)")
-    p.add_argument("--rules", default="dp,tp",
-                   help="whole: the plan rules to build, comma-separated, of dp, tp, tp-mlp (default dp,tp)")
+    p.add_argument("--rules", default=",".join(DEFAULT_RULES),
+                   help=f"whole: the plan rules to build, comma-separated, of {', '.join(RULES)} (default "
+                        f"{','.join(DEFAULT_RULES)})")
     p.add_argument("--options", default="momentum", choices=sorted(OPTION_PRESETS), help="optimizer options preset")
     p.add_argument("--implementation", default="auto", help="dsgd implementation to measure (default auto)")
     p.add_argument("--no-reference", action="store_true", help="do not measure the tf_keras reference")

@@ -102,7 +102,9 @@ def _collective_text(prog: dp.ProgramSummary) -> str:
     for axes, (count, b) in sorted(issued.items()):
         kinds = [c for c in prog.collectives if tuple(c.axes) == axes]
         what = ", ".join(f"{c.count} {c.kind}" for c in kinds)
-        parts.append(f"{'+'.join(axes)}: {count} all-reduce{'s' if count != 1 else ''} {b / 2**20:.2f} MiB"
+        # on CPU every collective but an all-to-all runs as an all-reduce
+        noun = "collective" if any(c.kind == "all-to-all" for c in kinds) else "all-reduce"
+        parts.append(f"{'+'.join(axes)}: {count} {noun}{'s' if count != 1 else ''} {b / 2**20:.2f} MiB"
                      + (f" ({what})" if what else ""))
     return "; ".join(parts) if parts else "none"
 

@@ -19,9 +19,18 @@ for 8 devices), plus any ``--mesh`` given.  Rules (each a plan on every mesh it 
   - ``Conv2D`` kernels stay replicated: DTensor's ``Conv2D`` requires a fully replicated filter ("Filter
     for convolution must have fully replicated layout"; checked with TF 2.21), and partitioning the
     images instead needs a halo exchange, which DTensor supports only on TPU;
-* ``tp-mlp`` -- the ``Dense`` pairs only (attention and embeddings replicated), where it differs from ``tp``
-  (asked for with ``--rules dp,tp,tp-mlp``: by default ``dp`` and ``tp``, so that a model's advice stays
-  within minutes here).
+* ``fsdp`` -- fully sharded data parallel (ZeRO-3), on meshes with ``batch`` > 1: the ``tp`` plan's layouts
+  (the ``dp`` plan's where ``model=1``) with every weight also sharded over ``batch``, on its first dimension
+  that is not sharded yet and divides.  dsgd keeps the slots in their variable's layout, so weights,
+  gradients and slots per device all shrink by ``batch``; DTensor all-gathers each weight where the forward
+  and backward passes need it whole and reduce-scatters its gradient (on CPU both run as all-reduces of
+  the whole tensor).  Conv kernels stay replicated (as above), embedding tables are never sharded on
+  their rows, and attention sharded by heads puts ``batch`` on its weights' last dimension (DTensor's
+  Einsum cannot contract a dimension split over one axis with another split over the other);
+* ``tp-mlp`` -- the ``Dense`` pairs only (attention and embeddings replicated), where it differs from ``tp``.
+
+By default ``dp``, ``tp`` and ``fsdp``; ``tp-mlp`` on request (``--rules dp,tp,fsdp,tp-mlp``), so that a
+model's advice stays within minutes here.
 
 ``--force REGEX=LAYOUT`` sets the layout of every matching variable in every plan.  A plan that cannot
 be built on a mesh (a dimension that does not divide, heads not divisible by the axis, the batch not
@@ -39,8 +48,11 @@ from dsgd.workloads import VarSpec
 U = meshspec.UNSHARDED
 DATA_AXIS = "batch"
 MODEL_AXIS = "model"
-RULES = ("dp", "tp", "tp-mlp")
-DEFAULT_RULES = ("dp", "tp")  # tp-mlp on request (--rules): a variant of tp, one more plan per mesh to measure
+RULES = ("dp", "tp", "fsdp", "tp-mlp")
+DEFAULT_RULES = ("dp", "tp", "fsdp")  # tp-mlp on request (--rules): a variant of tp, one more plan per mesh to measure
+#: layers whose weights the fsdp rule leaves as the base plan has them: DTensor's convolutions need a
+#: fully replicated filter
+_CONV = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose")
 
 
 class StepPlanError(ValueError):
@@ -178,6 +190,35 @@ def _embeddings(graph: ModelGraph, m: int, notes: list) -> dict:
     return out
 
 
+def _fsdp(graph: ModelGraph, base: dict, b: int, notes: list) -> dict:
+    """``base`` with every weight also sharded over ``batch`` (size ``b``) on its first dimension that is not
+    sharded yet and divides by ``b``: conv kernels and embedding rows excepted (DTensor cannot use them so)."""
+    out = dict(base)
+    kept = []
+    for ly in graph.layers:
+        for v in ly.variables:
+            lay = list(base.get(v.path, (U,) * len(v.shape)))
+            if ly.cls in _CONV and v.path.endswith("kernel"):
+                continue
+            first = 1 if ly.cls == "Embedding" else 0  # a table's rows cannot be gathered from shards
+            dims = range(first, len(v.shape))
+            if ly.cls == "MultiHeadAttention" and MODEL_AXIS in lay:
+                # sharded by heads: DTensor's Einsum expander refuses a weight with a contracted dimension on
+                # batch and another on model ("label 'c' is mapped to mesh dimension 'batch' and 'model'",
+                # TF 2.21); its last dimension (head size, or the output's width) on batch runs
+                dims = reversed(dims)
+            dim = next((d for d in dims if lay[d] == U and v.shape[d] % b == 0), None)
+            if dim is None:
+                kept.append(v.path)
+                continue
+            lay[dim] = DATA_AXIS
+            out[v.path] = tuple(lay)
+    if kept:
+        notes.append(f"{len(kept)} weight(s) ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}) have no "
+                     f"unsharded dimension that divides by batch={b}; not sharded over batch")
+    return out
+
+
 def _general_facts(graph: ModelGraph) -> list:
     facts = []
     convs = [ly.name for ly in graph.layers if ly.cls in ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D")]
@@ -252,7 +293,29 @@ def search(graph: ModelGraph, devices: int, *, global_batch: int, meshes: Sequen
         for rule in rules:
             name = f"{label} {rule}"
             notes: list[str] = []
-            if rule == "dp":
+            if rule == "fsdp":
+                if b == 1:
+                    out.excluded.append(Excluded(name, meshspec.format_mesh_spec(mesh),
+                                                 "batch=1: no data axis to shard the weights over (this is the tp plan)"))
+                    continue
+                base: dict[str, tuple] = {}
+                if m > 1:
+                    base = _dense_pairs(graph, m, notes)
+                    base.update(_attention(graph, m, notes))
+                    base.update(_embeddings(graph, m, notes))
+                    if not base and not forced:
+                        out.excluded.append(Excluded(name, meshspec.format_mesh_spec(mesh), (
+                            f"no layer can be sharded on model: weights unsharded over model={m} would compute the "
+                            f"same step {m} times; fully sharded data parallel is the {devices}x1 plan")))
+                        continue
+                lay = _fsdp(graph, base, b, notes)
+                desc = (f"fully sharded data parallel over batch={b} (weights, gradients and slots sharded over "
+                        "batch, gathered where used)" + (f", on tensor parallel over model={m}" if m > 1 else ""))
+                if lay == base and not forced:
+                    out.excluded.append(Excluded(name, meshspec.format_mesh_spec(mesh), (
+                        f"no weight has a dimension that divides by batch={b}")))
+                    continue
+            elif rule == "dp":
                 if m > 1:
                     out.excluded.append(Excluded(name, meshspec.format_mesh_spec(mesh), (
                         f"weights replicated over model={m} would compute the same step {m} times; data parallel "
