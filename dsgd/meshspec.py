@@ -106,6 +106,21 @@ class MeshSpec:
         return format_mesh_spec(self.dims)
 
 
+def zero1_entries(entries: Sequence[str], mesh_dims: Sequence[tuple[str, int]], shape: Sequence[int]) -> list[str]:
+    """A ZeRO-1 slot's layout for a variable laid out as ``entries``: one more mesh axis -- the largest the
+    variable does not use, of size > 1 -- on its first unsharded dimension that divides by it; ``entries``
+    itself when none fits.  (``dsgd.impl.sharded_state`` keeps its slots so; the byte counts use it too.)"""
+    specs = list(entries)
+    used = {e for e in specs if e != UNSHARDED}
+    free = sorted((a for a, n in mesh_dims if a not in used and n > 1), key=lambda a: -dict(mesh_dims)[a])
+    for axis in free:
+        k = dict(mesh_dims)[axis]
+        for d, e in enumerate(specs):
+            if e == UNSHARDED and shape[d] % k == 0:
+                return specs[:d] + [axis] + specs[d + 1:]
+    return specs
+
+
 def layout_str(entries: Sequence[str]) -> str:
     """``('unsharded', 'model')`` -> ``'unsharded,model'``; all unsharded (or rank 0) -> ``'replicated'``.
 

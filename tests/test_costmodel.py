@@ -55,8 +55,12 @@ def test_bytes_reference_keeps_momentum_slot_without_momentum():
 
 def test_bytes_sharded_state_zero1():
     b = costmodel.plan_bytes(SPECS, LAYOUTS, MESH, OPTION_PRESETS["momentum"], "sharded_state")
-    # a is already on 'batch' (16384 stays); b: 256 % 2 == 0 -> 512; c: 64 % 2 == 0 -> 8192 / 2 = 4096
-    assert b.momentum_per_device == 16384 + 512 + 4096
+    # as sharded_state lays its slots out (meshspec.zero1_entries): a uses both axes (16384 stays); b takes the
+    # largest free axis, model=4 -> 1024 / 4 = 256; c: batch on dim 0 (64 % 2 == 0) -> 8192 / 2 = 4096
+    assert b.momentum_per_device == 16384 + 256 + 4096
+    assert meshspec.zero1_entries((U,), MESH, (256,)) == ["model"]
+    assert meshspec.zero1_entries((U, "model"), MESH, (64, 256)) == ["batch", "model"]
+    assert meshspec.zero1_entries(("model",), MESH, (256,)) == ["model"]  # no unsharded dimension: as it is
 
 
 def test_bytes_replicated_vs_sharded_bert_mini():

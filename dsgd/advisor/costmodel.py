@@ -90,10 +90,7 @@ def plan_bytes(specs: Sequence[VarSpec], layouts: Sequence[Sequence[str]], mesh_
         b = count_bytes(specs, layouts, mesh_dims, dict(o, momentum=0.9))
         b.extra["momentum_slot_unused"] = True
         return b
-    state_axis = None
-    if implementation == "sharded_state":
-        state_axis = mesh_dims[0][0]
-    return count_bytes(specs, layouts, mesh_dims, o, state_shard_axis=state_axis)
+    return count_bytes(specs, layouts, mesh_dims, o, zero1=implementation == "sharded_state")
 
 
 # ------------------------------------------------------------------------------- collectives

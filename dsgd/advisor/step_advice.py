@@ -161,10 +161,13 @@ def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step
 
 
 def scaling_checks(rows: list, search, batch: int) -> list:
-    """Each program predicting the collective bytes and FLOPs of the same rule's plan on every other
-    measured mesh whose axes it covers (each axis > 1 where the other's is): exact, or how far off."""
+    """Each program predicting the collective bytes and FLOPs of the same rule's plan with the same layouts
+    on every other measured mesh whose axes it covers (each axis > 1 where the other's is): exact, or how far
+    off.  (An fsdp plan on ``8x1`` is not the ``2x4`` one's layouts: the latter is also tensor parallel.)"""
     out = []
     by_rule: dict[str, list] = {}
+    layouts = {p.name: p.layouts for p in getattr(search, "plans", ())}
+    impls = {p.name: p.implementation for p in getattr(search, "plans", ())}
     for r in rows:
         if r.get("program"):
             by_rule.setdefault(r["rule"], []).append(r)
@@ -172,7 +175,8 @@ def scaling_checks(rows: list, search, batch: int) -> list:
         for src in rs:
             sdims = meshspec.parse_mesh_spec(src["mesh"])
             for dst in rs:
-                if dst is src:
+                if dst is src or layouts.get(dst["plan"]) != layouts.get(src["plan"]) or \
+                        impls.get(dst["plan"]) != impls.get(src["plan"]):
                     continue
                 ddims = meshspec.parse_mesh_spec(dst["mesh"])
                 if any(n > 1 and dict(sdims).get(a, 1) < 2 for a, n in ddims):
@@ -191,11 +195,11 @@ def scaling_checks(rows: list, search, batch: int) -> list:
 
 
 def _source_for(plan: step_plans.StepPlan, rows: list, local_plans: list) -> Optional[dict]:
-    """The measured plan whose program can be scaled to ``plan``: the same layout for every variable, and
-    every axis that is > 1 on ``plan``'s mesh > 1 on its own; of those, the one with the most devices on the
+    """The measured plan whose program can be scaled to ``plan``: the same layout for every variable and the
+    same implementation, and every axis that is > 1 on ``plan``'s mesh > 1 on its own; of those, the one with the most devices on the
     model axis."""
     tdims = dict(plan.mesh)
-    same = {p.name for p in local_plans if p.layouts == plan.layouts}
+    same = {p.name for p in local_plans if p.layouts == plan.layouts and p.implementation == plan.implementation}
     best = None
     for r in rows:
         if r["plan"] not in same or not r.get("program"):
@@ -289,7 +293,8 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
         if not search.plans:
             raise StepAdviceError("no candidate plan is feasible: " + "; ".join(
                 f"{e.name}: {e.reason}" for e in search.excluded[:6]))
-        plans = [{"name": p.name, "mesh": p.mesh_spec, "layout_map": p.layout_map(graph)} for p in search.plans]
+        plans = [{"name": p.name, "mesh": p.mesh_spec, "layout_map": p.layout_map(graph),
+                  "implementation": p.implementation or implementation} for p in search.plans]
         common = {"target": model, "cwd": cwd or os.getcwd(), "batch_size": batch,
                   "inputs": [vars(i) for i in graph.inputs], "outputs": outputs, "vocab": graph.embedding_vocab(),
                   "loss": loss_name, "data": data, "options": options, "implementation": implementation,

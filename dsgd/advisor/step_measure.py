@@ -79,7 +79,8 @@ def _build_job(payload: dict, plan: dict, which: str, mesh, dataset_fn, dump_dir
         opt = models.no_update_optimizer(mesh)
     else:
         opts = dict(OPTION_PRESETS[payload.get("options", "momentum")])
-        opt = dsgd.SGD(mesh=mesh, implementation=payload.get("implementation", "auto"), **opts)
+        impl = plan.get("implementation") or payload.get("implementation", "auto")
+        opt = dsgd.SGD(mesh=mesh, implementation=impl, **opts)
     model.compile(optimizer=opt, loss=model_data.make_loss(payload["loss"]))
     train = model.make_train_function()
     it = iter(dataset_fn())
@@ -149,7 +150,7 @@ def measure_plans(payload: dict) -> dict:
 
     progress = _Progress(payload.get("progress"))
     batch = int(payload["batch_size"])
-    measure.prepare_kernels([payload.get("implementation", "auto")])
+    measure.prepare_kernels([payload.get("implementation", "auto")] + [p.get("implementation", "") for p in payload["plans"]])
     meshes = {}
     for plan in payload["plans"]:
         if plan["mesh"] not in meshes:

@@ -19,12 +19,14 @@ from dsgd.advisor.step_plans import StepPlan
 
 def state_bytes(graph: ModelGraph, plan: StepPlan, opts: dict) -> dict:
     """Exact bytes per device: ``params``, ``grads`` (in the variables' layouts: dsgd takes them so),
-    ``slots`` (momentum, EMA: each in its variable's layout)."""
+    ``slots`` (momentum, EMA: each in its variable's layout; the momentum in its ZeRO-1 layout for a plan
+    trained with ``sharded_state``)."""
     from dsgd.harness.measure import count_bytes
     from dsgd.workloads import VarSpec
 
     specs = [VarSpec(v.path, tuple(v.shape), v.dtype) for v in graph.variables()]
-    b = count_bytes(specs, [plan.layout_of(s.name) for s in specs], list(plan.mesh), opts)
+    b = count_bytes(specs, [plan.layout_of(s.name) for s in specs], list(plan.mesh), opts,
+                    zero1=plan.implementation == "sharded_state")
     return {"params": b.params_per_device, "grads": b.params_per_device,
             "slots": b.momentum_per_device + b.ema_per_device}
 

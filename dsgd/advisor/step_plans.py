@@ -22,15 +22,19 @@ for 8 devices), plus any ``--mesh`` given.  Rules (each a plan on every mesh it 
 * ``fsdp`` -- fully sharded data parallel (ZeRO-3), on meshes with ``batch`` > 1: the ``tp`` plan's layouts
   (the ``dp`` plan's where ``model=1``) with every weight also sharded over ``batch``, on its first dimension
   that is not sharded yet and divides.  dsgd keeps the slots in their variable's layout, so weights,
-  gradients and slots per device all shrink by ``batch``; DTensor all-gathers each weight where the forward
+  gradients and slots per device all shrink by ``batch`` (weights under 64 KiB excepted, as FSDP's wrapping
+  policies leave small layers whole); DTensor all-gathers each weight where the forward
   and backward passes need it whole and reduce-scatters its gradient (on CPU both run as all-reduces of
   the whole tensor).  Conv kernels stay replicated (as above), embedding tables are never sharded on
   their rows, and attention sharded by heads puts ``batch`` on its weights' last dimension (DTensor's
   Einsum cannot contract a dimension split over one axis with another split over the other);
+* ``zero1`` -- ZeRO-1, on meshes with ``batch`` > 1: the ``tp`` plan's layouts (the ``dp`` plan's where
+  ``model=1``), trained with dsgd's ``implementation="sharded_state"``, which shards each momentum further
+  over the largest axis its weight is replicated on and all-gathers the updated weights each step;
 * ``tp-mlp`` -- the ``Dense`` pairs only (attention and embeddings replicated), where it differs from ``tp``.
 
-By default ``dp``, ``tp`` and ``fsdp``; ``tp-mlp`` on request (``--rules dp,tp,fsdp,tp-mlp``), so that a
-model's advice stays within minutes here.
+By default ``dp``, ``tp`` and ``fsdp``; ``zero1`` and ``tp-mlp`` on request (``--rules dp,tp,fsdp,zero1``),
+so that a model's advice stays within minutes here.
 
 ``--force REGEX=LAYOUT`` sets the layout of every matching variable in every plan.  A plan that cannot
 be built on a mesh (a dimension that does not divide, heads not divisible by the axis, the batch not
@@ -48,8 +52,13 @@ from dsgd.workloads import VarSpec
 U = meshspec.UNSHARDED
 DATA_AXIS = "batch"
 MODEL_AXIS = "model"
-RULES = ("dp", "tp", "fsdp", "tp-mlp")
+RULES = ("dp", "tp", "fsdp", "zero1", "tp-mlp")
+#: the dsgd implementation a rule trains with ("": the one the advice was asked for)
+RULE_IMPLEMENTATION = {"zero1": "sharded_state"}
 DEFAULT_RULES = ("dp", "tp", "fsdp")  # tp-mlp on request (--rules): a variant of tp, one more plan per mesh to measure
+#: the fsdp rule leaves smaller weights whole over batch, as FSDP's wrapping policies do: each all-gather's fixed
+#: cost outweighs the bytes saved, and their layouts then do not change with the data axis's size
+FSDP_MIN_BYTES = 64 << 10
 #: layers whose weights the fsdp rule leaves as the base plan has them: DTensor's convolutions need a
 #: fully replicated filter
 _CONV = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose")
@@ -68,6 +77,7 @@ class StepPlan:
     layouts: tuple  # ((variable path, (entries...)), ...), every trainable variable in model order
     description: str = ""
     notes: tuple = ()  # what the rule left replicated, and why
+    implementation: str = ""  # the dsgd implementation it needs ("": the advice's)
 
     @property
     def mesh_spec(self) -> str:
@@ -191,14 +201,18 @@ def _embeddings(graph: ModelGraph, m: int, notes: list) -> dict:
 
 
 def _fsdp(graph: ModelGraph, base: dict, b: int, notes: list) -> dict:
-    """``base`` with every weight also sharded over ``batch`` (size ``b``) on its first dimension that is not
-    sharded yet and divides by ``b``: conv kernels and embedding rows excepted (DTensor cannot use them so)."""
+    """``base`` with every weight of at least :data:`FSDP_MIN_BYTES` also sharded over ``batch`` (size ``b``)
+    on its first dimension that is not sharded yet and divides by ``b``: conv kernels and embedding rows
+    excepted (DTensor cannot use them so)."""
     out = dict(base)
-    kept = []
+    kept, small = [], 0
     for ly in graph.layers:
         for v in ly.variables:
             lay = list(base.get(v.path, (U,) * len(v.shape)))
             if ly.cls in _CONV and v.path.endswith("kernel"):
+                continue
+            if v.nbytes < FSDP_MIN_BYTES:
+                small += 1
                 continue
             first = 1 if ly.cls == "Embedding" else 0  # a table's rows cannot be gathered from shards
             dims = range(first, len(v.shape))
@@ -213,6 +227,9 @@ def _fsdp(graph: ModelGraph, base: dict, b: int, notes: list) -> dict:
                 continue
             lay[dim] = DATA_AXIS
             out[v.path] = tuple(lay)
+    if small:
+        notes.append(f"{small} weight(s) under {FSDP_MIN_BYTES >> 10} KiB (biases, norms) not sharded over batch: "
+                     "gathering them would cost more than they hold")
     if kept:
         notes.append(f"{len(kept)} weight(s) ({', '.join(kept[:3])}{', ...' if len(kept) > 3 else ''}) have no "
                      f"unsharded dimension that divides by batch={b}; not sharded over batch")
@@ -293,7 +310,25 @@ def search(graph: ModelGraph, devices: int, *, global_batch: int, meshes: Sequen
         for rule in rules:
             name = f"{label} {rule}"
             notes: list[str] = []
-            if rule == "fsdp":
+            if rule == "zero1":
+                if b == 1:
+                    out.excluded.append(Excluded(name, meshspec.format_mesh_spec(mesh),
+                                                 "batch=1: no data axis to shard the momentum over"))
+                    continue
+                lay = {}
+                if m > 1:
+                    lay = _dense_pairs(graph, m, notes)
+                    lay.update(_attention(graph, m, notes))
+                    lay.update(_embeddings(graph, m, notes))
+                    if not lay and not forced:
+                        out.excluded.append(Excluded(name, meshspec.format_mesh_spec(mesh), (
+                            f"no layer can be sharded on model: weights replicated over model={m} would compute the "
+                            f"same step {m} times; ZeRO-1 is the {devices}x1 plan")))
+                        continue
+                desc = ("ZeRO-1: each momentum also sharded over an axis its weight is replicated on (dsgd "
+                        "sharded_state), the weights all-gathered after each update" +
+                        (f", on tensor parallel over model={m}" if m > 1 else ""))
+            elif rule == "fsdp":
                 if b == 1:
                     out.excluded.append(Excluded(name, meshspec.format_mesh_spec(mesh),
                                                  "batch=1: no data axis to shard the weights over (this is the tp plan)"))
@@ -313,7 +348,8 @@ def search(graph: ModelGraph, devices: int, *, global_batch: int, meshes: Sequen
                         "batch, gathered where used)" + (f", on tensor parallel over model={m}" if m > 1 else ""))
                 if lay == base and not forced:
                     out.excluded.append(Excluded(name, meshspec.format_mesh_spec(mesh), (
-                        f"no weight has a dimension that divides by batch={b}")))
+                        f"no weight of {FSDP_MIN_BYTES >> 10} KiB or more has a free dimension that divides by "
+                        f"batch={b}")))
                     continue
             elif rule == "dp":
                 if m > 1:
@@ -347,7 +383,7 @@ def search(graph: ModelGraph, devices: int, *, global_batch: int, meshes: Sequen
                 continue
             lay.update(forced)
             layouts = tuple((v.path, lay.get(v.path, (U,) * len(v.shape))) for v in variables)
-            key = (mesh, layouts)
+            key = (mesh, layouts, RULE_IMPLEMENTATION.get(rule, ""))
             if key in seen:
                 why = f"the same layouts as {seen[key]!r}"
                 if rule == "tp-mlp":
@@ -357,9 +393,9 @@ def search(graph: ModelGraph, devices: int, *, global_batch: int, meshes: Sequen
             seen[key] = name
             if forced:
                 desc += f"; {len(forced)} variable(s) forced by --force"
-            out.plans.append(StepPlan(rule, mesh, layouts, desc, tuple(notes)))
+            out.plans.append(StepPlan(rule, mesh, layouts, desc, tuple(notes), RULE_IMPLEMENTATION.get(rule, "")))
     return out
 
 
 __all__ = ["StepPlan", "Excluded", "StepPlanSearch", "StepPlanError", "search", "factor_meshes", "normalize_mesh",
-           "RULES", "DEFAULT_RULES", "DATA_AXIS", "MODEL_AXIS"]
+           "RULES", "DEFAULT_RULES", "RULE_IMPLEMENTATION", "DATA_AXIS", "MODEL_AXIS", "FSDP_MIN_BYTES"]

@@ -348,13 +348,13 @@ class Bytes:
 
 def count_bytes(specs: Sequence[VarSpec], layout_entries_list: Sequence[Sequence[str]],
                 mesh_dims: Sequence[tuple[str, int]], opts: dict,
-                state_shard_axis: Optional[str] = None) -> Bytes:
+                zero1: bool = False) -> Bytes:
     """Exact bytes per device of parameters and optimizer state for a layout plan.
 
     ``layout_entries_list[i]`` is variable ``i``'s layout (one mesh axis or 'unsharded' per
     dimension).  Every device of a mesh holds the same number of bytes for a given layout
-    (DTensor shards evenly), so per-device counts are exact.  ``state_shard_axis``: momentum
-    additionally sharded over that (replicated) axis (ZeRO-1), where a dimension divides.
+    (DTensor shards evenly), so per-device counts are exact.  ``zero1``: the momentum in its
+    ZeRO-1 layout (``sharded_state``: :func:`dsgd.meshspec.zero1_entries`).
     """
     sizes = dict(mesh_dims)
     n_dev = meshspec.mesh_size(mesh_dims)
@@ -368,10 +368,9 @@ def count_bytes(specs: Sequence[VarSpec], layout_entries_list: Sequence[Sequence
         local = s.size // shards
         p += local * b
         mom = local * b if opts.get("momentum") else 0
-        if mom and state_shard_axis and state_shard_axis in sizes and state_shard_axis not in entries:
-            k = sizes[state_shard_axis]
-            if any(dim % (k * (sizes[a] if a != meshspec.UNSHARDED else 1)) == 0 for dim, a in zip(s.shape, entries)):
-                mom //= k
+        if mom and zero1:
+            slot = meshspec.zero1_entries(entries, mesh_dims, s.shape)
+            mom //= math.prod(sizes[a] for a in slot if a != meshspec.UNSHARDED and a not in entries)
         m += mom
         e += local * b if opts.get("use_ema") else 0
         traffic += local * n_dev * b * elements_moved(opts)

@@ -28,22 +28,13 @@ from dsgd.plan import StepArgs, variable_layout
 
 
 def state_layout(layout: Optional[dtensor.Layout], shape: Sequence[int]) -> Optional[dtensor.Layout]:
-    """The ZeRO-1 layout of a slot for a variable with ``layout``; ``layout`` itself if none fits."""
+    """The ZeRO-1 layout of a slot for a variable with ``layout`` (:func:`dsgd.meshspec.zero1_entries`);
+    ``layout`` itself if none fits."""
     if layout is None:
         return None
-    mesh = layout.mesh
     specs = list(layout.sharding_specs)
-    used = {s for s in specs if s != meshspec.UNSHARDED}
-    free = sorted((a for a in mesh.dim_names if a not in used and mesh.dim_size(a) > 1),
-                  key=lambda a: -mesh.dim_size(a))
-    for axis in free:
-        k = mesh.dim_size(axis)
-        for d, s in enumerate(specs):
-            if s == meshspec.UNSHARDED and shape[d] % k == 0:
-                new = specs[:]
-                new[d] = axis
-                return dtensor.Layout(new, mesh)
-    return layout
+    new = meshspec.zero1_entries(specs, meshspec.mesh_dims(layout.mesh), shape)
+    return layout if new == specs else dtensor.Layout(new, layout.mesh)
 
 
 class ShardedState(OpsDTensor):
