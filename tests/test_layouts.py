@@ -507,24 +507,20 @@ def test_whole_step_plans_follow_the_rules_and_say_why_not(monkeypatch):
     assert plan["8x1 zero1"] == plan["8x1 dp"] and impl["2x4 tp"] == impl["8x1 fsdp"] == ""
     tp = plan["1x8 tp"]
     U = "unsharded"
-    # fsdp: the tp plan's layouts with batch on each weight's first free dimension that divides; weights under
-    # 64 KiB left whole; the embedding never on its rows; alone on 8x1
+    # fsdp: the tp plan's layouts with batch on each weight's first free dimension that divides; attention
+    # sharded by heads on its last (DTensor's Einsum refuses batch and model on contracted dimensions); weights
+    # under 1 KiB left whole; the embedding never on its rows; alone on 8x1
     fsdp = plan["2x4 fsdp"]
     assert fsdp["a.kernel"] == ("batch", "model") and fsdp["b.kernel"] == ("model", "batch")
-    assert fsdp["a.bias"] == ("model",) and fsdp["head.kernel"] == (U, U) and fsdp["head.bias"] == (U,)
-    assert fsdp["embed.embeddings"] == (U, "model") and fsdp["mha._query_dense.kernel"] == (U, "model", U)
-    assert any("under 64 KiB" in n for p in s.plans if p.name == "2x4 fsdp" for n in p.notes)
+    assert fsdp["a.bias"] == ("model",) and fsdp["head.kernel"] == ("batch", U)
+    assert fsdp["head.bias"] == fsdp["b.bias"] == (U,) and fsdp["mha._query_dense.bias"] == ("model", U)
+    assert fsdp["mha._query_dense.kernel"] == (U, "model", "batch") and fsdp["mha._output_dense.kernel"] == ("model", U, "batch")
+    assert fsdp["embed.embeddings"] == (U, "model")
+    notes = next(p.notes for p in s.plans if p.name == "2x4 fsdp")
+    assert any("under 1 KiB" in n for n in notes) and any("a.bias" in n and "batch=2" in n for n in notes)
     alone = plan["8x1 fsdp"]
     assert alone["embed.embeddings"] == (U, "batch") and alone["a.kernel"] == ("batch", U)
-    assert alone["a.bias"] == (U,) and alone["mha._query_dense.kernel"] == (U, U, U)
-    # attention sharded by heads takes batch on its last dimension (DTensor's Einsum refuses batch and model
-    # on contracted dimensions); a dimension that does not divide is said so
-    monkeypatch.setattr(step_plans, "FSDP_MIN_BYTES", 0)
-    small = {p.name: (dict(p.layouts), p.notes) for p in step_plans.search(g, 8, global_batch=16).plans}
-    lay, notes = small["2x4 fsdp"]
-    assert lay["mha._query_dense.kernel"] == (U, "model", "batch") and lay["mha._output_dense.kernel"] == ("model", U, "batch")
-    assert lay["head.kernel"] == ("batch", U) and any("a.bias" in n and "batch=2" in n for n in notes)
-    assert small["8x1 fsdp"][0]["mha._query_dense.kernel"] == ("batch", U, U)
+    assert alone["a.bias"] == ("batch",) and alone["mha._query_dense.kernel"] == ("batch", U, U)
     # a Dense pair through an Activation: column then row; its head stays replicated (b's output feeds it alone,
     # but b is taken); attention by heads; the embedding by hidden size
     assert tp["a.kernel"] == (U, "model") and tp["a.bias"] == ("model",) and tp["b.kernel"] == ("model", U)
@@ -564,7 +560,7 @@ def test_conv_kernels_stay_replicated_and_no_pair_means_no_tp_plan(monkeypatch):
                    [TensorSpecInfo("x", [8, 8, 3], "float32", 16)], [TensorSpecInfo("y", [4], "float32", 16)])
     s = step_plans.search(g, 4, global_batch=16)
     assert [p.name for p in s.plans] == ["4x1 dp"]
-    assert any(e.name == "4x1 fsdp" and "64 KiB or more" in e.reason for e in s.excluded)
+    assert any(e.name == "4x1 fsdp" and "1 KiB or more" in e.reason for e in s.excluded)
     monkeypatch.setattr(step_plans, "FSDP_MIN_BYTES", 0)
     s = step_plans.search(g, 4, global_batch=16)
     fsdp = dict(s.plans[1].layouts)
@@ -755,7 +751,7 @@ def test_whole_step_advice_end_to_end_on_four_devices(tmp_path, monkeypatch):
         import tf_keras
         def build():
             x = inp = tf_keras.Input((32,), batch_size=8)
-            x = tf_keras.layers.Dense(512, activation="relu", name="up")(x)  # 64 KiB: fsdp shards it
+            x = tf_keras.layers.Dense(512, activation="relu", name="up")(x)  # fsdp shards it
             x = tf_keras.layers.Dense(16, name="down")(x)
             return tf_keras.Model(inp, tf_keras.layers.Dense(4, name="head")(x))
     """))
