@@ -623,7 +623,7 @@ def test_whole_step_ranking_says_why():
     assert list(df["plan"]) == ["b", "a", "c", "d"] and df.iloc[0]["recommended"]
     why = dict(zip(df["plan"], df["why"]))
     assert why["b"].startswith("3% off the fastest (within 5%), least memory")
-    assert why["c"].startswith("+94%: batch all-reduce 40.0 MiB")
+    assert why["c"].startswith("+94%: batch collectives 40.0 MiB")
     assert why["d"].startswith("failed: UnknownError")
     over = step_ranking.rank(pd.DataFrame(_ranked_rows()), memory_budget=20_000_000)
     assert list(over["plan"])[:2] == ["b", "c"] and "over --memory-budget" in dict(zip(over["plan"], over["why"]))["a"]

@@ -33,7 +33,7 @@ def dominant_part(row: dict, best: dict) -> Optional[str]:
         return None
     if k.startswith("coll:"):
         axes = k[5:]
-        return f"{axes} all-reduce {_mib(p.get('coll_bytes:' + axes, 0))} (+{diffs[k]:.0f} ms pred)"
+        return f"{axes} collectives {_mib(p.get('coll_bytes:' + axes, 0))} (+{diffs[k]:.0f} ms pred)"
     if k == "compute" and q.get("flops") and p.get("flops"):
         return f"compute {p['flops'] / q['flops']:.1f}x FLOPs/device (+{diffs[k]:.0f} ms pred)"
     if k == "update":

@@ -95,7 +95,7 @@ def render_lines(advice) -> list:
     out.append(f"step ms: the {getattr(advice, 'statistic', 'median')} measured step (±%: interquartile range / "
                "median), all plans timed interleaved in "
                "one process; floor: the same step with the no-update optimizer; dsgd: step - floor, the optimizer's "
-               "share; pred ms: the step model (below); coll MiB: all-reduce payload per device per step, as DTensor "
+               "share; pred ms: the step model (below); coll MiB: collectives' payload per device per step, as DTensor "
                "ran it; mem MiB: params + slots (exact) + the step's transient peak (activations, gradients, buffers; "
                "estimated), per device; * recommended.")
     rec = advice.recommended()
