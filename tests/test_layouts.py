@@ -431,6 +431,35 @@ def test_program_summary_reads_what_dtensor_issued_and_scales_it_exactly(tmp_pat
     assert dp.ProgramSummary.from_dict(s.to_dict()).to_dict() == s.to_dict()
 
 
+def test_an_int32_collective_issued_as_int64_is_counted_at_its_issued_width(tmp_path):
+    # DTensor all-reduces an int32 tensor (e.g. token ids gathered over batch) as int64 on CPU: the bytes the
+    # step moves, read or scaled to another mesh, are the issued int64 buffer's
+    pre = f"""
+      %cst_0 = "tf.Const"() <{{value = dense<[[0, 4], [1, 5], [2, 6], [3, 7]]> : tensor<4x2xi32>}}> : () -> tensor<4x2xi32>
+      %1 = "tf.Relu"(%arg1) {{_global_shape = [#tf_type.shape<1024>], {_lay('unsharded')}}} : (tensor<1024xi32>) -> tensor<1024xi32>
+      %2 = "tf.DTensorAllReduce"(%1, %cst_0) <{{reduce_op = "Add"}}> {{{_lay('unsharded')}}} : (tensor<1024xi32>, tensor<4x2xi32>) -> tensor<1024xi32>
+"""
+    issued = pre.split("      %2 =")[0] + """
+      %c = "tf.Cast"(%1) : (tensor<1024xi32>) -> tensor<1024xi64>
+      %2 = "tf.DTensorAllReduce"(%c, %cst_0) <{reduce_op = "Add"}> : (tensor<1024xi64>, tensor<4x2xi32>) -> tensor<1024xi64>
+"""
+    final = """
+      %o1, %c1 = tf_executor.island wraps "tf.CollectiveReduceV2"(%a, %g, %k, %i) <{merge_op = "Add"}> : (tensor<1024xi64>, tensor<i32>, tensor<i32>, tensor<i32>) -> tensor<1024xi64>
+"""
+    files = []
+    for stem, text in {"0015.dtensor_mlir.after_DTensorSPMDExpansion": pre, "0016.dtensor_mlir.after_CSE": pre,
+                       "0017.dtensor_mlir.after_DTensorAllReduceCombineOptimization": issued,
+                       "0018.dtensor_mlir.after_DTensorAllReduceLowering": final,
+                       "0027.dtensor_mlir.after_mlir::TF::BreakUpIslands": final}.items():
+        f = tmp_path / f"dtensor.{stem}.__inference_train_function_12.mlir"
+        f.write_text(text)
+        files.append(str(f))
+    s = dp.summarize(files, M24)
+    assert {tuple(c.axes): (c.count, c.bytes) for c in s.issued} == {("batch",): (1, 1024 * 8)} and s.consistent
+    assert dp.issued_bytes(s) == {("batch",): (1, 1024 * 8)}
+    assert dp.issued_bytes(s, [("batch", 4), ("model", 2)]) == {("batch",): (1, 1024 * 8)}
+
+
 def test_stage_files_are_found_by_position():
     names = [f"dtensor.{i:04d}.dtensor_mlir.after_{p}.__inference_f_1.mlir" for i, p in enumerate(
         ["DTensorSPMDExpansion", "CSE", "DTensorAllReduceSumOptimization", "DTensorAllReduceCombineOptimization",

@@ -188,7 +188,9 @@ def _issued_groups(ops: list, mesh, terms: list) -> tuple[list, list]:
             all(m is not None for m in members) and (len(chain) >= 2 or (cur in prod and prod[cur][0].name == "Fill"))
         keys = [(tuple(m), tuple(info["axes"])) for m in members] if merged else \
             [(tuple(info["shape"] or ()), tuple(info["axes"]))]
-        groups.append({"members": [free[k].pop(0) if free.get(k) else -1 for k in keys], "merged": merged})
+        # the issued element type: DTensor all-reduces an int32 gather's padded buffer as int64 on CPU
+        groups.append({"members": [free[k].pop(0) if free.get(k) else -1 for k in keys], "merged": merged,
+                       "dtype_bytes": info["dtype_bytes"]})
     return groups, infos
 
 
@@ -332,7 +334,7 @@ def issued_list(summary: ProgramSummary, target: Optional[Sequence[tuple]] = Non
         e = int(round(elems))
         if g["merged"] and e % 1024:
             e = e // 1024 * 1024 + 1024
-        out.append((axes, e * members[0]["dtype_bytes"], bool(g["merged"])))
+        out.append((axes, e * g.get("dtype_bytes", members[0]["dtype_bytes"]), bool(g["merged"])))
     return out
 
 
