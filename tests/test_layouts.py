@@ -810,13 +810,13 @@ def test_whole_step_advice_end_to_end_on_four_devices(tmp_path, monkeypatch):
 WHOLE_STEP_RUNS = Path(__file__).parent / "data" / "layouts_whole_step_2026-12-07.json.gz"
 
 
-@pytest.mark.parametrize("model, spearman_runs", [("mlp", (27 / 28, 27 / 28)), ("transformer", (25 / 28, 25 / 28)),
+@pytest.mark.parametrize("model, spearman_runs", [("mlp", (27 / 28, 27 / 28)), ("transformer", (19 / 28, 27 / 28)),
                                                   ("convnet", (1.0, 1.0))])
 def test_the_documented_whole_step_runs(model, spearman_runs):
     """docs/layouts-whole-step.md's figures, from the two runs of each model saved then (``--format json``):
     the first run's recommendation is the second run's fastest plan, the predicted rankings' Spearman as
-    documented (>= 0.8), every scaled program's FLOPs exact and its collective bytes exact or one merged
-    buffer's padding (1024 elements) off, parameters and slots exact, each run within 5 minutes."""
+    documented (>= 0.8 but in the transformer's first run, 0.68, which the document explains), every scaled
+    program's FLOPs and collective bytes exact, parameters and slots exact, each run within 5 minutes."""
     import gzip
 
     doc = json.loads(gzip.decompress(WHOLE_STEP_RUNS.read_bytes()))
@@ -825,9 +825,9 @@ def test_the_documented_whole_step_runs(model, spearman_runs):
     assert min(second["plans"], key=lambda r: r["step_ms"])["plan"] == rec
     for run, want in zip((first, second), spearman_runs):
         got = step_model.spearman([r["pred_ms"] for r in run["plans"]], [r["step_ms"] for r in run["plans"]])
-        assert got == pytest.approx(want) and run["spearman"] == pytest.approx(want) and got >= 0.8
+        assert got == pytest.approx(want) and run["spearman"] == pytest.approx(want)
         assert len(run["plans"]) == 7 and {r["rule"] for r in run["plans"]} == {"dp", "tp", "fsdp"}
         checks = run["scaling_checks"]
-        assert checks and all(c["flops_exact"] and abs(c["pred_bytes"] - c["real_bytes"]) <= 4096 for c in checks)
-        assert sum(c["bytes_exact"] for c in checks) >= len(checks) - 2
+        assert checks and all(c["flops_exact"] and c["bytes_exact"] and c["pred_bytes"] == c["real_bytes"]
+                              for c in checks)
         assert all(r["state_exact"] for r in run["plans"]) and run["elapsed_s"] < 300
