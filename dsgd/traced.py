@@ -122,14 +122,19 @@ def _argument_values(graph) -> dict[int, Any]:
 
 
 def same_mesh_guard(grads: list, mesh: dtensor.Mesh) -> list:
-    """``grads`` through one ``IdentityN`` with an anchor on ``mesh`` (the optimizer's).
+    """Each of ``grads`` through an ``IdentityN`` with an anchor on ``mesh`` (the optimizer's).
 
     DTensor's mesh propagation refuses an op whose inputs live on different meshes, when the
     function is called and before anything runs ("All inputs to `tf_device.Cluster` must
     have same mesh configuration"), and the process stays usable.  Without it, a gradient on
     another mesh is copied across meshes by the step's relayout, which can block forever
-    (the ``fused`` path: a 4-device gradient for a variable on 8 devices).  One op for the
-    whole step, whatever the number of gradients: an identity, no copy.
+    (the ``fused`` path: a 4-device gradient for a variable on 8 devices).  An identity, no copy.
+
+    One ``IdentityN`` per gradient, not one for all: the relayouts DTensor expands from the
+    results of one many-output op come out in an order that changes from process to process,
+    and in a multi-client run the clients then pair different all-to-alls under one collective
+    instance: "Shape mismatch in the collective instance" (an fsdp plan, 2 clients x 4 devices),
+    or, where the shapes agree, the wrong gradients silently exchanged.
 
     The anchor is a scalar made here, in the graph (and control-flow branch or loop body) being
     traced: a value from outside it -- a read of the iterations variable made before a
@@ -137,8 +142,7 @@ def same_mesh_guard(grads: list, mesh: dtensor.Mesh) -> list:
     "operand #N does not dominate this use".
     """
     anchor = dtensor.copy_to_mesh(tf.zeros([], tf.int32), dtensor.Layout.replicated(mesh, rank=0))
-    out = tf.raw_ops.IdentityN(input=list(grads) + [anchor], name="dsgd_same_mesh_guard")
-    return list(out[:-1])
+    return [tf.raw_ops.IdentityN(input=[g, anchor], name="dsgd_same_mesh_guard")[0] for g in grads]
 
 
 def describe(layout: Union[dtensor.Layout, str, None]) -> Optional[str]:

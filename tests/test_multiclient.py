@@ -4,7 +4,7 @@ In-process tests (the pytest session's 8 devices, one client): environment parsi
 DTensor reduction against ``add_n``.  The module is also the *program the clients run*
 in :mod:`tests.test_launch`'s equality test::
 
-    dsgd launch --clients 2 --devices-per-client 4 -- python tests/test_multiclient.py OUT.npz [--graph]
+    dsgd launch --clients 2 --devices-per-client 4 -- python tests/test_multiclient.py OUT.npz [--graph | --fsdp]
 
 :func:`train` runs the same few optimizer steps there (across two processes) and in the
 pytest process (one process, same mesh), and the results are compared.
@@ -155,6 +155,48 @@ def test_make_mesh_is_local_without_dtensor_jobs(monkeypatch):
     assert mesh.num_local_devices() == 8 and mesh.size == 8
 
 
+FSDP_MESH = "batch=8"
+FSDP_WIDTHS = (64, 256, 64, 256, 64)  # Dense kernels [in, out], each sharded over batch on its first dimension
+
+
+def train_fsdp(steps: int = STEPS) -> dict[str, np.ndarray]:
+    """A custom ``tf.function`` train step of a Dense stack with fully sharded weights
+    (``[batch, unsharded]``): DTensor makes the weight gradients ``[unsharded, batch]``, so they
+    reach dsgd's update through all-to-alls.  Every client must issue those in the same order.
+    The final weights and momentums, the same in one process and across clients."""
+    import tensorflow as tf
+    from tensorflow.experimental import dtensor
+
+    import dsgd
+    from dsgd import meshspec
+    from dsgd.state import to_layout, to_numpy
+
+    mesh = meshspec.make_mesh(FSDP_MESH)
+    rng = np.random.default_rng(11)
+    shapes = list(zip(FSDP_WIDTHS[:-1], FSDP_WIDTHS[1:]))
+    ws = [dtensor.DVariable(to_layout((rng.standard_normal(sh) / np.sqrt(sh[0])).astype(np.float32),
+                                      dtensor.Layout(["batch", dtensor.UNSHARDED], mesh)), name=f"fsdp_w{i}")
+          for i, sh in enumerate(shapes)]
+    data = dtensor.Layout(["batch", dtensor.UNSHARDED], mesh)
+    xs = [to_layout(rng.standard_normal((16, FSDP_WIDTHS[0])).astype(np.float32), data) for _ in range(steps)]
+    opt = dsgd.SGD(learning_rate=0.05, momentum=0.9, mesh=mesh)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            h = x
+            for w in ws:
+                h = tf.nn.relu(tf.matmul(h, w))
+            loss = tf.reduce_mean(tf.square(h))
+        opt.apply_gradients(zip(tape.gradient(loss, ws), ws))
+
+    for x in xs:
+        step(x)
+    out = {f"fsdp/w{i}": to_numpy(w) for i, w in enumerate(ws)}
+    out.update({f"fsdp/m{i}": to_numpy(m) for i, m in enumerate(opt.momentums)})
+    return out
+
+
 def test_train_runs_in_one_process():
     out = train(steps=1, configs=[c for c in CONFIGS if c[0] == "clip-auto"])
     assert out["clip-auto/iterations"] == 1
@@ -164,7 +206,10 @@ def test_train_runs_in_one_process():
 if __name__ == "__main__":  # as a client of `dsgd launch ... -- python tests/test_multiclient.py OUT.npz`
     from dsgd import multiclient
 
-    result = train(configs=CONFIGS + (GRAPH_CONFIGS if "--graph" in sys.argv[2:] else []))
+    if "--fsdp" in sys.argv[2:]:
+        result = train_fsdp()
+    else:
+        result = train(configs=CONFIGS + (GRAPH_CONFIGS if "--graph" in sys.argv[2:] else []))
     if multiclient.config_from_env().client_id == 0:
         np.savez(sys.argv[1], **result)
         print(f"wrote {len(result)} arrays to {os.path.abspath(sys.argv[1])}")
