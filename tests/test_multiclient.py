@@ -159,11 +159,11 @@ FSDP_MESH = "batch=8"
 FSDP_WIDTHS = (64, 256, 64, 256, 64)  # Dense kernels [in, out], each sharded over batch on its first dimension
 
 
-def train_fsdp(steps: int = STEPS) -> dict[str, np.ndarray]:
+def train_fsdp(steps: int = STEPS, implementations=("auto", "fused", "ops")) -> dict[str, np.ndarray]:
     """A custom ``tf.function`` train step of a Dense stack with fully sharded weights
     (``[batch, unsharded]``): DTensor makes the weight gradients ``[unsharded, batch]``, so they
     reach dsgd's update through all-to-alls.  Every client must issue those in the same order.
-    The final weights and momentums, the same in one process and across clients."""
+    The final weights and momentums per implementation, the same in one process and across clients."""
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
@@ -172,28 +172,30 @@ def train_fsdp(steps: int = STEPS) -> dict[str, np.ndarray]:
     from dsgd.state import to_layout, to_numpy
 
     mesh = meshspec.make_mesh(FSDP_MESH)
-    rng = np.random.default_rng(11)
     shapes = list(zip(FSDP_WIDTHS[:-1], FSDP_WIDTHS[1:]))
-    ws = [dtensor.DVariable(to_layout((rng.standard_normal(sh) / np.sqrt(sh[0])).astype(np.float32),
-                                      dtensor.Layout(["batch", dtensor.UNSHARDED], mesh)), name=f"fsdp_w{i}")
-          for i, sh in enumerate(shapes)]
     data = dtensor.Layout(["batch", dtensor.UNSHARDED], mesh)
-    xs = [to_layout(rng.standard_normal((16, FSDP_WIDTHS[0])).astype(np.float32), data) for _ in range(steps)]
-    opt = dsgd.SGD(learning_rate=0.05, momentum=0.9, mesh=mesh)
+    out: dict[str, np.ndarray] = {}
+    for impl in implementations:
+        rng = np.random.default_rng(11)
+        ws = [dtensor.DVariable(to_layout((rng.standard_normal(sh) / np.sqrt(sh[0])).astype(np.float32),
+                                          dtensor.Layout(["batch", dtensor.UNSHARDED], mesh)), name=f"fsdp_w{i}")
+              for i, sh in enumerate(shapes)]
+        xs = [to_layout(rng.standard_normal((16, FSDP_WIDTHS[0])).astype(np.float32), data) for _ in range(steps)]
+        opt = dsgd.SGD(learning_rate=0.05, momentum=0.9, mesh=mesh, implementation=impl)
 
-    @tf.function
-    def step(x):
-        with tf.GradientTape() as tape:
-            h = x
-            for w in ws:
-                h = tf.nn.relu(tf.matmul(h, w))
-            loss = tf.reduce_mean(tf.square(h))
-        opt.apply_gradients(zip(tape.gradient(loss, ws), ws))
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                h = x
+                for w in ws:
+                    h = tf.nn.relu(tf.matmul(h, w))
+                loss = tf.reduce_mean(tf.square(h))
+            opt.apply_gradients(zip(tape.gradient(loss, ws), ws))
 
-    for x in xs:
-        step(x)
-    out = {f"fsdp/w{i}": to_numpy(w) for i, w in enumerate(ws)}
-    out.update({f"fsdp/m{i}": to_numpy(m) for i, m in enumerate(opt.momentums)})
+        for x in xs:
+            step(x)
+        out.update({f"fsdp-{impl}/w{i}": to_numpy(w) for i, w in enumerate(ws)})
+        out.update({f"fsdp-{impl}/m{i}": to_numpy(m) for i, m in enumerate(opt.momentums)})
     return out
 
 
