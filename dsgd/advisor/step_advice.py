@@ -161,9 +161,9 @@ def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step
 
 
 def scaling_checks(rows: list, search, batch: int) -> list:
-    """Each program predicting the collective bytes and FLOPs of the same rule's plan with the same layouts
-    on every other measured mesh whose axes it covers (each axis > 1 where the other's is): exact, or how far
-    off.  (An fsdp plan on ``8x1`` is not the ``2x4`` one's layouts: the latter is also tensor parallel.)"""
+    """Each program predicting the collective bytes (per mesh axis), their count and the FLOPs of the same
+    rule's plan with the same layouts on every other measured mesh whose axes it covers (each axis > 1 where
+    the other's is): exact, or how far off.  (An fsdp plan on ``8x1`` is not the ``2x4`` one's layouts: the latter is also tensor parallel.)"""
     out = []
     by_rule: dict[str, list] = {}
     layouts = {p.name: p.layouts for p in getattr(search, "plans", ())}
@@ -187,8 +187,14 @@ def scaling_checks(rows: list, search, batch: int) -> list:
                 real = {tuple(c.axes): (c.count, c.bytes) for c in dp.ProgramSummary.from_dict(dst["program"]).issued}
                 pred_b = sum(b for _, b in got.values()) if got else None
                 real_b = sum(b for _, b in real.values())
+                # bytes per axis; the count apart: DTensor merges an activation's all-reduce into a gradient
+                # buffer on one mesh and not on another (the transformer's 1x8 tp, not its 2x4 tp)
                 out.append({"rule": rule, "from": src["plan"], "to": dst["plan"], "pred_bytes": pred_b,
-                            "real_bytes": real_b, "bytes_exact": got == real if got is not None else False,
+                            "real_bytes": real_b,
+                            "bytes_exact": got is not None and {a: b for a, (_, b) in got.items()} ==
+                            {a: b for a, (_, b) in real.items()},
+                            "count_exact": got is not None and {a: c for a, (c, _) in got.items()} ==
+                            {a: c for a, (c, _) in real.items()},
                             "pred_flops": comp[0] if comp else None, "real_flops": dst.get("flops"),
                             "flops_exact": bool(comp) and abs(comp[0] - (dst.get("flops") or 0)) < 0.5})
     return out
