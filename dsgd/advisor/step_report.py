@@ -106,7 +106,9 @@ def render_lines(advice) -> list:
         out.append(f"  {r['plan']}: {r.get('collectives', '-')}")
     out.append("\nmemory per device, MiB: params, grads, slots exact (from the layouts; checked on the devices); the "
                "step's transient peak estimated from DTensor's program (each op's output in its layout, alive until "
-               "its last use) against TensorFlow's allocator (its peak over one step / devices):")
+               "its last use) against TensorFlow's allocator (its peak over one step / devices; on CPU the devices "
+               "share it and need not peak together, so this can read below a device's own peak, which "
+               "scripts/per_device_memory.py measures in one client per device):")
     for r in advice.table.to_dict(orient="records"):
         chk = {True: "exact", False: "MISMATCH", None: "not checked"}[r.get("state_exact")]
         tf = _mib(r.get("alloc_step_per_device")) if r.get("alloc_step_per_device") else "-"
