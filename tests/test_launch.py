@@ -96,6 +96,25 @@ def test_fully_sharded_weights_train_the_same_across_clients(tmp_path):
 
 
 @pytest.mark.slow
+def test_each_client_reads_its_own_part_of_the_global_batch(tmp_path):
+    """``model_data.dtensor_dataset`` across 2 clients x 4 devices gives the global batches one process gets
+    (examples 0-15, then 16-31), on batch=8 and on batch=2,model=4.  Before, every client read the same
+    first examples: the global batch was examples 0-7 twice."""
+    sys.path.insert(0, str(CLIENT_PROGRAM.parent))
+    import test_multiclient as prog
+
+    out = tmp_path / "data.npz"
+    plan = launch_placement.build_plan(2, 4, ports=launch_placement.pick_ports(2))
+    res = launch.run_clients(plan, launch.client_command(["python", str(CLIENT_PROGRAM), str(out), "--data"]),
+                             start_timeout=240, timeout=400)
+    assert res.ok, res.error
+    got, want = dict(np.load(out)), prog.global_batches()
+    assert sorted(got) == sorted(want) and len(want) == 8
+    for key in sorted(want):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.slow
 def test_bench_table_through_the_launcher(tmp_path):
     """A bench table from 2 clients, where client 1 is slow (it waits DELAY ms before each step
     ends): the step time reported is the whole mesh's -- at least DELAY -- not client 0's own."""

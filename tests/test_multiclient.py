@@ -4,7 +4,7 @@ In-process tests (the pytest session's 8 devices, one client): environment parsi
 DTensor reduction against ``add_n``.  The module is also the *program the clients run*
 in :mod:`tests.test_launch`'s equality test::
 
-    dsgd launch --clients 2 --devices-per-client 4 -- python tests/test_multiclient.py OUT.npz [--graph | --fsdp]
+    dsgd launch --clients 2 --devices-per-client 4 -- python tests/test_multiclient.py OUT.npz [--graph | --fsdp | --data]
 
 :func:`train` runs the same few optimizer steps there (across two processes) and in the
 pytest process (one process, same mesh), and the results are compared.
@@ -199,6 +199,37 @@ def train_fsdp(steps: int = STEPS, implementations=("auto", "fused", "ops")) -> 
     return out
 
 
+DATA_MESHES = ("batch=8", "batch=2,model=4")
+
+
+def global_batches(steps: int = 2) -> dict[str, np.ndarray]:
+    """The global batches :func:`dsgd.harness.model_data.dtensor_dataset` makes (labels 0, 1, 2, ...; batch 16),
+    gathered to every device: the same in one process and across clients."""
+    from tensorflow.experimental import dtensor
+
+    from dsgd import meshspec
+    from dsgd.harness import model_data
+    from dsgd.state import to_numpy
+
+    out = {}
+    for spec in DATA_MESHES:
+        mesh = meshspec.make_mesh(spec)
+        x = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+        it = iter(model_data.dtensor_dataset(mesh, 16, examples=(x, np.arange(64, dtype=np.int32))))
+        for k in range(steps):
+            xb, yb = next(it)
+            out[f"{spec}/y{k}"] = to_numpy(dtensor.relayout(yb, dtensor.Layout.replicated(mesh, 1)))
+            out[f"{spec}/x{k}"] = to_numpy(dtensor.relayout(xb, dtensor.Layout.replicated(mesh, 2)))
+    return out
+
+
+def test_global_batches_are_consecutive_examples():
+    got = global_batches()
+    for spec in DATA_MESHES:
+        assert list(got[f"{spec}/y0"]) == list(range(16)) and list(got[f"{spec}/y1"]) == list(range(16, 32))
+        assert got[f"{spec}/x1"][0, 0] == 16 * 3
+
+
 def test_train_runs_in_one_process():
     out = train(steps=1, configs=[c for c in CONFIGS if c[0] == "clip-auto"])
     assert out["clip-auto/iterations"] == 1
@@ -210,6 +241,8 @@ if __name__ == "__main__":  # as a client of `dsgd launch ... -- python tests/te
 
     if "--fsdp" in sys.argv[2:]:
         result = train_fsdp()
+    elif "--data" in sys.argv[2:]:
+        result = global_batches()
     else:
         result = train(configs=CONFIGS + (GRAPH_CONFIGS if "--graph" in sys.argv[2:] else []))
     if multiclient.config_from_env().client_id == 0:

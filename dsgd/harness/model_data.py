@@ -133,6 +133,20 @@ def user_dataset(target: str, cwd: Optional[str] = None):
     return ds
 
 
+def _client_batch_shards(mesh, axis: str) -> Optional[tuple[int, int, int]]:
+    """``(first, stop, count)``: the shards of the batch axis this client's devices hold, when that is not all
+    of them (a DTensor multi-client run); None otherwise."""
+    if axis not in mesh.dim_names:
+        return None
+    count = mesh.dim_size(axis)
+    held = sorted({int(loc[axis]) for loc in mesh.local_device_locations()})
+    if len(held) == count:
+        return None
+    if held != list(range(held[0], held[-1] + 1)):
+        raise ValueError(f"this client holds the {axis!r} shards {held} of {count}, not a contiguous range")
+    return held[0], held[-1] + 1, count
+
+
 def dtensor_dataset(mesh, batch: int, *, examples: Optional[tuple] = None, dataset=None, axis: str = "batch"):
     """A repeating ``DTensorDataset`` of ``batch``-example batches split over ``axis``, from numpy
     ``examples`` or an unbatched ``dataset``."""
@@ -141,6 +155,20 @@ def dtensor_dataset(mesh, batch: int, *, examples: Optional[tuple] = None, datas
 
     ds = dataset if dataset is not None else tf.data.Dataset.from_tensor_slices(examples)
     ds = ds.repeat()
+    shards = _client_batch_shards(mesh, axis)
+    if shards is not None:
+        # A multi-client run: each client reads the dataset itself, and DTensorDataset batches what it reads by
+        # the client's share of the batch.  Without this, every client read the same first examples (the global
+        # batch: the first batch/clients examples, repeated); with it, global batch s is examples
+        # [s * batch, (s + 1) * batch), each batch shard's part where its devices are, as in one process.
+        first, stop, count = shards
+        if batch % count:
+            raise ValueError(f"global batch {batch} does not divide over the mesh's {count} {axis!r} shards")
+        ds = ds.batch(batch // count, drop_remainder=True).enumerate()
+        ds = ds.filter(lambda i, _: tf.logical_and(i % count >= first, i % count < stop)).map(lambda i, b: b)
+        ds = ds.unbatch()
+    # tf.data's autotuning thread sleeps up to a minute between rounds and an iterator's teardown waits for it
+    # (TF 2.21): 15-60 s per iterator, minutes per bench sweep.  The batches are in memory: nothing to tune.
     options = tf.data.Options()
     options.autotune.enabled = False
     ds = ds.with_options(options)

@@ -222,12 +222,9 @@ def loss(spec: ModelSpec, model=None):
 def dataset(spec: ModelSpec, mesh, seed: int = 0, model=None):
     """A repeating ``DTensorDataset`` of random batches, sharded over the first mesh axis (for a user's
     model, from its input and output specs: ``model``)."""
-    import tensorflow as tf
-    from tensorflow.experimental import dtensor
+    from dsgd.harness import model_data
 
     if is_user_model(spec.name):
-        from dsgd.harness import model_data
-
         outputs = model_data.tensor_specs(model.outputs)
         examples = model_data.synthetic_examples(model_data.tensor_specs(model.inputs), outputs,
                                                  model_data.infer_loss(outputs), GLOBAL_BATCH,
@@ -243,16 +240,7 @@ def dataset(spec: ModelSpec, mesh, seed: int = 0, model=None):
         y = rng.integers(0, spec.classes, (n,)).astype(np.int32)
     else:
         y = rng.standard_normal((n, spec.outputs)).astype(np.float32)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat()
-    # tf.data's autotuning thread sleeps up to a minute between rounds and an iterator's
-    # teardown waits for it (TF 2.21): 15-60 s per iterator, minutes per bench sweep.  The
-    # batches are in memory, there is nothing to tune.
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    ds = ds.with_options(options)
-    axis = mesh.dim_names[0]
-    layouts = tuple(dtensor.Layout.batch_sharded(mesh, axis, rank=a.ndim) for a in (x, y))
-    return dtensor.DTensorDataset(ds, mesh=mesh, layouts=layouts, global_batch_size=GLOBAL_BATCH, batch_dim=axis)
+    return model_data.dtensor_dataset(mesh, GLOBAL_BATCH, examples=(x, y), axis=mesh.dim_names[0])
 
 
 # ------------------------------------------------------------------------------ optimizers
