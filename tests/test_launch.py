@@ -37,19 +37,25 @@ def _cli_env(**extra) -> dict:
 # ----------------------------------------------------------------------------- end to end (slow)
 
 
-@pytest.mark.slow
-def test_two_clients_match_one_process(tmp_path):
-    """2 clients x 4 devices vs one process with 8 devices, same mesh (batch=2,model=4), 3 steps."""
+def _two_clients(tmp_path, *flags: str) -> tuple[dict, object]:
+    """``tests/test_multiclient.py`` run as 2 clients x 4 devices with ``flags``: client 0's arrays, and the
+    program's module (to run the same in this process)."""
     sys.path.insert(0, str(CLIENT_PROGRAM.parent))
     import test_multiclient as prog
 
     out = tmp_path / "clients.npz"
     plan = launch_placement.build_plan(2, 4, ports=launch_placement.pick_ports(2))
-    res = launch.run_clients(plan, launch.client_command(["python", str(CLIENT_PROGRAM), str(out)]),
+    res = launch.run_clients(plan, launch.client_command(["python", str(CLIENT_PROGRAM), str(out), *flags]),
                              start_timeout=240, timeout=400)
     assert res.ok, res.error
     assert res.exit_code == 0 and "wrote" in res.report
-    got = dict(np.load(out))
+    return dict(np.load(out)), prog
+
+
+@pytest.mark.slow
+def test_two_clients_match_one_process(tmp_path):
+    """2 clients x 4 devices vs one process with 8 devices, same mesh (batch=2,model=4), 3 steps."""
+    got, prog = _two_clients(tmp_path)
     want = prog.train()
     assert sorted(got) == sorted(want)
     # Bit for bit wherever the reduction order is the same in both runs.  The local-domain
@@ -77,15 +83,8 @@ def test_fully_sharded_weights_train_the_same_across_clients(tmp_path):
     in each client: where the paired tensors' shapes differed the step failed ("Shape mismatch in the
     collective instance"), where they agreed the clients silently exchanged the wrong gradients (this
     test's weights: 96% of the elements wrong after 3 steps)."""
-    sys.path.insert(0, str(CLIENT_PROGRAM.parent))
-    import test_multiclient as prog
-
-    out = tmp_path / "fsdp.npz"
-    plan = launch_placement.build_plan(2, 4, ports=launch_placement.pick_ports(2))
-    res = launch.run_clients(plan, launch.client_command(["python", str(CLIENT_PROGRAM), str(out), "--fsdp"]),
-                             start_timeout=240, timeout=400)
-    assert res.ok, res.error
-    got, want = dict(np.load(out)), prog.train_fsdp()
+    got, prog = _two_clients(tmp_path, "--fsdp")
+    want = prog.train_fsdp()
     assert sorted(got) == sorted(want) and len(want) == 24  # 4 weights, 4 momentums, 3 implementations
     for key in sorted(want):
         assert np.isfinite(want[key]).all() and np.abs(want[key]).sum() > 0, key
@@ -100,15 +99,8 @@ def test_each_client_reads_its_own_part_of_the_global_batch(tmp_path):
     """``model_data.dtensor_dataset`` across 2 clients x 4 devices gives the global batches one process gets
     (examples 0-15, then 16-31), on batch=8 and on batch=2,model=4.  Before, every client read the same
     first examples: the global batch was examples 0-7 twice."""
-    sys.path.insert(0, str(CLIENT_PROGRAM.parent))
-    import test_multiclient as prog
-
-    out = tmp_path / "data.npz"
-    plan = launch_placement.build_plan(2, 4, ports=launch_placement.pick_ports(2))
-    res = launch.run_clients(plan, launch.client_command(["python", str(CLIENT_PROGRAM), str(out), "--data"]),
-                             start_timeout=240, timeout=400)
-    assert res.ok, res.error
-    got, want = dict(np.load(out)), prog.global_batches()
+    got, prog = _two_clients(tmp_path, "--data")
+    want = prog.global_batches()
     assert sorted(got) == sorted(want) and len(want) == 8
     for key in sorted(want):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
