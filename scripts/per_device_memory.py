@@ -8,7 +8,8 @@ whose buffers count too.
 
     python scripts/per_device_memory.py dsgd.harness.models:mlp "2x4 fsdp" [OUT_DIR]
 
-prints the plan's estimated transient peak and each client's allocator peak over a step (median of 3).
+prints each client's allocator peak over a step (median of 3), to set beside the plan's estimated
+transient peak in `dsgd layouts --format json` (``transient_bytes``).
 """
 from __future__ import annotations
 
@@ -51,12 +52,9 @@ def main(model: str, plan_name: str, out: str) -> None:
     plan = next((p for p in search.plans if p.name == plan_name), None)
     if plan is None:
         sys.exit(f"no plan {plan_name!r}; the plans: {', '.join(p.name for p in search.plans)}")
-    outputs = [vars(o) for o in graph.outputs]
-    payload = {"target": model, "cwd": os.getcwd(), "batch_size": batch, "inputs": [vars(i) for i in graph.inputs],
-               "outputs": outputs, "vocab": graph.embedding_vocab(), "loss": model_data.infer_loss(outputs),
-               "options": "momentum", "implementation": "auto",
-               "plan": {"name": plan.name, "mesh": plan.mesh_spec, "layout_map": plan.layout_map(graph),
-                        "implementation": plan.implementation or "auto"}}
+    loss = model_data.infer_loss([vars(o) for o in graph.outputs])
+    payload = dict(step_advice.worker_payload(model, graph, batch, loss),
+                   plan=step_advice.plan_payload(plan, graph))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "payload.json")
     json.dump(payload, open(path, "w"))

@@ -334,7 +334,7 @@ def issued_list(summary: ProgramSummary, target: Optional[Sequence[tuple]] = Non
         e = int(round(elems))
         if g["merged"] and e % 1024:
             e = e // 1024 * 1024 + 1024
-        out.append((axes, e * g.get("dtype_bytes", members[0]["dtype_bytes"]), bool(g["merged"])))
+        out.append((axes, e * g["dtype_bytes"], bool(g["merged"])))
     return out
 
 

@@ -163,7 +163,8 @@ def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step
 def scaling_checks(rows: list, search, batch: int) -> list:
     """Each program predicting the collective bytes (per mesh axis), their count and the FLOPs of the same
     rule's plan with the same layouts on every other measured mesh whose axes it covers (each axis > 1 where
-    the other's is): exact, or how far off.  (An fsdp plan on ``8x1`` is not the ``2x4`` one's layouts: the latter is also tensor parallel.)"""
+    the other's is): exact, or how far off.  (An fsdp plan on ``8x1`` is not the ``2x4`` one's layouts: the
+    latter is also tensor parallel.)"""
     out = []
     by_rule: dict[str, list] = {}
     layouts = {p.name: p.layouts for p in getattr(search, "plans", ())}
@@ -253,6 +254,22 @@ def predict_target(graph: ModelGraph, rows: list, tsearch, hw: step_model.Hardwa
     return out
 
 
+def plan_payload(plan: step_plans.StepPlan, graph: ModelGraph, implementation: str = "auto") -> dict:
+    """A plan as the measuring worker takes it (:func:`dsgd.advisor.step_measure.measure_plans`)."""
+    return {"name": plan.name, "mesh": plan.mesh_spec, "layout_map": plan.layout_map(graph),
+            "implementation": plan.implementation or implementation}
+
+
+def worker_payload(model: str, graph: ModelGraph, batch: int, loss: str, *, data: Optional[str] = None,
+                   options: str = "momentum", implementation: str = "auto", cwd: Optional[str] = None) -> dict:
+    """What the measuring worker needs of the model to build it and feed it (every plan alike)."""
+    import os
+
+    return {"target": model, "cwd": cwd or os.getcwd(), "batch_size": batch, "inputs": [vars(i) for i in graph.inputs],
+            "outputs": [vars(o) for o in graph.outputs], "vocab": graph.embedding_vocab(), "loss": loss, "data": data,
+            "options": options, "implementation": implementation}
+
+
 def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), batch_size: Optional[int] = None,
                 loss: Optional[str] = None, data: Optional[str] = None, options: str = "momentum",
                 implementation: str = "auto", force: Optional[Sequence[str]] = None,
@@ -262,8 +279,6 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
                 cwd: Optional[str] = None, rules: Sequence[str] = step_plans.DEFAULT_RULES,
                 statistic: str = "median") -> StepAdvice:
     """The whole-step advisor as a library call (``dsgd layouts --model module:function`` prints it)."""
-    import os
-
     import pandas as pd
 
     from dsgd.advisor.step_run import measure_all
@@ -299,12 +314,9 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
         if not search.plans:
             raise StepAdviceError("no candidate plan is feasible: " + "; ".join(
                 f"{e.name}: {e.reason}" for e in search.excluded[:6]))
-        plans = [{"name": p.name, "mesh": p.mesh_spec, "layout_map": p.layout_map(graph),
-                  "implementation": p.implementation or implementation} for p in search.plans]
-        common = {"target": model, "cwd": cwd or os.getcwd(), "batch_size": batch,
-                  "inputs": [vars(i) for i in graph.inputs], "outputs": outputs, "vocab": graph.embedding_vocab(),
-                  "loss": loss_name, "data": data, "options": options, "implementation": implementation,
-                  "rounds": rounds, "min_time": min_time}
+        plans = [plan_payload(p, graph, implementation) for p in search.plans]
+        common = dict(worker_payload(model, graph, batch, loss_name, data=data, options=options,
+                                     implementation=implementation, cwd=cwd), rounds=rounds, min_time=min_time)
         raw, cals = measure_all(plans, common, devices=devices, progress=progress, timeout=timeout,
                                 tracker=tracker, bar=bar)
     finally:
@@ -365,5 +377,5 @@ def host_hardware_doc(advice: StepAdvice, command: str = "") -> dict:
                        "command": command}}
 
 
-__all__ = ["StepAdvice", "StepAdviceError", "advise_step", "build_rows", "scaling_checks", "predict_target",
+__all__ = ["StepAdvice", "StepAdviceError", "advise_step", "plan_payload", "worker_payload", "build_rows", "scaling_checks", "predict_target",
            "host_hardware_doc", "DEFAULT_BATCH"]

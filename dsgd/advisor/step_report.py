@@ -128,7 +128,7 @@ def render_lines(advice) -> list:
     if advice.scaling_checks:
         exact = sum(1 for c in advice.scaling_checks if c["bytes_exact"])
         fl = sum(1 for c in advice.scaling_checks if c["flops_exact"])
-        n = sum(1 for c in advice.scaling_checks if c.get("count_exact", c["bytes_exact"]))
+        n = sum(1 for c in advice.scaling_checks if c["count_exact"])
         out.append(f"  one mesh's program predicting another's (same rule): collective bytes exact {exact}/"
                    f"{len(advice.scaling_checks)} (their count {n}), FLOPs exact {fl}/{len(advice.scaling_checks)}")
     out += render_left_out(advice.search, "left out")
