@@ -384,11 +384,11 @@ _FINAL = """
 """
 
 
-def _program_files(tmp_path) -> list:
-    names = {"0015.dtensor_mlir.after_DTensorSPMDExpansion": _PRE, "0016.dtensor_mlir.after_CSE": _PRE,
-             "0017.dtensor_mlir.after_DTensorAllReduceCombineOptimization": _ISSUED,
-             "0018.dtensor_mlir.after_DTensorAllReduceLowering": _FINAL,
-             "0027.dtensor_mlir.after_mlir::TF::BreakUpIslands": _FINAL}
+def _program_files(tmp_path, pre: str = _PRE, issued: str = _ISSUED, final: str = _FINAL) -> list:
+    names = {"0015.dtensor_mlir.after_DTensorSPMDExpansion": pre, "0016.dtensor_mlir.after_CSE": pre,
+             "0017.dtensor_mlir.after_DTensorAllReduceCombineOptimization": issued,
+             "0018.dtensor_mlir.after_DTensorAllReduceLowering": final,
+             "0027.dtensor_mlir.after_mlir::TF::BreakUpIslands": final}
     out = []
     for stem, text in names.items():
         f = tmp_path / f"dtensor.{stem}.__inference_train_function_12.mlir"
@@ -446,15 +446,7 @@ def test_an_int32_collective_issued_as_int64_is_counted_at_its_issued_width(tmp_
     final = """
       %o1, %c1 = tf_executor.island wraps "tf.CollectiveReduceV2"(%a, %g, %k, %i) <{merge_op = "Add"}> : (tensor<1024xi64>, tensor<i32>, tensor<i32>, tensor<i32>) -> tensor<1024xi64>
 """
-    files = []
-    for stem, text in {"0015.dtensor_mlir.after_DTensorSPMDExpansion": pre, "0016.dtensor_mlir.after_CSE": pre,
-                       "0017.dtensor_mlir.after_DTensorAllReduceCombineOptimization": issued,
-                       "0018.dtensor_mlir.after_DTensorAllReduceLowering": final,
-                       "0027.dtensor_mlir.after_mlir::TF::BreakUpIslands": final}.items():
-        f = tmp_path / f"dtensor.{stem}.__inference_train_function_12.mlir"
-        f.write_text(text)
-        files.append(str(f))
-    s = dp.summarize(files, M24)
+    s = dp.summarize(_program_files(tmp_path, pre, issued, final), M24)
     assert {tuple(c.axes): (c.count, c.bytes) for c in s.issued} == {("batch",): (1, 1024 * 8)} and s.consistent
     assert dp.issued_bytes(s) == {("batch",): (1, 1024 * 8)}
     assert dp.issued_bytes(s, [("batch", 4), ("model", 2)]) == {("batch",): (1, 1024 * 8)}
