@@ -793,6 +793,7 @@ def test_whole_step_advice_end_to_end_on_four_devices(tmp_path, monkeypatch):
     # 2x2 tp's program predicts 1x4 tp's (not the other way: 1x4 never split the batch); the fsdp and zero1 plans
     # differ in layouts or implementation from every other plan, so they are not compared
     assert "collective bytes exact 1/1 (their count 1), FLOPs exact 1/1" in text
+    assert re.search(r"Spearman -?[\d.]+ over 7 plans \(the measurement's own, even vs odd rounds: -?[\d.]+\)", text)
     assert "predicted on batch=8,model=4" in text and "8x4 tp" in text
     doc = json.loads(out_map.read_text())
     assert doc["mesh"] == "batch=8,model=4" and doc["layouts"]

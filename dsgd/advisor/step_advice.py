@@ -43,6 +43,7 @@ class StepAdvice:
     calibration: dict  # mesh -> the microbenchmarks of step_calibrate
     host: Any  # step_model.Hardware: this host's rates (medians over the meshes measured)
     spearman: float = float("nan")
+    measured_spearman: float = float("nan")  # the measured ranking's own repeatability (split_half_spearman)
     elapsed_s: float = 0.0
     memory_budget: Optional[int] = None
     scaling_checks: list = field(default_factory=list)  # programs of one mesh predicting another's, exactly?
@@ -158,6 +159,20 @@ def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step
                        pred_ms=np.nan, pred_floor_ms=np.nan, program_consistent=None, flops=np.nan)
         out.append(row)
     return out
+
+
+def split_half_spearman(raw: list) -> float:
+    """How well the measurement agrees with itself: the Spearman correlation of the plans' dsgd steps
+    timed in the even rounds with those timed in the odd rounds (medians of each half).  Plans closer than
+    the machine's noise swap places between the halves, and a predicted ranking cannot be expected to
+    agree with the measured one better than this."""
+    a, b = [], []
+    for r in raw:
+        rm = r.get("round_medians") or []
+        if r.get("job") == "dsgd" and r.get("status") == "ok" and len(rm) >= 2:
+            a.append(float(np.median(rm[0::2])))
+            b.append(float(np.median(rm[1::2])))
+    return step_model.spearman(a, b)
 
 
 def scaling_checks(rows: list, search, batch: int) -> list:
@@ -328,8 +343,9 @@ def advise_step(model: str, *, devices: int = 8, meshes: Sequence[str] = (), bat
     table = rank(pd.DataFrame(rows), memory_budget=memory_budget)
     ok = table[table["status"] == "ok"]
     advice = StepAdvice(model, devices, batch, loss_name, options, implementation, graph, search, table, cals, host,
-                        step_model.spearman(list(ok["pred_ms"]), list(ok["step_ms"])), 0.0, memory_budget,
-                        scaling_checks(rows, search, batch), rows=raw)
+                        spearman=step_model.spearman(list(ok["pred_ms"]), list(ok["step_ms"])),
+                        measured_spearman=split_half_spearman(raw), memory_budget=memory_budget,
+                        scaling_checks=scaling_checks(rows, search, batch), rows=raw)
     if target_mesh:
         count = target_mesh.strip().isdigit() and int(target_mesh) > 1  # a device count: every factoring of it
         tdims = None if count else step_plans.normalize_mesh(target_mesh)
@@ -377,5 +393,5 @@ def host_hardware_doc(advice: StepAdvice, command: str = "") -> dict:
                        "command": command}}
 
 
-__all__ = ["StepAdvice", "StepAdviceError", "advise_step", "plan_payload", "worker_payload", "build_rows", "scaling_checks", "predict_target",
-           "host_hardware_doc", "DEFAULT_BATCH"]
+__all__ = ["StepAdvice", "StepAdviceError", "advise_step", "plan_payload", "worker_payload", "build_rows", "scaling_checks",
+           "split_half_spearman", "predict_target", "host_hardware_doc", "DEFAULT_BATCH"]

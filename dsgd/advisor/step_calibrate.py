@@ -7,13 +7,22 @@ Run inside a measuring worker, on the mesh being measured (so all its devices ta
 * ``flops_per_s`` -- the host's matmul rate with every device multiplying at once (a 256x512 by 512x512
   matmul per device);
 * ``bytes_per_s`` -- the host's rate for elementwise ops (every device writing 4 MiB tensors);
-* ``axes`` -- per mesh axis of size > 1, an all-reduce over that axis (every group at once) of 64 KiB,
-  1 MiB and 8 MiB per device: ``alpha_us`` + ``beta_s_per_byte`` x bytes, fitted by least squares; and the
-  same for 1 and 8 MiB in 8 tensors (``merged_*``), which DTensor concatenates into one buffer before it
-  reduces them, as it does a step's gradients: on 8 devices that cost 2-3x a single tensor's all-reduce
-  (32 MiB over batch=8: 51 ms as one tensor, 134-158 ms as 8 or 32).
+* ``axes`` -- per mesh axis of size > 1, an all-reduce over that axis (every group at once) of 4 KiB,
+  64 KiB, 1 MiB and 8 MiB per device: ``alpha_us`` + ``beta_s_per_byte`` x bytes, fitted to relative
+  error (a step issues dozens of 2-20 KiB all-reduces next to a few large ones, so ``alpha`` must come
+  from the small sizes, not from the large ones' noise); and the same for 1 and 8 MiB in 8 tensors
+  (``merged_*``), which DTensor concatenates into one buffer before it reduces them, as it does a step's
+  gradients: on 8 devices that cost 2-3x a single tensor's all-reduce (32 MiB over batch=8: 51 ms as one
+  tensor, 134-158 ms as 8 or 32).
 
-Each figure is the median of a few calls, synchronised (:func:`dsgd.harness.measure.sync`).
+Every call is timed, synchronised (:func:`dsgd.harness.measure.sync`); :func:`combine` pools the calls of
+every round.  The compute figures are the pooled medians, as the steps' are: a step's compute is one
+block, which a slow spell of the machine hits whole.  The collectives' are trimmed means (:data:`TRIM` cut
+from each tail): a step issues dozens of them, and the sum of many draws is their count times their mean,
+not their median.  A small all-reduce's time on this shared VM is not one figure but two or three (0.6 or
+1.3 ms for 64 KiB over 2x4's ``model``, round by round), and the median of a few rounds' medians landed on
+one or the other: the transformer's predicted model-axis collectives moved from 40 to 63 ms between two
+processes that measured its step at 143 and 144 ms.
 """
 from __future__ import annotations
 
@@ -22,12 +31,15 @@ from typing import Callable
 
 import numpy as np
 
-COLLECTIVE_SIZES = (64 << 10, 1 << 20, 8 << 20)  # bytes per device
+COLLECTIVE_SIZES = (4 << 10, 64 << 10, 1 << 20, 8 << 20)  # bytes per device
+SMALL = 64 << 10  # sizes up to this, and the trivial call, are timed SMALL_REPS x as often (~1 ms a call)
+SMALL_REPS = 3
 MERGED_SIZES = (1 << 20, 8 << 20)  # bytes per device, in MERGED_PIECES tensors that DTensor merges into one
 MERGED_PIECES = 8
+TRIM = 0.1  # of the pooled calls, cut from each tail before the mean (a stall; a lucky call)
 
 
-def _median_s(fn: Callable, reps: int, warmup: int = 1) -> float:
+def _samples_s(fn: Callable, reps: int, warmup: int = 1) -> list:
     from dsgd.harness import measure
 
     for _ in range(warmup):
@@ -39,12 +51,24 @@ def _median_s(fn: Callable, reps: int, warmup: int = 1) -> float:
         fn()
         measure.sync()
         ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return ts
 
 
-def _fit_alpha_beta(sizes, secs) -> tuple[float, float]:
-    A = np.stack([np.ones(len(sizes)), np.asarray(sizes, float)], 1)
-    (alpha, beta), *_ = np.linalg.lstsq(A, np.asarray(secs, float), rcond=None)
+def trimmed_mean(xs, trim: float = TRIM) -> float:
+    """The mean of ``xs`` without the ``trim`` fraction of each tail (nan when empty)."""
+    s = np.sort(np.asarray(xs, float))
+    if not len(s):
+        return float("nan")
+    k = int(len(s) * trim)
+    return float(s[k:len(s) - k].mean())
+
+
+def fit_alpha_beta(sizes, secs) -> tuple[float, float]:
+    """``secs ~ alpha + beta x sizes``, least squares on relative error (each size weighted by 1 / its
+    time), both clipped at 0."""
+    t = np.maximum(np.asarray(secs, float), 1e-9)
+    A = np.stack([np.ones(len(t)), np.asarray(sizes, float)], 1) / t[:, None]
+    (alpha, beta), *_ = np.linalg.lstsq(A, np.ones(len(t)), rcond=None)
     return max(float(alpha), 0.0), max(float(beta), 0.0)
 
 
@@ -100,52 +124,72 @@ class Calibrator:
                               for nbytes in MERGED_SIZES]
 
     def run(self, reps: int = 3) -> dict:
-        """One measurement of every figure (medians of ``reps`` calls each)."""
-        call_s = _median_s(lambda: self.call(self.tiny), reps)
-        op_s = max(0.0, _median_s(lambda: self.chain(self.tiny), reps) - call_s) / (2 * self.CHAIN)
-        mm_s = max(1e-9, _median_s(lambda: self.mm(self.xs, self.w), reps) - call_s)
-        ew_s = max(1e-9, _median_s(lambda: self.ew(self.big), reps) - call_s)
-        axes = {}
+        """One round: every figure's calls (seconds), ``reps`` each (:data:`SMALL_REPS` x that for the small
+        all-reduces), as ``{"devices", "samples": {...}}``; :func:`combine` turns rounds into figures."""
+        smp: dict = {"call": _samples_s(lambda: self.call(self.tiny), reps * SMALL_REPS),
+                     "chain": _samples_s(lambda: self.chain(self.tiny), reps * SMALL_REPS),
+                     "mm": _samples_s(lambda: self.mm(self.xs, self.w), reps),
+                     "ew": _samples_s(lambda: self.ew(self.big), reps), "axes": {}}
         for a, cases in self.reds.items():
-            secs = [max(0.0, _median_s(lambda f=f, x=x: f(x), reps) - call_s) for _, x, f in cases]
-            alpha, beta = _fit_alpha_beta(COLLECTIVE_SIZES, secs)
-            msecs = [max(0.0, _median_s(lambda f=f, xs=xs: f(*xs), reps) - call_s) for _, xs, f in self.merged[a]]
-            malpha, mbeta = _fit_alpha_beta(MERGED_SIZES, msecs)
-            axes[a] = {"group": self.sizes[a], "alpha_us": alpha * 1e6, "beta_s_per_byte": beta,
-                       "sizes": list(COLLECTIVE_SIZES), "ms": [x * 1e3 for x in secs],
-                       "merged_alpha_us": malpha * 1e6, "merged_beta_s_per_byte": mbeta,
-                       "merged_sizes": list(MERGED_SIZES), "merged_ms": [x * 1e3 for x in msecs]}
-        return {"devices": self.devices, "call_ms": call_s * 1e3, "op_us": op_s * 1e6,
-                "flops_per_s": 2.0 * 256 * 512 * 512 * self.devices / mm_s,
-                "bytes_per_s": 2.0 * (4 << 20) * self.devices / ew_s, "axes": axes}
+            smp["axes"][a] = {
+                "group": self.sizes[a],
+                "single": [_samples_s(lambda f=f, x=x: f(x), reps * (SMALL_REPS if n <= SMALL else 1))
+                           for n, x, f in cases],
+                "merged": [_samples_s(lambda f=f, xs=xs: f(*xs), reps) for _, xs, f in self.merged[a]]}
+        return {"devices": self.devices, "samples": smp}
 
 
 def calibrate(mesh, quick: bool = False) -> dict:
-    """The figures above for ``mesh`` (a ``dtensor.Mesh``), once, as a JSON-able dict."""
-    return Calibrator(mesh).run(3 if quick else 5)
+    """The figures above for ``mesh`` (a ``dtensor.Mesh``), one round, as a JSON-able dict."""
+    return combine([Calibrator(mesh).run(3 if quick else 5)])
 
 
 def combine(runs: list) -> dict:
-    """The median of each figure over several runs of :func:`calibrate` (failed runs left out), the axes'
-    alpha and beta refitted to the median times; ``runs`` counts them."""
-    good = [r for r in runs if r and "error" not in r]
+    """The figures of several rounds of :meth:`Calibrator.run` (failed rounds left out): every call of
+    every round pooled, each figure their trimmed mean (a collective's less the trivial call's), alpha and
+    beta fitted to those; ``runs`` counts the rounds, ``calls`` the calls per size, ``spread`` each size's
+    interquartile range / median."""
+    good = [r for r in runs if r and "error" not in r and "samples" in r]
     if not good:
         return runs[-1] if runs else {}
-    out = {k: float(np.median([r[k] for r in good])) for k in ("call_ms", "op_us", "flops_per_s", "bytes_per_s")}
-    out["devices"] = good[0]["devices"]
-    out["runs"] = len(good)
-    axes = {}
-    for a, v in good[0]["axes"].items():
-        ms = [float(np.median([r["axes"][a]["ms"][i] for r in good if a in r["axes"]])) for i in range(len(v["ms"]))]
-        alpha, beta = _fit_alpha_beta(v["sizes"], [m * 1e-3 for m in ms])
-        axes[a] = dict(v, ms=ms, alpha_us=alpha * 1e6, beta_s_per_byte=beta)
-        if "merged_ms" in v:
-            mms = [float(np.median([r["axes"][a]["merged_ms"][i] for r in good if a in r["axes"]]))
-                   for i in range(len(v["merged_ms"]))]
-            malpha, mbeta = _fit_alpha_beta(v["merged_sizes"], [m * 1e-3 for m in mms])
-            axes[a].update(merged_ms=mms, merged_alpha_us=malpha * 1e6, merged_beta_s_per_byte=mbeta)
-    out["axes"] = axes
+
+    def pool(get) -> list:
+        return [x for r in good for x in get(r["samples"])]
+
+    # compute: one block of a step, which a slow spell of the machine hits whole, as it does the step's
+    # median: medians here too; collectives: many small draws a step, summed: means
+    call_med = float(np.median(pool(lambda s: s["call"])))
+    call = trimmed_mean(pool(lambda s: s["call"]))
+    chain = float(np.median(pool(lambda s: s["chain"])))
+    mm = max(1e-9, float(np.median(pool(lambda s: s["mm"]))) - call_med)
+    ew = max(1e-9, float(np.median(pool(lambda s: s["ew"]))) - call_med)
+    devices = good[0]["devices"]
+    out = {"devices": devices, "runs": len(good), "call_ms": call_med * 1e3,
+           "op_us": max(0.0, chain - call_med) / (2 * Calibrator.CHAIN) * 1e6,
+           "flops_per_s": 2.0 * 256 * 512 * 512 * devices / mm,
+           "bytes_per_s": 2.0 * (4 << 20) * devices / ew, "axes": {}}
+    for a, v in good[0]["samples"]["axes"].items():
+        def figures(kind: str, sizes) -> tuple[list, list, list]:
+            secs, n, spread = [], [], []
+            for i in range(len(sizes)):
+                xs = pool(lambda s: s["axes"][a][kind][i] if a in s["axes"] else [])
+                secs.append(max(0.0, trimmed_mean(xs) - call))
+                q1, q2, q3 = np.percentile(xs, (25, 50, 75))
+                n.append(len(xs))
+                spread.append(float((q3 - q1) / q2) if q2 > 0 else float("nan"))
+            return secs, n, spread
+
+        secs, n, spread = figures("single", COLLECTIVE_SIZES)
+        msecs, mn, mspread = figures("merged", MERGED_SIZES)
+        alpha, beta = fit_alpha_beta(COLLECTIVE_SIZES, secs)
+        malpha, mbeta = fit_alpha_beta(MERGED_SIZES, msecs)
+        out["axes"][a] = {"group": v["group"], "alpha_us": alpha * 1e6, "beta_s_per_byte": beta,
+                          "sizes": list(COLLECTIVE_SIZES), "ms": [x * 1e3 for x in secs], "calls": n,
+                          "spread": spread, "merged_alpha_us": malpha * 1e6, "merged_beta_s_per_byte": mbeta,
+                          "merged_sizes": list(MERGED_SIZES), "merged_ms": [x * 1e3 for x in msecs],
+                          "merged_calls": mn, "merged_spread": mspread}
     return out
 
 
-__all__ = ["calibrate", "combine", "COLLECTIVE_SIZES"]
+__all__ = ["calibrate", "combine", "fit_alpha_beta", "trimmed_mean", "Calibrator", "COLLECTIVE_SIZES",
+           "MERGED_SIZES", "TRIM"]

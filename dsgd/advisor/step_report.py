@@ -123,8 +123,10 @@ def render_lines(advice) -> list:
     out.append(f"  this host: {h.flops_per_s / 1e9:.0f} GFLOP/s, {h.bytes_per_s / 1e9:.1f} GB/s, {h.op_us:.1f} us/op, "
                f"{h.call_ms:.2f} ms/call (medians over the meshes' microbenchmarks)")
     if advice.spearman == advice.spearman:
+        own = advice.measured_spearman
         out.append(f"  predicted vs measured ranking: Spearman {advice.spearman:.2f} over "
-                   f"{int((advice.table['status'] == 'ok').sum())} plans")
+                   f"{int((advice.table['status'] == 'ok').sum())} plans"
+                   + (f" (the measurement's own, even vs odd rounds: {own:.2f})" if own == own else ""))
     if advice.scaling_checks:
         exact = sum(1 for c in advice.scaling_checks if c["bytes_exact"])
         fl = sum(1 for c in advice.scaling_checks if c["flops_exact"])
@@ -201,7 +203,8 @@ def advice_dict(advice) -> dict:
         "recommended": None if rec is None else {"plan": rec["plan"], "mesh": rec["mesh"],
                                                  "layouts": advice.plan(rec["plan"]).layout_map(advice.graph)},
         "left_out": [{"plan": e.name, "mesh": e.mesh, "reason": e.reason} for e in advice.search.excluded],
-        "facts": advice.search.general, "spearman": advice.spearman, "scaling_checks": advice.scaling_checks,
+        "facts": advice.search.general, "spearman": advice.spearman,
+        "measured_spearman": advice.measured_spearman, "scaling_checks": advice.scaling_checks,
         "calibration": advice.calibration, "host": vars(advice.host) | {"links": {}},
         "target_mesh": advice.target_mesh, "target_batch": advice.target_batch,
         "target": records(advice.target) if advice.target is not None else None,
