@@ -474,6 +474,24 @@ def test_liveness_counts_live_tensors_and_forwards_dying_inputs():
     assert peak == 600 and sum(t["bytes"] for t in live) == 600
 
 
+def test_an_alias_keeps_its_buffer_alive_until_its_own_last_use():
+    """A gradient passed through an IdentityN (dsgd's same-mesh guard) and a Reshape is alive until the
+    update reads the alias, not only until the IdentityN: the peak holds both gradients and the loss's."""
+    text = """
+      %1 = "tf.Neg"(%arg0) : (tensor<100xf32>) -> tensor<100xf32>
+      %2 = "tf.Neg"(%arg1) : (tensor<100xf32>) -> tensor<100xf32>
+      %3:2 = "tf.IdentityN"(%1, %2) : (tensor<100xf32>, tensor<100xf32>) -> (tensor<100xf32>, tensor<100xf32>)
+      %4 = "tf.Reshape"(%3#1, %c) : (tensor<100xf32>, tensor<1xi32>) -> tensor<100xf32>
+      %5 = "tf.Relu"(%arg2) : (tensor<50xf32>) -> tensor<50xf32>
+      %6 = "tf.AddV2"(%3#0, %4) : (tensor<100xf32>, tensor<100xf32>) -> tensor<100xf32>
+      %7 = "tf.Neg"(%6) : (tensor<100xf32>) -> tensor<100xf32>
+      %8 = "tf.AddV2"(%5, %7) : (tensor<50xf32>, tensor<100xf32>) -> tensor<100xf32>
+"""
+    peak, live = dp.liveness(dp.parse_ops(text), [("batch", 1)])
+    # at %5: %1 and %2 (through their aliases) and %5 -- 400 + 400 + 200; %6 then takes %1's buffer over
+    assert peak == 1000 and sum(t["bytes"] for t in live) == 1000
+
+
 def test_an_all_to_all_is_counted_on_the_axis_it_moves():
     """DTensor's all-to-all (fsdp plans: a weight's shard moving to another dimension) has no group assignment:
     its axis is the one that changes dimension between its input and output layouts."""

@@ -232,20 +232,30 @@ def liveness(ops: list, mesh) -> tuple[float, list]:
     """The most bytes of tensors alive at once when one device runs ``ops`` in program order, and the
     tensors alive at that point as ``[{bytes, factors}]`` (by factors).
 
-    Each result is alive from its op to its last use.  A result that aliases another buffer (a variable
-    read, a reshape) counts nothing, and one the size of an input that dies at its op takes that input's
-    buffer over, as TensorFlow's kernels forward their inputs (``forward_input_or_allocate_output``)."""
+    Each result is alive from its op to its last use, or its aliases' last.  A result that aliases another
+    buffer (a variable read, a reshape, an identity) counts nothing, and one the size of an input that dies
+    at its op takes that input's buffer over, as TensorFlow's kernels forward their inputs
+    (``forward_input_or_allocate_output``)."""
     hints = layout_hints(ops)
+    # a result that aliases an operand (a reshape, an identity) keeps the operand's buffer alive until the
+    # alias's own last use: every gradient passes through dsgd's guard (an IdentityN) on its way to the update
+    root: dict[str, str] = {}
+    for op in ops:
+        if op.name in _ALIASING and op.operands:
+            for k, r in enumerate(op.results):
+                src = op.operands[k] if op.name == "IdentityN" and k < len(op.operands) else op.operands[0]
+                root[r] = root.get(src, src)
     last: dict[str, int] = {}
     for i, op in enumerate(ops):
         for o in op.operands:
-            last[o] = i
-            last[o.split("#")[0]] = i
+            for v in {o, root.get(o, o)}:
+                last[v] = i
+                last[v.split("#")[0]] = i
     live: dict[str, tuple] = {}
     cur = peak = 0.0
     peak_live: dict = {}
     for i, op in enumerate(ops):
-        dying = [o for o in op.operands if o in live and live[o][2] <= i]
+        dying = list(dict.fromkeys(v for v in (root.get(o, o) for o in op.operands) if v in live and live[v][2] <= i))
         if op.name not in _ALIASING:
             for k, r in enumerate(op.results):
                 t = op.out_types[k] if k < len(op.out_types) else None
