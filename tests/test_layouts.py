@@ -409,6 +409,10 @@ def test_program_parse_types_results_and_group_axes():
     assert dp.group_axes([[0, 4], [1, 5], [2, 6], [3, 7]], M24) == ("batch",)
     assert dp.group_axes([list(range(8))], M24) == ("batch", "model")
     assert dp.group_axes([[0, 1], [2, 3], [4, 5], [6, 7]], M24) == ("?",)  # not a set of mesh axes
+    # the final program's islands name several results as %outputs:2 (used as %outputs#0) beside a control
+    island = dp.parse_ops('    %outputs_5:2, %control_6 = tf_executor.island wraps "tf.IdentityN"(%outputs_3, %outputs_4) '
+                          ': (tensor<4xf32>, tensor<i32>) -> (tensor<4xf32>, tensor<i32>)')
+    assert island[0].results == ["%outputs_5#0", "%outputs_5#1", "%control_6"]
 
 
 def test_program_summary_reads_what_dtensor_issued_and_scales_it_exactly(tmp_path):

@@ -110,11 +110,12 @@ def _split_signature(rest: str) -> tuple[str, list, list]:
 
 
 def _result_names(text: str) -> list:
-    names = [t.strip() for t in text.split(",")]
-    if len(names) == 1 and ":" in names[0]:
-        base, _, n = names[0].partition(":")
-        return [f"{base}#{k}" for k in range(int(n))] if n.isdigit() else [base]
-    return names
+    """``%5:2`` -> ``%5#0, %5#1``, as the results are used; also in an island's ``%outputs:2, %control``."""
+    out = []
+    for name in (t.strip() for t in text.split(",")):
+        base, colon, n = name.partition(":")
+        out += [f"{base}#{k}" for k in range(int(n))] if colon and n.isdigit() else [base if colon else name]
+    return out
 
 
 def parse_ops(text: str) -> list:
