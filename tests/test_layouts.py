@@ -822,48 +822,49 @@ def test_whole_step_advice_end_to_end_on_four_devices(tmp_path, monkeypatch):
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
-WHOLE_STEP_RUNS = Path(__file__).parent / "data" / "layouts_whole_step_2026-12-07.json.gz"
+WHOLE_STEP_RUNS = Path(__file__).parent / "data" / "layouts_whole_step.json.gz"
 
 
-@pytest.mark.parametrize("model, spearman_runs", [("mlp", (27 / 28, 27 / 28)), ("transformer", (19 / 28, 27 / 28)),
-                                                  ("convnet", (1.0, 1.0))])
-def test_the_documented_whole_step_runs(model, spearman_runs):
-    """docs/layouts-whole-step.md's figures, from the two runs of each model saved then (``--format json``):
-    the first run's recommendation is the second run's fastest plan, the predicted rankings' Spearman as
-    documented (>= 0.8 but in the transformer's first run, 0.68, which the document explains), every scaled
-    program's FLOPs and collective bytes exact, parameters and slots exact, each run within 5 minutes."""
+def _whole_step_runs() -> dict:
     import gzip
 
-    doc = json.loads(gzip.decompress(WHOLE_STEP_RUNS.read_bytes()))
-    first, second = doc["runs"][model]
+    return json.loads(gzip.decompress(WHOLE_STEP_RUNS.read_bytes()))
+
+
+@pytest.mark.parametrize("model, spearman_runs", [("mlp", (27 / 28, 27 / 28)),
+                                                  ("transformer", (25 / 28, 26 / 28)), ("convnet", (1.0, 1.0))])
+def test_the_documented_whole_step_runs(model, spearman_runs):
+    """docs/layouts-whole-step.md's figures, from the two runs of each model saved then (``--format json``,
+    8c14989): the first run's recommendation is the second run's fastest plan or within the 5% its ranking
+    treats as a tie, the predicted rankings' Spearman as documented (every one >= 0.8), every scaled
+    program's FLOPs and collective bytes exact, parameters and slots exact, the transient peak estimate
+    within 20% of the allocator's where documented, each run within 5 minutes."""
+    first, second = _whole_step_runs()["runs"][model]
     rec = next(r["plan"] for r in first["plans"] if r["recommended"])
-    assert min(second["plans"], key=lambda r: r["step_ms"])["plan"] == rec
+    fastest = min(r["step_ms"] for r in second["plans"])
+    assert next(r["step_ms"] for r in second["plans"] if r["plan"] == rec) <= 1.05 * fastest
     for run, want in zip((first, second), spearman_runs):
         got = step_model.spearman([r["pred_ms"] for r in run["plans"]], [r["step_ms"] for r in run["plans"]])
-        assert got == pytest.approx(want) and run["spearman"] == pytest.approx(want)
+        assert got == pytest.approx(want) and run["spearman"] == pytest.approx(want) and got >= 0.8
+        assert 0 < run["measured_spearman"] <= 1
         assert len(run["plans"]) == 7 and {r["rule"] for r in run["plans"]} == {"dp", "tp", "fsdp"}
         checks = run["scaling_checks"]
         assert checks and all(c["flops_exact"] and c["bytes_exact"] and c["pred_bytes"] == c["real_bytes"]
                               for c in checks)
         assert all(r["state_exact"] for r in run["plans"]) and run["elapsed_s"] < 300
+    within = sorted(r["plan"] for r in first["plans"] if abs(r["transient_check"] - 1) <= 0.2)
+    assert len(within) == {"mlp": 7, "transformer": 5, "convnet": 6}[model], within
 
 
 def test_the_transformers_two_more_runs():
-    """The transformer advised twice more the same afternoon, after 3d347be (docs/layouts-whole-step.md):
-    Spearman 0.96 and 0.86, the recommendation (2x4 tp) the fastest plan in both, collective bytes exact."""
-    import gzip
-
-    doc = json.loads(gzip.decompress(WHOLE_STEP_RUNS.read_bytes()))
-    runs = doc["more_runs"]["transformer"]
+    """The transformer advised twice more the same afternoon (docs/layouts-whole-step.md): Spearman 0.89 and
+    0.86, the recommendation the fastest plan in both (2x4 tp, then 4x2 tp), collective bytes exact."""
+    runs = _whole_step_runs()["more_runs"]["transformer"]
     got = [step_model.spearman([r["pred_ms"] for r in run["plans"]], [r["step_ms"] for r in run["plans"]])
            for run in runs]
-    assert got == pytest.approx([27 / 28, 24 / 28])
+    assert got == pytest.approx([25 / 28, 24 / 28])
     for run in runs:
         rec = next(r["plan"] for r in run["plans"] if r["recommended"])
-        assert rec == "2x4 tp" == min(run["plans"], key=lambda r: r["step_ms"])["plan"]
-        # saved before bytes and count were told apart: the bytes agree in every check (one axis each on
-        # 1x8); DTensor merged one activation all-reduce into a gradient buffer on 1x8 tp, not on 2x4 or 4x2
-        checks = run["scaling_checks"]
-        assert all(c["pred_bytes"] == c["real_bytes"] and c["flops_exact"] for c in checks)
-        assert sorted((c["from"], c["to"]) for c in checks if not c["bytes_exact"]) == [("2x4 tp", "1x8 tp"),
-                                                                                       ("4x2 tp", "1x8 tp")]
+        assert rec == min(run["plans"], key=lambda r: r["step_ms"])["plan"]
+        assert all(c["pred_bytes"] == c["real_bytes"] and c["bytes_exact"] and c["flops_exact"]
+                   for c in run["scaling_checks"])
