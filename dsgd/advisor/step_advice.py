@@ -386,10 +386,11 @@ def host_hardware_doc(advice: StepAdvice, command: str = "") -> dict:
             "links": {"intra_node": {k: med(k) for k in ("alpha_us", "beta_s_per_byte", "merged_alpha_us",
                                                           "merged_beta_s_per_byte")}},
             "source": {"measured": f"dsgd.advisor.step_calibrate on {len(advice.calibration)} meshes of "
-                                   f"{advice.devices} logical CPU devices, {time.strftime('%Y-%m-%d')}: medians of each "
-                                   "figure over the rounds (a 256x512x512 matmul per device, a 4 MiB elementwise op per "
-                                   "device, a chain of 128 small ops, all-reduces of 64 KiB / 1 MiB / 8 MiB per device "
-                                   "over each mesh axis, and of 1 / 8 MiB in 8 tensors DTensor merges)",
+                                   f"{advice.devices} logical CPU devices, {time.strftime('%Y-%m-%d')}, every round's calls "
+                                   "pooled: medians of a 256x512x512 matmul per device, a 4 MiB elementwise op per "
+                                   "device and a chain of 128 small ops; trimmed means of all-reduces of 4 KiB / 64 KiB "
+                                   "/ 1 MiB / 8 MiB per device over each mesh axis, and of 1 / 8 MiB in 8 tensors "
+                                   "DTensor merges",
                        "command": command}}
 
 

@@ -144,11 +144,24 @@ def calibrate(mesh, quick: bool = False) -> dict:
     return combine([Calibrator(mesh).run(3 if quick else 5)])
 
 
+def _collective_figures(good: list, axis: str, kind: str, sizes: int, call: float) -> tuple[list, list, list]:
+    """Per size of one axis's ``kind`` (``single``, ``merged``) all-reduces, over the rounds' pooled calls:
+    their trimmed mean less the trivial call's (seconds), how many calls, their IQR / median."""
+    secs, n, spread = [], [], []
+    for i in range(sizes):
+        xs = [x for r in good if axis in r["samples"]["axes"] for x in r["samples"]["axes"][axis][kind][i]]
+        secs.append(max(0.0, trimmed_mean(xs) - call))
+        q1, q2, q3 = np.percentile(xs, (25, 50, 75))
+        n.append(len(xs))
+        spread.append(float((q3 - q1) / q2) if q2 > 0 else float("nan"))
+    return secs, n, spread
+
+
 def combine(runs: list) -> dict:
-    """The figures of several rounds of :meth:`Calibrator.run` (failed rounds left out): every call of
-    every round pooled, each figure their trimmed mean (a collective's less the trivial call's), alpha and
-    beta fitted to those; ``runs`` counts the rounds, ``calls`` the calls per size, ``spread`` each size's
-    interquartile range / median."""
+    """The figures of several rounds of :meth:`Calibrator.run` (failed rounds left out), every call of
+    every round pooled: the compute figures their medians, each collective size's their trimmed mean less
+    the trivial call's, alpha and beta fitted to those; ``runs`` counts the rounds, ``calls`` the calls per
+    size, ``spread`` each size's interquartile range / median."""
     good = [r for r in runs if r and "error" not in r and "samples" in r]
     if not good:
         return runs[-1] if runs else {}
@@ -169,18 +182,8 @@ def combine(runs: list) -> dict:
            "flops_per_s": 2.0 * 256 * 512 * 512 * devices / mm,
            "bytes_per_s": 2.0 * (4 << 20) * devices / ew, "axes": {}}
     for a, v in good[0]["samples"]["axes"].items():
-        def figures(kind: str, sizes) -> tuple[list, list, list]:
-            secs, n, spread = [], [], []
-            for i in range(len(sizes)):
-                xs = pool(lambda s: s["axes"][a][kind][i] if a in s["axes"] else [])
-                secs.append(max(0.0, trimmed_mean(xs) - call))
-                q1, q2, q3 = np.percentile(xs, (25, 50, 75))
-                n.append(len(xs))
-                spread.append(float((q3 - q1) / q2) if q2 > 0 else float("nan"))
-            return secs, n, spread
-
-        secs, n, spread = figures("single", COLLECTIVE_SIZES)
-        msecs, mn, mspread = figures("merged", MERGED_SIZES)
+        secs, n, spread = _collective_figures(good, a, "single", len(COLLECTIVE_SIZES), call)
+        msecs, mn, mspread = _collective_figures(good, a, "merged", len(MERGED_SIZES), call)
         alpha, beta = fit_alpha_beta(COLLECTIVE_SIZES, secs)
         malpha, mbeta = fit_alpha_beta(MERGED_SIZES, msecs)
         out["axes"][a] = {"group": v["group"], "alpha_us": alpha * 1e6, "beta_s_per_byte": beta,
