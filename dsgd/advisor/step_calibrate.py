@@ -139,11 +139,6 @@ class Calibrator:
         return {"devices": self.devices, "samples": smp}
 
 
-def calibrate(mesh, quick: bool = False) -> dict:
-    """The figures above for ``mesh`` (a ``dtensor.Mesh``), one round, as a JSON-able dict."""
-    return combine([Calibrator(mesh).run(3 if quick else 5)])
-
-
 def _collective_figures(good: list, axis: str, kind: str, sizes: int, call: float) -> tuple[list, list, list]:
     """Per size of one axis's ``kind`` (``single``, ``merged``) all-reduces, over the rounds' pooled calls:
     their trimmed mean less the trivial call's (seconds), how many calls, their IQR / median."""
@@ -194,5 +189,5 @@ def combine(runs: list) -> dict:
     return out
 
 
-__all__ = ["calibrate", "combine", "fit_alpha_beta", "trimmed_mean", "Calibrator", "COLLECTIVE_SIZES",
+__all__ = ["combine", "fit_alpha_beta", "trimmed_mean", "Calibrator", "COLLECTIVE_SIZES",
            "MERGED_SIZES", "TRIM"]
