@@ -148,16 +148,17 @@ from dsgd.state import to_layout, to_numpy
 """
 
 
-def run_subprocess(code: str, *, devices: int = 8, timeout: float = 300, env: Optional[dict] = None
-                   ) -> subprocess.CompletedProcess:
-    """Run ``code`` (after :data:`PRELUDE`) in a fresh interpreter; returns the completed process."""
+def run_subprocess(code: str, *, devices: int = 8, timeout: float = 300, env: Optional[dict] = None,
+                   argv: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Run ``code`` (after :data:`PRELUDE`) in a fresh interpreter with ``argv`` as its
+    ``sys.argv[1:]``; returns the completed process."""
     src = PRELUDE.format(root=ROOT, tests=os.path.join(ROOT, "tests"), devices=devices) + textwrap.dedent(code)
     e = dict(os.environ)
     e.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     e["PYTHONPATH"] = ROOT + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     if env:
         e.update(env)
-    return subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=timeout, env=e)
+    return subprocess.run([sys.executable, "-c", src, *argv], capture_output=True, text=True, timeout=timeout, env=e)
 
 
 def check_subprocess(proc: subprocess.CompletedProcess) -> str:

@@ -16,13 +16,17 @@ since the reference still keeps and updates a momentum slot.
 """
 from __future__ import annotations
 
+import json
+import pickle
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 from tensorflow.experimental import dtensor
 
-from _helpers import DTENSOR_IMPLS, U, allowed_slot_layouts, dsgd, require_impl, value
+from _helpers import (DTENSOR_IMPLS, U, allowed_slot_layouts, check_subprocess, dsgd, require_impl,
+                      run_subprocess, value)
 
 GLOBAL_BATCH = 16
 EPOCHS, STEPS_PER_EPOCH = 3, 4
@@ -122,8 +126,8 @@ def test_reference_fit_graph_defect(meshes, reference_runs):
 def _fit_with_everything(mesh, optimizer, tmp_path, run_eagerly=False, loops=True):
     """fit with what users add: metrics and a later initial epoch and, with ``loops``, validation
     data, two steps per execution and callbacks (checkpoint, TensorBoard, early stopping); then
-    evaluate and a prediction.  (DTensor names every traced while loop ``while_cond``, and a second
-    model's loop in the same process then fails: only one graph-mode run per process loops.)"""
+    evaluate and a prediction.  (Looping runs go in a fresh process: see
+    ``test_fit_features_run_grouped_in_graph``.)"""
     model = _model(mesh, optimizer, run_eagerly)
     model.compile(optimizer=optimizer, loss="mse", metrics=["mae"], run_eagerly=run_eagerly,
                   steps_per_execution=2 if loops else 1)
@@ -143,27 +147,48 @@ def _fit_with_everything(mesh, optimizer, tmp_path, run_eagerly=False, loops=Tru
     return model, hist.history, evaluated, np.asarray(predicted), [value(v) for v in model.trainable_variables]
 
 
+_LOOPING_RUN = """
+import json, pathlib, pickle, sys
+import test_keras_fit as t
+from dsgd.meshspec import make_mesh
+mesh = make_mesh("batch=2,model=4")
+opt = dsgd.SGD(mesh=mesh, implementation="auto", **json.loads(sys.argv[1]))
+model, hist, evaluated, predicted, weights = t._fit_with_everything(mesh, opt, pathlib.Path(sys.argv[2]))
+with open(sys.argv[3], "wb") as f:
+    pickle.dump(dict(used=sorted(opt.implementations_used()), iterations=int(t.value(opt.iterations)),
+                     hist=hist, evaluated=evaluated, predicted=predicted, weights=weights), f)
+"""
+
+
 def test_fit_features_run_grouped_in_graph(meshes, tmp_path):
     """``auto`` under fit runs the in-graph grouped kernel, with everything fit does around it,
-    and gives exactly the weights of ``fused`` (the DTensor path) and of dsgd run eagerly."""
+    and gives exactly the weights of ``fused`` (the DTensor path) and of dsgd run eagerly.
+
+    The looping run (``steps_per_execution=2``, validation) runs in a fresh process.  In one CI
+    run, after whichever tests shared its worker, fit's validation loop failed to register ("Cannot
+    add function 'while_cond' because a different function with the same name already exists"):
+    DTensor's function library keeps one ``while_cond`` per process.  Two looping fits alone in
+    one process pass, so the clash comes from some other test's DTensor loop, and which tests
+    share a worker changes from run to run."""
     require_impl("grouped")
     mesh = meshes("batch=2,model=4")
     kw = dict(learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
-    runs = {}
-    for name, impl, eagerly, loops in (("auto", "auto", False, True), ("fused", "fused", False, False),
-                                       ("eager", "auto", True, False)):
-        opt = dsgd.SGD(mesh=mesh, implementation=impl, **kw)
-        runs[name] = (opt,) + _fit_with_everything(mesh, opt, tmp_path, run_eagerly=eagerly, loops=loops)
-    opt, model, hist, evaluated, predicted, weights = runs["auto"]
-    assert set(opt.implementations_used()) == {"grouped_graph"}
-    assert int(value(opt.iterations)) == EPOCHS * STEPS_PER_EPOCH
+    out = tmp_path / "auto.pkl"
+    check_subprocess(run_subprocess(_LOOPING_RUN, timeout=300, argv=[json.dumps(kw), str(tmp_path), str(out)]))
+    with open(out, "rb") as f:
+        auto = pickle.load(f)
+    assert auto["used"] == ["grouped_graph"]
+    assert auto["iterations"] == EPOCHS * STEPS_PER_EPOCH
+    hist = auto["hist"]
     assert set(hist) >= {"loss", "mae", "val_loss", "val_mae"} and len(hist["loss"]) == EPOCHS
     assert all(np.isfinite(v).all() for v in hist.values())
-    assert np.isfinite(evaluated["loss"]) and predicted.shape == (GLOBAL_BATCH, 4)
+    assert np.isfinite(auto["evaluated"]["loss"]) and auto["predicted"].shape == (GLOBAL_BATCH, 4)
     assert (tmp_path / f"ckpt-{EPOCHS + 1}.index").exists(), "ModelCheckpoint wrote no checkpoint"
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
-    for other in ("fused", "eager"):
-        _, _, o_hist, o_eval, o_pred, o_weights = runs[other]
-        for v, w, o in zip(model.trainable_variables, weights, o_weights):
+    for other, impl, eagerly in (("fused", "fused", False), ("eager", "auto", True)):
+        opt = dsgd.SGD(mesh=mesh, implementation=impl, **kw)
+        model, _, _, o_pred, o_weights = _fit_with_everything(mesh, opt, tmp_path / other, run_eagerly=eagerly,
+                                                              loops=False)
+        for v, w, o in zip(model.trainable_variables, auto["weights"], o_weights):
             np.testing.assert_array_equal(w, o, err_msg=f"{v.name}: in-graph grouped differs from {other}")
-        np.testing.assert_allclose(predicted, o_pred, rtol=1e-6)
+        np.testing.assert_allclose(auto["predicted"], o_pred, rtol=1e-6)
