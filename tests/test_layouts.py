@@ -496,6 +496,49 @@ def test_an_alias_keeps_its_buffer_alive_until_its_own_last_use():
     assert peak == 1000 and sum(t["bytes"] for t in live) == 1000
 
 
+def test_an_aligned_first_dimension_slice_keeps_its_whole_buffer_alive():
+    """TensorFlow's Slice returns a view when it cuts only the first dimension at aligned addresses (as
+    DTensor takes a device's half of a reduced gradient): the 1024-row buffer lives while its half
+    does.  A cut of an inner dimension is a copy: the buffer dies at it."""
+    def peak(sliced, kept):
+        text = f"""
+      %1 = "tf.Neg"(%arg0) : (tensor<1024x16xf32>) -> tensor<1024x16xf32>
+      %2 = "tf.Slice"(%1, %b, %s) : (tensor<1024x16xf32>, tensor<2xi32>, tensor<2xi32>) -> tensor<{sliced}xf32>
+      %3 = "tf.Relu"(%arg1) : (tensor<{kept}xf32>) -> tensor<{kept}xf32>
+      %4 = "tf.Pack"(%2, %3) : (tensor<{sliced}xf32>, tensor<{kept}xf32>) -> tensor<2x{sliced}xf32>
+      %5 = "tf.Neg"(%4) : (tensor<2x{sliced}xf32>) -> tensor<2x{sliced}xf32>
+"""
+        return dp.liveness(dp.parse_ops(text), [("batch", 1)])[0]
+
+    # a view: at the Pack, the whole 64 KiB buffer, the 32 KiB operand and the 64 KiB result
+    assert peak("512x16", "512x16") == 65536 + 32768 + 65536
+    # a copy: the buffer died at the slice; at the Pack, the 32 KiB slice and operand and the result
+    assert peak("1024x8", "1024x8") == 32768 + 32768 + 65536
+    assert dp._views_input(dp.parse_ops(
+        '%2 = "tf.Slice"(%1, %b, %s) : (tensor<1024x3xf32>, tensor<2xi32>, tensor<2xi32>) -> tensor<512x3xf32>')[0]) is None
+
+
+def test_a_merged_buffer_is_alive_from_its_first_gradient_as_the_executor_runs_it():
+    """DTensor's text puts the merged all-reduce buffer's fill (slice updates) just before the all-reduce,
+    after the backward pass; TensorFlow's executor runs the first update as soon as its gradient exists,
+    so the 4 KiB buffer is alive beside the backward pass's 2 KiB activations."""
+    text = """
+      %1 = "tf.Neg"(%arg0) : (tensor<16xf32>) -> tensor<16xf32>
+      %2 = "tf.Relu"(%arg1) : (tensor<512xf32>) -> tensor<512xf32>
+      %3 = "tf.Neg"(%2) : (tensor<512xf32>) -> tensor<512xf32>
+      %4 = "tf.Sum"(%3, %c) : (tensor<512xf32>, tensor<1xi32>) -> tensor<16xf32>
+      %5 = "tf.TensorStridedSliceUpdate"(%z, %b, %e, %s, %1) : (tensor<1024xf32>, tensor<1xi32>, tensor<1xi32>, tensor<1xi32>, tensor<16xf32>) -> tensor<1024xf32>
+      %6 = "tf.TensorStridedSliceUpdate"(%5, %b, %e, %s, %4) : (tensor<1024xf32>, tensor<1xi32>, tensor<1xi32>, tensor<1xi32>, tensor<16xf32>) -> tensor<1024xf32>
+      %7 = "tf.CollectiveReduceV2"(%6, %g, %k, %i) : (tensor<1024xf32>, tensor<i32>, tensor<i32>, tensor<i32>) -> tensor<1024xf32>
+      %8 = "tf.Neg"(%7) : (tensor<1024xf32>) -> tensor<1024xf32>
+"""
+    ops = dp.parse_ops(text)
+    assert [op.results[0] for op in dp.executor_order(ops)][:3] == ["%1", "%2", "%5"]
+    # at %5: the buffer (4096) beside %2 (2048) and %1 (64); in the text's order the buffer would come
+    # after %2 and %3 died (%3 takes %2's buffer over): 4096 + 64 + 64 at most
+    assert dp.liveness(ops, [("batch", 1)])[0] == 4096 + 2048 + 64
+
+
 def test_an_all_to_all_is_counted_on_the_axis_it_moves():
     """DTensor's all-to-all (fsdp plans: a weight's shard moving to another dimension) has no group assignment:
     its axis is the one that changes dimension between its input and output layouts."""

@@ -272,3 +272,85 @@ def test_op_type_comparison_orders_by_difference_from_the_floor():
     assert lines[2].split()[0] == "AddV2" and lines[2].split()[1] == "-"  # the largest difference first
     assert lines[3].split()[0] == "MatMul"
     assert lines[-2].split()[-2:] == ["10.1", "16.5"] and lines[-1].split()[-2:] == ["12.0", "19.0"]
+
+
+_PEAK_PROFILE = """
+import glob, json, tempfile
+from dsgd.harness.profile_summary import find_xplanes, memory_at_peak
+x, w1, w2 = tf.ones([256, 64]), tf.ones([64, 1024]), tf.ones([64, 1024])
+
+@tf.function
+def f(x, w1, w2):
+    c = tf.concat([tf.matmul(x, w1), tf.matmul(x, w2)], 0)  # 1 MiB + 1 MiB, then 2 MiB with both alive
+    return tf.reduce_sum(tf.square(c))
+
+with tf.device("CPU:0"):
+    f(x, w1, w2)
+    d = tempfile.mkdtemp()
+    tf.profiler.experimental.start(d)
+    f(x, w1, w2).numpy()
+    tf.profiler.experimental.stop()
+print(json.dumps(memory_at_peak(find_xplanes(d))))
+"""
+
+
+def test_memory_at_peak_names_what_the_allocator_held():
+    """A step's tensors at the allocator's peak, read from a real profile: both matmuls' results and their
+    concatenation (4 MiB), the allocator's rounding apart, no collective buffers; followed allocation by
+    allocation, the tensors' own peak is the same moment."""
+    from _helpers import check_subprocess, run_subprocess
+
+    held = json.loads(check_subprocess(run_subprocess(_PEAK_PROFILE, devices=1, timeout=240)).splitlines()[-1])
+    (cpu,) = held.values()
+    assert 4 * 2**20 <= cpu["tensors"] <= 4.5 * 2**20, cpu
+    assert cpu["collective_buffers"] == 0 and cpu["allocator_slack"] >= 0
+    assert "concat" in cpu["top"][0][0].lower() and cpu["top"][0][2] == 2 * 2**20, cpu["top"]
+    assert cpu["peak_bytes"] >= cpu["tensors"] and cpu["tensors_peak"] == cpu["tensors"]
+
+
+def test_memory_at_peak_keeps_the_collective_runtime_and_the_allocator_apart(monkeypatch):
+    """The classification: the allocator's specials (its unused reserve) are not held; a collective's
+    temporary chunk is the runtime's; what a tensor got beyond its request is the allocator's slack."""
+    def snap(op, region, got, asked):
+        return {"activityMetadata": {"tfOpName": op, "regionType": region, "allocationBytes": str(got),
+                                     "requestedBytes": str(asked), "tensorShape": "[4]"}}
+    profile = {"memoryProfilePerAllocator": {"mklcpu": {
+        "profileSummary": {"peakBytesUsageLifetime": "9000"},
+        "memoryProfileSnapshots": [snap("f/MatMul", "output", 2048, 1024), snap("CollectiveAdapterImpl::TempChunk", "", 512, 500),
+                                   snap("f/CollectiveReduceV2", "output", 256, 256)],
+        "specialAllocations": [{"tfOpName": "unused preallocated device memory", "allocationBytes": "5000"}],
+        "activeAllocations": [{"snapshotIndex": "-1", "specialIndex": "0"}, {"snapshotIndex": "0", "specialIndex": "-1"},
+                              {"snapshotIndex": "1", "specialIndex": "-1"},
+                              {"snapshotIndex": "2", "specialIndex": "-1", "numOccurrences": "2"}]}}}
+    monkeypatch.setattr(ps, "xprof_json", lambda paths, tool: profile if tool == "memory_profile" else {})
+    monkeypatch.setattr(ps, "_tensor_peaks", lambda paths: {"mklcpu": 4096})
+    held = ps.memory_at_peak(["x.xplane.pb"])["mklcpu"]
+    assert (held["tensors"], held["collective_buffers"], held["allocator_slack"]) == (1024 + 512, 512, 1024)
+    assert held["peak_bytes"] == 9000 and held["top"][0] == ("f/MatMul", "[4]", 1024) and held["tensors_peak"] == 4096
+
+
+def test_the_tensors_own_peak_is_followed_through_the_allocations(tmp_path):
+    """The program's tensors peak (150 bytes: two tensors) before the collective runtime's 500-byte chunk
+    makes the allocator peak beside one tensor; its chunk is never counted as a tensor."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    xs = xplane_pb2.XSpace()
+    plane = xs.planes.add(name="/host:CPU")
+    stat_ids = {}
+    for i, name in enumerate(["allocator_name", "addr", "requested_bytes", "tf_op", "mklcpu"], start=1):
+        plane.stat_metadata[i].id, plane.stat_metadata[i].name = i, name
+        stat_ids[name] = i
+    for i, name in ((1, "MemoryAllocation"), (2, "MemoryDeallocation")):
+        plane.event_metadata[i].id, plane.event_metadata[i].name = i, name
+    line = plane.lines.add(name="tf_Compute", timestamp_ns=1)
+    for t, kind, addr, size, op in [(1, 1, 10, 100, "f/MatMul"), (2, 1, 20, 50, "f/Relu"), (3, 2, 20, 0, ""),
+                                    (4, 1, 30, 500, "CollectiveAdapterImpl::TempChunk"), (5, 2, 30, 0, "")]:
+        ev = line.events.add(metadata_id=kind, offset_ps=t)
+        ev.stats.add(metadata_id=stat_ids["allocator_name"], ref_value=stat_ids["mklcpu"])
+        ev.stats.add(metadata_id=stat_ids["addr"], uint64_value=addr)
+        if kind == 1:
+            ev.stats.add(metadata_id=stat_ids["requested_bytes"], int64_value=size)
+            ev.stats.add(metadata_id=stat_ids["tf_op"], str_value=op)
+    path = tmp_path / "t.xplane.pb"
+    path.write_bytes(xs.SerializeToString())
+    assert ps._tensor_peaks([str(path)]) == {"mklcpu": 150}

@@ -20,10 +20,11 @@ Everything here is text parsing, no TensorFlow: tests feed it small programs.
 """
 from __future__ import annotations
 
+import collections
 import json
-import re
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -228,23 +229,91 @@ _ALIASING = ("Const", "ReadVariableOp", "Identity", "IdentityN", "StopGradient",
              "DTensorLayout", "VarHandleOp")
 
 
+#: Eigen's alignment on this host's TensorFlow (AVX-512): a slice starting on it can be a view
+_ALIGN_BYTES = 64
+
+
+def _views_input(op: Op) -> Optional[int]:
+    """The operand a ``Slice`` / ``StridedSlice`` / ``Split`` result is a view of, or None.
+
+    TensorFlow's kernels return a view instead of a copy when only the first dimension is cut and the
+    cut falls on aligned addresses (``IsDim0SliceAligned`` in ``slice_op.cc``; ``strided_slice_op.cc``
+    and ``split_op.cc`` alike): so DTensor's slices of a merged all-reduce buffer, or of a gathered
+    weight, keep the whole buffer alive.  The offsets are runtime values; they are taken as aligned
+    when the sizes are (the pieces of a packed buffer start at the sums of the earlier sizes)."""
+    if op.name not in ("Slice", "StridedSlice", "Split") or not op.out_types:
+        return None
+    k = 1 if op.name == "Split" else 0  # Split(axis, value)
+    if k >= len(op.in_types):
+        return None
+    src, out = op.in_types[k], op.out_types[0]
+    if not src.shape or out.shape is None or len(src.shape) != len(out.shape) or src.shape[1:] != out.shape[1:]:
+        return None
+    item = src.nbytes // src.elements if src.elements else 0
+    row = math.prod(src.shape[1:]) if len(src.shape) > 1 else out.shape[0]
+    return k if item and row * item % _ALIGN_BYTES == 0 else None
+
+
+def executor_order(ops: list) -> list:
+    """``ops`` in the order TensorFlow's executor runs them: each op as soon as its operands are ready,
+    the ready ones first come first served (its ready queue), not in the program's text order.
+
+    It matters for memory: DTensor merges a step's gradient all-reduces into one buffer, filled by a
+    chain of slice updates that the text places just before the all-reduce, but each update runs as
+    soon as its gradient exists -- so the buffer is alive through the rest of the backward pass (the
+    convnet's peaks, as each device's own allocator and TensorFlow's profiler show them)."""
+    prod: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        for r in op.results:
+            prod[r] = prod[r.split("#")[0]] = i
+    waiting, users = [], [[] for _ in ops]
+    for i, op in enumerate(ops):
+        deps = {prod[o] for o in op.operands if prod.get(o, i) != i}
+        waiting.append(len(deps))
+        for d in deps:
+            users[d].append(i)
+    ready = collections.deque(i for i, n in enumerate(waiting) if n == 0)
+    order = []
+    while ready:
+        i = ready.popleft()
+        order.append(ops[i])
+        for j in users[i]:
+            waiting[j] -= 1
+            if not waiting[j]:
+                ready.append(j)
+    # a cycle (none in a well-formed program) leaves its ops where the text has them
+    return order + [op for i, op in enumerate(ops) if waiting[i] > 0]
+
+
 def liveness(ops: list, mesh) -> tuple[float, list]:
-    """The most bytes of tensors alive at once when one device runs ``ops`` in program order, and the
-    tensors alive at that point as ``[{bytes, factors}]`` (by factors).
+    """The most bytes of tensors alive at once when one device runs ``ops`` (in :func:`executor_order`),
+    and the tensors alive at that point as ``[{bytes, factors}]`` (by factors).
 
     Each result is alive from its op to its last use, or its aliases' last.  A result that aliases another
     buffer (a variable read, a reshape, an identity) counts nothing, and one the size of an input that dies
     at its op takes that input's buffer over, as TensorFlow's kernels forward their inputs
     (``forward_input_or_allocate_output``)."""
     hints = layout_hints(ops)
+    ops = executor_order(ops)
     # a result that aliases an operand (a reshape, an identity) keeps the operand's buffer alive until the
     # alias's own last use: every gradient passes through dsgd's guard (an IdentityN) on its way to the update
     root: dict[str, str] = {}
+    # a view (a slice of a buffer) keeps the whole buffer alive; a result takes over whole buffers only
+    # (a kernel may reuse a view's part in place, which the buffer's liveness cannot show: counted as new)
+    views = {id(op): k for op in ops if (k := _views_input(op)) is not None and k < len(op.operands)}
+    partial: set[str] = set()
     for op in ops:
         if op.name in _ALIASING and op.operands:
             for k, r in enumerate(op.results):
                 src = op.operands[k] if op.name == "IdentityN" and k < len(op.operands) else op.operands[0]
                 root[r] = root.get(src, src)
+                if src in partial:
+                    partial.add(r)
+        elif id(op) in views:
+            src = op.operands[views[id(op)]]
+            for r in op.results:
+                root[r] = root.get(src, src)
+                partial.add(r)
     last: dict[str, int] = {}
     for i, op in enumerate(ops):
         for o in op.operands:
@@ -256,13 +325,14 @@ def liveness(ops: list, mesh) -> tuple[float, list]:
     peak_live: dict = {}
     for i, op in enumerate(ops):
         dying = list(dict.fromkeys(v for v in (root.get(o, o) for o in op.operands) if v in live and live[v][2] <= i))
-        if op.name not in _ALIASING:
+        if op.name not in _ALIASING and id(op) not in views:
             for k, r in enumerate(op.results):
                 t = op.out_types[k] if k < len(op.out_types) else None
                 if t is None or t.shape is None or (r not in last and r.split("#")[0] not in last):
                     continue
                 end = last.get(r, last.get(r.split("#")[0], i))
-                donor = next((o for o in dying if live[o][0] == t.nbytes), None)
+                whole = {root.get(o, o) for o in op.operands if o not in partial}
+                donor = next((o for o in dying if o in whole and live[o][0] == t.nbytes), None)
                 if donor is not None:  # forwarded: the donor's buffer lives on as this result
                     dying.remove(donor)
                     live.pop(donor)

@@ -108,7 +108,8 @@ def render_lines(advice) -> list:
                "step's transient peak estimated from DTensor's program (each op's output in its layout, alive until "
                "its last use) against TensorFlow's allocator (its peak over one step / devices; on CPU the devices "
                "share it and need not peak together, so this can read below a device's own peak, which "
-               "scripts/per_device_memory.py measures in one client per device):")
+               "scripts/per_device_memory.py measures in one client per device, with what the device held at its "
+               "peak: the program's tensors, the collective runtime's buffers, the allocator's rounding):")
     for r in advice.table.to_dict(orient="records"):
         chk = {True: "exact", False: "MISMATCH", None: "not checked"}[r.get("state_exact")]
         tf = _mib(r.get("alloc_step_per_device")) if r.get("alloc_step_per_device") else "-"

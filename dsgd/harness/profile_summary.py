@@ -10,7 +10,9 @@ returns plain data (dicts, pandas frames) that tests check and renderers print:
 * :func:`hlo_text_stats` — module and fusion counts of HLO text files (``XLA_FLAGS=--xla_dump_to``
   and :func:`dsgd.impl.xla.capture_hlo`);
 * :func:`op_type_rows` — self time and occurrences per op type and step (a whole step's
-  breakdown), and :func:`render_op_type_comparison` of a floor's and optimizers' breakdowns.
+  breakdown), and :func:`render_op_type_comparison` of a floor's and optimizers' breakdowns;
+* :func:`memory_at_peak` — what each allocator held at its peak (xprof's ``memory_profile``): the
+  program's tensors, the collective runtime's own buffers and the allocator's rounding.
 
 Step time is never taken from xprof (its step detection on CPU is unreliable); it comes from the
 harness (:mod:`dsgd.harness.measure`).
@@ -53,6 +55,82 @@ def xprof_json(paths: Sequence[str], tool: str) -> dict:
 
     data, _ = raw_to_tool_data.xspace_to_tool_data(list(paths), tool, {})
     return json.loads(data) if data else {}
+
+
+def memory_at_peak(paths: Sequence[str]) -> dict:
+    """Per allocator, the allocations alive at its peak within the trace, as TensorFlow's profiler
+    attributes them (``memory_profile``'s ``activeAllocations``; the peak is the allocator's own):
+
+    * ``tensors``: the bytes requested by the traced program's ops (their outputs, temporaries);
+    * ``collective_buffers``: the collective runtime's own (``CollectiveAdapterImpl::TempChunk``: on
+      CPU a ring all-reduce receives each chunk into one), which the program does not name;
+    * ``allocator_slack``: what the allocator gave beyond the tensors' requests (the BFC allocator
+      hands a whole free chunk to a request it cannot split off);
+    * ``peak_bytes``: the allocator's peak (including what was allocated before the trace began),
+      and ``top``: the largest tensors, ``(op, shape, requested bytes)``;
+    * ``tensors_peak``: the most bytes the program's tensors held at any one time (the same requests,
+      followed allocation by allocation): while a large collective runs, the allocator peaks with its
+      buffers, and the tensors alone may have held more at another moment.
+
+    Memory events are recorded only within the trace: allocations made before it (variables) count
+    in ``peak_bytes`` only."""
+    peaks = _tensor_peaks(paths)
+    out = {}
+    for name, a in xprof_json(paths, "memory_profile").get("memoryProfilePerAllocator", {}).items():
+        snaps = a.get("memoryProfileSnapshots", [])
+        res = {"peak_bytes": int(a.get("profileSummary", {}).get("peakBytesUsageLifetime", 0)),
+               "tensors": 0, "collective_buffers": 0, "allocator_slack": 0, "top": []}
+        for e in a.get("activeAllocations", []):
+            k = int(e.get("snapshotIndex", -1))
+            if k < 0:  # the allocator's specials: unused reserve, stack -- nothing the step holds
+                continue
+            m = snaps[k].get("activityMetadata", {})
+            n = int(e.get("numOccurrences", 1))
+            got, asked = int(m.get("allocationBytes", 0)) * n, int(m.get("requestedBytes", 0)) * n
+            op = m.get("tfOpName") or ""
+            if _runtime_buffer(op, m.get("regionType")):
+                res["collective_buffers"] += got
+                continue
+            res["tensors"] += asked
+            res["allocator_slack"] += got - asked
+            res["top"].append((op, m.get("tensorShape"), asked))
+        res["top"] = sorted(res["top"], key=lambda t: -t[2])[:10]
+        res["tensors_peak"] = peaks.get(name)
+        out[name] = res
+    return out
+
+
+def _runtime_buffer(op: str, region: Optional[str] = None) -> bool:
+    """An allocation of the collective runtime's own (not one of the program's tensors)."""
+    return "Collective" in op and region != "output" and "StatefulPartitionedCall" not in op
+
+
+def _tensor_peaks(paths: Sequence[str]) -> dict:
+    """Per allocator, the most bytes requested by the program's tensors alive at once, from the trace's
+    ``MemoryAllocation`` / ``MemoryDeallocation`` events in time order (matched by address)."""
+    events = []
+    for _, xs in _xspaces(paths):
+        for plane in xs.planes:
+            names = {k: v.name for k, v in plane.stat_metadata.items()}
+            for line in plane.lines:
+                for ev in line.events:
+                    kind = plane.event_metadata[ev.metadata_id].name
+                    if kind in ("MemoryAllocation", "MemoryDeallocation"):
+                        st = {names.get(x.metadata_id): x.str_value or names.get(x.ref_value) if x.ref_value or x.str_value
+                              else x.int64_value or x.uint64_value for x in ev.stats}
+                        events.append((line.timestamp_ns * 1000 + ev.offset_ps, kind == "MemoryAllocation", st))
+    live: dict = {}
+    held: dict = {}
+    peak: dict = {}
+    for _, alloc, st in sorted(events, key=lambda e: e[0]):
+        who, addr = st.get("allocator_name") or "", st.get("addr")
+        if alloc and not _runtime_buffer(st.get("tf_op") or ""):
+            live[(who, addr)] = int(st.get("requested_bytes") or 0)
+            held[who] = held.get(who, 0) + live[(who, addr)]
+            peak[who] = max(peak.get(who, 0), held[who])
+        elif not alloc and (who, addr) in live:
+            held[who] -= live.pop((who, addr))
+    return peak
 
 
 def _xspaces(paths: Sequence[str]):
