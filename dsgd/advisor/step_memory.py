@@ -4,10 +4,13 @@
   against what the devices hold.
 * The step's transient memory -- activations kept for the backward pass, gradients as they are made,
   temporaries, the buffers DTensor merges all-reduces into: estimated from the program DTensor ran, each
-  op's output in its layout alive from its op to its last use (inputs forwarded where TensorFlow's kernels
-  do: :func:`dsgd.advisor.dtensor_program.liveness`), and checked against TensorFlow's allocator, whose
-  peak over one step (all logical CPU devices share one allocator) divided by the devices is the same
-  quantity (:func:`check_ratio`).  On another mesh it is scaled from the tensors alive at the peak.
+  op's output in its layout alive from its op to its last use, the ops in the order TensorFlow's executor
+  runs them (each once its operands are ready), inputs forwarded and slices taken as views where
+  TensorFlow's kernels do (:func:`dsgd.advisor.dtensor_program.liveness`).  Checked here against
+  TensorFlow's allocator, whose peak over one step (all logical CPU devices share one allocator) divided
+  by the devices approximates it (:func:`check_ratio`; the devices need not peak together), and by
+  ``scripts/per_device_memory.py`` against each device's own allocator in one client per device.  On
+  another mesh it is scaled from the tensors alive at the peak.
 """
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ def render_lines(advice) -> list:
         out.append(f"  {r['plan']}: {r.get('collectives', '-')}")
     out.append("\nmemory per device, MiB: params, grads, slots exact (from the layouts; checked on the devices); the "
                "step's transient peak estimated from DTensor's program (each op's output in its layout, alive until "
-               "its last use) against TensorFlow's allocator (its peak over one step / devices; on CPU the devices "
+               "its last use, the ops in the executor's order) against TensorFlow's allocator (its peak over one step / devices; on CPU the devices "
                "share it and need not peak together, so this can read below a device's own peak, which "
                "scripts/per_device_memory.py measures in one client per device, with what the device held at its "
                "peak: the program's tensors, the collective runtime's buffers, the allocator's rounding):")
