@@ -921,8 +921,8 @@ def test_transient_estimates_against_each_devices_own_allocator():
     it (saved at e8c1044), its transient estimate recomputed here, against each device's own allocator in
     one client per device (``scripts/per_device_memory.py``: the program's tensors' own peak, from a
     profiled step).  Within 20% of the device holding the most for 18 of 21; out: the transformer's 2x4 tp
-    (1.31) and 1x8 tp (1.20), whose estimate keeps more of the attention's small tensors alive than the
-    graph TensorFlow runs after its own rewrites, and the convnet's 2x4 tp (0.77), one device of 8 at 10.5
+    (1.31) and 1x8 tp (1.20), whose estimated peak holds 21 tensors of 128 KiB the devices' peaks did not
+    (cause not found), and the convnet's 2x4 tp (0.77), one device of 8 at 10.5
     MiB against 8.0-8.5 for the rest."""
     import gzip
 
