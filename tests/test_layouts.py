@@ -476,6 +476,8 @@ def test_liveness_counts_live_tensors_and_forwards_dying_inputs():
     peak, live = dp.liveness(dp.parse_ops(text), [("batch", 1)])
     # %2 takes %1's buffer over (it dies there); %3 lives beside it; %4 takes %2's: at most 400 + 200 bytes
     assert peak == 600 and sum(t["bytes"] for t in live) == 600
+    # counting only results of 300 bytes or more (as a profiler that sees only larger allocations): 400
+    assert dp.liveness(dp.parse_ops(text), [("batch", 1)], min_bytes=300)[0] == 400
 
 
 def test_an_alias_keeps_its_buffer_alive_until_its_own_last_use():
@@ -920,21 +922,25 @@ def test_transient_estimates_against_each_devices_own_allocator():
     """The 21 plans of docs/layouts-whole-step.md's memory table: each plan's final program as DTensor ran
     it (saved at e8c1044), its transient estimate recomputed here, against each device's own allocator in
     one client per device (``scripts/per_device_memory.py``: the program's tensors' own peak, from a
-    profiled step).  Within 20% of the device holding the most for 18 of 21; out: the transformer's 2x4 tp
-    (1.31) and 1x8 tp (1.20), whose estimated peak holds 21 tensors of 128 KiB the devices' peaks did not
-    (cause not found), and the convnet's 2x4 tp (0.77), one device of 8 at 10.5
-    MiB against 8.0-8.5 for the rest."""
+    profiled step).  The profiler records no allocation under 256 KiB here (oneDNN's small-size allocator
+    records none), so the estimate set beside it counts the same tensors (``min_bytes``): within 20% of
+    the median device for all 21 plans, and of the device holding the most for 18 (out: the convnet's 8x1
+    dp, 8x1 fsdp and 2x4 tp, 0.76-0.79, one device of 8 above the rest in each)."""
     import gzip
+    import statistics
 
     saved = json.loads(gzip.decompress(STEP_MEMORY.read_bytes()))
-    ratios = {}
+    to_median, to_most = {}, {}
     for p in saved["plans"]:
-        est = dp.liveness(dp.parse_ops(p["final_program"]), [tuple(a) for a in p["mesh"]])[0]
-        worst = max(d["tensors_peak"] for d in p["devices"])
-        ratios[p["model"].split(":")[1] + " " + p["plan"]] = est / worst
+        ops, mesh = dp.parse_ops(p["final_program"]), [tuple(a) for a in p["mesh"]]
+        seen = dp.liveness(ops, mesh, min_bytes=256 * 1024)[0]
+        assert dp.liveness(ops, mesh)[0] >= seen
+        peaks = [d["tensors_peak"] for d in p["devices"]]
+        name = p["model"].split(":")[1] + " " + p["plan"]
+        to_median[name], to_most[name] = seen / statistics.median(peaks), seen / max(peaks)
         for d in p["devices"]:
             assert d["tensors_peak"] >= d["tensors"] > 0
             assert d["collective_buffers"] >= 0 and d["allocator_slack"] >= 0
-    out = {k for k, r in ratios.items() if abs(r - 1) > 0.2}
-    assert len(ratios) == 21 and out == {"transformer 2x4 tp", "transformer 1x8 tp", "convnet 2x4 tp"}, \
-        {k: round(r, 2) for k, r in ratios.items()}
+    assert len(to_median) == 21 and all(abs(r - 1) <= 0.2 for r in to_median.values()), to_median
+    out = {k for k, r in to_most.items() if abs(r - 1) > 0.2}
+    assert out == {"convnet 8x1 dp", "convnet 8x1 fsdp", "convnet 2x4 tp"}, {k: round(r, 2) for k, r in to_most.items()}

@@ -323,15 +323,17 @@ def test_memory_at_peak_keeps_the_collective_runtime_and_the_allocator_apart(mon
                               {"snapshotIndex": "1", "specialIndex": "-1"},
                               {"snapshotIndex": "2", "specialIndex": "-1", "numOccurrences": "2"}]}}}
     monkeypatch.setattr(ps, "xprof_json", lambda paths, tool: profile if tool == "memory_profile" else {})
-    monkeypatch.setattr(ps, "_tensor_peaks", lambda paths: {"mklcpu": 4096})
+    monkeypatch.setattr(ps, "_tensor_peaks", lambda paths: {"mklcpu": (4096, 256)})
     held = ps.memory_at_peak(["x.xplane.pb"])["mklcpu"]
     assert (held["tensors"], held["collective_buffers"], held["allocator_slack"]) == (1024 + 512, 512, 1024)
     assert held["peak_bytes"] == 9000 and held["top"][0] == ("f/MatMul", "[4]", 1024) and held["tensors_peak"] == 4096
+    assert held["smallest_traced"] == 256
 
 
 def test_the_tensors_own_peak_is_followed_through_the_allocations(tmp_path):
     """The program's tensors peak (150 bytes: two tensors) before the collective runtime's 500-byte chunk
-    makes the allocator peak beside one tensor; its chunk is never counted as a tensor."""
+    makes the allocator peak beside one tensor; its chunk is never counted as a tensor.  The smallest
+    request recorded is 50 bytes."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     xs = xplane_pb2.XSpace()
@@ -353,4 +355,4 @@ def test_the_tensors_own_peak_is_followed_through_the_allocations(tmp_path):
             ev.stats.add(metadata_id=stat_ids["tf_op"], str_value=op)
     path = tmp_path / "t.xplane.pb"
     path.write_bytes(xs.SerializeToString())
-    assert ps._tensor_peaks([str(path)]) == {"mklcpu": 150}
+    assert ps._tensor_peaks([str(path)]) == {"mklcpu": (150, 50)}

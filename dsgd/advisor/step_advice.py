@@ -122,6 +122,8 @@ def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step
         n_dev = meshspec.mesh_size(p.mesh)
         prog_d = (mine or {}).get("program")
         peak = dp.ProgramSummary.from_dict(prog_d).peak_bytes if prog_d else float("nan")
+        # what the CPU allocator counts: its tensors of at least dp.SEEN_BYTES
+        seen = dp.ProgramSummary.from_dict(prog_d).peak_seen_bytes if prog_d else None
         row: dict[str, Any] = {
             "plan": p.name, "mesh": p.mesh_spec, "mesh_label": p.mesh_label, "rule": p.rule,
             "description": p.description, "status": (mine or {}).get("status", "failed"),
@@ -138,7 +140,8 @@ def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step
             if row["params_measured"] is not None else None
         alloc = (mine or {}).get("alloc_step_peak")
         row["alloc_step_per_device"] = alloc / n_dev if alloc else None
-        row["transient_check"] = step_memory.check_ratio(peak if peak == peak else None, row["alloc_step_per_device"])
+        row["transient_seen_bytes"] = seen
+        row["transient_check"] = step_memory.check_ratio(seen, row["alloc_step_per_device"])
         row["program"] = prog_d
         if prog_d:
             prog = dp.ProgramSummary.from_dict(prog_d)

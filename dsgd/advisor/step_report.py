@@ -106,17 +106,19 @@ def render_lines(advice) -> list:
         out.append(f"  {r['plan']}: {r.get('collectives', '-')}")
     out.append("\nmemory per device, MiB: params, grads, slots exact (from the layouts; checked on the devices); the "
                "step's transient peak estimated from DTensor's program (each op's output in its layout, alive until "
-               "its last use, the ops in the executor's order) against TensorFlow's allocator (its peak over one step / devices; on CPU the devices "
-               "share it and need not peak together, so this can read below a device's own peak, which "
-               "scripts/per_device_memory.py measures in one client per device, with what the device held at its "
-               "peak: the program's tensors, the collective runtime's buffers, the allocator's rounding):")
+               "its last use, the ops in the executor's order), and the same of its tensors of 256 KiB or more "
+               "(the only ones TensorFlow's CPU allocator counts) against that allocator (its peak over one step / "
+               "devices; on CPU the devices share it and need not peak together, so this can read below a device's "
+               "own peak, which scripts/per_device_memory.py measures in one client per device, with what the "
+               "device held at its peak: the program's tensors, the collective runtime's buffers, the allocator's "
+               "rounding):")
     for r in advice.table.to_dict(orient="records"):
         chk = {True: "exact", False: "MISMATCH", None: "not checked"}[r.get("state_exact")]
         tf = _mib(r.get("alloc_step_per_device")) if r.get("alloc_step_per_device") else "-"
         ratio = _f(r.get("transient_check"), "{:.2f}x") if r.get("transient_check") else "-"
         out.append(f"  {r['plan']}: params {_mib(r['params_bytes'])}, grads {_mib(r['grads_bytes'])}, slots "
-                   f"{_mib(r['slots_bytes'])} ({chk}); step peak ~{_mib(r['transient_bytes'])}, TF {tf} "
-                   f"(estimate {ratio})")
+                   f"{_mib(r['slots_bytes'])} ({chk}); step peak ~{_mib(r['transient_bytes'])} (>=256 KiB "
+                   f"~{_mib(r.get('transient_seen_bytes'))}), TF {tf} ({ratio})")
     out.append("\npredicted step, ms (fixed / compute / collectives by axis / update), from microbenchmarks here:")
     for r in advice.table.to_dict(orient="records"):
         out.append(f"  {r['plan']}: {breakdown_text(r.get('pred'))}")

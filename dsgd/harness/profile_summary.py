@@ -70,7 +70,10 @@ def memory_at_peak(paths: Sequence[str]) -> dict:
       and ``top``: the largest tensors, ``(op, shape, requested bytes)``;
     * ``tensors_peak``: the most bytes the program's tensors held at any one time (the same requests,
       followed allocation by allocation): while a large collective runs, the allocator peaks with its
-      buffers, and the tensors alone may have held more at another moment.
+      buffers, and the tensors alone may have held more at another moment;
+    * ``smallest_traced``: the smallest request the trace recorded.  On CPU with oneDNN (TensorFlow's
+      default) none under 256 KiB was recorded here: smaller ones go to oneDNN's small-size allocator,
+      which records no events, so every figure above leaves them out.
 
     Memory events are recorded only within the trace: allocations made before it (variables) count
     in ``peak_bytes`` only."""
@@ -95,7 +98,7 @@ def memory_at_peak(paths: Sequence[str]) -> dict:
             res["allocator_slack"] += got - asked
             res["top"].append((op, m.get("tensorShape"), asked))
         res["top"] = sorted(res["top"], key=lambda t: -t[2])[:10]
-        res["tensors_peak"] = peaks.get(name)
+        res["tensors_peak"], res["smallest_traced"] = peaks.get(name, (None, None))
         out[name] = res
     return out
 
@@ -105,9 +108,17 @@ def _runtime_buffer(op: str, region: Optional[str] = None) -> bool:
     return "Collective" in op and region != "output" and "StatefulPartitionedCall" not in op
 
 
+def _stat_value(stat, names: dict):
+    """An XStat's value: a string (inline, or by reference to the plane's stat metadata) or a number."""
+    if stat.str_value or stat.ref_value:
+        return stat.str_value or names.get(stat.ref_value)
+    return stat.int64_value or stat.uint64_value
+
+
 def _tensor_peaks(paths: Sequence[str]) -> dict:
-    """Per allocator, the most bytes requested by the program's tensors alive at once, from the trace's
-    ``MemoryAllocation`` / ``MemoryDeallocation`` events in time order (matched by address)."""
+    """Per allocator, ``(the most bytes requested by the program's tensors alive at once, the smallest
+    request recorded)``, from the trace's ``MemoryAllocation`` / ``MemoryDeallocation`` events in time
+    order (matched by address)."""
     events = []
     for _, xs in _xspaces(paths):
         for plane in xs.planes:
@@ -116,21 +127,23 @@ def _tensor_peaks(paths: Sequence[str]) -> dict:
                 for ev in line.events:
                     kind = plane.event_metadata[ev.metadata_id].name
                     if kind in ("MemoryAllocation", "MemoryDeallocation"):
-                        st = {names.get(x.metadata_id): x.str_value or names.get(x.ref_value) if x.ref_value or x.str_value
-                              else x.int64_value or x.uint64_value for x in ev.stats}
+                        st = {names.get(x.metadata_id): _stat_value(x, names) for x in ev.stats}
                         events.append((line.timestamp_ns * 1000 + ev.offset_ps, kind == "MemoryAllocation", st))
     live: dict = {}
     held: dict = {}
     peak: dict = {}
+    smallest: dict = {}
     for _, alloc, st in sorted(events, key=lambda e: e[0]):
-        who, addr = st.get("allocator_name") or "", st.get("addr")
+        who, addr, asked = st.get("allocator_name") or "", st.get("addr"), int(st.get("requested_bytes") or 0)
+        if alloc:
+            smallest[who] = min(smallest.get(who, asked), asked)
         if alloc and not _runtime_buffer(st.get("tf_op") or ""):
-            live[(who, addr)] = int(st.get("requested_bytes") or 0)
-            held[who] = held.get(who, 0) + live[(who, addr)]
+            live[(who, addr)] = asked
+            held[who] = held.get(who, 0) + asked
             peak[who] = max(peak.get(who, 0), held[who])
         elif not alloc and (who, addr) in live:
             held[who] -= live.pop((who, addr))
-    return peak
+    return {who: (peak.get(who, 0), smallest[who]) for who in smallest}
 
 
 def _xspaces(paths: Sequence[str]):
