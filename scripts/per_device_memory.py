@@ -13,7 +13,8 @@ that, and says so).  Here every device runs in its own DTensor client (`dsgd lau
   runtime's own) and ``allocator_slack`` (what the BFC allocator gave beyond the requests).  The
   profiler records no allocation under ``smallest_traced`` (256 KiB here: oneDNN's small-size
   allocator records none), so these figures leave the smaller tensors out; set them beside the
-  estimate of the same tensors (``dtensor_program.liveness(..., min_bytes=262144)``).
+  estimate of the same tensors (``dtensor_program.liveness(..., min_bytes=SEEN_BYTES)``, which
+  `dsgd layouts` prints as ``transient_seen_bytes``).
 
     python scripts/per_device_memory.py dsgd.harness.models:mlp "2x4 fsdp" [--out DIR] [--devices 8]
 
@@ -56,7 +57,7 @@ def _client() -> None:
     tf.profiler.experimental.start(os.path.join(out, f"profile{cid}"), options=opts)
     job["step"]()
     measure.sync()
-    time.sleep(0.5)
+    time.sleep(0.5)  # as in the saved measurements (it does not prevent the crashes below)
     tf.profiler.experimental.stop()
     job["step"]()  # with every client: none leaves (closing the coordination service) before the rest are done
     measure.sync()
