@@ -121,9 +121,9 @@ def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step
         mem = step_memory.state_bytes(graph, p, opts)
         n_dev = meshspec.mesh_size(p.mesh)
         prog_d = (mine or {}).get("program")
-        peak = dp.ProgramSummary.from_dict(prog_d).peak_bytes if prog_d else float("nan")
-        # what the CPU allocator counts: its tensors of at least dp.SEEN_BYTES
-        seen = dp.ProgramSummary.from_dict(prog_d).peak_seen_bytes if prog_d else None
+        summary = dp.ProgramSummary.from_dict(prog_d) if prog_d else None
+        peak = summary.peak_bytes if summary else float("nan")
+        seen = summary.peak_seen_bytes if summary else None  # its tensors the CPU allocator counts
         row: dict[str, Any] = {
             "plan": p.name, "mesh": p.mesh_spec, "mesh_label": p.mesh_label, "rule": p.rule,
             "description": p.description, "status": (mine or {}).get("status", "failed"),
@@ -143,8 +143,8 @@ def build_rows(graph: ModelGraph, plans: list, raw: list, cals: dict, host: step
         row["transient_seen_bytes"] = seen
         row["transient_check"] = step_memory.check_ratio(seen, row["alloc_step_per_device"])
         row["program"] = prog_d
-        if prog_d:
-            prog = dp.ProgramSummary.from_dict(prog_d)
+        if summary:
+            prog = summary
             issued = {tuple(c.axes): (c.count, c.bytes) for c in prog.issued}
             row["coll_bytes"] = sum(b for _, b in issued.values())
             row["coll_count"] = sum(c for c, _ in issued.values())
