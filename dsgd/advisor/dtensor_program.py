@@ -478,5 +478,6 @@ def scaled_peak(summary: ProgramSummary, target: Sequence[tuple], batch_ratio: f
 
 
 __all__ = ["ProgramSummary", "Collective", "summarize", "issued_list", "issued_bytes", "scaled_compute", "scaled_peak",
-           "liveness", "executor_order", "SEEN_BYTES", "parse_ops", "parse_type", "producers", "group_axes", "axis_partitions", "op_flops",
-           "function_files", "dump_env", "COMPUTE_OPS", "scale_factor", "value_factors", "stage_files", "layout_hints"]
+           "liveness", "executor_order", "SEEN_BYTES", "parse_ops", "parse_type", "producers", "group_axes",
+           "axis_partitions", "op_flops", "function_files", "dump_env", "COMPUTE_OPS", "scale_factor", "value_factors",
+           "stage_files", "layout_hints"]
