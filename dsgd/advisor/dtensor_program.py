@@ -333,12 +333,12 @@ def liveness(ops: list, mesh, min_bytes: int = 0) -> tuple[float, list]:
     for i, op in enumerate(ops):
         dying = list(dict.fromkeys(v for v in (root.get(o, o) for o in op.operands) if v in live and live[v][2] <= i))
         if op.name not in _ALIASING and id(op) not in views:
+            whole = {root.get(o, o) for o in op.operands if o not in partial}  # buffers it may take over
             for k, r in enumerate(op.results):
                 t = op.out_types[k] if k < len(op.out_types) else None
                 if t is None or t.shape is None or (r not in last and r.split("#")[0] not in last):
                     continue
                 end = last.get(r, last.get(r.split("#")[0], i))
-                whole = {root.get(o, o) for o in op.operands if o not in partial}
                 donor = next((o for o in dying if o in whole and live[o][0] == t.nbytes), None)
                 if donor is not None:  # forwarded: the donor's buffer lives on as this result
                     dying.remove(donor)
